@@ -1,0 +1,217 @@
+"""The shared work of every attack, so that an attack file writes only ``forward``.
+
+Conventions (paper Appendix B.1; docs in ALGORITHM.md §4):
+
+* Images are float NCHW tensors in [0, 1] (pixel space); the model normalizes inside itself
+  and returns logits ``(N, K)``.
+* ``eps`` (and every step size such as ``alpha``) is given in ``eps_unit`` units:
+
+  - ``"pixel"`` (default): the ℓ∞ box is ``|x' - x| <= eps`` on [0, 1] images.
+  - ``"normalized"`` with a per-channel ``std``: units of the normalized input
+    ``(x - mean) / std``, as the paper's reference code used. The ℓ∞ box per channel c is
+    ``eps * std_c`` in pixel space; the ℓ2 ball is ``||(x' - x) / std||_2 <= eps``. Attacks
+    compute their directions in these coordinates (the gradient there is ``g * std``), so a
+    normalized-unit attack is the reference attack, only clamped to valid [0, 1] images.
+
+* ``round_8bit=True`` reproduces the paper's protocol of scoring adversarial images saved as
+  8-bit PNGs. Guarantee: the output is always inside the ε-ball and [0, 1] (up to float
+  rounding, < 1e-6); every pixel lies on the k/255 grid whenever a grid point is feasible
+  for it — always true when the clean image is itself on the grid (images decoded from 8-bit
+  files) or, for ℓ∞, when eps >= 1/510 in pixel units. An infeasible pixel keeps its
+  unrounded value rather than leave the ball.
+* Randomness comes from a local ``torch.Generator`` seeded with ``seed`` at every call, so a
+  call is a pure function of (model, images, labels, options); the global RNG is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+_log = logging.getLogger(__name__)
+
+_REGISTRY: dict[str, type[Attack]] = {}
+_GRID_TOL = 1e-4  # slack, in 1/255 steps, when finding grid points at the ε-box edge
+
+
+def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
+    """Class decorator: make an attack available to ``create_attack(name, ...)``."""
+
+    def deco(cls: type[Attack]) -> type[Attack]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            _log.warning("attack %r re-registered: %s replaces %s", name, cls, _REGISTRY[name])
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+class Attack:
+    """Base class: eval mode, mode restoring, input checks, units, projection, rounding, RNG.
+
+    Args:
+        model: classifier taking [0, 1] NCHW images, returning logits.
+        eps: radius of the threat model, in ``eps_unit`` units.
+        eps_unit: ``"pixel"`` or ``"normalized"`` (needs ``std``); see the module docstring.
+        std: per-channel std of the model's input normalization.
+        round_8bit: round the output to the k/255 grid, staying inside the ball.
+        seed: seed of the attack's private random generator (reseeded at every call).
+    """
+
+    name: str = "attack"
+    norm: str = "linf"  # the ball that `project` enforces: "linf" or "l2"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float,
+        *,
+        eps_unit: str = "pixel",
+        std: Sequence[float] | None = None,
+        round_8bit: bool = False,
+        seed: int = 0,
+    ) -> None:
+        _require(isinstance(model, nn.Module), f"model must be a torch.nn.Module, got {type(model).__name__}")
+        try:
+            eps = float(eps)
+        except (TypeError, ValueError):
+            raise ConfigError(f"eps must be a number, got {eps!r}") from None
+        _require(math.isfinite(eps) and eps >= 0, f"eps must be a finite number >= 0, got {eps!r}")
+        _require(eps_unit in ("pixel", "normalized"), f"eps_unit must be 'pixel' or 'normalized', got {eps_unit!r}")
+        if std is not None:
+            std = tuple(float(s) for s in std)
+            _require(len(std) > 0 and all(s > 0 for s in std), f"std must be positive per-channel values, got {std}")
+        _require(eps_unit == "pixel" or std is not None, "eps_unit='normalized' needs the per-channel std of the model's input normalization (std=...)")
+        self.model, self.eps, self.eps_unit, self.std = model, eps, eps_unit, std
+        self.round_8bit, self.seed = bool(round_8bit), int(seed)
+        self._scale: Tensor | None = None  # (1, C, 1, 1) pixel size of one eps unit; None = 1
+        self._gen: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ to override
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Return adversarial images (N, C, H, W); the base class projects and rounds them."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the call
+    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
+        self._check_inputs(images, labels)
+        images = images.detach()
+        labels = labels.detach().to(images.device)
+        modes = [(m, m.training) for m in self.model.modules()]  # per module: restore mixed modes exactly
+        self.model.eval()  # BN running stats and dropout must not change the attacked function
+        self._scale = self._unit_scale(images)
+        self._gen = torch.Generator(device=images.device).manual_seed(self.seed)
+        try:
+            with torch.enable_grad():
+                adv = self.forward(images, labels)
+            with torch.no_grad():
+                adv = self.project(adv.detach(), images)  # guarantee the ball whatever forward did
+                if self.round_8bit:
+                    adv = self._round_8bit(adv, images)
+        finally:
+            for m, training in modes:
+                m.training = training
+            self._scale, self._gen = None, None
+        return adv.detach()
+
+    def _check_inputs(self, images: Tensor, labels: Tensor) -> None:
+        if not isinstance(images, Tensor) or not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor, got {getattr(images, 'dtype', type(images))}")
+        if images.dim() != 4:
+            raise ValueError(f"images must be NCHW (4-D), got shape {tuple(images.shape)}")
+        if images.numel() and (images.min() < 0 or images.max() > 1):
+            raise ValueError("images must lie in [0, 1] (pixel space; put the normalization inside the model)")
+        if not isinstance(labels, Tensor) or labels.dtype != torch.long or labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D long tensor, got {getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels ({labels.shape[0]}) and images ({images.shape[0]}) differ in batch size")
+
+    def _unit_scale(self, images: Tensor) -> Tensor | None:
+        if self.eps_unit == "pixel":
+            return None
+        c = images.shape[1]
+        std = self.std if len(self.std) == c else self.std * c if len(self.std) == 1 else None
+        if std is None:
+            raise ValueError(f"std has {len(self.std)} values but images have {c} channels")
+        return torch.tensor(std, dtype=images.dtype, device=images.device).view(1, c, 1, 1)
+
+    # ------------------------------------------------------------------ helpers for forward
+    def to_pixel(self, t: Tensor) -> Tensor:
+        """A perturbation in eps units -> pixel units (identity in pixel units)."""
+        return t if self._scale is None else t * self._scale
+
+    def unit_grad(self, g: Tensor) -> Tensor:
+        """The gradient w.r.t. eps-unit coordinates: chain rule, d/du = d/dx * std."""
+        return g if self._scale is None else g * self._scale
+
+    def input_grad(self, x: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """Gradient of ``loss_fn(model(x))`` w.r.t. the input only, and the logits.
+
+        ``autograd.grad`` (not ``backward``) leaves parameter ``.grad`` untouched and skips the
+        weight-gradient kernels.
+        """
+        x = x.detach().requires_grad_(True)
+        logits = self.model(x)
+        (grad,) = torch.autograd.grad(loss_fn(logits), x)
+        return grad, logits.detach()
+
+    def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        """Project onto the ε-ball around x (in eps units) and clamp to [0, 1]."""
+        delta = x_adv - x
+        if self.norm == "linf":
+            if self._scale is None:
+                delta = delta.clamp(-self.eps, self.eps)
+            else:
+                bound = self.eps * self._scale
+                delta = torch.maximum(torch.minimum(delta, bound), -bound)
+        else:
+            u = delta if self._scale is None else delta / self._scale
+            n = u.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            delta = delta * torch.clamp(self.eps / (n + 1e-12), max=1.0)
+        return (x + delta).clamp(0.0, 1.0)
+
+    def rand_like(self, x: Tensor) -> Tensor:
+        """U[0, 1) noise from the attack's generator."""
+        return torch.rand(x.shape, generator=self._gen, device=x.device, dtype=x.dtype)
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """N(0, 1) noise from the attack's generator."""
+        return torch.randn(x.shape, generator=self._gen, device=x.device, dtype=x.dtype)
+
+    # ------------------------------------------------------------------ 8-bit rounding
+    def _round_8bit(self, adv: Tensor, x: Tensor) -> Tensor:
+        r = torch.round(adv * 255.0) / 255.0
+        if self.norm == "linf":
+            # feasible grid points per pixel: k/255 in [x - b, x + b] ∩ [0, 1]; pick the one
+            # nearest to adv (clamping the nearest grid point into a 1-D interval does that)
+            b = self.to_pixel(torch.full_like(x[:1], self.eps))
+            lo = torch.ceil((x - b).clamp(min=0.0) * 255.0 - _GRID_TOL) / 255.0
+            hi = torch.floor((x + b).clamp(max=1.0) * 255.0 + _GRID_TOL) / 255.0
+            return torch.where(lo <= hi, torch.minimum(torch.maximum(r, lo), hi), adv)
+        # l2: keep nearest rounding where it stays in the ball; otherwise round each pixel
+        # towards x (a grid point between x and adv), which can only shrink |δ| per pixel
+        lo = torch.ceil(torch.minimum(x, adv) * 255.0) / 255.0
+        hi = torch.floor(torch.maximum(x, adv) * 255.0) / 255.0
+        toward = torch.where(lo <= hi, torch.minimum(torch.maximum(r, lo), hi), adv)
+        out = torch.where(self._outside_l2(r, x), toward, r)
+        return torch.where(self._outside_l2(out, x), adv, out)  # float slack: give up rounding
+
+    def _outside_l2(self, a: Tensor, x: Tensor) -> Tensor:
+        u = a - x if self._scale is None else (a - x) / self._scale
+        return (u.flatten(1).norm(dim=1) > self.eps).view(-1, 1, 1, 1)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "model")
+        return f"{type(self).__name__}({opts})"

@@ -1,0 +1,217 @@
+"""The ``compress`` command. It owns messages, exit codes and progress bars.
+
+    compress --model vgg16 --recipe recipes/robust.yaml       run the whole pipeline
+    compress export exported/RUN/model.safetensors            export/check/time a saved model
+    compress list models|attacks|datasets [PATTERN]
+
+Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 1 internal error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import CompressorError
+
+PROG = "compress"
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=(
+        "Compress a vision classifier: factorize its layers (SVD / Tucker-2), fine-tune with RobustDLRT "
+        "(rank-adaptive low-rank training + spectral regularizer), evaluate clean and adversarial accuracy "
+        "dense vs compressed, export safetensors + ONNX into OUTPUT_DIR/RUN_NAME. "
+        "Other commands: 'compress export PATH' and 'compress list models|attacks|datasets'."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=("examples:\n"
+                "  compress --model vgg16 --recipe recipes/robust.yaml\n"
+                "  compress --model tv:resnet18 --recipe recipes/dlrt.yaml --set train.epochs=5 --run-name r18\n"
+                "  compress --model vgg16 --data fashion-mnist --set data.train_subset=5000\n"
+                "  torchrun --nproc_per_node 2 -m compressor.cli --model vgg16 --recipe recipes/robust.yaml\n"
+                "Recipe keys are documented in docs/recipes.md."))
+    p.add_argument("--model", help="model name: vgg16, resnet18, vit_b_16, ... (bare names: torchvision first, "
+                                   "then timm) or prefixed tv:NAME / timm:NAME; overrides model.name")
+    p.add_argument("--recipe", type=Path, help="recipe YAML (e.g. recipes/robust.yaml); default: built-in defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe key, e.g. --set train.beta=0.1 (repeatable; value read as YAML)")
+    p.add_argument("--data", help="data set: digits (embedded default), fashion-mnist, mnist, cifar10, cifar100, "
+                                  "imagefolder; overrides data.name")
+    p.add_argument("--data-root", help="folder of the data set; overrides data.root")
+    p.add_argument("--weights", help="local weight file (.safetensors, or .pth/.pt read with weights_only=True); "
+                                     "overrides model.weights")
+    p.add_argument("--run-name", help="name of the run folder; overrides run_name")
+    p.add_argument("--output-dir", help="where run folders go (default: exported); overrides output_dir")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N; overrides train.device")
+    p.add_argument("--seed", type=int, help="random seed; overrides seed")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same run name")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--quiet", action="store_true", help="no logs and no progress bars; only the summary and errors")
+    p.add_argument("--debug", action="store_true", help="debug logs, and a traceback on internal errors")
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} export", description=(
+        "Export a compressed model saved as safetensors (model.safetensors of a run) to ONNX without retraining: "
+        "structure and parity checks, onnxruntime latency, optional INT8. Writes model.onnx and export.json."))
+    p.add_argument("path", type=Path, help="model.safetensors written by a compress run")
+    p.add_argument("--out", type=Path, help="output folder (default: the file's folder)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
+    p.add_argument("--int8", action="store_true", help="also write a static-QDQ INT8 model (calibrated on random "
+                                                      "images unless --calibration is given)")
+    p.add_argument("--calibration", type=Path, help="a .safetensors file with an 'images' tensor (N,C,H,W in [0,1]) for INT8 calibration")
+    p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
+    p.add_argument("--quiet", action="store_true", help="no logs")
+    p.add_argument("--debug", action="store_true", help="debug logs, and a traceback on internal errors")
+    return p
+
+
+def _list_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} list", description="List the names compress accepts.")
+    p.add_argument("what", choices=["models", "attacks", "datasets"])
+    p.add_argument("pattern", nargs="?", default="*", help="glob pattern for models (e.g. 'vgg*')")
+    return p
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    for noisy in ("matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _tqdm_factory(enabled: bool):
+    from tqdm.auto import tqdm
+
+    def factory(total: int, desc: str):
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+
+    return factory
+
+
+def _cmd_run(argv: list[str]) -> int:
+    args = _run_parser().parse_args(argv)
+    _setup_logging(args.quiet, args.debug)
+    from .recipe import load_recipe, load_recipe_dict, apply_overrides, recipe_from_dict
+
+    overrides: list[str] = []
+    for flag, key in (("model", "model.name"), ("data", "data.name"), ("data_root", "data.root"),
+                      ("weights", "model.weights"), ("run_name", "run_name"), ("output_dir", "output_dir"),
+                      ("device", "train.device")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={_yaml_str(value)}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    overrides += args.overrides  # explicit --set wins over the shorthand flags
+    recipe = load_recipe(args.recipe, overrides)
+
+    from .pipeline import run
+    from .report import summary_table
+    from .train import init_from_env
+    from .train.distributed import shutdown
+
+    dist = init_from_env()
+    try:
+        result = run(recipe, resume=args.resume, force=args.force,
+                     progress=_tqdm_factory(not args.quiet and dist.is_main), dist=dist)
+    finally:
+        shutdown()
+    if dist.is_main:
+        print(summary_table(result.report))
+        print(f"\noutputs: {result.folder}/ (report.md, report.json, model.safetensors, model.onnx, recipe.yaml)")
+    return 0
+
+
+def _yaml_str(value: str) -> str:
+    """Quote a CLI string so that YAML reads it back as that string."""
+    import json
+
+    return json.dumps(value)
+
+
+def _cmd_export(argv: list[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    _setup_logging(args.quiet, args.debug)
+    from .export import export_checkpoint
+
+    calibration = None
+    if args.int8 and args.calibration is not None:
+        from .models import read_state_dict
+
+        tensors = read_state_dict(args.calibration)
+        if "images" not in tensors:
+            raise CompressorError(f"{args.calibration}: no 'images' tensor (save one with safetensors)")
+        calibration = tensors["images"]
+    out = args.out or args.path.parent
+    result = export_checkpoint(args.path, out, int8=args.int8, calibration=calibration,
+                               latency=not args.no_latency, opset=args.opset)
+    import json
+
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _cmd_list(argv: list[str]) -> int:
+    args = _list_parser().parse_args(argv)
+    if args.what == "models":
+        from .models import list_models
+
+        names = list_models(args.pattern)
+    elif args.what == "attacks":
+        from .attacks import list_attacks
+
+        names = list_attacks()
+    else:
+        from .data import list_datasets
+
+        names = list_datasets()
+    print("\n".join(names))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"export": _cmd_export, "list": _cmd_list}
+    command = commands.get(argv[0], _cmd_run) if argv else _cmd_run
+    if argv and argv[0] in commands:
+        argv = argv[1:]
+    debug = "--debug" in argv
+    try:
+        return command(argv)
+    except CompressorError as err:
+        sys.stderr.write(f"{PROG}: error: {err}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted (an interrupted run continues with --resume)\n")
+        return 130
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except Exception as err:  # a bug, not bad input: say so in one line unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            sys.stderr.write(f"{PROG}: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                             f"(rerun with --debug for the traceback; please report it)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

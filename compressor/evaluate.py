@@ -1,0 +1,480 @@
+"""Robustness evaluation: clean accuracy, accuracy under attack, worst case, sensitivity (eq. 1).
+
+What :func:`evaluate` computes (all accuracies are fractions in [0, 1]):
+
+* ``clean_accuracy``: on every sample of the loader (``n_clean``).
+* The attacks run on the first ``max_samples`` samples in loader order (``n_attacked``; use an
+  unshuffled loader), one attack call per batch. Batch ``b`` is attacked with seed
+  ``seed + b`` (or ``options["seed"] + b``), so two models see the same random draws and a
+  dense and a compressed model are compared on equal terms.
+* ``clean_accuracy_attacked``: clean accuracy on those attacked samples (the ε = 0 point).
+* ``adversarial_accuracy[attack][str(eps)]``: accuracy on the adversarial images (a sample
+  counts if the prediction on x' is its label).
+* ``worst_case_accuracy[str(eps)]`` for every ε of any attack: share of attacked samples that
+  are correct on the clean image *and* on the adversarial image of every attack at every
+  ε' <= ε — the robust accuracy against the whole configured suite up to that budget. (The
+  attacks' ε must then be in one unit, which ``eps_unit`` ensures.)
+* ``sensitivity[attack][str(eps)]``: the paper's eq. (1),
+  S = ‖f(x') − f(x)‖₂/‖f(x)‖₂ · ‖x‖₂/‖x' − x‖₂ on logits and pixel-space images, per sample,
+  averaged over the samples with x' ≠ x (None when there are none).
+* ``timing``: seconds for the clean pass and for each attack and ε, and the total.
+
+Attack keys are the attack names; a name given twice gets ``#2``, ``#3``... appended.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .attacks import Attack, create_attack, list_attacks
+from .errors import ConfigError, DataError, OutputError, WeightsError, unknown_name
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["EvalResult", "OnnxEvalResult", "evaluate", "evaluate_onnx", "plot_accuracy_vs_eps"]
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+@dataclass
+class EvalResult:
+    """Result of :func:`evaluate`; see the module docstring for the exact definitions."""
+
+    clean_accuracy: float
+    n_clean: int
+    n_attacked: int
+    clean_accuracy_attacked: float
+    adversarial_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    worst_case_accuracy: dict[str, float] = field(default_factory=dict)
+    sensitivity: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict (non-finite numbers become None)."""
+        return _json_safe(asdict(self))
+
+
+@dataclass
+class OnnxEvalResult:
+    """Result of :func:`evaluate_onnx`.
+
+    ``transfer_accuracy``: accuracy of the ONNX model on adversarial images crafted against
+    ``torch_model``; ``torch_adversarial_accuracy``: the torch model's on the same images;
+    ``agreement_*``: share of samples where torch and ONNX predict the same class.
+    """
+
+    clean_accuracy: float
+    n_clean: int
+    n_attacked: int = 0
+    torch_clean_accuracy: float | None = None
+    agreement_clean: float | None = None
+    max_abs_logit_diff: float | None = None
+    transfer_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    torch_adversarial_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    agreement_adversarial: dict[str, dict[str, float]] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict (non-finite numbers become None)."""
+        return _json_safe(asdict(self))
+
+
+# ----------------------------------------------------------------------------- shared parts
+
+
+@dataclass
+class _Built:
+    key: str
+    eps: float
+    attack: Attack
+    seed: int
+
+
+def _spec_fields(spec: Any) -> tuple[str, list[float], dict[str, Any]]:
+    if isinstance(spec, Mapping):
+        extra = set(spec) - {"name", "eps", "options"}
+        if extra:
+            raise ConfigError(f"attack spec: unknown key {sorted(extra)[0]!r} (valid: name, eps, options)")
+        name, eps, options = spec.get("name"), spec.get("eps"), spec.get("options") or {}
+    else:
+        name, eps, options = getattr(spec, "name", None), getattr(spec, "eps", None), getattr(spec, "options", None) or {}
+    if not isinstance(name, str):
+        raise ConfigError(f"attack spec needs a 'name' (one of {', '.join(list_attacks())}), got {name!r}")
+    if isinstance(eps, (int, float)):
+        eps = [eps]
+    if not isinstance(eps, Sequence) or len(eps) == 0:
+        raise ConfigError(f"attack {name!r}: 'eps' must be a non-empty list of numbers, got {eps!r}")
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"attack {name!r}: 'options' must be a mapping, got {type(options).__name__}")
+    return name, list(dict.fromkeys(float(e) for e in eps)), dict(options)  # dedupe, keep order
+
+
+def _build_attacks(model: nn.Module, attacks: Iterable[Any], *, eps_unit: str, std: Sequence[float] | None,
+                   round_8bit: bool, seed: int) -> tuple[list[_Built], list[dict[str, Any]]]:
+    """Create every (attack, ε) up front so a bad name or option fails before any work."""
+    built, described, seen = [], [], {}
+    for spec in attacks:
+        name, eps_list, options = _spec_fields(spec)
+        if name not in list_attacks():
+            raise unknown_name("attack", name, list_attacks())
+        seen[name] = seen.get(name, 0) + 1
+        key = name if seen[name] == 1 else f"{name}#{seen[name]}"
+        kwargs = {"eps_unit": eps_unit, "std": std, "round_8bit": round_8bit, "seed": seed, **options}
+        for e in eps_list:
+            built.append(_Built(key, e, create_attack(name, model, eps=e, **kwargs), int(kwargs["seed"])))
+        described.append({"key": key, "name": name, "eps": eps_list, "options": options})
+    return built, described
+
+
+def _unpack(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, Mapping):
+        x, y = batch.get("image", batch.get("images")), batch.get("label", batch.get("labels"))
+    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+    else:
+        x = y = None
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise DataError("the loader must yield (images, labels) tensor pairs")
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
+
+
+def _model_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _check_max_samples(max_samples: int | None) -> None:
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise ConfigError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _eps_key(e: float) -> str:
+    return str(float(e))
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    attacks: Iterable[Any],
+    *,
+    max_samples: int | None = None,
+    eps_unit: str = "pixel",
+    std: Sequence[float] | None = None,
+    round_8bit: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> EvalResult:
+    """Clean and adversarial accuracy, worst case and sensitivity of ``model``.
+
+    Args:
+        model: classifier on [0, 1] NCHW images (normalization inside), already on ``device``.
+        loader: yields ``(images, labels)``; images in [0, 1]. Keep it unshuffled.
+        attacks: objects or dicts with ``name``, ``eps`` (list) and ``options`` (dict), e.g.
+            ``recipe.evaluate.attacks``.
+        max_samples: attack only the first this-many samples (None: all).
+        eps_unit, std, round_8bit: passed to every attack (see ``compressor.attacks.base``).
+        seed: base seed of the attacks' generators (batch b uses ``seed + b``).
+        device: where batches go (default: the model's device).
+        progress: called with the number of samples of each finished batch.
+    """
+    _check_max_samples(max_samples)
+    dev = _model_device(model, device)
+    built, described = _build_attacks(model, attacks, eps_unit=eps_unit, std=std, round_8bit=round_8bit, seed=seed)
+    pairs = [(b.key, b.eps) for b in built]
+    ok = {p: [] for p in pairs}
+    sens = {p: [0.0, 0] for p in pairs}
+    secs = {p: 0.0 for p in pairs}
+    clean_ok: list[Tensor] = []
+    n_clean = n_correct = n_attacked = 0
+    t_start = time.perf_counter()
+    t_clean = 0.0
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for b, batch in enumerate(loader):
+            x, y = _unpack(batch, dev)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                z = model(x)
+            pred = z.argmax(dim=1)
+            n_correct += int((pred == y).sum())
+            _sync(dev)
+            t_clean += time.perf_counter() - t0
+            n_clean += len(x)
+            take = len(x) if max_samples is None else min(len(x), max_samples - n_attacked)
+            if take > 0:
+                xa, ya, za = x[:take], y[:take], z[:take]
+                clean_ok.append((pred[:take] == ya).cpu())
+                x_norm = xa.flatten(1).norm(dim=1)
+                z_norm = za.norm(dim=1).clamp_min(1e-12)
+                for item in built:
+                    p = (item.key, item.eps)
+                    item.attack.seed = item.seed + b
+                    t0 = time.perf_counter()
+                    adv = item.attack(xa, ya)
+                    _sync(dev)
+                    secs[p] += time.perf_counter() - t0
+                    with torch.no_grad():
+                        za_adv = model(adv)
+                    ok[p].append((za_adv.argmax(dim=1) == ya).cpu())
+                    d = (adv - xa).flatten(1).norm(dim=1)
+                    moved = d > 0
+                    if moved.any():
+                        s = (za_adv - za).norm(dim=1) / z_norm * x_norm / d.clamp_min(1e-30)
+                        sens[p][0] += float(s[moved].sum())
+                        sens[p][1] += int(moved.sum())
+            n_attacked += max(take, 0)
+            if progress is not None:
+                progress(len(x))
+    finally:
+        for m, training in modes:
+            m.training = training
+    if n_clean == 0:
+        raise DataError("the loader yielded no samples")
+
+    clean_vec = torch.cat(clean_ok) if clean_ok else torch.zeros(0, dtype=torch.bool)
+    adv_acc: dict[str, dict[str, float]] = {}
+    sensitivity: dict[str, dict[str, float | None]] = {}
+    attack_secs: dict[str, dict[str, float]] = {}
+    ok_vec = {p: torch.cat(v) for p, v in ok.items()}
+    for key, e in pairs:
+        adv_acc.setdefault(key, {})[_eps_key(e)] = float(ok_vec[(key, e)].float().mean())
+        total, count = sens[(key, e)]
+        sensitivity.setdefault(key, {})[_eps_key(e)] = total / count if count else None
+        attack_secs.setdefault(key, {})[_eps_key(e)] = secs[(key, e)]
+    worst: dict[str, float] = {}
+    for e in sorted({e for _, e in pairs}):
+        robust = clean_vec.clone()
+        for p, v in ok_vec.items():
+            if p[1] <= e:
+                robust &= v
+        worst[_eps_key(e)] = float(robust.float().mean())
+    return EvalResult(
+        clean_accuracy=n_correct / n_clean,
+        n_clean=n_clean,
+        n_attacked=n_attacked,
+        clean_accuracy_attacked=float(clean_vec.float().mean()) if len(clean_vec) else float("nan"),
+        adversarial_accuracy=adv_acc,
+        worst_case_accuracy=worst,
+        sensitivity=sensitivity,
+        timing={"clean_seconds": t_clean, "attack_seconds": attack_secs, "total_seconds": time.perf_counter() - t_start},
+        settings={"eps_unit": eps_unit, "std": list(std) if std is not None else None, "round_8bit": round_8bit,
+                  "seed": seed, "max_samples": max_samples, "attacks": described},
+    )
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+def _onnx_session(onnx_path: str | Path):
+    import onnxruntime as ort
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise WeightsError(f"ONNX file not found: {path}")
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise WeightsError(f"cannot load ONNX model {path}: {err}") from None
+
+
+def _onnx_logits(session, x: Tensor) -> Tensor:
+    """Run the ONNX model on a batch; handles exports with a fixed batch size by chunking."""
+    inp = session.get_inputs()[0]
+    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+    arr = x.detach().cpu().numpy().astype(dtype, copy=False)
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
+    if fixed is None or fixed == len(arr):
+        out = session.run(None, {inp.name: arr})[0]
+    else:
+        parts = []
+        for i in range(0, len(arr), fixed):
+            chunk = arr[i : i + fixed]
+            pad = fixed - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), dtype=dtype)])
+            parts.append(session.run(None, {inp.name: chunk})[0][: fixed - pad])
+        out = np.concatenate(parts)
+    return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+def evaluate_onnx(
+    onnx_path: str | Path,
+    loader: Iterable[Any],
+    *,
+    torch_model: nn.Module | None = None,
+    attacks: Iterable[Any] | None = None,
+    max_samples: int | None = None,
+    eps_unit: str = "pixel",
+    std: Sequence[float] | None = None,
+    round_8bit: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> OnnxEvalResult:
+    """Accuracy of the exported ONNX model under onnxruntime (CPU provider).
+
+    With ``torch_model``: also its clean accuracy, the torch/ONNX prediction agreement and the
+    largest logit difference. With ``torch_model`` and ``attacks``: adversarial images are
+    crafted against ``torch_model`` on the first ``max_samples`` samples (same seeds as
+    :func:`evaluate`) and scored by both models — does the attack transfer to the deployed
+    artifact, and do the two still agree there?
+    """
+    _check_max_samples(max_samples)
+    session = _onnx_session(onnx_path)
+    built, described = [], []
+    dev = torch.device("cpu")
+    if torch_model is not None:
+        dev = _model_device(torch_model, device)
+        if attacks:
+            built, described = _build_attacks(torch_model, attacks, eps_unit=eps_unit, std=std,
+                                              round_8bit=round_8bit, seed=seed)
+    pairs = [(b.key, b.eps) for b in built]
+    onnx_ok = {p: [] for p in pairs}
+    torch_ok = {p: [] for p in pairs}
+    agree = {p: [] for p in pairs}
+    n_clean = n_onnx = n_torch = n_agree = n_attacked = 0
+    max_diff = 0.0
+    t_start = time.perf_counter()
+    modes = [(m, m.training) for m in torch_model.modules()] if torch_model is not None else []
+    if torch_model is not None:
+        torch_model.eval()
+    try:
+        for b, batch in enumerate(loader):
+            x, y = _unpack(batch, dev)
+            z_onnx = _onnx_logits(session, x)
+            y_cpu = y.cpu()
+            n_onnx += int((z_onnx.argmax(dim=1) == y_cpu).sum())
+            n_clean += len(x)
+            if torch_model is not None:
+                with torch.no_grad():
+                    z_torch = torch_model(x).float().cpu()
+                n_torch += int((z_torch.argmax(dim=1) == y_cpu).sum())
+                n_agree += int((z_torch.argmax(dim=1) == z_onnx.argmax(dim=1)).sum())
+                max_diff = max(max_diff, float((z_torch - z_onnx).abs().max()))
+            take = len(x) if max_samples is None else min(len(x), max_samples - n_attacked)
+            if take > 0 and built:
+                xa, ya = x[:take], y[:take]
+                for item in built:
+                    p = (item.key, item.eps)
+                    item.attack.seed = item.seed + b
+                    adv = item.attack(xa, ya)
+                    with torch.no_grad():
+                        pt = torch_model(adv).argmax(dim=1).cpu()
+                    po = _onnx_logits(session, adv).argmax(dim=1)
+                    onnx_ok[p].append(po == ya.cpu())
+                    torch_ok[p].append(pt == ya.cpu())
+                    agree[p].append(po == pt)
+                n_attacked += take
+            if progress is not None:
+                progress(len(x))
+    finally:
+        for m, training in modes:
+            m.training = training
+    if n_clean == 0:
+        raise DataError("the loader yielded no samples")
+
+    def table(d: dict[tuple[str, float], list[Tensor]]) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for (key, e), v in d.items():
+            out.setdefault(key, {})[_eps_key(e)] = float(torch.cat(v).float().mean())
+        return out
+
+    has_torch = torch_model is not None
+    return OnnxEvalResult(
+        clean_accuracy=n_onnx / n_clean,
+        n_clean=n_clean,
+        n_attacked=n_attacked if built else 0,
+        torch_clean_accuracy=n_torch / n_clean if has_torch else None,
+        agreement_clean=n_agree / n_clean if has_torch else None,
+        max_abs_logit_diff=max_diff if has_torch else None,
+        transfer_accuracy=table(onnx_ok),
+        torch_adversarial_accuracy=table(torch_ok),
+        agreement_adversarial=table(agree),
+        timing={"total_seconds": time.perf_counter() - t_start},
+        settings={"onnx_path": str(onnx_path), "eps_unit": eps_unit, "std": list(std) if std is not None else None,
+                  "round_8bit": round_8bit, "seed": seed, "max_samples": max_samples, "attacks": described},
+    )
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def plot_accuracy_vs_eps(results: Mapping[str, EvalResult | Mapping[str, Any]], path: str | Path) -> Path:
+    """Write a PNG of accuracy vs ε: one colour per attack, one line style per model.
+
+    ``results`` maps a model label (e.g. ``"dense"``, ``"compressed"``) to an
+    :class:`EvalResult` or its ``to_dict()``. Each curve starts at ε = 0 with the clean
+    accuracy on the attacked samples. Uses the Agg canvas directly (no pyplot state).
+    """
+    from matplotlib import rcParams
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def get(r: Any, name: str) -> Any:
+        return r[name] if isinstance(r, Mapping) else getattr(r, name)
+
+    if not results:
+        raise ConfigError("plot_accuracy_vs_eps needs at least one result")
+    attack_keys = sorted({k for r in results.values() for k in get(r, "adversarial_accuracy")})
+    colors = rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D"]
+    fig = Figure(figsize=(7.0, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for mi, (label, r) in enumerate(results.items()):
+        for ai, key in enumerate(attack_keys):
+            accs = get(r, "adversarial_accuracy").get(key)
+            if not accs:
+                continue
+            pts = sorted((float(e), a) for e, a in accs.items())
+            clean = get(r, "clean_accuracy_attacked")
+            if pts[0][0] > 0 and clean is not None and math.isfinite(clean):
+                pts.insert(0, (0.0, clean))
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], linestyle=styles[mi % 4], marker=markers[mi % 4],
+                    color=colors[ai % len(colors)], label=f"{label}: {key}")
+    unit = (get(next(iter(results.values())), "settings") or {}).get("eps_unit", "pixel")
+    ax.set_xlabel(f"ε ({unit} units)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+    except OSError as err:
+        raise OutputError(f"cannot write the plot {out}: {err}") from None
+    return out

@@ -1,0 +1,115 @@
+"""What every factorized layer offers the trainer, the exporter and the reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import mode_product
+
+
+@dataclass(frozen=True)
+class BasisChange:
+    """How a layer's core was re-expressed after its bases changed.
+
+    new_core = core ×₀ leftᵀ ×₁ rightᵀ (for a matrix core: leftᵀ · core · right), with
+    left = U_oldᵀ U_new and right = V_oldᵀ V_new. The trainer applies the same map to the
+    optimizer's moments so that they follow the core into the new coordinates.
+    """
+
+    left: Tensor
+    right: Tensor
+
+    def apply(self, tensor: Tensor) -> Tensor:
+        return mode_product(tensor, self.left.to(tensor.dtype), self.right.to(tensor.dtype))
+
+
+class LowRankLayer(nn.Module):
+    """Common interface of LowRankLinear and TuckerConv2d.
+
+    Parameters are split in two groups with different update rules:
+    - ``bases()``: orthonormal factors, set by QR/SVD in augment_/truncate_, never by an
+      optimizer (weight decay or a gradient step would break orthonormality);
+    - ``core``: the small coefficient tensor the optimizer trains (plus the bias).
+    Rank changes resize the *same* Parameter objects (``param.data = ...``), so optimizer
+    param groups stay valid; only their state needs the BasisChange.
+    """
+
+    r_min: int
+    r_max: int
+
+    # -- to implement ---------------------------------------------------------
+    @property
+    def core(self) -> nn.Parameter:
+        raise NotImplementedError
+
+    def bases(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def core_matrix(self) -> Tensor:
+        """The matrix whose spectrum the regularizer and κ act on (S, or C₍₀₎ for a conv)."""
+        raise NotImplementedError
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def augment_(self, *, seed: int = 0) -> BasisChange:
+        raise NotImplementedError
+
+    def truncate_(self, tau: float) -> BasisChange:
+        raise NotImplementedError
+
+    def set_ranks_(self, ranks: tuple[int, ...]) -> None:
+        """Resize factors to ``ranks`` (contents undefined): used before loading a state dict."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Module:
+        raise NotImplementedError
+
+    def dense_num_parameters(self) -> int:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------
+    def set_bases_trainable(self, flag: bool) -> None:
+        for p in self.bases():
+            p.requires_grad_(flag)
+            if not flag:
+                p.grad = None
+
+    def regularizer(self) -> Tensor:
+        """R(S) of the paper's Definition 1 (float32), differentiable in the core."""
+        from ..functional import spectral_regularizer
+
+        return spectral_regularizer(self.core_matrix())
+
+    def condition_number(self) -> float:
+        from ..functional import condition_number
+
+        return condition_number(self.core_matrix())
+
+    def num_parameters(self) -> int:
+        """Parameters at the current ranks (the paper's compression-rate count)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _store_ranks(self) -> None:
+        self.rank_state.copy_(torch.tensor(self.ranks, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A checkpoint may hold other ranks than this module has now: resize first, so that
+        # load_state_dict works across rank changes (resume, load_compressed).
+        key = prefix + "rank_state"
+        if key in state_dict:
+            ranks = tuple(int(r) for r in state_dict[key].tolist())
+            if ranks != self.ranks:
+                self.set_ranks_(ranks)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def low_rank_layers(model: nn.Module) -> dict[str, LowRankLayer]:
+    """Name → layer for every factorized layer in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLayer)}

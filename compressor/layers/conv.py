@@ -1,0 +1,164 @@
+"""TuckerConv2d: a conv kernel in Tucker-2 form on its channel modes.
+
+W (C_out×C_in×kh×kw) = C ×₀ U_out ×₁ U_in with orthonormal U_out (C_out×r_out),
+U_in (C_in×r_in) and a core C (r_out×r_in×kh×kw). The spatial modes stay full (the reference
+code's fixed k×k orthogonal spatial factors are folded into the core).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import augment_basis, hosvd_channel_factors, mode_product, reorthonormalize, truncation_rank, unfold
+from .base import BasisChange, LowRankLayer
+from .rank import resolve_rank
+
+
+class TuckerConv2d(LowRankLayer):
+    """Three plain convolutions: 1×1 C_in→r_in, k×k r_in→r_out (original stride, padding,
+    dilation), 1×1 r_out→C_out adding the bias once (the reference adds it twice)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 ranks: tuple[int, int], *, stride=1, padding=0, dilation=1, bias: bool = True,
+                 r_min: int = 1, r_max: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        # Each channel mode has its own cap; r_max is the user's bound on both.
+        self.r_max_out = min(r_max or out_channels, out_channels)
+        self.r_max_in = min(r_max or in_channels, in_channels)
+        self.r_max = max(self.r_max_out, self.r_max_in)
+        self.r_min = min(r_min, self.r_max_out, self.r_max_in)
+        r_out, r_in = ranks
+        kh, kw_ = self.kernel_size
+        self.U_out = nn.Parameter(torch.empty(out_channels, r_out, **kw), requires_grad=False)
+        self.C = nn.Parameter(torch.empty(r_out, r_in, kh, kw_, **kw))
+        self.U_in = nn.Parameter(torch.empty(in_channels, r_in, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_channels, **kw)) if bias else None
+        self.register_buffer("rank_state", torch.tensor([r_out, r_in], dtype=torch.long))
+        self.register_buffer("rank_bounds", torch.tensor([self.r_min, self.r_max], dtype=torch.long))
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, rank: int | float | tuple[int, int] | None = None, *,
+                   tol: float | None = None, r_min: int = 1, r_max: int | None = None,
+                   seed: int = 0) -> "TuckerConv2d":
+        """HOSVD on modes 0 and 1 (reduced SVDs of the unfoldings), core = W ×₀ U_outᵀ ×₁ U_inᵀ."""
+        if conv.groups != 1:
+            raise ValueError("grouped/depthwise convolutions are not factorized (leave them dense)")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+        w = conv.weight.detach()
+        c_out, c_in = w.shape[:2]
+        cap_out, cap_in = min(r_max or c_out, c_out), min(r_max or c_in, c_in)
+        if tol is not None:
+            r_out = truncation_rank(torch.linalg.svdvals(unfold(w, 0)), tol, r_min, cap_out)
+            r_in = truncation_rank(torch.linalg.svdvals(unfold(w, 1)), tol, r_min, cap_in)
+        elif isinstance(rank, tuple):
+            r_out = resolve_rank(rank[0], c_out, r_min, cap_out)
+            r_in = resolve_rank(rank[1], c_in, r_min, cap_in)
+        else:
+            r_out = resolve_rank(rank, c_out, r_min, cap_out)
+            r_in = resolve_rank(rank, c_in, r_min, cap_in)
+        u_out, u_in, core = hosvd_channel_factors(w, r_out, r_in, seed=seed)
+        layer = cls(c_in, c_out, conv.kernel_size, (r_out, r_in), stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                    r_min=r_min, r_max=r_max, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.U_out.copy_(u_out)
+            layer.U_in.copy_(u_in)
+            layer.C.copy_(core)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    # x: (N, C_in, H, W) → (N, r_in, H, W) → (N, r_out, H', W') → (N, C_out, H', W')
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.conv2d(x, self.U_in.mT[:, :, None, None])
+        h = F.conv2d(h, self.C, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(h, self.U_out[:, :, None, None], self.bias)
+
+    # -- interface --------------------------------------------------------------
+    @property
+    def core(self) -> nn.Parameter:
+        return self.C
+
+    def bases(self) -> list[nn.Parameter]:
+        return [self.U_out, self.U_in]
+
+    def core_matrix(self) -> Tensor:
+        # The paper's regularizer and κ act on the mode-0 unfolding C₍₀₎ (r_out × r_in·kh·kw);
+        # with orthonormal factors κ(W₍₀₎) = κ(C₍₀₎).
+        return unfold(self.C, 0)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (self.C.shape[0], self.C.shape[1])
+
+    def augment_(self, *, seed: int = 0) -> BasisChange:
+        """Augment both channel bases with their gradients; the core is zero-padded (W unchanged)."""
+        if self.U_out.grad is None or self.U_in.grad is None:
+            raise RuntimeError("augment_ needs U_out.grad and U_in.grad: call set_bases_trainable(True) before backward")
+        r_out, r_in = self.ranks
+        n_out, n_in = min(2 * r_out, self.r_max_out), min(2 * r_in, self.r_max_in)
+        with torch.no_grad():
+            u_out = augment_basis(self.U_out, self.U_out.grad, n_out, seed=seed)
+            u_in = augment_basis(self.U_in, self.U_in.grad, n_in, seed=seed + 1)
+            change = BasisChange(torch.eye(r_out, n_out, dtype=self.C.dtype, device=self.C.device),
+                                 torch.eye(r_in, n_in, dtype=self.C.dtype, device=self.C.device))
+            self._set(u_out, change.apply(self.C), u_in)
+        return change
+
+    def truncate_(self, tau: float) -> BasisChange:
+        """Per channel mode: SVD of that mode's unfolding of the core, keep by τ, project the core."""
+        with torch.no_grad():
+            work = torch.float64 if self.C.dtype == torch.float64 else torch.float32
+            core = self.C.to(work)
+            p0, s0, _ = torch.linalg.svd(unfold(core, 0), full_matrices=False)
+            p1, s1, _ = torch.linalg.svd(unfold(core, 1), full_matrices=False)
+            r0 = truncation_rank(s0, tau, self.r_min, self.r_max_out)
+            r1 = truncation_rank(s1, tau, self.r_min, self.r_max_in)
+            left, right = p0[:, :r0], p1[:, :r1]
+            change = BasisChange(left, right)
+            dt = self.C.dtype
+            u_out, r_out = reorthonormalize(self.U_out.to(work) @ left)
+            u_in, r_in = reorthonormalize(self.U_in.to(work) @ right)
+            new_core = mode_product(mode_product(core, left, right), r_out.mT, r_in.mT)
+            self._set(u_out.to(dt), new_core.to(dt), u_in.to(dt))
+        return change
+
+    def set_ranks_(self, ranks: tuple[int, ...]) -> None:
+        r_out, r_in = ranks
+        self._set(self.U_out.new_zeros(self.out_channels, r_out),
+                  self.C.new_zeros(r_out, r_in, *self.kernel_size),
+                  self.U_in.new_zeros(self.in_channels, r_in))
+
+    def _set(self, u_out: Tensor, core: Tensor, u_in: Tensor) -> None:
+        for p, val in ((self.U_out, u_out), (self.C, core), (self.U_in, u_in)):
+            # Same Parameter object, new shape: optimizer param groups stay valid. (A graph
+            # built before the change must not be backpropagated after it.)
+            p.grad = None
+            p.data = val.contiguous()
+        self._store_ranks()
+
+    def to_dense(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                         padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
+                         device=self.C.device, dtype=self.C.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(mode_product(self.C, self.U_out.mT, self.U_in.mT))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def dense_num_parameters(self) -> int:
+        kh, kw = self.kernel_size
+        return self.out_channels * self.in_channels * kh * kw + (self.out_channels if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"r_min={self.r_min}, r_max={self.r_max}, bias={self.bias is not None}")

@@ -1,0 +1,144 @@
+"""LowRankLinear: W = U S Vᵀ with orthonormal U (out×r), V (in×r) and a small core S (r×r)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import augment_basis, reorthonormalize, top_singular, truncation_rank
+from .base import BasisChange, LowRankLayer
+from .rank import resolve_rank
+
+
+class LowRankLinear(LowRankLayer):
+    """Factorized linear layer (paper §2); forward never forms W."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True,
+                 r_min: int = 1, r_max: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        full = min(in_features, out_features)
+        self.r_max = min(r_max or full, full)
+        self.r_min = min(r_min, self.r_max)
+        if not 1 <= rank <= full:
+            raise ValueError(f"rank {rank} outside [1, {full}] for a {out_features}×{in_features} layer")
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw), requires_grad=False)
+        self.S = nn.Parameter(torch.empty(rank, rank, **kw))
+        self.V = nn.Parameter(torch.empty(in_features, rank, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.register_buffer("rank_state", torch.tensor([rank], dtype=torch.long))
+        self.register_buffer("rank_bounds", torch.tensor([self.r_min, self.r_max], dtype=torch.long))
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, rank: int | float | None = None, *, tol: float | None = None,
+                   r_min: int = 1, r_max: int | None = None, seed: int = 0) -> "LowRankLinear":
+        """Truncated SVD of the trained weight: U, V = leading singular vectors, S = diag(σ).
+
+        ``rank``: int, or a float fraction of full rank; ``tol``: energy tolerance instead.
+        At full rank the layer reproduces ``linear`` to round-off.
+        """
+        w = linear.weight.detach()
+        full = min(w.shape)
+        r_cap = min(r_max or full, full)
+        if tol is not None:
+            sigma = torch.linalg.svdvals(w) if w.numel() < 4_000_000 else None
+            if sigma is None:  # big matrix: rank from the leading r_cap values + tail energy
+                _, s_top, _ = top_singular(w, r_cap, seed=seed)
+                sigma = torch.cat([s_top, (w.norm() ** 2 - (s_top**2).sum()).clamp_min(0).sqrt().reshape(1)])
+            r = truncation_rank(sigma, tol, r_min, r_cap)
+        else:
+            r = resolve_rank(rank, full, r_min, r_cap)
+        u, s, v = top_singular(w, r, seed=seed)
+        layer = cls(linear.in_features, linear.out_features, r, bias=linear.bias is not None,
+                    r_min=r_min, r_max=r_cap, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.U.copy_(u)
+            layer.S.copy_(torch.diag(s))
+            layer.V.copy_(v)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    # x: (..., in) → (..., r) → (..., r) → (..., out)
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.linear(x, self.V.mT)
+        h = F.linear(h, self.S)
+        return F.linear(h, self.U, self.bias)
+
+    # -- interface --------------------------------------------------------------
+    @property
+    def core(self) -> nn.Parameter:
+        return self.S
+
+    def bases(self) -> list[nn.Parameter]:
+        return [self.U, self.V]
+
+    def core_matrix(self) -> Tensor:
+        return self.S
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (self.S.shape[0],)
+
+    def augment_(self, *, seed: int = 0) -> BasisChange:
+        """Û = orth([U | ∂L/∂U]), V̂ = orth([V | ∂L/∂V]) at rank min(2r, r_max) (eq. 7).
+
+        Needs the gradients of U and V from a backward pass with ``set_bases_trainable(True)``.
+        """
+        if self.U.grad is None or self.V.grad is None:
+            raise RuntimeError("augment_ needs U.grad and V.grad: call set_bases_trainable(True) before backward")
+        r = self.ranks[0]
+        new = min(2 * r, self.r_max)
+        with torch.no_grad():
+            u_hat = augment_basis(self.U, self.U.grad, new, seed=seed)
+            v_hat = augment_basis(self.V, self.V.grad, new, seed=seed + 1)
+            eye = torch.eye(r, new, dtype=self.S.dtype, device=self.S.device)  # UᵀÛ = [I | 0]
+            change = BasisChange(eye, eye)
+            s_hat = change.apply(self.S)
+            self._set(u_hat, s_hat, v_hat)
+        return change
+
+    def truncate_(self, tau: float) -> BasisChange:
+        """SVD Ŝ = P Σ Qᵀ; keep the smallest r₁ with ‖σ[r₁:]‖ < τ‖σ‖, r₁ ∈ [r_min, r_max]."""
+        with torch.no_grad():
+            work = torch.float64 if self.S.dtype == torch.float64 else torch.float32
+            p, sigma, qh = torch.linalg.svd(self.S.to(work))
+            r1 = truncation_rank(sigma, tau, self.r_min, self.r_max)
+            p1, q1 = p[:, :r1], qh[:r1].mT
+            change = BasisChange(p1, q1)
+            dt = self.S.dtype
+            u, r_u = reorthonormalize(self.U.to(work) @ p1)
+            v, r_v = reorthonormalize(self.V.to(work) @ q1)
+            self._set(u.to(dt), (r_u @ torch.diag(sigma[:r1]) @ r_v.mT).to(dt), v.to(dt))
+        return change
+
+    def set_ranks_(self, ranks: tuple[int, ...]) -> None:
+        (r,) = ranks
+        self._set(self.U.new_zeros(self.out_features, r), self.S.new_zeros(r, r),
+                  self.V.new_zeros(self.in_features, r))
+
+    def _set(self, u: Tensor, s: Tensor, v: Tensor) -> None:
+        for p, val in ((self.U, u), (self.S, s), (self.V, v)):
+            # Same Parameter object, new shape: optimizer param groups stay valid. (A graph
+            # built before the change must not be backpropagated after it.)
+            p.grad = None
+            p.data = val.contiguous()
+        self._store_ranks()
+
+    def to_dense(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.S.device, dtype=self.S.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.U @ self.S @ self.V.mT)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def dense_num_parameters(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.ranks[0]}, "
+                f"r_min={self.r_min}, r_max={self.r_max}, bias={self.bias is not None}")

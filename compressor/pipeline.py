@@ -1,0 +1,347 @@
+"""The whole job behind the ``compress`` command, one stage after another:
+
+    data → model → dense baseline → evaluate dense → factorize → RobustDLRT → evaluate compressed → export
+
+Outputs go to ``<output_dir>/<run_name>/``: model.safetensors, model.onnx, report.json,
+report.md, recipe.yaml and plots. They are written into a hidden staging folder
+``.<run_name>.partial`` that is renamed into place only when the run succeeded, so a run folder
+is never half-written; the staging folder keeps the checkpoints that ``--resume`` continues from.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import atomic
+from .api import factorize_and_train, layer_spectrum, layer_summary
+from .errors import ConfigError, OutputError
+from .recipe import Recipe, recipe_to_yaml
+from .train import DistContext, Trainer, TrainerConfig, compression_stats
+from .train.checkpoint import load_checkpoint, save_checkpoint
+from .train.common import ProgressFactory, resolve_device, silent_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    report: dict[str, Any]
+
+
+@dataclass
+class RunPaths:
+    final: Path
+    staging: Path
+
+    @property
+    def dense_stage(self) -> Path:
+        return self.staging / "dense_stage.ckpt"
+
+    @property
+    def baseline_ckpt(self) -> Path:
+        return self.staging / "baseline.ckpt"
+
+    @property
+    def train_ckpt(self) -> Path:
+        return self.staging / "train.ckpt"
+
+
+# ----------------------------------------------------------------------------- checks first
+
+
+def validate_inputs(recipe: Recipe) -> None:
+    """Fail fast, before any long work: names, data location, attack names and options."""
+    from .attacks import attack_options, list_attacks
+    from .data import list_datasets
+    from .errors import unknown_name
+    from .models import resolve_name
+
+    resolve_name(recipe.model.name)
+    if recipe.model.weights is not None and not Path(recipe.model.weights).is_file():
+        raise ConfigError(f"model.weights: file not found: {recipe.model.weights} (give a .safetensors or .pth file)")
+    if recipe.data.name not in list_datasets():
+        raise unknown_name("data set", recipe.data.name, list_datasets())
+    if recipe.data.root is not None and not Path(recipe.data.root).exists() and not recipe.data.download:
+        raise ConfigError(f"data.root: {recipe.data.root} does not exist (create it, fix the path, "
+                          f"or set data.download=true for torchvision data sets)")
+    for i, spec in enumerate(recipe.evaluate.attacks):
+        if spec.name not in list_attacks():
+            raise unknown_name("attack", spec.name, list_attacks())
+        valid = attack_options(spec.name)
+        for key in spec.options:
+            if key not in valid:
+                raise ConfigError(f"evaluate.attacks.{i}.options.{key}: unknown option for {spec.name}; "
+                                  f"valid: {', '.join(sorted(valid)) or 'none'}")
+    if recipe.factorize.r_max < recipe.factorize.r_min:
+        raise ConfigError("factorize.r_max must be >= factorize.r_min")
+    resolve_device(recipe.train.device)
+
+
+def prepare_output(recipe: Recipe, *, resume: bool, force: bool, dist: DistContext) -> RunPaths:
+    """Check the output location is usable; create (or reuse, on resume) the staging folder."""
+    out_dir = Path(recipe.output_dir)
+    paths = RunPaths(out_dir / recipe.run_name, out_dir / f".{recipe.run_name}.partial")
+    if paths.final.exists() and not force:
+        raise OutputError(f"{paths.final} already exists: choose another run name (--run-name / run_name) "
+                          f"or pass --force to replace it")
+    if resume and not paths.staging.is_dir():
+        raise OutputError(f"--resume: no interrupted run to continue at {paths.staging} (start without --resume)")
+    if not dist.is_main:
+        return paths
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OutputError(f"output folder {out_dir} is not writable ({err.strerror}); choose another with --output-dir") from None
+    if paths.staging.exists() and not resume:
+        shutil.rmtree(paths.staging)  # leftovers of an interrupted run the user chose not to resume
+    paths.staging.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def finalize_output(paths: RunPaths) -> None:
+    """Drop checkpoints and move the finished staging folder into place (replacing on --force)."""
+    for ckpt in (paths.dense_stage, paths.baseline_ckpt, paths.train_ckpt):
+        ckpt.unlink(missing_ok=True)
+    old = None
+    if paths.final.exists():
+        old = paths.final.with_name(f".{paths.final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(paths.final, old)
+    os.replace(paths.staging, paths.final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    log.info("stage: %s", name)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _spectrum_layer(model: torch.nn.Module, candidates: list[str]) -> str | None:
+    """The layer whose singular spectrum the report plots: the middle factorized layer."""
+    return candidates[len(candidates) // 2] if candidates else None
+
+
+def run(recipe: Recipe, *, resume: bool = False, force: bool = False, progress: ProgressFactory = silent_progress,
+        dist: DistContext | None = None) -> RunResult:
+    """Run the whole pipeline for ``recipe``; see the module docstring."""
+    from .data import build_data, set_epoch
+    from .evaluate import evaluate, plot_accuracy_vs_eps
+    from .models import create_model
+
+    dist = dist or DistContext()
+    validate_inputs(recipe)
+    paths = prepare_output(recipe, resume=resume, force=force, dist=dist)
+    device = resolve_device(recipe.train.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", torch.cuda.current_device())
+    timings: dict[str, float] = {}
+    torch.manual_seed(recipe.seed)
+
+    with _stage(timings, "data"):
+        data = build_data(recipe.data, input_size=recipe.model.input_size, seed=recipe.seed,
+                          rank=dist.rank, world_size=dist.world_size)
+    with _stage(timings, "model"):
+        keep_own_norm = recipe.model.weights is not None or recipe.model.pretrained
+        model, info = create_model(recipe.model.name, data.num_classes, in_chans=data.in_chans,
+                                   weights=recipe.model.weights, pretrained=recipe.model.pretrained,
+                                   mean=None if keep_own_norm else data.mean, std=None if keep_own_norm else data.std,
+                                   input_size=recipe.model.input_size)
+        model.to(device)
+
+    eval_kwargs = dict(max_samples=recipe.evaluate.max_samples, eps_unit=recipe.evaluate.eps_unit,
+                       std=info.std, round_8bit=recipe.evaluate.round_8bit, seed=recipe.evaluate.seed, device=device)
+    attacks = [a.model_dump() for a in recipe.evaluate.attacks]
+
+    # -- dense: baseline fine-tuning + evaluation (checkpointed as one stage for --resume)
+    dense_done = resume and paths.dense_stage.is_file()
+    if dense_done:
+        stage = load_checkpoint(paths.dense_stage)
+        model.load_state_dict(stage["model"])
+        dense_eval_dict, baseline_history, dense_spectra = stage["eval"], stage["history"], stage["spectra"]
+        timings.update(stage["timings"])
+        log.info("resume: dense baseline and its evaluation restored from %s", paths.dense_stage)
+    else:
+        baseline_history: dict[str, Any] = {}
+        if recipe.baseline.epochs > 0:
+            with _stage(timings, "baseline"):
+                torch.manual_seed(recipe.seed + 1)
+                trainer = Trainer(model, data.train_loader, TrainerConfig.from_section(recipe.baseline, dense=True),
+                                  val_loader=data.val_loader, device=device, seed=recipe.seed, dist=dist,
+                                  checkpoint_path=paths.baseline_ckpt, progress=progress, name="dense baseline",
+                                  set_epoch=set_epoch)
+                trainer.cfg.checkpoint_every = 1
+                baseline_history = trainer.fit(resume=resume).to_dict()
+        with _stage(timings, "evaluate_dense"):
+            dense_eval = evaluate(model, data.val_loader, attacks, progress=progress, **eval_kwargs)
+        dense_eval_dict = dense_eval.to_dict()
+        dense_spectra = {n: layer_spectrum(m) for n, m in model.named_modules()
+                         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        if dist.is_main:
+            save_checkpoint(paths.dense_stage, {"model": model.state_dict(), "eval": dense_eval_dict,
+                                                "history": baseline_history, "spectra": dense_spectra,
+                                                "timings": dict(timings)})
+        dist.barrier()
+    dense_params = sum(p.numel() for p in model.parameters())
+    dense_model = copy.deepcopy(model).cpu() if recipe.export.latency and dist.is_main else None
+
+    # -- compress: factorize + RobustDLRT
+    fact, history, t = factorize_and_train(model, data.train_loader, recipe, val_loader=data.val_loader, device=device,
+                                           dist=dist, checkpoint_path=paths.train_ckpt,
+                                           resume=resume and paths.train_ckpt.is_file(), progress=progress,
+                                           set_epoch=set_epoch)
+    timings.update(t)
+    with _stage(timings, "evaluate_compressed"):
+        comp_eval = evaluate(model, data.val_loader, attacks, progress=progress, **eval_kwargs)
+    comp_eval_dict = comp_eval.to_dict()
+
+    stats = compression_stats(model)
+    report: dict[str, Any] = {
+        "run_name": recipe.run_name,
+        "model": info.to_dict(),
+        "data": {"name": data.name, "n_train": data.n_train, "n_val": data.n_val, "num_classes": data.num_classes,
+                 "mean": data.mean, "std": data.std},
+        "eps_unit": recipe.evaluate.eps_unit,
+        "dense": {"params": dense_params, **dense_eval_dict, "baseline_history": baseline_history},
+        "compressed": {"params": stats.params, "compression_rate": stats.rate, **comp_eval_dict,
+                       "layers": layer_summary(model)},
+        "factorization": fact.to_dict(),
+        "history": history.to_dict(),
+    }
+    if not dist.is_main:
+        dist.barrier()
+        return RunResult(paths.final, report)
+
+    with _stage(timings, "export"):
+        report["export"] = _export(model, dense_model, recipe, info, data, paths.staging, report)
+
+    # plots
+    plots: dict[str, str] = {}
+    if plot_kappa_path := _plot_kappa(history, paths.staging):
+        plots["kappa"] = plot_kappa_path
+    factorized = [d.name for d in fact.factorized]
+    layer = _spectrum_layer(model, factorized)
+    if layer is not None:
+        from .report import plot_spectra
+
+        spectra = {"dense": dense_spectra.get(f"{layer}", []), f"compressed (β={recipe.train.beta})":
+                   layer_spectrum(dict(model.named_modules())[layer])}
+        if plot_spectra(spectra, paths.staging / "spectrum.png", f"Singular values of {layer}"):
+            plots["spectrum"] = "spectrum.png"
+            report["spectra"] = {"layer": layer, **spectra}
+    if recipe.evaluate.attacks:
+        plot_accuracy_vs_eps({"dense": dense_eval, "compressed": comp_eval}, paths.staging / "accuracy_vs_eps.png")
+        plots["accuracy_vs_eps"] = "accuracy_vs_eps.png"
+    report["plots"] = plots
+
+    from .report import device_info, versions, write_report
+
+    report["timings"] = timings
+    report["versions"] = versions()
+    report["device"] = device_info(device)
+    report["recipe"] = recipe.model_dump(mode="json")
+    atomic.write_text(paths.staging / "recipe.yaml", recipe_to_yaml(recipe))
+    write_report(paths.staging, report)
+    finalize_output(paths)
+    dist.barrier()
+    return RunResult(paths.final, report)
+
+
+def _plot_kappa(history, folder: Path) -> str | None:
+    from .report import plot_kappa
+
+    return "kappa.png" if plot_kappa(history.kappa_trace, folder / "kappa.png") else None
+
+
+def _export(model, dense_model, recipe: Recipe, info, data, folder: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """safetensors + ONNX + checks (+ INT8, latency) into the staging folder."""
+    from .export import count_macs, export_onnx, onnx_latency, parity_check, quantize_int8, save_compressed, structure_check
+
+    out: dict[str, Any] = {}
+    model = model.cpu().eval()
+    size = recipe.model.input_size
+    if recipe.export.safetensors:
+        save_compressed(model, folder / "model.safetensors", model_info=info.to_dict(),
+                        recipe=recipe.model_dump(mode="json"))
+        out["safetensors_bytes"] = (folder / "model.safetensors").stat().st_size
+    if not recipe.export.onnx:
+        return out
+    onnx_path = folder / "model.onnx"
+    info_onnx = export_onnx(model, onnx_path, input_size=size, in_chans=data.in_chans, opset=recipe.export.opset)
+    out["onnx"] = _as_dict(info_onnx)
+    out["onnx_bytes"] = onnx_path.stat().st_size
+    out["structure"] = _as_dict(structure_check(onnx_path, model))
+    out["parity"] = _as_dict(parity_check(onnx_path, model, input_size=size, batches=(1, 8)))
+    from .evaluate import evaluate_onnx
+
+    attacks = [a.model_dump() for a in recipe.evaluate.attacks]
+    out["onnx_eval"] = _as_dict(evaluate_onnx(onnx_path, data.val_loader, torch_model=model, attacks=attacks,
+                                              max_samples=recipe.evaluate.max_samples, seed=recipe.evaluate.seed))
+    macs_dense = count_macs(dense_model, size) if dense_model is not None else None
+    macs_comp = count_macs(model, size)
+    out["macs"] = {"dense": macs_dense, "compressed": macs_comp,
+                   "ratio": (macs_dense / macs_comp) if macs_dense and macs_comp else None}
+    if recipe.export.int8:
+        calib = torch.cat([x for x, _ in _take(data.train_loader, 256)])
+        out["int8"] = _as_dict(quantize_int8(onnx_path, folder / "model.int8.onnx", calib))
+        out["int8"]["eval"] = _as_dict(evaluate_onnx(folder / "model.int8.onnx", data.val_loader, torch_model=model,
+                                                     attacks=attacks, max_samples=recipe.evaluate.max_samples,
+                                                     seed=recipe.evaluate.seed))
+    if recipe.export.latency:
+        threads = recipe.export.latency_threads
+        out["latency"] = {"compressed": onnx_latency(onnx_path, batch_sizes=(1, 32), threads=threads, input_size=size,
+                                                     in_chans=data.in_chans)}
+        if dense_model is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                dense_path = Path(tmp) / "dense.onnx"
+                export_onnx(dense_model, dense_path, input_size=size, in_chans=data.in_chans, opset=recipe.export.opset)
+                out["latency"]["dense"] = onnx_latency(dense_path, batch_sizes=(1, 32), threads=threads,
+                                                       input_size=size, in_chans=data.in_chans)
+            out["latency"]["speedup"] = {
+                b: out["latency"]["dense"][b]["median_ms"] / out["latency"]["compressed"][b]["median_ms"]
+                for b in out["latency"]["compressed"]}
+        out["latency"]["threads"] = threads
+    return out
+
+
+def _take(loader, n: int):
+    seen = 0
+    for x, y in loader:
+        if seen >= n:
+            break
+        yield x[: n - seen], y[: n - seen]
+        seen += len(x)
+
+
+def _as_dict(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    return obj

@@ -1,0 +1,335 @@
+"""Typed, validated recipes.
+
+A recipe is a YAML document whose sections mirror the pipeline stages
+(model → data → baseline → factorize → train → evaluate → export). Unknown keys and wrong
+types fail with the key's dotted path; `--set key=value` overrides any key; the resolved recipe
+is saved beside the outputs (like timm's ``args.yaml``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    # strict-ish: unknown keys raise; ints are not silently accepted for strings etc.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelSection(_Section):
+    name: str = "vgg16"
+    """Model name: bare (see docs: torchvision first, then timm) or prefixed `tv:` / `timm:`."""
+    weights: str | None = None
+    """Local weight file (.safetensors, or .pth/.pt state dict read with weights_only=True)."""
+    pretrained: bool = False
+    """Ask the library for its pretrained weights (hub/cache); falls back to random init offline."""
+    input_size: int = Field(32, ge=8, le=1024)
+    """Square input side in pixels; images are resized to it."""
+
+
+class DataSection(_Section):
+    name: str = "digits"
+    """digits (embedded), fashion-mnist, mnist, cifar10, cifar100, imagefolder."""
+    root: str | None = None
+    """Folder of the data set (fashion-mnist defaults to the Debian package's files)."""
+    download: bool = False
+    """Let torchvision download mnist/cifar into root (needs network)."""
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of the training images held out for validation (deterministic by seed)."""
+    train_subset: int | None = Field(None, ge=1)
+    """Use at most this many training images (random, by seed)."""
+    val_subset: int | None = Field(None, ge=1)
+    """Use at most this many validation images."""
+    batch_size: int = Field(32, ge=1, le=65536)
+    """Training batch size (global; divided among processes under torchrun)."""
+    eval_batch_size: int = Field(128, ge=1, le=65536)
+    """Batch size for evaluation and attacks."""
+    num_workers: int = Field(0, ge=0, le=64)
+    """DataLoader worker processes."""
+    augment: bool = False
+    """Random crop + horizontal flip on the training split."""
+
+
+class OptimSection(_Section):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    """Optimizer of the cores and dense parameters (bases are never in it)."""
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    """Learning rate."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD momentum."""
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    """Weight decay (decoupled for adamw)."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """Per-step learning-rate schedule."""
+    grad_clip: float | None = Field(None, gt=0.0)
+    """Clip the global gradient norm to this value (None: no clipping)."""
+
+
+class BaselineSection(OptimSection):
+    epochs: int = Field(0, ge=0, le=10000)
+    """Dense fine-tuning epochs before compression (0: take the model as it is)."""
+
+
+class FactorizeSection(_Section):
+    init_rank: int | float = 150
+    """Initial rank: an int, or a float in (0, 1] = that fraction of each layer's full rank."""
+    init_tol: float | None = Field(None, gt=0.0, lt=1.0)
+    """If set, initial rank by energy: smallest r with ‖σ[r:]‖ < init_tol·‖σ‖ (overrides init_rank)."""
+    r_min: int = Field(2, ge=1)
+    """Smallest rank truncation may choose."""
+    r_max: int = Field(200, ge=1)
+    """Largest rank (augmentation stops here); also decides which layers are worth factorizing."""
+    include: list[str] = Field(default_factory=list)
+    """Glob patterns on module names to factorize (empty: every eligible layer)."""
+    exclude: list[str] = Field(default_factory=list)
+    """Glob patterns on module names to keep dense."""
+    keep_first_conv: bool = True
+    """Keep the first conv dense (the paper's choice)."""
+    keep_classifier: bool = True
+    """Keep the final classifier dense (the paper's choice)."""
+
+    @field_validator("init_rank")
+    @classmethod
+    def _check_init_rank(cls, v: int | float) -> int | float:
+        if isinstance(v, bool):
+            raise ValueError("must be an int rank or a float fraction in (0, 1]")
+        if isinstance(v, int) and v < 1:
+            raise ValueError("an int rank must be >= 1")
+        if isinstance(v, float) and not 0.0 < v <= 1.0:
+            raise ValueError("a float fraction must be in (0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "FactorizeSection":
+        if self.r_min > self.r_max:
+            raise ValueError(f"r_min ({self.r_min}) must be <= r_max ({self.r_max})")
+        return self
+
+
+class TrainSection(OptimSection):
+    epochs: int = Field(3, ge=0, le=10000)
+    """Rank-adaptive RobustDLRT epochs."""
+    finetune_epochs: int = Field(0, ge=0, le=10000)
+    """Fixed-rank epochs after the rank-adaptive ones (cores only)."""
+    beta: float = Field(0.075, ge=0.0, le=100.0)
+    """Spectral regularizer strength β (0: plain DLRT)."""
+    tau: float = Field(0.1, ge=0.0, lt=1.0)
+    """Relative truncation tolerance τ."""
+    coefficient_steps: int = Field(10, ge=2, le=100000)
+    """Batches per DLRT cycle s*: augment on the first, truncate after the last."""
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    """bf16 autocast: auto = on CUDA only."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    checkpoint_every: int = Field(1, ge=0)
+    """Checkpoint every N epochs (0: never). A checkpoint is also written at the end."""
+
+
+class AttackSpec(_Section):
+    name: str
+    """Attack name (compress list attacks)."""
+    eps: list[float] = Field(min_length=1)
+    """Perturbation budgets, in evaluate.eps_unit units."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Attack options (steps, alpha, norm, ...)."""
+
+    @field_validator("eps")
+    @classmethod
+    def _check_eps(cls, v: list[float]) -> list[float]:
+        for e in v:
+            if not 0.0 <= e <= 1.0:
+                raise ValueError(f"eps {e} is outside [0, 1] (pixel units on [0, 1] images)")
+        return v
+
+
+def _default_attacks() -> list[AttackSpec]:
+    return [
+        AttackSpec(name="l2_fgsm", eps=[0.05, 0.1, 0.3]),
+        AttackSpec(name="jitter", eps=[0.035, 0.045]),
+        AttackSpec(name="pgd", eps=[8 / 255], options={"steps": 10}),
+    ]
+
+
+class EvaluateSection(_Section):
+    attacks: list[AttackSpec] = Field(default_factory=_default_attacks)
+    """Attacks to run on the dense and the compressed model (same seeds)."""
+    eps_unit: Literal["pixel", "normalized"] = "pixel"
+    """pixel: ε on [0,1] images (standard). normalized: ε in normalized units (the paper's code)."""
+    round_8bit: bool = False
+    """Round adversarial images to 8 bits before scoring (the paper scored saved PNGs)."""
+    max_samples: int | None = Field(512, ge=1)
+    """Attack at most this many validation images (clean accuracy uses all)."""
+    seed: int = 0
+    """Seed of the attacks' randomness (random starts, noise)."""
+
+
+class ExportSection(_Section):
+    safetensors: bool = True
+    """Write model.safetensors (exact-size factors + manifest)."""
+    onnx: bool = True
+    """Write model.onnx (factorized structure kept) with structure and parity checks."""
+    opset: int = Field(18, ge=17, le=23)
+    """ONNX opset."""
+    int8: bool = False
+    """Also write a static-QDQ INT8 ONNX model, calibrated on training images."""
+    latency: bool = True
+    """Measure onnxruntime latency of the dense and the compressed model (batch 1 and 32)."""
+    latency_threads: int = Field(2, ge=1, le=256)
+    """onnxruntime intra-op threads for the latency measurement."""
+
+
+class Recipe(_Section):
+    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    """Folder name of the run under output_dir (letters, digits, . _ -)."""
+    output_dir: str = "exported"
+    """Where run folders are written."""
+    seed: int = 0
+    """Seed of everything random: split, init, batch order, attacks."""
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    baseline: BaselineSection = Field(default_factory=lambda: BaselineSection(lr=1e-4))
+    factorize: FactorizeSection = Field(default_factory=FactorizeSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see docs/recipes.md for the valid keys)"
+    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    return f"{source}: invalid recipe key '{path}': {msg}{more}"
+
+
+def recipe_from_dict(doc: Any, source: str = "recipe") -> Recipe:
+    """Validate a parsed document; raises ConfigError naming the first bad key."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {type(doc).__name__}")
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_recipe_dict(path: str | Path) -> dict[str, Any]:
+    """Read a recipe YAML file with yaml.safe_load (never arbitrary object construction)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file not found: {p} (give a path such as recipes/robust.yaml)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read recipe {p}: {err}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"recipe {p} is not valid YAML{where}: fix the syntax") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"recipe {p}: must be a YAML mapping of sections, got {type(doc).__name__}")
+    return doc
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``key.path=value`` override; the value is read as YAML (so 0.1, true, [1,2])."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.beta=0.1")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key; expected e.g. train.beta=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
+    return key.split("."), value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """Return a copy of ``doc`` with overrides applied (``["a.b=1"]`` or ``{"a.b": 1}``)."""
+    doc = copy.deepcopy(doc)
+    if not overrides:
+        return doc
+    items: list[tuple[list[str], Any]]
+    if isinstance(overrides, dict):
+        items = [(str(k).split("."), v) for k, v in overrides.items()]
+    else:
+        items = [parse_override(o) for o in overrides]
+    for path, value in items:
+        node = doc
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return doc
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Load (or default), apply overrides, validate."""
+    doc = load_recipe_dict(path) if path is not None else {}
+    source = str(path) if path is not None else "recipe"
+    return recipe_from_dict(apply_overrides(doc, overrides), source=source)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """docs/recipes.md: every recipe key with its type, default and meaning (from the schema)."""
+    lines = ["# Recipe reference", "",
+             "Generated from `compressor/recipe.py` (`python -m compressor.recipe > docs/recipes.md`).",
+             "Unknown keys and wrong types are refused with the key's path; `--set key=value` overrides any key.", ""]
+
+    def section(model: type[BaseModel], prefix: str) -> None:
+        rows = []
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                continue
+            default = f.get_default(call_default_factory=True)
+            if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+                default = [d.model_dump() for d in default]
+            typ = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            doc = (f.description or "").replace("\n", " ")
+            rows.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {doc} |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| key | type | default | meaning |",
+                          "|---|---|---|---|", *rows, ""])
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                section(ann, f"{prefix}{name}.")
+
+    section(Recipe, "")
+    lines += ["Attack entries (`evaluate.attacks`): `{name, eps: [..], options: {..}}`; `compress list attacks` "
+              "shows the names; unknown options are refused.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(reference_markdown())

@@ -1,0 +1,191 @@
+"""What the dense baseline and the RobustDLRT trainer share: devices, optimizers, schedules,
+the guarded optimizer step, clean accuracy, progress reporting and the compression count."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..layers import LowRankLayer, low_rank_layers
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+    def set_postfix(self, values: dict[str, Any]) -> Any: ...
+    def close(self) -> Any: ...
+
+
+ProgressFactory = Callable[[int, str], Progress]
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, values: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+def silent_progress(total: int, desc: str) -> Progress:
+    """Default progress factory: library code reports nothing; the CLI passes tqdm."""
+    return _Silent()
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"train.device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device {spec!r}: CUDA is not available here; use auto or cpu")
+    return device
+
+
+def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA ('auto' or 'bf16'); plain float32 on the CPU unless 'bf16' is asked."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(cores, dense parameters): everything the optimizer updates. Bases are excluded."""
+    layers = low_rank_layers(model)
+    bases = {id(p) for layer in layers.values() for p in layer.bases()}
+    cores = [layer.core for layer in layers.values()]
+    core_ids = {id(p) for p in cores}
+    dense = [p for p in model.parameters() if id(p) not in bases and id(p) not in core_ids and p.requires_grad]
+    return cores, dense
+
+
+def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ConfigError(f"unknown optimizer {name!r}; use adam, adamw or sgd")
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: constant, or cosine from lr to 0 over ``total_steps``."""
+    total = max(1, total_steps)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, change, old_shape) -> None:
+    """Carry a core's optimizer state through a basis change.
+
+    First moments / momentum follow the core linearly (new = change(old)). Second moments are
+    non-negative and not linear in the basis; we map their square roots, (change(√v))², as the
+    reference does, and give directions that had no history (exact zeros after augmentation)
+    the mean second moment of the layer instead of 0, so that their first Adam steps are not
+    ~1/√(1−β₂) ≈ 30× larger than the others'.
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for key, value in list(state.items()):
+        if not torch.is_tensor(value) or tuple(value.shape) != tuple(old_shape):
+            continue
+        if "sq" in key:  # exp_avg_sq, max_exp_avg_sq
+            mapped = change.apply(value.clamp_min(0).sqrt()).square()
+            fill = value.mean()
+            state[key] = torch.where(mapped > 0, mapped, fill).contiguous()
+        else:  # exp_avg, momentum_buffer
+            state[key] = change.apply(value).contiguous()
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    correct: int
+    count: int
+    finite: bool
+
+
+def guarded_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None,
+                 loss: Tensor) -> bool:
+    """Clip, check for NaN/Inf, step. A non-finite loss or gradient skips the step (no update).
+
+    Returns whether the step was taken. One device sync per step (the norm).
+    """
+    grads = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip else float("inf"))
+    if not (torch.isfinite(loss) and torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
+@torch.no_grad()
+def clean_accuracy(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "off",
+                   dist=None) -> float:
+    """Top-1 accuracy over a loader (summed across processes under torch.distributed)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_context(device, amp):
+                logits = model(x)
+            correct += (logits.argmax(1) == y).sum()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    if dist is not None:
+        correct, count = dist.all_reduce_sum(correct), dist.all_reduce_sum(count)
+    return float(correct) / max(1, int(count))
+
+
+# ----------------------------------------------------------------------------- size
+
+
+@dataclass
+class CompressionStats:
+    params: int
+    params_dense: int
+
+    @property
+    def rate(self) -> float:
+        """The paper's c.r. = (1 − #params low-rank / #params dense) × 100, at current ranks."""
+        return (1.0 - self.params / self.params_dense) * 100.0 if self.params_dense else 0.0
+
+
+def compression_stats(model: nn.Module) -> CompressionStats:
+    layers: dict[str, LowRankLayer] = low_rank_layers(model)
+    params = sum(p.numel() for p in model.parameters())
+    dense = params - sum(l.num_parameters() for l in layers.values()) + sum(l.dense_num_parameters() for l in layers.values())
+    return CompressionStats(params, dense)

@@ -1,0 +1,282 @@
+"""RobustDLRT: rank-adaptive dynamical low-rank training with the spectral regularizer.
+
+The training cycle of the paper's Appendix A, one cycle per ``coefficient_steps`` (s*) batches:
+
+    batch 1      forward/backward with the bases trainable → coefficient step on the cores and
+                 dense parameters (the augmentation batch is not wasted) → AUGMENT every layer:
+                 Û = orth([U | ∂L/∂U]), V̂ = orth([V | ∂L/∂V]), core zero-padded (W unchanged)
+    batches 2…s* coefficient steps on L + β Σ R(core) with the bases frozen (eq. 9)
+    batch s*     … and after its step, TRUNCATE every layer by the relative tolerance τ
+
+Optimizer state follows every basis change; an epoch never ends augmented (the last batch
+truncates). After the rank-adaptive epochs, optional fixed-rank epochs train the cores only.
+With no factorized layers and β = 0 the same loop is plain training: the dense baseline uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import LowRankLayer, low_rank_layers
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .common import (ProgressFactory, autocast_context, build_optimizer, build_schedule, clean_accuracy,
+                     compression_stats, guarded_step, remap_optimizer_state, silent_progress, trainable_parameters)
+from .distributed import DistContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerConfig:
+    adaptive_epochs: int = 3
+    fixed_epochs: int = 0
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    grad_clip: float | None = None
+    beta: float = 0.0
+    tau: float = 0.1
+    coefficient_steps: int = 10
+    amp: str = "auto"
+    checkpoint_every: int = 1
+
+    @classmethod
+    def from_section(cls, section: Any, *, dense: bool = False) -> "TrainerConfig":
+        """From a recipe's ``train`` section, or (dense=True) its ``baseline`` section."""
+        common = dict(optimizer=section.optimizer, lr=section.lr, momentum=section.momentum,
+                      weight_decay=section.weight_decay, schedule=section.schedule, grad_clip=section.grad_clip)
+        if dense:
+            return cls(adaptive_epochs=0, fixed_epochs=section.epochs, beta=0.0, checkpoint_every=0, **common)
+        return cls(adaptive_epochs=section.epochs, fixed_epochs=section.finetune_epochs, beta=section.beta,
+                   tau=section.tau, coefficient_steps=section.coefficient_steps, amp=section.amp,
+                   checkpoint_every=section.checkpoint_every, **common)
+
+
+@dataclass
+class TrainingHistory:
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    kappa_trace: list[dict[str, Any]] = field(default_factory=list)  # per truncation: step, {layer: κ}
+    nonfinite_steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "kappa_trace": self.kappa_trace, "nonfinite_steps": self.nonfinite_steps}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainingHistory":
+        return cls(list(d.get("epochs", [])), list(d.get("kappa_trace", [])), int(d.get("nonfinite_steps", 0)))
+
+
+def _default_set_epoch(loader: Iterable, epoch: int) -> None:
+    from ..data import set_epoch
+
+    set_epoch(loader, epoch)
+
+
+class Trainer:
+    """Trains ``model`` in place; ``fit()`` returns the history. See the module docstring."""
+
+    def __init__(self, model: nn.Module, train_loader: Iterable, config: TrainerConfig, *,
+                 val_loader: Iterable | None = None, device: torch.device | str = "cpu", seed: int = 0,
+                 dist: DistContext | None = None, checkpoint_path: str | Path | None = None,
+                 progress: ProgressFactory = silent_progress, name: str = "dlrt",
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 set_epoch: Callable[[Iterable, int], None] | None = None) -> None:
+        self.model = model
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.cfg = config
+        self.device = torch.device(device)
+        self.seed = seed
+        self.dist = dist or DistContext()
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.progress, self.name = progress, name
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.set_epoch = set_epoch or _default_set_epoch
+        self.layers: dict[str, LowRankLayer] = low_rank_layers(model)
+        if self.cfg.adaptive_epochs and not self.layers:
+            log.warning("%s: the model has no factorized layers; rank-adaptive epochs train it densely", name)
+        cores, dense = trainable_parameters(model)
+        self.params = cores + dense
+        # U and V are not in the optimizer: QR/SVD set them; a step or weight decay would
+        # break their orthonormality.
+        self.optimizer = build_optimizer([{"params": cores}, {"params": dense}], config.optimizer, config.lr,
+                                         config.momentum, config.weight_decay)
+        self.total_epochs = config.adaptive_epochs + config.fixed_epochs
+        self.scheduler = build_schedule(self.optimizer, config.schedule, self.total_epochs * len(train_loader))
+        self.history = TrainingHistory()
+        self.global_step = 0
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> TrainingHistory:
+        start_epoch = self._restore() if resume else 0
+        s_star = self.cfg.coefficient_steps
+        for epoch in range(start_epoch, self.total_epochs):
+            adaptive = epoch < self.cfg.adaptive_epochs and bool(self.layers)
+            self.set_epoch(self.train_loader, epoch)
+            self.model.train()
+            n_batches = len(self.train_loader)
+            bar = self.progress(n_batches, f"{self.name} {epoch + 1}/{self.total_epochs}")
+            tally = {"loss": 0.0, "reg": 0.0, "correct": 0, "count": 0, "t_aug": 0.0, "t_trunc": 0.0}
+            start = time.perf_counter()
+            for i, (x, y) in enumerate(self.train_loader):
+                augment_now = adaptive and i % s_star == 0
+                truncate_now = adaptive and (i % s_star == s_star - 1 or i == n_batches - 1)
+
+                if augment_now:
+                    self._set_bases_trainable(True)
+                loss, reg, correct = self._forward_backward(x, y)
+                self.dist.all_reduce_grads(self.params + (self._bases() if augment_now else []))
+                took = guarded_step(self.params, self.optimizer, self.cfg.grad_clip, loss)
+                if not took:
+                    self.history.nonfinite_steps += 1
+                    log.warning("%s: non-finite loss or gradient at step %d: step skipped", self.name, self.global_step)
+                if augment_now:
+                    t = time.perf_counter()
+                    if took:  # augmenting with NaN directions would poison the bases
+                        self._augment()
+                    self._set_bases_trainable(False)
+                    tally["t_aug"] += time.perf_counter() - t
+                if truncate_now:
+                    t = time.perf_counter()
+                    self._truncate()
+                    tally["t_trunc"] += time.perf_counter() - t
+                    self._trace_kappa()
+                self.scheduler.step()
+                self.global_step += 1
+
+                if took:
+                    tally["loss"] += float(loss) * y.numel()
+                    tally["reg"] += float(reg) * y.numel()
+                    tally["correct"] += correct
+                    tally["count"] += y.numel()
+                bar.update(1)
+                if truncate_now or i == n_batches - 1:
+                    bar.set_postfix(self._postfix(tally))
+            bar.close()
+            self._end_epoch(epoch, adaptive, tally, time.perf_counter() - start)
+        return self.history
+
+    # ------------------------------------------------------------------ pieces
+    def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(self.device, self.cfg.amp):
+            logits = self.model(x)
+        loss = self.loss_fn(logits.float(), y)
+        reg = torch.zeros((), device=self.device)
+        if self.cfg.beta > 0 and self.layers:
+            # R acts on the cores only (never on U, V), in float32 even under autocast
+            reg = torch.stack([layer.regularizer() for layer in self.layers.values()]).sum()
+        (loss + self.cfg.beta * reg).backward()
+        correct = int((logits.detach().argmax(1) == y).sum())
+        return loss.detach(), reg.detach(), correct
+
+    def _bases(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in layer.bases()]
+
+    def _set_bases_trainable(self, flag: bool) -> None:
+        for layer in self.layers.values():
+            layer.set_bases_trainable(flag)
+
+    def _augment(self) -> None:
+        for k, layer in enumerate(self.layers.values()):
+            old_shape = layer.core.shape
+            change = layer.augment_(seed=self.seed * 7919 + self.global_step * 131 + k)
+            remap_optimizer_state(self.optimizer, layer.core, change, old_shape)
+        self.dist.sync_low_rank(self.model, self.optimizer)
+
+    def _truncate(self) -> None:
+        for layer in self.layers.values():
+            old_shape = layer.core.shape
+            change = layer.truncate_(self.cfg.tau)
+            remap_optimizer_state(self.optimizer, layer.core, change, old_shape)
+        self.dist.sync_low_rank(self.model, self.optimizer)
+
+    def _trace_kappa(self) -> None:
+        self.history.kappa_trace.append({"step": self.global_step,
+                                         "kappa": {n: l.condition_number() for n, l in self.layers.items()}})
+
+    def _postfix(self, tally: dict[str, float]) -> dict[str, Any]:
+        post = {"loss": f"{tally['loss'] / max(1, tally['count']):.3f}",
+                "acc": f"{tally['correct'] / max(1, tally['count']):.3f}"}
+        if self.layers:
+            post["c.r."] = f"{compression_stats(self.model).rate:.1f}%"
+        return post
+
+    def _end_epoch(self, epoch: int, adaptive: bool, tally: dict[str, float], seconds: float) -> None:
+        stats = compression_stats(self.model)
+        count = max(1, tally["count"])
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "phase": "rank-adaptive" if adaptive else ("fixed-rank" if self.layers else "dense"),
+            "train_loss": tally["loss"] / count,
+            "train_accuracy": tally["correct"] / count,
+            "regularizer": tally["reg"] / count,
+            "val_accuracy": (clean_accuracy(self.model, self.val_loader, self.device, self.cfg.amp, self.dist)
+                             if self.val_loader is not None else None),
+            "params": stats.params,
+            "compression_rate": stats.rate,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "seconds_augment": tally["t_aug"],
+            "seconds_truncate": tally["t_trunc"],
+            "nonfinite_steps_total": self.history.nonfinite_steps,
+            "layers": {n: {"ranks": list(l.ranks), "condition_number": _finite_or_none(l.condition_number()),
+                           "regularizer": _no_grad_float(l.regularizer)} for n, l in self.layers.items()},
+        }
+        self.history.epochs.append(record)
+        log.info("%s epoch %d: loss %.4f, train acc %.4f, val acc %s, c.r. %.2f%%, %.1fs", self.name, epoch + 1,
+                 record["train_loss"], record["train_accuracy"], record["val_accuracy"], stats.rate, seconds)
+        every = self.cfg.checkpoint_every
+        last = epoch + 1 == self.total_epochs
+        if self.checkpoint_path is not None and every and ((epoch + 1) % every == 0 or last):
+            self._save(epoch + 1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, next_epoch: int) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint_path, {
+                "name": self.name,
+                "epoch": next_epoch,
+                "global_step": self.global_step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "history": self.history.to_dict(),
+            })
+        self.dist.barrier()
+
+    def _restore(self) -> int:
+        """Load the checkpoint (if any) and return the epoch to continue from."""
+        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
+            return 0
+        payload = load_checkpoint(self.checkpoint_path, map_location="cpu")
+        self.model.load_state_dict(payload["model"])  # resizes factors to the saved ranks
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        set_rng_state(payload["rng"])
+        self.history = TrainingHistory.from_dict(payload["history"])
+        self.global_step = int(payload["global_step"])
+        log.info("%s: resumed from %s at epoch %d", self.name, self.checkpoint_path, payload["epoch"] + 1)
+        return int(payload["epoch"])
+
+
+def _no_grad_float(fn: Callable[[], Tensor]) -> float:
+    with torch.no_grad():
+        return float(fn())
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
