@@ -127,7 +127,7 @@ def _cmd_run(argv: list[str]) -> int:
     from .train import init_from_env
     from .train.distributed import shutdown
 
-    dist = init_from_env()
+    dist = init_from_env(device=recipe.train.device)  # under torchrun: gloo on CPUs, NCCL for CUDA
     try:
         result = run(recipe, resume=args.resume, force=args.force,
                      progress=_tqdm_factory(not args.quiet and dist.is_main), dist=dist)

@@ -20,17 +20,25 @@ Splits and order, all pure functions of the seed (so a resumed run sees the same
 
 - validation split: stratified by class, ``val_fraction`` of each class, chosen by ``seed``;
   ``train_subset``/``val_subset`` then keep a random subset (by ``seed``) of each split.
-- training order of epoch ``e``: ``randperm(n_train, seed + e)``, the formula of
-  ``DistributedSampler``, which shards it when ``world_size > 1``. **Call**
-  :func:`set_epoch` ``(loader, e)`` before every epoch (as with ``DistributedSampler``):
-  without it every epoch repeats epoch 0's order.
+- training order of epoch ``e``: ``randperm(n_train, seed + e)`` (the formula of
+  ``DistributedSampler``). **Call** :func:`set_epoch` ``(loader, e)`` before every epoch (as
+  with ``DistributedSampler``): without it every epoch repeats epoch 0's order.
+- several processes (``world_size`` W > 1, torchrun): ``data.batch_size`` B is the *global*
+  batch; each process loads B / W images per step (B must be divisible by W). The training
+  order is cut into global batches exactly as for one process, and process k takes positions
+  k·B/W … (k+1)·B/W − 1 of each (:class:`GlobalBatchShardSampler`), so the W processes'
+  j-th batches together are one process's j-th batch: averaged gradients equal the one-process
+  gradient. Validation is sharded by whole ``eval_batch_size`` batches: process k gets global
+  batches k, k + W, … (:class:`ShardBatchSampler`), so attacks seeded per global batch draw
+  what one process would.
 - augmentation (``augment=True``, training split only): random crop with zero padding
   (4 px at 32 px, scaled with the input size) and a horizontal flip — no flip for the digit
   sets (digits, mnist, fashion-mnist), where mirrored images are other or no classes. The crop
   offset and flip of a sample are a hash of (seed, epoch, sample index), not of a global RNG,
   so they are the same with any ``num_workers`` and after a resume.
-- the training loader drops its last incomplete batch when the (shard of the) split holds at
-  least one full batch, so BatchNorm never sees a batch of one; validation keeps every image.
+- the training loader drops its last incomplete batch when the split holds at least one full
+  (global) batch, so BatchNorm never sees a batch of one; validation keeps every image. With
+  W > 1 the split must hold at least one global batch.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import ConfigError, DataError, unknown_name
 from .recipe import DataSection
@@ -278,6 +286,65 @@ class SeededShuffleSampler(Sampler[int]):
         return self.n
 
 
+class GlobalBatchShardSampler(Sampler[int]):
+    """Process ``rank``'s part of the one-process training order, global batch by global batch.
+
+    Epoch ``e``'s order is ``randperm(n, seed + e)`` (as :class:`SeededShuffleSampler`); it is
+    cut into ``n // global_batch`` full global batches (the incomplete rest is dropped, as the
+    one-process loader's ``drop_last`` does), and process k takes positions
+    ``k*b .. (k+1)*b - 1`` of each, ``b = global_batch / world_size``. Batched by ``b``, the
+    j-th batches of the ``world_size`` processes are together the one-process j-th batch.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int, world_size: int, global_batch: int):
+        if global_batch % world_size:
+            raise ConfigError(f"data.batch_size {global_batch} is the global batch and must be divisible by the "
+                              f"number of processes ({world_size}); use a multiple of {world_size}")
+        if n < global_batch:
+            raise DataError(f"the training split has {n} images, fewer than one global batch "
+                            f"(data.batch_size {global_batch}): lower data.batch_size or use more images")
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.global_batch, self.local_batch = global_batch, global_batch // world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        full = (self.n // self.global_batch) * self.global_batch
+        mine = perm[:full].view(-1, self.world_size, self.local_batch)[:, self.rank]
+        return iter(mine.reshape(-1).tolist())
+
+    def __len__(self) -> int:
+        return (self.n // self.global_batch) * self.local_batch
+
+
+class ShardBatchSampler(Sampler[list[int]]):
+    """Batches of an unshuffled split, whole batches per process: global batches
+    ``rank, rank + world_size, ...`` of size ``batch_size`` (the last one may be short).
+
+    :func:`~compressor.evaluate.evaluate` reads :attr:`global_batches` to seed attacks by the
+    global batch index and to find the first ``max_samples`` of the global order.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int):
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.global_batches = list(range(rank, -(-n // batch_size), world_size))
+        """Global index of each batch this process yields, in order."""
+        self.num_samples = sum(min(batch_size, n - b * batch_size) for b in self.global_batches)
+        """Images this process yields."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.global_batches:
+            yield list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))
+
+    def __len__(self) -> int:
+        return len(self.global_batches)
+
+
 class ShardSampler(Sampler[int]):
     """Items ``rank, rank + world_size, ...`` in order, no padding: each item on exactly one rank.
 
@@ -295,11 +362,31 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world_size))
 
 
+def whole_split_loader(loader: DataLoader) -> DataLoader:
+    """The loader one process would have over the same split, from a (possibly sharded) one.
+
+    For work done by rank 0 alone on the whole split (ONNX evaluation, INT8 calibration in the
+    export): a training loader keeps the same seed and current epoch (so the same order as one
+    process), a validation loader becomes the plain unshuffled one. An unsharded loader is
+    returned as it is.
+    """
+    sampler, batch_sampler = loader.sampler, loader.batch_sampler
+    common = dict(num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+    if isinstance(sampler, GlobalBatchShardSampler):
+        whole = SeededShuffleSampler(sampler.n, sampler.seed)
+        whole.set_epoch(sampler.epoch)
+        return DataLoader(loader.dataset, batch_size=sampler.global_batch, sampler=whole, drop_last=True, **common)
+    if isinstance(batch_sampler, ShardBatchSampler):
+        return DataLoader(loader.dataset, batch_size=batch_sampler.batch_size, shuffle=False, **common)
+    return loader
+
+
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Prepare ``loader`` for epoch ``epoch``: shuffle order, augmentation draws, worker seeds.
 
-    Works for both training samplers (:class:`SeededShuffleSampler`, ``DistributedSampler``) and
-    is harmless on validation loaders. The pipeline must call it at the start of every epoch.
+    Works for the training samplers (:class:`SeededShuffleSampler`, :class:`GlobalBatchShardSampler`,
+    ``DistributedSampler``) and is harmless on validation loaders. The pipeline must call it at
+    the start of every epoch.
     """
     sampler = loader.sampler
     if hasattr(sampler, "set_epoch"):
@@ -611,10 +698,12 @@ def _estimate_stats(ds: Dataset, n: int, seed: int) -> tuple[list[float], list[f
 def build_data(section: DataSection, *, input_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Load ``section.name``, split it by ``seed`` and build the loaders for this rank.
 
-    With ``world_size > 1`` the training loader uses ``DistributedSampler(shuffle=True,
-    seed=seed)`` and the validation loader a :class:`ShardSampler` (no padding, every image on
-    exactly one rank); the statistics and split sizes are global and equal on every rank. The
-    caller must call :func:`set_epoch` on the training loader at the start of each epoch.
+    With ``world_size > 1``, ``section.batch_size`` is the global batch: the training loader
+    yields this rank's ``batch_size / world_size`` images of each global batch
+    (:class:`GlobalBatchShardSampler`) and the validation loader whole global batches
+    ``rank, rank + world_size, ...`` (:class:`ShardBatchSampler`; every image on exactly one
+    rank). The statistics and split sizes are global and equal on every rank. The caller must
+    call :func:`set_epoch` on the training loader at the start of each epoch.
     """
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
         raise ConfigError(f"input_size must be a positive int, got {input_size!r}")
@@ -657,32 +746,29 @@ def build_data(section: DataSection, *, input_size: int, seed: int, rank: int = 
     std = [max(s, 1e-3) for s in std]  # a constant channel must not divide by zero downstream
 
     train_sampler: Sampler[int]
-    if world_size > 1:
-        train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        val_sampler: Sampler[int] | None = ShardSampler(len(val_ds), rank, world_size)
-    else:
-        train_sampler = SeededShuffleSampler(len(train_ds), seed)
-        val_sampler = None
+    pin = torch.cuda.is_available()
     g = torch.Generator()
     g.manual_seed(seed)
-    pin = torch.cuda.is_available()
+    if world_size > 1:
+        train_sampler = GlobalBatchShardSampler(len(train_ds), seed, rank, world_size, section.batch_size)
+        local_batch, drop_last = section.batch_size // world_size, False  # the sampler yields whole batches only
+        val_kwargs: dict[str, Any] = {
+            "batch_sampler": ShardBatchSampler(len(val_ds), section.eval_batch_size, rank, world_size)
+        }
+    else:
+        train_sampler = SeededShuffleSampler(len(train_ds), seed)
+        local_batch, drop_last = section.batch_size, len(train_sampler) >= section.batch_size
+        val_kwargs = {"batch_size": section.eval_batch_size, "shuffle": False}
     train_loader = DataLoader(
         train_ds,
-        batch_size=section.batch_size,
+        batch_size=local_batch,
         sampler=train_sampler,
         num_workers=section.num_workers,
-        drop_last=len(train_sampler) >= section.batch_size,
+        drop_last=drop_last,
         generator=g,
         pin_memory=pin,
     )
-    val_loader = DataLoader(
-        val_ds,
-        batch_size=section.eval_batch_size,
-        sampler=val_sampler,
-        shuffle=False,
-        num_workers=section.num_workers,
-        pin_memory=pin,
-    )
+    val_loader = DataLoader(val_ds, num_workers=section.num_workers, pin_memory=pin, **val_kwargs)
     num_classes = len(src.class_names)
     log.info(
         "data %s: %d train / %d val images, %d classes, %dx%d, mean %s std %s%s",
@@ -694,7 +780,8 @@ def build_data(section: DataSection, *, input_size: int, seed: int, rank: int = 
         input_size,
         [round(m, 4) for m in mean],
         [round(s, 4) for s in std],
-        f", rank {rank}/{world_size}" if world_size > 1 else "",
+        f", rank {rank}/{world_size}, {section.batch_size // world_size} of each global batch of "
+        f"{section.batch_size}" if world_size > 1 else "",
     )
     return DataBundle(
         train_loader=train_loader,

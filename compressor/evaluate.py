@@ -12,12 +12,21 @@ What :func:`evaluate` computes (all accuracies are fractions in [0, 1]):
   counts if the prediction on x' is its label).
 * ``worst_case_accuracy[str(eps)]`` for every ε of any attack: share of attacked samples that
   are correct on the clean image *and* on the adversarial image of every attack at every
-  ε' <= ε — the robust accuracy against the whole configured suite up to that budget. (The
-  attacks' ε must then be in one unit, which ``eps_unit`` ensures.)
+  ε' <= ε — the robust accuracy against the whole configured suite up to that budget. All ε
+  share one unit (``eps_unit``); an ℓ2 attack (``pgd`` with ``norm="l2"``) enters with its
+  ℓ2 radius as its ε, so keep ℓ2 attacks out of a suite whose worst case you report.
 * ``sensitivity[attack][str(eps)]``: the paper's eq. (1),
   S = ‖f(x') − f(x)‖₂/‖f(x)‖₂ · ‖x‖₂/‖x' − x‖₂ on logits and pixel-space images, per sample,
   averaged over the samples with x' ≠ x (None when there are none).
-* ``timing``: seconds for the clean pass and for each attack and ε, and the total.
+* ``timing``: seconds for the clean pass and for each attack and ε, and the total (under
+  torch.distributed: this process's own seconds).
+
+Under torch.distributed (``dist`` given, several processes) every process evaluates its shard
+of the validation set, as laid out by ``build_data(rank=, world_size=)``: whole global batches
+``rank, rank + W, ...`` (:class:`~compressor.data.ShardBatchSampler`). Batch seeds use the
+*global* batch index and ``max_samples`` means the first ``max_samples`` images of the global
+(one-process) order, so every attack sees the images and random draws one process would; the
+counts and sums are then all-reduced, so every process returns the figures of the whole set.
 
 Attack keys are the attack names; a name given twice gets ``#2``, ``#3``... appended.
 """
@@ -170,6 +179,17 @@ def _check_max_samples(max_samples: int | None) -> None:
         raise ConfigError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
 
 
+def _shard_layout(loader: Any, dist: Any) -> tuple[list[int], int] | None:
+    """(global batch index of each local batch, global batch size) under several processes."""
+    if dist is None or not getattr(dist, "enabled", False) or getattr(dist, "world_size", 1) <= 1:
+        return None
+    sampler = getattr(loader, "batch_sampler", None)
+    if not hasattr(sampler, "global_batches") or not hasattr(sampler, "batch_size"):
+        raise ConfigError("evaluate(dist=...) with several processes needs this process's validation loader from "
+                          "compressor.data.build_data(rank=, world_size=) (batches sharded by ShardBatchSampler)")
+    return list(sampler.global_batches), int(sampler.batch_size)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -194,6 +214,7 @@ def evaluate(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Callable[[int], Any] | None = None,
+    dist: Any = None,
 ) -> EvalResult:
     """Clean and adversarial accuracy, worst case and sensitivity of ``model``.
 
@@ -207,8 +228,12 @@ def evaluate(
         seed: base seed of the attacks' generators (batch b uses ``seed + b``).
         device: where batches go (default: the model's device).
         progress: called with the number of samples of each finished batch.
+        dist: a :class:`~compressor.train.DistContext`; with several processes, ``loader``
+            must be this process's validation loader from ``build_data(rank=, world_size=)``
+            and the results are those of the whole set (see the module docstring).
     """
     _check_max_samples(max_samples)
+    shard = _shard_layout(loader, dist)
     dev = _model_device(model, device)
     built, described = _build_attacks(model, attacks, eps_unit=eps_unit, std=std, round_8bit=round_8bit, seed=seed)
     pairs = [(b.key, b.eps) for b in built]
@@ -224,6 +249,8 @@ def evaluate(
     try:
         for b, batch in enumerate(loader):
             x, y = _unpack(batch, dev)
+            # g: the batch's index in the global order, start: its first sample's position there
+            g, start = (shard[0][b], shard[0][b] * shard[1]) if shard is not None else (b, n_clean)
             t0 = time.perf_counter()
             with torch.no_grad():
                 z = model(x)
@@ -232,7 +259,7 @@ def evaluate(
             _sync(dev)
             t_clean += time.perf_counter() - t0
             n_clean += len(x)
-            take = len(x) if max_samples is None else min(len(x), max_samples - n_attacked)
+            take = len(x) if max_samples is None else max(0, min(len(x), max_samples - start))
             if take > 0:
                 xa, ya, za = x[:take], y[:take], z[:take]
                 clean_ok.append((pred[:take] == ya).cpu())
@@ -240,7 +267,7 @@ def evaluate(
                 z_norm = za.norm(dim=1).clamp_min(1e-12)
                 for item in built:
                     p = (item.key, item.eps)
-                    item.attack.seed = item.seed + b
+                    item.attack.seed = item.seed + g
                     t0 = time.perf_counter()
                     adv = item.attack(xa, ya)
                     _sync(dev)
@@ -260,31 +287,48 @@ def evaluate(
     finally:
         for m, training in modes:
             m.training = training
-    if n_clean == 0:
-        raise DataError("the loader yielded no samples")
 
+    # Everything below is a ratio of sums; the sums are all-reduced under torch.distributed.
     clean_vec = torch.cat(clean_ok) if clean_ok else torch.zeros(0, dtype=torch.bool)
-    adv_acc: dict[str, dict[str, float]] = {}
-    sensitivity: dict[str, dict[str, float | None]] = {}
-    attack_secs: dict[str, dict[str, float]] = {}
-    ok_vec = {p: torch.cat(v) for p, v in ok.items()}
-    for key, e in pairs:
-        adv_acc.setdefault(key, {})[_eps_key(e)] = float(ok_vec[(key, e)].float().mean())
-        total, count = sens[(key, e)]
-        sensitivity.setdefault(key, {})[_eps_key(e)] = total / count if count else None
-        attack_secs.setdefault(key, {})[_eps_key(e)] = secs[(key, e)]
-    worst: dict[str, float] = {}
-    for e in sorted({e for _, e in pairs}):
+    ok_vec = {p: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for p, v in ok.items()}
+    eps_sorted = sorted({e for _, e in pairs})
+    worst_count = []
+    for e in eps_sorted:
         robust = clean_vec.clone()
         for p, v in ok_vec.items():
             if p[1] <= e:
                 robust &= v
-        worst[_eps_key(e)] = float(robust.float().mean())
+        worst_count.append(int(robust.sum()))
+    sums = [n_clean, n_correct, n_attacked, int(clean_vec.sum())]
+    sums += [int(ok_vec[p].sum()) for p in pairs] + [sens[p][0] for p in pairs] + [sens[p][1] for p in pairs]
+    sums += worst_count
+    if shard is not None:
+        sums = dist.all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=dev)).cpu().tolist()
+    n_clean, n_correct, n_attacked, n_clean_att = (int(round(v)) for v in sums[:4])
+    k = len(pairs)
+    ok_sum = dict(zip(pairs, sums[4:4 + k]))
+    sens_sum = dict(zip(pairs, zip(sums[4 + k:4 + 2 * k], sums[4 + 2 * k:4 + 3 * k])))
+    worst_sum = sums[4 + 3 * k:]
+    if n_clean == 0:
+        raise DataError("the loader yielded no samples")
+
+    _log.info("evaluated %d samples (%d attacked, %d attack settings) in %.1f s",
+              n_clean, n_attacked, len(built), time.perf_counter() - t_start)
+    adv_acc: dict[str, dict[str, float]] = {}
+    sensitivity: dict[str, dict[str, float | None]] = {}
+    attack_secs: dict[str, dict[str, float]] = {}
+    nan = float("nan")
+    for key, e in pairs:
+        adv_acc.setdefault(key, {})[_eps_key(e)] = ok_sum[(key, e)] / n_attacked if n_attacked else nan
+        total, count = sens_sum[(key, e)]
+        sensitivity.setdefault(key, {})[_eps_key(e)] = total / count if count else None
+        attack_secs.setdefault(key, {})[_eps_key(e)] = secs[(key, e)]
+    worst = {_eps_key(e): (c / n_attacked if n_attacked else nan) for e, c in zip(eps_sorted, worst_sum)}
     return EvalResult(
         clean_accuracy=n_correct / n_clean,
         n_clean=n_clean,
         n_attacked=n_attacked,
-        clean_accuracy_attacked=float(clean_vec.float().mean()) if len(clean_vec) else float("nan"),
+        clean_accuracy_attacked=n_clean_att / n_attacked if n_attacked else nan,
         adversarial_accuracy=adv_acc,
         worst_case_accuracy=worst,
         sensitivity=sensitivity,
@@ -352,6 +396,8 @@ def evaluate_onnx(
     artifact, and do the two still agree there?
     """
     _check_max_samples(max_samples)
+    if attacks and torch_model is None:
+        raise ConfigError("evaluate_onnx: attacks need torch_model (the examples are crafted against it)")
     session = _onnx_session(onnx_path)
     built, described = [], []
     dev = torch.device("cpu")

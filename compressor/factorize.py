@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from .layers import LowRankLayer, LowRankLinear, TuckerConv2d
+from .layers.conv import tucker_rank_caps
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,12 @@ class FactorizationReport:
 
 def _is_plain(module: nn.Module, base: type) -> bool:
     cls = type(module)
-    if cls is base or cls.forward is base.forward:
+    if f"{cls.__module__}.{cls.__qualname__}" in _SAFE_SUBCLASS_NAMES:
         return True
-    return f"{cls.__module__}.{cls.__qualname__}" in _SAFE_SUBCLASS_NAMES
+    # A Conv2d subclass may keep forward and change the op underneath (_conv_forward), as
+    # weight-standardized or same-padding convs do.
+    hooks = ("forward", "_conv_forward") if base is nn.Conv2d else ("forward",)
+    return all(getattr(cls, h) is getattr(base, h) for h in hooks)
 
 
 def _linear_cost(out_f: int, in_f: int, r: int) -> tuple[int, int]:
@@ -109,6 +113,7 @@ def factorize_(
     keep_first_conv: bool = True,
     keep_classifier: bool = True,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    require_saving: bool = True,
     seed: int = 0,
 ) -> FactorizationReport:
     """Replace eligible layers of ``model`` in place; return what was replaced and what was not.
@@ -117,6 +122,10 @@ def factorize_(
     each initial rank by energy (‖σ[r:]‖ < init_tol‖σ‖) instead. Ranks are clipped to
     [r_min, min(r_max, full rank)]. Initialization is the truncated SVD (Linear) or HOSVD of the
     channel modes (Conv2d) of the current weights.
+
+    ``require_saving=False`` drops the cost test and factorizes every layer the other rules
+    allow (the reference code's policy; also how a full-rank factorization is checked to be
+    exact, since at full rank no layer saves anything).
     """
     start = time.perf_counter()
     include, exclude = include or [], exclude or []
@@ -156,7 +165,7 @@ def factorize_(
             reason = "grouped/depthwise conv"
         elif not is_linear and module.padding_mode != "zeros":
             reason = f"padding_mode {module.padding_mode!r}"
-        if reason is None:
+        if reason is None and require_saving:
             if is_linear:
                 out_f, in_f = shape
                 cap = min(r_max, out_f, in_f)
@@ -164,7 +173,7 @@ def factorize_(
                 if p_fact >= out_f * in_f:
                     reason = f"no saving at r_max={cap} ({p_fact:,} >= {out_f * in_f:,} weights)"
             else:
-                cap_o, cap_i = min(r_max, shape[0]), min(r_max, shape[1])
+                cap_o, cap_i = tucker_rank_caps(shape[0], shape[1], module.kernel_size, r_max)
                 p_dense, p_fact, m_dense, m_fact = _conv_cost(module, cap_o, cap_i)
                 if p_fact >= p_dense or m_fact >= m_dense:
                     reason = (f"no saving at r_max={max(cap_o, cap_i)} (weights {p_fact:,} vs {p_dense:,}, "

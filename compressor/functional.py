@@ -14,9 +14,19 @@ import math
 import torch
 from torch import Tensor
 
-# Above this many entries a rank-r factorization with r well below full rank uses a randomized
-# SVD: VGG16's 4096×25088 classifier costs ~10 s as a reduced SVD on 2 cores, ~1 s randomized.
-_RANDOMIZED_MIN_ENTRIES = 4_000_000
+# From this many entries a rank-r factorization whose Krylov space (2r + 100 columns) is at most
+# half the short side uses a randomized (block Krylov) SVD: VGG16's 4096×25088 classifier at
+# rank 150 costs ~15 s as a reduced SVD on 2 cores, ~3 s randomized; a ViT-B MLP (3072×768) at
+# rank 8 ~1 s exact, 0.05 s randomized. Full-rank factorizations always take the exact path.
+_RANDOMIZED_MIN_ENTRIES = 1_000_000
+# Krylov depth of the randomized SVD (blocks A Ω, (AAᵀ)AΩ, …): with block size r/2 + 25, depth 4
+# reads A 8 times in (r/2 + 25)-column blocks. On decaying spectra it is as accurate as
+# torch.svd_lowrank(q=r+20, niter=4), which reads A 10 times in (r+20)-column blocks (measured:
+# bench/bench_factorize.py --accuracy).
+_KRYLOV_DEPTH = 4
+# Gram matrices are accumulated in float64 over column chunks of at most this many entries, so a
+# 512×200704 unfolding (timm VGG16's 7×7 ConvMlp) needs no float64 copy of itself.
+_GRAM_CHUNK_ENTRIES = 4_000_000
 
 
 # ----------------------------------------------------------------------------- SVD / init
@@ -45,31 +55,132 @@ def truncation_rank(sigma: Tensor, tol: float, r_min: int = 1, r_max: int | None
     return max(r_min, min(r, r_max))
 
 
+def uses_randomized_svd(m: int, n: int, rank: int) -> bool:
+    """Whether a rank-``rank`` factorization of an m×n matrix takes the randomized path."""
+    return m * n >= _RANDOMIZED_MIN_ENTRIES and 2 * _krylov_block(rank) * _KRYLOV_DEPTH <= min(m, n)
+
+
 def top_singular(matrix: Tensor, rank: int, *, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Leading ``rank`` singular triplets (U, σ, V) of a 2-D matrix, reduced (never n×n).
 
-    Large matrices at a rank well below full use torch.svd_lowrank with power iterations,
-    seeded locally so the global RNG is untouched; the result is re-orthonormalized.
+    Large matrices at a rank well below full use a seeded randomized block Krylov SVD (the
+    global RNG is untouched) with orthonormal factors; otherwise the reduced LAPACK SVD, which
+    is exact at full rank.
     """
     m, n = matrix.shape
-    k = min(m, n)
-    rank = min(rank, k)
+    rank = min(rank, m, n)
     a = matrix.detach()
-    if a.numel() >= _RANDOMIZED_MIN_ENTRIES and rank + 20 < k // 2:
-        with torch.random.fork_rng(devices=[a.device] if a.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(a, q=min(rank + 20, k), niter=4)
-        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
-        # svd_lowrank's factors are orthonormal up to round-off; one QR pass makes them exact
-        u = _orthonormalize_keep_span(u)
-        v = _orthonormalize_keep_span(v)
-        return u, s, v
+    if uses_randomized_svd(m, n, rank):
+        return _randomized_svd(a, rank, seed=seed, right=True)
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     return u[:, :rank], s[:rank], vh[:rank].mT
 
 
+def top_left_singular(matrix: Tensor, rank: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Leading ``rank`` left singular vectors U (m×rank, orthonormal) and values σ (rank).
+
+    For one-sided factors (HOSVD of conv unfoldings) an eigendecomposition of the Gram matrix,
+    accumulated in float64, is several times cheaper than an SVD and no less accurate than a
+    float32 SVD while κ < 1e4 (its error is ε₆₄κ² instead of ε₃₂κ). At full rank U is square and
+    orthonormal, so U Uᵀ A = A holds exactly whatever the accuracy of the individual vectors.
+    Large matrices at a rank well below full use the randomized SVD instead.
+    """
+    m, n = matrix.shape
+    rank = min(rank, m, n)
+    a = matrix.detach()
+    if uses_randomized_svd(m, n, rank):
+        u, s, _ = _randomized_svd(a, rank, seed=seed, right=False)
+        return u, s
+    if m <= n:
+        lam, vecs = torch.linalg.eigh(_gram64(a))
+        u = vecs.flip(1)[:, :rank]
+    else:  # tall: the n×n Gram AᵀA gives V; U spans A V (QR keeps it orthonormal exactly)
+        lam, vecs = torch.linalg.eigh(_gram64(a.mT))
+        v = vecs.flip(1)[:, :rank]
+        u = _orthonormalize_keep_span(_matmul64(a, v))
+    s = lam.flip(0)[:rank].clamp_min(0).sqrt()
+    return u.to(a.dtype), s.to(a.dtype)
+
+
+def _krylov_block(rank: int) -> int:
+    return rank // 2 + 25
+
+
+def _randomized_svd(a: Tensor, rank: int, *, seed: int, right: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Randomized block Krylov SVD (Musco & Musco 2015) with Rayleigh–Ritz extraction.
+
+    K = [AΩ, (AAᵀ)AΩ, …, (AAᵀ)^{d-1}AΩ], each block orthonormalized against the previous ones;
+    then the SVD of Qᵀ A through the eigendecomposition of its small Gram (float64). The
+    products Aᵀ Q_i of the iteration are reused for Qᵀ A, so A is read 2d times.
+    """
+    transposed = a.shape[0] > a.shape[1]
+    if transposed:  # work on the short side: the Krylov blocks live in R^{min(m, n)}
+        a = a.mT
+    m, n = a.shape
+    b = _krylov_block(rank)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, b, generator=gen, dtype=a.dtype).to(a.device)
+    q, _ = torch.linalg.qr(a @ omega)
+    blocks, products = [q], []
+    for _ in range(_KRYLOV_DEPTH - 1):
+        z = a.mT @ q  # n×b
+        products.append(z)
+        y = a @ z
+        basis = torch.cat(blocks, dim=1)
+        for _ in range(2):  # block Gram–Schmidt twice: numerically orthogonal to earlier blocks
+            y = y - basis @ (basis.mT @ y)
+        q, _ = torch.linalg.qr(y)
+        blocks.append(q)
+    products.append(a.mT @ q)
+    basis, at_q = torch.cat(blocks, dim=1), torch.cat(products, dim=1)  # Q (m×db), AᵀQ (n×db)
+    # Rayleigh–Ritz: QᵀA = P Σ Wᵀ from the eigendecomposition of (QᵀA)(QᵀA)ᵀ = (AᵀQ)ᵀ(AᵀQ)
+    lam, p = torch.linalg.eigh(_gram64(at_q.mT))
+    p = p.flip(1)[:, :rank]
+    s = lam.flip(0)[:rank].clamp_min(0).sqrt().to(a.dtype)
+    u = _orthonormalize_keep_span(basis @ p.to(a.dtype))
+    v = _orthonormalize_keep_span(at_q @ p.to(a.dtype)) if right or transposed else None
+    if transposed:
+        u, v = v, u
+    return u, s, (v if right else None)
+
+
+def _matmul64(a: Tensor, b: Tensor) -> Tensor:
+    return a.to(torch.float64) @ b.to(torch.float64)
+
+
+def _gram64(a: Tensor) -> Tensor:
+    """A Aᵀ in float64, accumulated over column chunks (no float64 copy of a large A)."""
+    if a.dtype == torch.float64:
+        return a @ a.mT
+    m, n = a.shape
+    step = max(1, _GRAM_CHUNK_ENTRIES // max(m, 1))
+    gram = torch.zeros(m, m, dtype=torch.float64, device=a.device)
+    for j in range(0, n, step):
+        c = a[:, j : j + step].to(torch.float64)
+        gram.addmm_(c, c.mT)
+    return gram
+
+
 def singular_values(matrix: Tensor) -> Tensor:
     return torch.linalg.svdvals(matrix.detach())
+
+
+def rank_spectrum(matrix: Tensor, r_cap: int, *, seed: int = 0) -> Tensor:
+    """Singular values to choose a rank by energy (``truncation_rank(σ, tol, r_min, r_cap)``).
+
+    Exact path: all min(m, n) of them (eigenvalues of the float64 Gram matrix). Randomized path:
+    the leading ``r_cap`` followed by one value carrying the rest of ‖A‖_F², so that every rank
+    up to ``r_cap`` is chosen as it would be from the full spectrum.
+    """
+    m, n = matrix.shape
+    a = matrix.detach()
+    if uses_randomized_svd(m, n, r_cap):
+        _, top, _ = _randomized_svd(a, r_cap, seed=seed, right=False)
+        top = top.double()
+        rest = (a.double().norm() ** 2 - (top**2).sum()).clamp_min(0).sqrt()
+        return torch.cat([top, rest.reshape(1)])
+    lam = torch.linalg.eigvalsh(_gram64(a if m <= n else a.mT))
+    return lam.flip(0).clamp_min(0).sqrt()
 
 
 def _orthonormalize_keep_span(q: Tensor) -> Tensor:
@@ -119,8 +230,8 @@ def hosvd_channel_factors(
     Returns (U_out: C_out×r_out, U_in: C_in×r_in, core: r_out×r_in×kh×kw) with
     core = W ×₀ U_outᵀ ×₁ U_inᵀ, so W ≈ core ×₀ U_out ×₁ U_in (exact at full rank).
     """
-    u_out, _, _ = top_singular(unfold(kernel, 0), r_out, seed=seed)
-    u_in, _, _ = top_singular(unfold(kernel, 1), r_in, seed=seed + 1)
+    u_out, _ = top_left_singular(unfold(kernel, 0), r_out, seed=seed)
+    u_in, _ = top_left_singular(unfold(kernel, 1), r_in, seed=seed + 1)
     core = mode_product(kernel, u_out, u_in)
     return u_out, u_in, core
 
@@ -204,8 +315,15 @@ def spectral_regularizer(a: Tensor) -> Tensor:
 
     Under autocast the core may arrive in bf16; the regularizer's cancellation
     (AAᵀ − α²I) needs at least float32.
+
+    A wide matrix (m ≤ n, e.g. a conv core's C₍₀₎ = r_out × r_in·kh·kw) uses the m×m Gram AAᵀ;
+    a tall one (m > n: a 1×1 conv with r_out > r_in) uses AᵀA. Either way R acts on the
+    min(m, n) singular values that κ = σ_max/σ_min is taken over; the larger Gram would count
+    m − n zero eigenvalues, so R = 0 (κ = 1) would be unreachable and β would only shrink A.
     """
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    if a.shape[0] > a.shape[1]:
+        a = a.mT
     with torch.autocast(device_type=a.device.type, enabled=False):
         return _SpectralRegularizer.apply(a.to(dtype))
 

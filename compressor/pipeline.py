@@ -94,13 +94,15 @@ def prepare_output(recipe: Recipe, *, resume: bool, force: bool, dist: DistConte
     """Check the output location is usable; create (or reuse, on resume) the staging folder."""
     out_dir = Path(recipe.output_dir)
     paths = RunPaths(out_dir / recipe.run_name, out_dir / f".{recipe.run_name}.partial")
+    if not dist.is_main:
+        # only rank 0 writes (and, on several nodes, only rank 0 can see) the output folder;
+        # if it refuses, it exits and torchrun stops the other processes
+        return paths
     if paths.final.exists() and not force:
         raise OutputError(f"{paths.final} already exists: choose another run name (--run-name / run_name) "
                           f"or pass --force to replace it")
     if resume and not paths.staging.is_dir():
         raise OutputError(f"--resume: no interrupted run to continue at {paths.staging} (start without --resume)")
-    if not dist.is_main:
-        return paths
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
@@ -174,13 +176,15 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, progress: 
         model.to(device)
 
     eval_kwargs = dict(max_samples=recipe.evaluate.max_samples, eps_unit=recipe.evaluate.eps_unit,
-                       std=info.std, round_8bit=recipe.evaluate.round_8bit, seed=recipe.evaluate.seed, device=device)
+                       std=info.std, round_8bit=recipe.evaluate.round_8bit, seed=recipe.evaluate.seed, device=device,
+                       dist=dist)  # sharded under torchrun, results summed over processes
     attacks = [a.model_dump() for a in recipe.evaluate.attacks]
 
     # -- dense: baseline fine-tuning + evaluation (checkpointed as one stage for --resume)
-    dense_done = resume and paths.dense_stage.is_file()
+    # under torchrun rank 0 decides and reads (it wrote the files); the others receive the result
+    dense_done = resume and dist.main_decides(paths.dense_stage.is_file())
     if dense_done:
-        stage = load_checkpoint(paths.dense_stage)
+        stage = dist.from_main(lambda: load_checkpoint(paths.dense_stage))
         model.load_state_dict(stage["model"])
         dense_eval_dict, baseline_history, dense_spectra = stage["eval"], stage["history"], stage["spectra"]
         timings.update(stage["timings"])
@@ -197,7 +201,7 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, progress: 
                 trainer.cfg.checkpoint_every = 1
                 baseline_history = trainer.fit(resume=resume).to_dict()
         with _stage(timings, "evaluate_dense"):
-            dense_eval = evaluate(model, data.val_loader, attacks, progress=progress, **eval_kwargs)
+            dense_eval = _evaluate_with_bar(evaluate, model, data, attacks, progress, "evaluate dense", eval_kwargs)
         dense_eval_dict = dense_eval.to_dict()
         dense_spectra = {n: layer_spectrum(m) for n, m in model.named_modules()
                          if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
@@ -212,11 +216,12 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, progress: 
     # -- compress: factorize + RobustDLRT
     fact, history, t = factorize_and_train(model, data.train_loader, recipe, val_loader=data.val_loader, device=device,
                                            dist=dist, checkpoint_path=paths.train_ckpt,
-                                           resume=resume and paths.train_ckpt.is_file(), progress=progress,
+                                           resume=resume and dist.main_decides(paths.train_ckpt.is_file()),
+                                           progress=progress,
                                            set_epoch=set_epoch)
     timings.update(t)
     with _stage(timings, "evaluate_compressed"):
-        comp_eval = evaluate(model, data.val_loader, attacks, progress=progress, **eval_kwargs)
+        comp_eval = _evaluate_with_bar(evaluate, model, data, attacks, progress, "evaluate compressed", eval_kwargs)
     comp_eval_dict = comp_eval.to_dict()
 
     stats = compression_stats(model)
@@ -233,10 +238,18 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, progress: 
         "history": history.to_dict(),
     }
     if not dist.is_main:
-        dist.barrier()
+        # Rank 0 alone exports and writes; no barrier after it, so that a long export cannot
+        # run into the process group's timeout. The other processes are done.
         return RunResult(paths.final, report)
 
     with _stage(timings, "export"):
+        if dist.enabled:  # rank 0's export evaluates/calibrates on the whole split, not its shard
+            from dataclasses import replace
+
+            from .data import whole_split_loader
+
+            data = replace(data, train_loader=whole_split_loader(data.train_loader),
+                           val_loader=whole_split_loader(data.val_loader))
         report["export"] = _export(model, dense_model, recipe, info, data, paths.staging, report)
 
     # plots
@@ -267,8 +280,17 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, progress: 
     atomic.write_text(paths.staging / "recipe.yaml", recipe_to_yaml(recipe))
     write_report(paths.staging, report)
     finalize_output(paths)
-    dist.barrier()
     return RunResult(paths.final, report)
+
+
+def _evaluate_with_bar(evaluate, model, data, attacks, progress: ProgressFactory, desc: str, kwargs: dict):
+    shard = getattr(data.val_loader, "batch_sampler", None)  # under torchrun: this process's images only
+    total = getattr(shard, "num_samples", None) or (len(data.val_loader.dataset) if hasattr(data.val_loader, "dataset") else 0)
+    bar = progress(total, desc)
+    try:
+        return evaluate(model, data.val_loader, attacks, progress=bar.update, **kwargs)
+    finally:
+        bar.close()
 
 
 def _plot_kappa(history, folder: Path) -> str | None:
@@ -299,8 +321,10 @@ def _export(model, dense_model, recipe: Recipe, info, data, folder: Path, report
     from .evaluate import evaluate_onnx
 
     attacks = [a.model_dump() for a in recipe.evaluate.attacks]
-    out["onnx_eval"] = _as_dict(evaluate_onnx(onnx_path, data.val_loader, torch_model=model, attacks=attacks,
-                                              max_samples=recipe.evaluate.max_samples, seed=recipe.evaluate.seed))
+    onnx_eval_kwargs = dict(torch_model=model, attacks=attacks, max_samples=recipe.evaluate.max_samples,
+                            eps_unit=recipe.evaluate.eps_unit, std=info.std, round_8bit=recipe.evaluate.round_8bit,
+                            seed=recipe.evaluate.seed)
+    out["onnx_eval"] = _as_dict(evaluate_onnx(onnx_path, data.val_loader, **onnx_eval_kwargs))
     macs_dense = count_macs(dense_model, size) if dense_model is not None else None
     macs_comp = count_macs(model, size)
     out["macs"] = {"dense": macs_dense, "compressed": macs_comp,
@@ -308,9 +332,7 @@ def _export(model, dense_model, recipe: Recipe, info, data, folder: Path, report
     if recipe.export.int8:
         calib = torch.cat([x for x, _ in _take(data.train_loader, 256)])
         out["int8"] = _as_dict(quantize_int8(onnx_path, folder / "model.int8.onnx", calib))
-        out["int8"]["eval"] = _as_dict(evaluate_onnx(folder / "model.int8.onnx", data.val_loader, torch_model=model,
-                                                     attacks=attacks, max_samples=recipe.evaluate.max_samples,
-                                                     seed=recipe.evaluate.seed))
+        out["int8"]["eval"] = _as_dict(evaluate_onnx(folder / "model.int8.onnx", data.val_loader, **onnx_eval_kwargs))
     if recipe.export.latency:
         threads = recipe.export.latency_threads
         out["latency"] = {"compressed": onnx_latency(onnx_path, batch_sizes=(1, 32), threads=threads, input_size=size,

@@ -43,8 +43,11 @@ def attack_options(name: str) -> dict[str, Any]:
     return opts
 
 
-def create_attack(name: str, model: nn.Module, eps: float = 8 / 255, **options: Any) -> Attack:
+def create_attack(name: str, model: nn.Module, eps: float | None = None, **options: Any) -> Attack:
     """Build attack ``name`` on ``model`` with radius ``eps`` (in ``eps_unit`` units).
+
+    ``eps=None`` takes the attack's documented default (8/255 for fgsm, pgd, apgd; the
+    paper's middle values for l2_fgsm, l1_fgsm, jitter, mixup).
 
     Raises:
         UnknownNameError: ``name`` is not registered (the message lists the valid names).
@@ -56,7 +59,12 @@ def create_attack(name: str, model: nn.Module, eps: float = 8 / 255, **options: 
         raise ConfigError(
             f"unknown option {unknown[0]!r} for attack {name!r}. Valid options: {', '.join(sorted(valid))}"
         )
+    if eps is None:
+        default = inspect.signature(_REGISTRY[name].__init__).parameters["eps"].default
+        eps = 8 / 255 if default is inspect.Parameter.empty else default
     try:
         return _REGISTRY[name](model, eps, **options)
-    except TypeError as err:  # e.g. a list where a number is expected
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # e.g. a list or a word where a number is expected
         raise ConfigError(f"attack {name!r}: invalid option value ({err})") from None

@@ -76,7 +76,7 @@ class Attack:
     def __init__(
         self,
         model: nn.Module,
-        eps: float,
+        eps: float = 8 / 255,
         *,
         eps_unit: str = "pixel",
         std: Sequence[float] | None = None,
@@ -98,6 +98,8 @@ class Attack:
         self.round_8bit, self.seed = bool(round_8bit), int(seed)
         self._scale: Tensor | None = None  # (1, C, 1, 1) pixel size of one eps unit; None = 1
         self._gen: torch.Generator | None = None
+        self._x: Tensor | None = None  # the clean images of the running call
+        self._box: tuple[Tensor, Tensor] | None = None  # ℓ∞: ball ∩ [0, 1] as per-pixel bounds
 
     # ------------------------------------------------------------------ to override
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -113,6 +115,10 @@ class Attack:
         self.model.eval()  # BN running stats and dropout must not change the attacked function
         self._scale = self._unit_scale(images)
         self._gen = torch.Generator(device=images.device).manual_seed(self.seed)
+        self._x, self._box = images, None
+        if self.norm == "linf":  # one clamp per projection instead of five ops (x in [0, 1] so lo <= hi)
+            b = self.eps if self._scale is None else self.eps * self._scale
+            self._box = ((images - b).clamp(min=0.0), (images + b).clamp(max=1.0))
         try:
             with torch.enable_grad():
                 adv = self.forward(images, labels)
@@ -123,7 +129,7 @@ class Attack:
         finally:
             for m, training in modes:
                 m.training = training
-            self._scale, self._gen = None, None
+            self._scale, self._gen, self._x, self._box = None, None, None, None
         return adv.detach()
 
     def _check_inputs(self, images: Tensor, labels: Tensor) -> None:
@@ -131,6 +137,8 @@ class Attack:
             raise ValueError(f"images must be a float tensor, got {getattr(images, 'dtype', type(images))}")
         if images.dim() != 4:
             raise ValueError(f"images must be NCHW (4-D), got shape {tuple(images.shape)}")
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images contain NaN or inf")
         if images.numel() and (images.min() < 0 or images.max() > 1):
             raise ValueError("images must lie in [0, 1] (pixel space; put the normalization inside the model)")
         if not isinstance(labels, Tensor) or labels.dtype != torch.long or labels.dim() != 1:
@@ -169,6 +177,8 @@ class Attack:
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """Project onto the ε-ball around x (in eps units) and clamp to [0, 1]."""
+        if self._box is not None and x is self._x:
+            return torch.clamp(x_adv, *self._box)
         delta = x_adv - x
         if self.norm == "linf":
             if self._scale is None:

@@ -11,9 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import augment_basis, hosvd_channel_factors, mode_product, reorthonormalize, truncation_rank, unfold
+from ..functional import (augment_basis, hosvd_channel_factors, mode_product, rank_spectrum, reorthonormalize,
+                          truncation_rank, unfold)
 from .base import BasisChange, LowRankLayer
 from .rank import resolve_rank
+
+
+def tucker_rank_caps(out_channels: int, in_channels: int, kernel_size: tuple[int, int],
+                     r_max: int | None = None) -> tuple[int, int]:
+    """Largest useful (r_out, r_in): a mode's rank is bounded by its channels, by the other
+    unfolding dimension (the mode-0 unfolding is C_out × C_in·kh·kw, so a 3→64 3×3 conv has
+    Tucker rank ≤ 27 on mode 0) and by the user's ``r_max``."""
+    kh, kw = kernel_size
+    cap_out = min(out_channels, in_channels * kh * kw)
+    cap_in = min(in_channels, out_channels * kh * kw)
+    if r_max is not None:
+        cap_out, cap_in = min(cap_out, r_max), min(cap_in, r_max)
+    return cap_out, cap_in
 
 
 class TuckerConv2d(LowRankLayer):
@@ -29,8 +43,7 @@ class TuckerConv2d(LowRankLayer):
         self.kernel_size = tuple(kernel_size)
         self.stride, self.padding, self.dilation = stride, padding, dilation
         # Each channel mode has its own cap; r_max is the user's bound on both.
-        self.r_max_out = min(r_max or out_channels, out_channels)
-        self.r_max_in = min(r_max or in_channels, in_channels)
+        self.r_max_out, self.r_max_in = tucker_rank_caps(out_channels, in_channels, self.kernel_size, r_max)
         self.r_max = max(self.r_max_out, self.r_max_in)
         self.r_min = min(r_min, self.r_max_out, self.r_max_in)
         r_out, r_in = ranks
@@ -53,10 +66,10 @@ class TuckerConv2d(LowRankLayer):
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
         w = conv.weight.detach()
         c_out, c_in = w.shape[:2]
-        cap_out, cap_in = min(r_max or c_out, c_out), min(r_max or c_in, c_in)
+        cap_out, cap_in = tucker_rank_caps(c_out, c_in, conv.kernel_size, r_max)
         if tol is not None:
-            r_out = truncation_rank(torch.linalg.svdvals(unfold(w, 0)), tol, r_min, cap_out)
-            r_in = truncation_rank(torch.linalg.svdvals(unfold(w, 1)), tol, r_min, cap_in)
+            r_out = truncation_rank(rank_spectrum(unfold(w, 0), cap_out, seed=seed), tol, r_min, cap_out)
+            r_in = truncation_rank(rank_spectrum(unfold(w, 1), cap_in, seed=seed + 1), tol, r_min, cap_in)
         elif isinstance(rank, tuple):
             r_out = resolve_rank(rank[0], c_out, r_min, cap_out)
             r_in = resolve_rank(rank[1], c_in, r_min, cap_in)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import augment_basis, reorthonormalize, top_singular, truncation_rank
+from ..functional import augment_basis, rank_spectrum, reorthonormalize, top_singular, truncation_rank
 from .base import BasisChange, LowRankLayer
 from .rank import resolve_rank
 
@@ -43,11 +43,7 @@ class LowRankLinear(LowRankLayer):
         full = min(w.shape)
         r_cap = min(r_max or full, full)
         if tol is not None:
-            sigma = torch.linalg.svdvals(w) if w.numel() < 4_000_000 else None
-            if sigma is None:  # big matrix: rank from the leading r_cap values + tail energy
-                _, s_top, _ = top_singular(w, r_cap, seed=seed)
-                sigma = torch.cat([s_top, (w.norm() ** 2 - (s_top**2).sum()).clamp_min(0).sqrt().reshape(1)])
-            r = truncation_rank(sigma, tol, r_min, r_cap)
+            r = truncation_rank(rank_spectrum(w, r_cap, seed=seed), tol, r_min, r_cap)
         else:
             r = resolve_rank(rank, full, r_min, r_cap)
         u, s, v = top_singular(w, r, seed=seed)

@@ -104,6 +104,7 @@ class Trainer:
         self.loss_fn = loss_fn or F.cross_entropy
         self.set_epoch = set_epoch or _default_set_epoch
         self.layers: dict[str, LowRankLayer] = low_rank_layers(model)
+        self.dist.sync_model(model)  # rank 0's ranks, weights and buffers everywhere (no-op when single)
         if self.cfg.adaptive_epochs and not self.layers:
             log.warning("%s: the model has no factorized layers; rank-adaptive epochs train it densely", name)
         cores, dense = trainable_parameters(model)
@@ -136,7 +137,12 @@ class Trainer:
                 if augment_now:
                     self._set_bases_trainable(True)
                 loss, reg, correct = self._forward_backward(x, y)
-                self.dist.all_reduce_grads(self.params + (self._bases() if augment_now else []))
+                # one all-reduce: gradients averaged, [loss, correct] summed over processes, so
+                # the step/skip decision and the tallies are those of the global batch
+                stats = torch.stack([loss.float(), torch.full_like(loss, float(correct), dtype=torch.float32)])
+                stats = self.dist.all_reduce_grads(self.params + (self._bases() if augment_now else []), stats)
+                loss, correct = stats[0] / self.dist.world_size, int(round(float(stats[1])))
+                count = y.numel() * self.dist.world_size
                 took = guarded_step(self.params, self.optimizer, self.cfg.grad_clip, loss)
                 if not took:
                     self.history.nonfinite_steps += 1
@@ -156,10 +162,10 @@ class Trainer:
                 self.global_step += 1
 
                 if took:
-                    tally["loss"] += float(loss) * y.numel()
-                    tally["reg"] += float(reg) * y.numel()
+                    tally["loss"] += float(loss) * count
+                    tally["reg"] += float(reg) * count
                     tally["correct"] += correct
-                    tally["count"] += y.numel()
+                    tally["count"] += count
                 bar.update(1)
                 if truncate_now or i == n_batches - 1:
                     bar.set_postfix(self._postfix(tally))
@@ -215,6 +221,7 @@ class Trainer:
         return post
 
     def _end_epoch(self, epoch: int, adaptive: bool, tally: dict[str, float], seconds: float) -> None:
+        self.dist.average_buffers(self.model)  # BatchNorm running statistics: one model for eval/checkpoint
         stats = compression_stats(self.model)
         count = max(1, tally["count"])
         record: dict[str, Any] = {
@@ -260,9 +267,10 @@ class Trainer:
 
     def _restore(self) -> int:
         """Load the checkpoint (if any) and return the epoch to continue from."""
-        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
+        # rank 0 wrote the checkpoint, so rank 0 alone decides and reads; the others receive it
+        if self.checkpoint_path is None or not self.dist.main_decides(self.checkpoint_path.is_file()):
             return 0
-        payload = load_checkpoint(self.checkpoint_path, map_location="cpu")
+        payload = self.dist.from_main(lambda: load_checkpoint(self.checkpoint_path, map_location="cpu"))
         self.model.load_state_dict(payload["model"])  # resizes factors to the saved ranks
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])

@@ -1,0 +1,134 @@
+"""Throughput of our ``pgd`` against ``torchattacks.PGD`` (10 steps, ℓ∞) on the same model and batches.
+
+    python bench/bench_attacks.py            # small VGG-like CNN, 32x32, 10 classes
+    python bench/bench_attacks.py --smoke    # a few seconds
+    python bench/bench_attacks.py --model vgg16 --device cuda
+
+Runs alternate between the two implementations (which one goes first flips every repeat) and
+the median images/second over repeats is reported. Writes bench/results/attacks.json and
+prints a Markdown table. Also checks that both give the same images without random start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from compressor.attacks import create_attack  # noqa: E402
+
+
+def small_vgg(num_classes: int = 10) -> nn.Module:
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(
+        *block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+        *block(64, 128), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(inplace=True),
+        nn.Linear(256, num_classes),
+    )
+
+
+def build_model(name: str) -> nn.Module:
+    if name == "small":
+        return small_vgg()
+    from torchvision.models import vgg16
+
+    return vgg16(weights=None, num_classes=10)  # random init; 32x32 works through its adaptive pool
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(attack, batches, device) -> float:
+    """Images per second of one pass over all batches."""
+    sync(device)
+    t0 = time.perf_counter()
+    for x, y in batches:
+        attack(x, y)
+    sync(device)
+    return sum(len(x) for x, _ in batches) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny run: a few seconds")
+    ap.add_argument("--model", choices=["small", "vgg16"], default="small")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--eps", type=float, default=8 / 255)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "attacks.json"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch_size, args.batches, args.repeats = 8, 1, 3
+    torch.set_num_threads(args.threads)
+    import torchattacks  # optional test dependency; imported late so --help works without it
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.model).to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(args.batch_size, 3, 32, 32, generator=g).to(device),
+                torch.randint(0, 10, (args.batch_size,), generator=g).to(device)) for _ in range(args.batches)]
+    alpha = 2.5 * args.eps / args.steps  # the same step size for both
+    impls = {
+        "ours": create_attack("pgd", model, eps=args.eps, steps=args.steps, alpha=alpha),
+        "torchattacks": torchattacks.PGD(model, eps=args.eps, alpha=alpha, steps=args.steps, random_start=True),
+    }
+    # same function: without random start the two give the same images
+    x0, y0 = batches[0]
+    ref = torchattacks.PGD(model, eps=args.eps, alpha=alpha, steps=args.steps, random_start=False)(x0, y0)
+    ours = create_attack("pgd", model, eps=args.eps, steps=args.steps, alpha=alpha, random_start=False)(x0, y0)
+    max_diff = float((ref - ours).abs().max())
+
+    for atk in impls.values():  # warm-up: allocator, kernels, lazy imports
+        timed(atk, batches[:1], device)
+    runs: dict[str, list[float]] = {k: [] for k in impls}
+    order = list(impls)
+    for r in range(args.repeats):
+        for k in order if r % 2 == 0 else order[::-1]:
+            runs[k].append(timed(impls[k], batches, device))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    ratio = med["ours"] / med["torchattacks"]
+
+    result = {
+        "benchmark": "pgd_linf",
+        "config": {k: getattr(args, k) for k in ("model", "batch_size", "batches", "repeats", "steps", "eps", "threads", "device", "smoke")},
+        "environment": {"torch": torch.__version__, "torchattacks": getattr(torchattacks, "__version__", "?"),
+                        "python": platform.python_version(), "machine": platform.machine(),
+                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "images_per_second": {k: {"median": med[k], "runs": v} for k, v in runs.items()},
+        "ratio_ours_over_torchattacks": ratio,
+        "max_abs_diff_without_random_start": max_diff,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"PGD ℓ∞, {args.steps} steps, eps={args.eps:.4f}, model={args.model}, batch={args.batch_size}x{args.batches}, "
+          f"device={args.device}, threads={args.threads}, repeats={args.repeats}\n")
+    print("| implementation | images/s (median) | min | max |")
+    print("|---|---:|---:|---:|")
+    for k, v in runs.items():
+        print(f"| {k} | {med[k]:.1f} | {min(v):.1f} | {max(v):.1f} |")
+    print(f"\nratio ours/torchattacks: {ratio:.3f}; max |Δ| without random start: {max_diff:.2e}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Export benchmark: dense vs factorized VGG16 (32×32, 10 classes) under onnxruntime on the CPU.
+
+    python bench/bench_export.py            # VGG16, batch 1 and 32, 30 repeats
+    python bench/bench_export.py --smoke    # VGG11, batch 1, 5 repeats
+
+Random-init weights (latency and MACs do not depend on their values). Factorizes to >= 94%
+compression, exports dense and compressed ONNX (dynamo exporter), checks the compressed graph
+(structure, parity), measures onnxruntime latency with 2 intra-op threads and the MAC ratio,
+prints a Markdown table and writes bench/results/export.json. Speedup = dense median latency /
+compressed median latency; the target is speedup >= 0.8 × MAC ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from compressor.atomic import write_text  # noqa: E402
+from compressor.export import count_macs, export_onnx, macs_by_layer, onnx_latency, parity_check  # noqa: E402
+from compressor.factorize import factorize_  # noqa: E402
+from compressor.layers import low_rank_layers  # noqa: E402
+from compressor.models import create_model  # noqa: E402
+
+
+def _factorized(dense: torch.nn.Module, arch: str, size: int, classes: int, r_max: int):
+    model, _ = create_model(f"tv:{arch}", classes, input_size=size)
+    model.load_state_dict(dense.state_dict())
+    report = factorize_(model, init_rank=32, r_min=2, r_max=r_max)
+    return model.eval(), report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="VGG11, batch 1, few repeats")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "export.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(1)  # shared machine: torch work single-threaded; onnxruntime gets --threads
+    import onnxruntime
+
+    arch = "vgg11" if args.smoke else "vgg16"
+    batches = (1,) if args.smoke else (1, 32)
+    repeats, warmup = (5, 1) if args.smoke else (30, 5)
+    size, classes = 32, 10
+    load_before = os.getloadavg()
+    dense, _ = create_model(f"tv:{arch}", classes, input_size=size)
+    dense.eval()
+
+    # name → (model, export fold, description)
+    variants: dict[str, tuple[torch.nn.Module, str, str]] = {"dense": (dense, "auto", "dense")}
+    t = time.perf_counter()
+    comp, report = _factorized(dense, arch, size, classes, r_max=200)
+    seconds = {"factorize_r200": time.perf_counter() - t}
+    ranks = {"r_max=200": {d.name: d.ranks for d in report.factorized}}
+    variants["compressed"] = (comp, "auto", "init_rank 32, r_max 200 (paper policy: convs without savings at r_max stay dense)")
+    if not args.smoke:
+        variants["compressed_unfolded"] = (comp, "none", "same model, every factor its own op (3 per layer, S not merged)")
+        t = time.perf_counter()
+        comp32, report32 = _factorized(dense, arch, size, classes, r_max=32)
+        seconds["factorize_r32"] = time.perf_counter() - t
+        ranks["r_max=32"] = {d.name: d.ranks for d in report32.factorized}
+        variants["compressed_rmax32"] = (comp32, "auto", "init_rank 32, r_max 32: every conv but the first factorized")
+
+    p_dense = sum(p.numel() for p in dense.parameters())
+    macs_dense = count_macs(dense, size)
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (model, fold, desc) in variants.items():
+            params = sum(p.numel() for p in model.parameters())
+            macs = count_macs(model, size)
+            by_layer = macs_by_layer(model, size)
+            lowrank = low_rank_layers(model)
+            path = Path(tmp) / f"{name}.onnx"
+            t = time.perf_counter()
+            exp = export_onnx(model, path, input_size=size, fold=fold)
+            seconds[f"export_{name}"] = time.perf_counter() - t
+            row = {"description": desc, "params": params, "compression_rate": (1 - params / p_dense) * 100,
+                   "macs": macs, "mac_ratio": macs_dense / macs,
+                   "macs_in_dense_layers_pct": sum(v for n, v in by_layer.items() if n not in lowrank) / macs * 100,
+                   "onnx": {"exporter": exp.exporter, "size_bytes": exp.size_bytes, "forms": sorted(set(exp.plan.values())),
+                            **{k: exp.structure[k] for k in ("conv_nodes", "matmul_nodes", "gemm_nodes", "weight_bytes",
+                                                             "weight_bytes_ratio", "matches")}}}
+            if name != "dense":
+                par = parity_check(path, model, size, batches=(1, 8))
+                row["parity"] = {k: par[k] for k in ("max_abs_diff", "rel_diff", "passed")}
+            row["latency"] = onnx_latency(path, batch_sizes=batches, threads=args.threads, warmup=warmup,
+                                          repeats=repeats, input_size=size)
+            rows[name] = row
+            path.unlink()
+    for row in rows.values():
+        row["speedup"] = {b: rows["dense"]["latency"][b]["median_ms"] / row["latency"][b]["median_ms"] for b in batches}
+        row["speedup_over_mac_ratio"] = {b: v / row["mac_ratio"] for b, v in row["speedup"].items()}
+
+    results = {"arch": f"tv:{arch}", "input_size": size, "num_classes": classes, "smoke": args.smoke,
+               "threads": args.threads, "repeats": repeats, "warmup": warmup, "variants": rows, "ranks": ranks,
+               "seconds": seconds,
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                           "onnxruntime": onnxruntime.__version__, "load_before": load_before,
+                           "load_after": os.getloadavg(),
+                           "note": f"shared, noisy machine (other jobs beside this one): medians of {repeats} runs, "
+                                   "p90 shows the spread"}}
+
+    head = "| variant | params | c.r. % | MACs (M) | MAC ratio | " + " | ".join(
+        f"b={b} median / p90 ms | b={b} speedup (÷ MAC ratio)" for b in batches) + " |"
+    lines = [head, "|---|---:|---:|---:|---:|" + "---:|---:|" * len(batches)]
+    for name, r in rows.items():
+        cells = [f"{r['latency'][b]['median_ms']:.2f} / {r['latency'][b]['p90_ms']:.2f} | "
+                 f"{r['speedup'][b]:.2f}x ({r['speedup_over_mac_ratio'][b]:.2f})" for b in batches]
+        lines.append(f"| {arch} {name} | {r['params']:,} | {r['compression_rate']:.2f} | {r['macs'] / 1e6:.1f} | "
+                     f"{r['mac_ratio']:.2f} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    print()
+    for name, r in rows.items():
+        if name == "dense":
+            continue
+        print(f"{name}: {r['description']}; {r['macs_in_dense_layers_pct']:.0f}% of its MACs in layers kept dense; "
+              f"ONNX structure matches={r['onnx']['matches']}, weight bytes / (params x 4) = "
+              f"{r['onnx']['weight_bytes_ratio']:.3f}, parity rel diff {r['parity']['rel_diff']:.1e}")
+    print(f"load average before/after: {load_before[0]:.2f} / {results['machine']['load_after'][0]:.2f} "
+          "(shared machine: timings are noisy)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(args.out, json.dumps(results, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

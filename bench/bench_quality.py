@@ -1,0 +1,754 @@
+"""Accuracy, robustness and conditioning on real data: dense vs DLRT (β = 0) vs RobustDLRT (β > 0).
+
+The paper's Table 5 in spirit, on Fashion-MNIST (Debian package ``dataset-fashion-mnist``) with
+torchvision VGG16 at 32×32 RGB, random init (no download is possible here). Per seed:
+
+1. data: a random training subset (``--train-subset``, by seed) and an evaluation set
+   (``--eval-split test``: a random ``--val-subset`` of the official 10,000 test images, as in
+   PEERS.md; ``val``: ``compressor.data.build_data``'s validation split, held out of the official
+   training file — the only choice for ``digits``);
+2. the dense baseline: ``compressor.train.Trainer`` with the recipe's ``baseline`` section
+   (Adam 1e-4, batch 64, ``--dense-epochs``), then ``compressor.evaluate.evaluate``;
+3. for every β: a deep copy of the dense model, ``compressor.api.factorize_and_train`` (SVD /
+   Tucker-2 with init_rank 150, r_max 200, then rank-adaptive RobustDLRT with τ = 0.1 for
+   ``--epochs``), then the same evaluation (same images, same attack seeds).
+
+Attacks: ℓ2-FGSM ε ∈ {0.05, 0.1, 0.3}, Jitter ε ∈ {0.035, 0.045}, Mixup ε ∈ {0.025, 0.1, 0.75}
+in ``--eps-unit`` units (default ``normalized``, the reference code's unit, so the PEERS.md
+table compares like with like), and PGD ℓ∞ ε = 8/255 in pixel units, 10 steps. ℓ2-FGSM runs on
+``--fgsm-samples`` images (default: the whole evaluation set, like PEERS.md), the others on the
+first ``--max-samples``.
+
+Outputs (``--out-dir``, default bench/results; ``--smoke`` adds "-smoke" to the names):
+quality.json (every figure, per seed and aggregated), quality.md (the tables, also printed),
+quality_spectra.png (the paper's Fig. 1: one layer's singular values, dense vs β = 0 vs β > 0)
+and quality_kappa.png (Fig. 2: κ of that layer's core over training, per β).
+
+    python bench/bench_quality.py --smoke                    # < 1 min: digits, ResNet-18, CI
+    python bench/bench_quality.py --checkpoint-dir bench/results/quality-ckpt   # the full run
+    python bench/bench_quality.py --seeds 0 --betas 0 0.075 --checkpoint-dir bench/results/quality-ckpt  # PEERS.md
+
+With ``--checkpoint-dir`` every finished (seed, model) entry is saved at once, with the dense
+weights of the seed in progress; a rerun with the same settings skips what is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from compressor.api import factorize_and_train, layer_spectrum, layer_summary  # noqa: E402
+from compressor.data import (FASHION_MNIST_DEFAULT_ROOT, TensorImages, build_data, read_idx_images,  # noqa: E402
+                             read_idx_labels, set_epoch)
+from compressor.evaluate import evaluate  # noqa: E402
+from compressor.layers import low_rank_layers  # noqa: E402
+from compressor.models import create_model  # noqa: E402
+from compressor.recipe import Recipe, recipe_from_dict  # noqa: E402
+from compressor.report import plot_kappa, plot_spectra  # noqa: E402
+from compressor.train import Trainer, TrainerConfig, compression_stats  # noqa: E402
+
+log = logging.getLogger("bench_quality")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (attack, [ε], options, unit): unit "arg" = --eps-unit, "pixel" = always pixel units
+ATTACKS: list[tuple[str, list[float], dict[str, Any], str]] = [
+    ("l2_fgsm", [0.05, 0.1, 0.3], {}, "arg"),
+    ("jitter", [0.035, 0.045], {}, "arg"),
+    ("mixup", [0.025, 0.1, 0.75], {}, "arg"),
+    ("pgd", [8 / 255], {"steps": 10}, "pixel"),
+]
+ATTACK_LABELS = {"l2_fgsm": "ℓ2-FGSM", "jitter": "Jitter", "mixup": "Mixup", "pgd": "PGD-ℓ∞"}
+
+# The reference implementation's figures, measured by a peer on this kind of machine and
+# published in /work/shared/PEERS.md ("Fashion-MNIST subset (real data), one seed": ScSteffen/
+# RobustDLRT release 1.0, torchvision VGG16 at 32×32, 5,000 train / 2,000 test images, dense
+# Adam 1e-4 batch 64 3 epochs, then 3 epochs of the reference DLRT, ℓ2-FGSM in normalized
+# units). They are the peer's measurements, not ours; copied here as data for the side-by-side.
+REFERENCE_PEERS = {
+    "source": "/work/shared/PEERS.md, section 'Fashion-MNIST subset (real data), one seed'",
+    "rows": [
+        {"config": "dense", "label": "dense (3 epochs)", "compression_rate": 0.0, "clean": 75.9,
+         "l2_fgsm": {"0.05": 72.6, "0.1": 69.6, "0.3": 58.3}, "kappa_median": None, "train_s_per_epoch": 246},
+        {"config": "beta=0", "label": "reference DLRT, β = 0", "compression_rate": 93.73, "clean": 78.0,
+         "l2_fgsm": {"0.05": 74.7, "0.1": 71.5, "0.3": 58.6}, "kappa_median": 1.70, "train_s_per_epoch": 65},
+        {"config": "beta=0.075", "label": "reference RobustDLRT, β = 0.075", "compression_rate": 93.69,
+         "clean": 72.7, "l2_fgsm": {"0.05": 69.5, "0.1": 66.6, "0.3": 51.9}, "kappa_median": 1.68,
+         "train_s_per_epoch": 81},
+    ],
+}
+
+# settings that change the figures: a checkpoint made with other values is not reused
+_FINGERPRINT_KEYS = ("data", "model", "train_subset", "val_subset", "eval_split", "dense_epochs", "epochs",
+                     "batch_size", "dense_lr", "optimizer", "lr", "grad_clip", "init_rank", "r_max", "tau",
+                     "coefficient_steps", "eps_unit", "max_samples", "fgsm_samples", "input_size", "attack_steps")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--smoke", action="store_true",
+                    help="< 1 min: digits, tv:resnet18, tiny subsets, 1 epoch each, 1 seed, β ∈ {0, 0.075}, "
+                         "16 attacked images; writes quality-smoke.*")
+    ap.add_argument("--data", default="fashion-mnist", help="compressor data set name")
+    ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: default Debian package files)")
+    ap.add_argument("--model", default="tv:vgg16")
+    ap.add_argument("--input-size", type=int, default=32)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.05, 0.075, 0.15])
+    ap.add_argument("--train-subset", type=int, default=5000)
+    ap.add_argument("--val-subset", type=int, default=2000, help="images in the evaluation set")
+    ap.add_argument("--eval-split", choices=["auto", "test", "val"], default="auto",
+                    help="test: official test file (fashion-mnist/mnist); val: held out of the training file; "
+                         "auto: test where there is one")
+    ap.add_argument("--dense-epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=3, help="rank-adaptive (Robust)DLRT epochs")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--eval-batch-size", type=int, default=128)
+    ap.add_argument("--dense-lr", type=float, default=1e-4, help="dense baseline: Adam, cosine")
+    ap.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam", help="DLRT optimizer")
+    ap.add_argument("--lr", type=float, default=1e-4, help="DLRT learning rate (cosine schedule)")
+    ap.add_argument("--grad-clip", type=float, default=None, help="DLRT gradient-norm clip")
+    ap.add_argument("--init-rank", type=int, default=150)
+    ap.add_argument("--r-max", type=int, default=200)
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--coefficient-steps", type=int, default=10)
+    ap.add_argument("--eps-unit", choices=["normalized", "pixel"], default="normalized",
+                    help="unit of the ℓ2-FGSM/Jitter/Mixup ε (PGD is always 8/255 pixel)")
+    ap.add_argument("--max-samples", type=int, default=500, help="images attacked by Jitter, Mixup and PGD")
+    ap.add_argument("--fgsm-samples", type=int, default=None, help="images attacked by ℓ2-FGSM (default: all)")
+    ap.add_argument("--attack-steps", type=int, default=None,
+                    help="override the iterations of Jitter/Mixup/PGD (smoke runs); default: the attacks' own")
+    ap.add_argument("--spectrum-layer", default=None,
+                    help="layer of Fig. 1/2 (module name, e.g. net.features.14); default: the middle factorized one")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="save finished (seed, model) entries here as they finish; a rerun skips them")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.data, args.model, args.seeds, args.betas = "digits", "tv:resnet18", [0], [0.0, 0.075]
+        args.train_subset, args.val_subset, args.dense_epochs, args.epochs = 128, 64, 1, 1
+        args.batch_size, args.eval_batch_size, args.init_rank, args.r_max = 32, 64, 8, 16
+        args.coefficient_steps, args.max_samples, args.fgsm_samples, args.attack_steps = 2, 16, 32, 2
+    if args.eval_split == "auto":
+        args.eval_split = "test" if args.data in ("fashion-mnist", "mnist") else "val"
+    args.betas = list(dict.fromkeys(args.betas))
+    args.seeds = list(dict.fromkeys(args.seeds))
+    return args
+
+
+def config_names(args: argparse.Namespace) -> list[str]:
+    return ["dense"] + [beta_key(b) for b in args.betas]
+
+
+def beta_key(beta: float) -> str:
+    return f"beta={beta:g}"
+
+
+def config_label(config: str) -> str:
+    if config == "dense":
+        return "dense"
+    beta = float(config.split("=", 1)[1])
+    return "DLRT, β = 0" if beta == 0 else f"RobustDLRT, β = {beta:g}"
+
+
+def fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _FINGERPRINT_KEYS}
+
+
+def recipe_for(args: argparse.Namespace, seed: int, beta: float) -> Recipe:
+    """The library recipe of one (seed, β): the same sections the compress command reads."""
+    return recipe_from_dict({
+        "seed": seed,
+        "model": {"name": args.model, "input_size": args.input_size},
+        "data": {"name": args.data, "root": args.data_root, "train_subset": args.train_subset,
+                 "val_subset": args.val_subset, "batch_size": args.batch_size,
+                 "eval_batch_size": args.eval_batch_size},
+        "baseline": {"epochs": args.dense_epochs, "optimizer": "adam", "lr": args.dense_lr, "schedule": "cosine"},
+        "factorize": {"init_rank": args.init_rank, "r_min": 2, "r_max": args.r_max},
+        "train": {"epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr, "schedule": "cosine",
+                  "grad_clip": args.grad_clip, "beta": beta, "tau": args.tau,
+                  "coefficient_steps": args.coefficient_steps, "device": "cpu", "checkpoint_every": 0},
+    }, source="bench_quality")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_loader(args: argparse.Namespace, seed: int, batch_size: int) -> tuple[DataLoader, int]:
+    """A random ``--val-subset`` (by seed) of the official test file, unshuffled, [0, 1] 3×S×S."""
+    root = Path(args.data_root or FASHION_MNIST_DEFAULT_ROOT)
+    if args.data == "mnist" and args.data_root is None:
+        raise SystemExit("--eval-split test with mnist needs --data-root")
+
+    def find(stem: str) -> Path:
+        for d in (root, root / ("FashionMNIST" if args.data == "fashion-mnist" else "MNIST") / "raw"):
+            for name in (stem, stem + ".gz"):
+                if (d / name).is_file():
+                    return d / name
+        raise SystemExit(f"no {stem}[.gz] under {root}: use --eval-split val")
+
+    images = read_idx_images(find("t10k-images-idx3-ubyte"))
+    labels = read_idx_labels(find("t10k-labels-idx1-ubyte"))
+    g = torch.Generator()
+    g.manual_seed(seed + 2)
+    keep = sorted(torch.randperm(len(labels), generator=g)[: args.val_subset].tolist())
+    ds = TensorImages(images[keep], labels[keep], args.input_size)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False), len(ds)
+
+
+def head_loader(loader: DataLoader, n: int | None, batch_size: int) -> DataLoader:
+    """The first ``n`` samples of an unshuffled loader (so clean passes cover only them)."""
+    ds = loader.dataset
+    if n is None or n >= len(ds):
+        return loader
+    return DataLoader(Subset(ds, range(n)), batch_size=batch_size, shuffle=False)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def run_attacks(model: torch.nn.Module, eval_loader: DataLoader, args: argparse.Namespace, std: list[float],
+                seed: int) -> dict[str, Any]:
+    """Clean accuracy on the whole evaluation set and accuracy under every attack."""
+    out: dict[str, Any] = {"adversarial_accuracy": {}, "sensitivity": {}, "attack_seconds": {}, "n_attacked": {}}
+    clean = None
+    for name, eps, options, unit in ATTACKS:
+        opts = dict(options)
+        if args.attack_steps is not None and name != "l2_fgsm":
+            opts["steps"] = args.attack_steps
+        n = args.fgsm_samples if name == "l2_fgsm" else args.max_samples
+        full = clean is None  # the first call scores every image (clean accuracy); the others only theirs
+        loader = eval_loader if full else head_loader(eval_loader, n, args.eval_batch_size)
+        res = evaluate(model, loader, [{"name": name, "eps": eps, "options": opts}], max_samples=n,
+                       eps_unit=args.eps_unit if unit == "arg" else "pixel", std=std, seed=seed, device="cpu")
+        if full:
+            clean = res.clean_accuracy
+            out["n_clean"] = res.n_clean
+            out["clean_seconds"] = res.timing["clean_seconds"]
+        out["adversarial_accuracy"][name] = res.adversarial_accuracy[name]
+        out["sensitivity"][name] = _finite(res.sensitivity[name])
+        out["attack_seconds"][name] = res.timing["attack_seconds"][name]
+        out["n_attacked"][name] = res.n_attacked
+        out.setdefault("eps_unit", {})[name] = args.eps_unit if unit == "arg" else "pixel"
+    out["clean_accuracy"] = clean
+    return out
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in d.items()}
+
+
+def kappa_stats(model: torch.nn.Module) -> dict[str, Any]:
+    """κ(S) of every core: median, mean, max over layers (an infinite κ counts as inf)."""
+    summary = layer_summary(model)
+    ks = [d["condition_number"] if d["condition_number"] is not None else math.inf for d in summary.values()]
+    finite = [k for k in ks if math.isfinite(k)]
+    return {"median": statistics.median(ks) if ks else None,
+            "mean": (statistics.fmean(ks) if len(finite) == len(ks) else math.inf) if ks else None,
+            "max": max(ks) if ks else None, "n_layers": len(ks), "n_infinite": len(ks) - len(finite),
+            "layers": summary}
+
+
+def _rounded(values: list[float], digits: int = 6) -> list[float]:
+    return [float(f"{v:.{digits}g}") for v in values]
+
+
+# ----------------------------------------------------------------------------- one seed
+
+
+def run_seed(args: argparse.Namespace, seed: int, state: "State") -> None:
+    todo = [c for c in config_names(args) if not state.has(seed, c)]
+    if not todo:
+        log.info("seed %d: every entry already finished (checkpoint)", seed)
+        return
+    rec0 = recipe_for(args, seed, 0.0)
+    torch.manual_seed(seed)
+    data = build_data(rec0.data, input_size=args.input_size, seed=seed)
+    if args.eval_split == "test":
+        eval_loader, n_eval = test_loader(args, seed, args.eval_batch_size)
+    else:
+        eval_loader, n_eval = data.val_loader, data.n_val
+    data_info = {"name": data.name, "n_train": data.n_train, "n_eval": n_eval, "eval_split": args.eval_split,
+                 "mean": data.mean, "std": data.std, "train_batches_per_epoch": len(data.train_loader)}
+    model, info = create_model(args.model, data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std,
+                               input_size=args.input_size)
+    std = info.std
+
+    dense_file = state.dense_weights_path(seed)
+    if dense_file is not None and dense_file.is_file() and state.has(seed, "dense"):
+        model.load_state_dict(torch.load(dense_file, map_location="cpu", weights_only=True))
+        log.info("seed %d: dense weights restored from %s", seed, dense_file)
+    else:
+        log.info("seed %d: dense baseline, %d epochs of %d batches", seed, args.dense_epochs, len(data.train_loader))
+        t0 = time.perf_counter()
+        history: dict[str, Any] = {}
+        if args.dense_epochs > 0:
+            torch.manual_seed(seed + 1)
+            trainer = Trainer(model, data.train_loader, TrainerConfig.from_section(rec0.baseline, dense=True),
+                              val_loader=eval_loader, device="cpu", seed=seed, name="dense baseline",
+                              set_epoch=set_epoch)
+            history = trainer.fit().to_dict()
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ev = run_attacks(model, eval_loader, args, std, seed)
+        entry = {"seed": seed, "config": "dense", "data": data_info, "model": info.to_dict(),
+                 "params": sum(p.numel() for p in model.parameters()), "compression_rate": 0.0, **ev,
+                 "kappa": None, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0,
+                 "train_seconds_per_epoch": _per_epoch(history), "history": _slim_history(history),
+                 "train_steps": args.dense_epochs * len(data.train_loader)}
+        if seed == args.seeds[0]:
+            entry["spectra_dense"] = {n: _rounded(layer_spectrum(m)) for n, m in model.named_modules()
+                                      if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        if dense_file is not None:
+            torch.save(model.state_dict(), dense_file)
+        if not state.has(seed, "dense"):  # (retrained only because its weights file was removed)
+            state.add(entry)
+            _log_entry(entry)
+
+    for beta in args.betas:
+        config = beta_key(beta)
+        if state.has(seed, config):
+            continue
+        rec = recipe_for(args, seed, beta)
+        work = copy.deepcopy(model)
+        log.info("seed %d: %s: factorize + %d epochs", seed, config_label(config), args.epochs)
+        fact, history, timings = factorize_and_train(work, data.train_loader, rec, val_loader=eval_loader,
+                                                     device=torch.device("cpu"), set_epoch=set_epoch)
+        factorized = [d.name for d in fact.factorized]
+        layer = args.spectrum_layer or (factorized[len(factorized) // 2] if factorized else None)
+        t0 = time.perf_counter()
+        ev = run_attacks(work, eval_loader, args, std, seed)
+        stats = compression_stats(work)
+        hist = history.to_dict()
+        entry = {"seed": seed, "config": config, "beta": beta, "data": data_info, "params": stats.params,
+                 "params_dense": stats.params_dense, "compression_rate": stats.rate, **ev,
+                 "kappa": kappa_stats(work), "train_seconds": timings["train"],
+                 "factorize_seconds": timings["factorize"], "eval_seconds": time.perf_counter() - t0,
+                 "train_seconds_per_epoch": _per_epoch(hist), "history": _slim_history(hist),
+                 "train_steps": args.epochs * len(data.train_loader), "n_factorized": len(factorized),
+                 "figure_layer": layer}
+        if layer is not None:
+            entry["kappa_trace"] = [[t["step"], _finite({"k": t["kappa"].get(layer)})["k"]]
+                                    for t in hist["kappa_trace"] if layer in t["kappa"]]
+            if seed == args.seeds[0]:
+                entry["spectrum"] = _rounded(layer_spectrum(dict(work.named_modules())[layer]))
+        state.add(entry)
+        _log_entry(entry)
+        del work
+    if dense_file is not None:
+        dense_file.unlink(missing_ok=True)  # every entry of this seed is saved: the weights are not needed
+
+
+def _per_epoch(history: dict[str, Any]) -> float | None:
+    secs = [e["seconds"] for e in history.get("epochs", [])]
+    return statistics.fmean(secs) if secs else None
+
+
+def _slim_history(history: dict[str, Any]) -> list[dict[str, Any]]:
+    keep = ("epoch", "phase", "train_loss", "train_accuracy", "regularizer", "val_accuracy", "compression_rate",
+            "seconds", "seconds_augment", "seconds_truncate", "nonfinite_steps_total")
+    return [{k: e.get(k) for k in keep} for e in history.get("epochs", [])]
+
+
+def _log_entry(e: dict[str, Any]) -> None:
+    acc = e["adversarial_accuracy"]
+    log.info("seed %d %s: c.r. %.2f%%, clean %.2f%%, ℓ2-FGSM(0.1) %.2f%%, PGD %.2f%%, train %.0f s, eval %.0f s",
+             e["seed"], e["config"], e["compression_rate"], 100 * e["clean_accuracy"],
+             100 * acc["l2_fgsm"]["0.1"], 100 * next(iter(acc["pgd"].values())), e["train_seconds"],
+             e["eval_seconds"])
+
+
+# ----------------------------------------------------------------------------- results on disk
+
+
+class State:
+    """Finished entries, saved after each one when there is a checkpoint folder."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.entries: list[dict[str, Any]] = []
+        self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+        self.fp = fingerprint(args)
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "entries.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") != self.fp:
+                diff = sorted(k for k in self.fp if saved.get("fingerprint", {}).get(k) != self.fp[k])
+                raise SystemExit(f"{path} was made with other settings ({', '.join(diff)}): "
+                                 "use another --checkpoint-dir or the same settings")
+            self.entries = saved["entries"]
+            log.info("checkpoint: %d finished entries in %s", len(self.entries), path)
+
+    def has(self, seed: int, config: str) -> bool:
+        return any(e["seed"] == seed and e["config"] == config for e in self.entries)
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.entries.append(entry)
+        if self.dir is not None:
+            write_json(self.dir / "entries.json", {"fingerprint": self.fp, "entries": self.entries})
+
+    def dense_weights_path(self, seed: int) -> Path | None:
+        return self.dir / f"dense-seed{seed}.pt" if self.dir is not None else None
+
+    def selected(self) -> list[dict[str, Any]]:
+        configs = set(config_names(self.args))
+        return [e for e in self.entries if e["seed"] in self.args.seeds and e["config"] in configs]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
+
+
+def write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _num(v: Any) -> float:
+    if v in ("inf", None):
+        return math.inf if v == "inf" else math.nan
+    return float(v)
+
+
+# ----------------------------------------------------------------------------- aggregation and tables
+
+
+def metric_rows(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
+    """(key, header, getter(entry) → number) of every aggregated figure."""
+    rows: list[tuple[str, str, Any]] = [
+        ("compression_rate", "c.r. %", lambda e: e["compression_rate"]),
+        ("clean", "clean", lambda e: 100 * e["clean_accuracy"]),
+    ]
+    for name, eps, _, unit in ATTACKS:
+        for x in eps:
+            k = str(float(x))
+            label = "8/255 px" if name == "pgd" else f"ε={x:g}"
+            rows.append((f"{name}@{k}", f"{ATTACK_LABELS[name]} {label}",
+                         lambda e, n=name, k=k: 100 * e["adversarial_accuracy"][n][k]))
+    rows += [
+        ("kappa_median", "κ median", lambda e: _num(e["kappa"]["median"]) if e["kappa"] else None),
+        ("kappa_mean", "κ mean", lambda e: _num(e["kappa"]["mean"]) if e["kappa"] else None),
+        ("kappa_max", "κ max", lambda e: _num(e["kappa"]["max"]) if e["kappa"] else None),
+        ("train_s_per_epoch", "train s/epoch", lambda e: e["train_seconds_per_epoch"]),
+        ("eval_s", "eval s", lambda e: e["eval_seconds"]),
+    ]
+    return rows
+
+
+def aggregate(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for config in config_names(args):
+        es = [e for e in entries if e["config"] == config]
+        if not es:
+            continue
+        agg: dict[str, Any] = {"n_seeds": len(es), "seeds": [e["seed"] for e in es]}
+        for key, _, get in metric_rows(args):
+            vals = [get(e) for e in es]
+            vals = [float(v) for v in vals if v is not None]
+            if not vals:
+                agg[key] = None
+                continue
+            finite = all(math.isfinite(v) for v in vals)
+            agg[key] = {"mean": statistics.fmean(vals) if finite else math.inf,
+                        "std": (statistics.stdev(vals) if len(vals) > 1 else 0.0) if finite else None,
+                        "values": vals}
+        out[config] = agg
+    return out
+
+
+def _fmt(stat: dict[str, Any] | None, digits: int = 1, kappa: bool = False) -> str:
+    if stat is None:
+        return "—"
+    m, s = stat["mean"], stat["std"]
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "—"
+    if not math.isfinite(m):
+        return "inf"
+    text = f"{m:.3g}" if kappa else f"{m:.{digits}f}"
+    if len(stat["values"]) > 1 and s is not None:
+        text += f" ± {s:.2g}" if kappa else f" ± {s:.{digits}f}"
+    return text
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import importlib.metadata as md
+
+    vers = {}
+    for pkg in ("torch", "torchvision"):
+        try:
+            vers[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            vers[pkg] = "not installed"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), **vers}
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
+    agg, m, run = doc["aggregate"], doc["machine"], doc["run"]
+    rows = metric_rows(args)
+    seeds = ", ".join(map(str, args.seeds))
+    d0 = next((e["data"] for e in doc["entries"]), {})
+    eval_what = ("a random subset of the official test images" if args.eval_split == "test"
+                 else "held out of the official training images by compressor.data's stratified split")
+    head = [
+        f"Measured {run['date']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, CPU only; "
+        f"load average {run['load_start']} at the start and {run['load_end']} at the end — the machine was shared, "
+        f"so the seconds are upper bounds), torch {m['torch']}, torchvision {m['torchvision']}.",
+        f"Command: `{run['command']}` ({run['wall_seconds'] / 60:.1f} min).",
+        "",
+        f"Model `{args.model}` (random init) at {args.input_size}×{args.input_size} RGB on `{args.data}`: "
+        f"{d0.get('n_train', args.train_subset)} training images (random subset, by seed), "
+        f"{d0.get('n_eval', args.val_subset)} evaluation images ({eval_what}); normalization by the training "
+        f"subset's mean/std inside the model. Dense baseline: Adam {args.dense_lr:g}, cosine, batch "
+        f"{args.batch_size}, {args.dense_epochs} epochs. Then per β, from the same dense weights: factorize "
+        f"(init rank {args.init_rank}, r_max {args.r_max}) and {args.epochs} rank-adaptive epochs "
+        f"({args.optimizer} {args.lr:g}, cosine{f', grad clip {args.grad_clip:g}' if args.grad_clip else ''}, "
+        f"τ = {args.tau:g}, s* = {args.coefficient_steps}). Seeds {seeds}: a seed draws the subsets, the "
+        f"initialization, the batch order and the attacks' randomness; figures are mean ± std over seeds.",
+        "",
+        f"Accuracies in %. ℓ2-FGSM, Jitter and Mixup ε in **{args.eps_unit}** units"
+        + (f" (the reference code's unit: a perturbation of ε in the normalized input is ε·std ≈ "
+           f"{statistics.fmean(d0.get('std', [1.0])):.3f}·ε in [0, 1] pixels)" if args.eps_unit == "normalized" else "")
+        + f"; PGD ℓ∞ ε = 8/255 in pixel units, {args.attack_steps or 10} steps. ℓ2-FGSM on "
+        f"{_n_attacked(doc, 'l2_fgsm')} images, the other attacks on the first {_n_attacked(doc, 'pgd')}; same "
+        "images and attack seeds for every model. c.r. = (1 − params/dense params) × 100. κ = condition number "
+        "of each factorized layer's core S (conv: Tucker core unfolded) at the end, median/mean/max over "
+        "layers. Train s/epoch excludes the per-epoch validation pass and the factorization.",
+    ]
+    acc_rows = [r for r in rows if r[0] == "compression_rate" or r[0] == "clean" or "@" in r[0]]
+    cost_rows = [r for r in rows if r[0].startswith("kappa") or r[0] in ("train_s_per_epoch", "eval_s")]
+    out = ["### Accuracy under attack (mean ± std over seeds)", "", *head, "",
+           _table(["model"] + [h for _, h, _ in acc_rows], agg, acc_rows), "",
+           "### Conditioning and cost", "",
+           _table(["model"] + [h for _, h, _ in cost_rows] + ["factorize s"], agg, cost_rows, doc), ""]
+    out += render_peers(args, doc)
+    figs = doc.get("figures", {})
+    if figs:
+        out += ["### Figures", ""]
+        if figs.get("spectra"):
+            out.append(f"![singular values of {figs['layer']}]({figs['spectra']}) — Fig. 1: singular values of "
+                       f"`{figs['layer']}` (dense weight vs the trained cores), seed {args.seeds[0]}.")
+        if figs.get("kappa"):
+            out.append(f"![κ over training]({figs['kappa']}) — Fig. 2: κ of `{figs['layer']}`'s core after each "
+                       f"truncation, per β, seed {args.seeds[0]}.")
+        out.append("")
+    return "\n".join(out)
+
+
+def _n_attacked(doc: dict[str, Any], attack: str) -> str:
+    ns = sorted({e["n_attacked"][attack] for e in doc["entries"]})
+    return "/".join(map(str, ns)) or "?"
+
+
+def _table(header: list[str], agg: dict[str, Any], rows: list, doc: dict[str, Any] | None = None) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for config, a in agg.items():
+        cells = [config_label(config)]
+        for key, _, _ in rows:
+            if key.startswith("kappa"):
+                cells.append(_fmt(a.get(key), kappa=True))
+            elif key in ("train_s_per_epoch", "eval_s"):
+                cells.append(_fmt(a.get(key), digits=0))
+            elif key == "compression_rate":
+                cells.append(_fmt(a.get(key), digits=2))
+            else:
+                cells.append(_fmt(a.get(key)))
+        if doc is not None:
+            fs = [e["factorize_seconds"] for e in doc["entries"] if e["config"] == config and "factorize_seconds" in e]
+            cells.append(f"{statistics.fmean(fs):.0f}" if fs else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_peers(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
+    """compressor's dense / β = 0 / β = 0.075 beside the reference's PEERS.md figures."""
+    ref = REFERENCE_PEERS["rows"]
+    agg = doc["aggregate"]
+    ours = [r for r in ref if r["config"] in agg]
+    if not ours:
+        return []
+    lines = ["### PEERS.md setup: compressor beside the reference implementation", "",
+             "The reference rows are the peer's measurements copied from PEERS.md (ScSteffen/RobustDLRT 1.0, one "
+             "seed, 5,000 train / 2,000 test images, its DLRT loop: AdamW 5e-4, cosine, clip 1.0), not ours. "
+             f"The compressor rows are this run ({len(args.seeds)} seed(s), mean ± std), same data sizes, dense "
+             f"recipe, ε unit ({args.eps_unit}) and ℓ2-FGSM definition; the random subsets are not the same images, "
+             "and the dense baselines are trained separately. Accuracies in %.", "",
+             "| model | c.r. % | clean | ℓ2-FGSM ε=0.05 | ε=0.1 | ε=0.3 | κ median | train s/epoch |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in ours:
+        a = agg[r["config"]]
+        f = r["l2_fgsm"]
+        k = "—" if r["kappa_median"] is None else f"{r['kappa_median']:.2f}"
+        lines.append(f"| {r['label']} (PEERS.md) | {r['compression_rate']:.2f} | {r['clean']:.1f} | {f['0.05']:.1f} | "
+                     f"{f['0.1']:.1f} | {f['0.3']:.1f} | {k} | {r['train_s_per_epoch']} |")
+        lines.append(f"| compressor {config_label(r['config'])} | {_fmt(a['compression_rate'], 2)} | "
+                     f"{_fmt(a['clean'])} | {_fmt(a['l2_fgsm@0.05'])} | {_fmt(a['l2_fgsm@0.1'])} | "
+                     f"{_fmt(a['l2_fgsm@0.3'])} | {_fmt(a['kappa_median'], kappa=True)} | "
+                     f"{_fmt(a['train_s_per_epoch'], 0)} |")
+    lines.append("")
+    return lines
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Path, stem: str) -> dict[str, Any]:
+    seed = args.seeds[0]
+    by = {e["config"]: e for e in entries if e["seed"] == seed}
+    comp = [by[beta_key(b)] for b in args.betas if beta_key(b) in by]
+    if not comp or comp[0].get("figure_layer") is None:
+        return {}
+    layer = comp[0]["figure_layer"]
+    figs: dict[str, Any] = {"layer": layer, "seed": seed}
+    spectra: dict[str, list[float]] = {}
+    dense_spec = (by.get("dense", {}).get("spectra_dense") or {}).get(layer)
+    if dense_spec:
+        spectra["dense"] = dense_spec
+    for e in comp:
+        if e.get("spectrum") and e.get("figure_layer") == layer:
+            spectra[config_label(e["config"])] = e["spectrum"]
+    if plot_spectra(spectra, out_dir / f"{stem}_spectra.png",
+                    f"Singular values of {layer} ({args.model}, {args.data}, seed {seed})"):
+        figs["spectra"] = f"{stem}_spectra.png"
+    steps: dict[int, dict[str, float]] = {}
+    for e in comp:
+        for step, k in e.get("kappa_trace") or []:
+            if k is not None and math.isfinite(k):
+                steps.setdefault(step, {})[config_label(e["config"])] = k
+    trace = [{"step": s, "kappa": steps[s]} for s in sorted(steps)]
+    if trace:
+        labels = [config_label(e["config"]) for e in comp]
+        trace[-1]["kappa"] = {lab: trace[-1]["kappa"].get(lab, math.nan) for lab in labels}  # legend order
+        if plot_kappa(trace, out_dir / f"{stem}_kappa.png", f"κ of {layer}'s core over training, per β (seed {seed})"):
+            figs["kappa"] = f"{stem}_kappa.png"
+    return figs
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("compressor").setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "quality-smoke" if args.smoke else "quality"
+    start, load_start = time.perf_counter(), _load()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    state = State(args)
+    for seed in args.seeds:
+        run_seed(args, seed, state)
+    entries = state.selected()
+    doc: dict[str, Any] = {
+        "what": "dense vs DLRT (β=0) vs RobustDLRT (β>0) on real data: accuracy, adversarial accuracy, "
+                "compression rate, κ of the cores, training time",
+        "run": {"command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
+                "date": date, "wall_seconds": time.perf_counter() - start, "load_start": load_start,
+                "load_end": _load(), "smoke": args.smoke},
+        "machine": machine(),
+        "settings": {**vars(args), "attacks": [{"name": n, "eps": e, "options": o, "unit": u} for n, e, o, u in ATTACKS]},
+        "reference_peers": REFERENCE_PEERS,
+        "aggregate": aggregate(args, entries),
+        "entries": entries,
+    }
+    doc["figures"] = figures(args, entries, out_dir, stem)
+    doc["projection"] = projection(args, entries)
+    md = render(args, doc)
+    write_json(out_dir / f"{stem}.json", doc)
+    (out_dir / f"{stem}.md").write_text(md + "\n")
+    print(md)
+    if doc["projection"]:
+        p = doc["projection"]
+        print(f"\nProjected full run ({p['setting']}): ≈ {p['hours']:.1f} h on this machine at this load "
+              f"({p['basis']}).")
+    print(f"\nwrote {out_dir / (stem + '.json')}, {out_dir / (stem + '.md')}"
+          + "".join(f", {out_dir / v}" for k, v in doc["figures"].items() if k in ("spectra", "kappa")))
+    return 0
+
+
+def projection(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Extrapolate this run's per-step and per-image times to the default full run (same model)."""
+    dense = [e for e in entries if e["config"] == "dense" and e["train_steps"]]
+    comp = [e for e in entries if e["config"] != "dense" and e["train_steps"]]
+    if not dense or not comp:
+        return None
+    full = {"train": 5000, "eval": 2000, "dense_epochs": 3, "epochs": 3, "seeds": 3, "betas": 4, "max": 500}
+    steps_per_epoch = full["train"] // args.batch_size
+    d_step = statistics.fmean(e["train_seconds"] / e["train_steps"] for e in dense)
+    c_step = statistics.fmean(e["train_seconds"] / e["train_steps"] for e in comp)
+    fact = statistics.fmean(e["factorize_seconds"] for e in comp)
+
+    def eval_s(es: list[dict[str, Any]]) -> float:
+        per = []
+        for e in es:
+            t = e["clean_seconds"] * full["eval"] / max(1, e["n_clean"])
+            for name, secs in e["attack_seconds"].items():
+                n_full = full["eval"] if name == "l2_fgsm" else full["max"]
+                t += sum(secs.values()) * n_full / max(1, e["n_attacked"][name])
+            per.append(t)
+        return statistics.fmean(per)
+
+    # per-epoch validation passes (clean, all eval images) ≈ the clean-pass time
+    val_d = statistics.fmean(e["clean_seconds"] / max(1, e["n_clean"]) for e in dense) * full["eval"]
+    val_c = statistics.fmean(e["clean_seconds"] / max(1, e["n_clean"]) for e in comp) * full["eval"]
+    per_seed = (full["dense_epochs"] * (steps_per_epoch * d_step + val_d) + eval_s(dense)
+                + full["betas"] * (fact + full["epochs"] * (steps_per_epoch * c_step + val_c) + eval_s(comp)))
+    total = full["seeds"] * per_seed
+    return {"setting": f"{args.model}, 3 seeds × (dense + 4 β), 5000/2000 images, 3+3 epochs, batch "
+                       f"{args.batch_size}, {full['max']} attacked images",
+            "seconds": total, "hours": total / 3600, "per_seed_seconds": per_seed,
+            "basis": f"measured here: dense step {d_step:.2f} s, DLRT step {c_step:.2f} s, factorize {fact:.0f} s"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

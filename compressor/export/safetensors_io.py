@@ -1,0 +1,369 @@
+"""Compressed models as safetensors: exact-size factors plus a JSON manifest to rebuild them.
+
+The file holds the NormalizedClassifier's state dict at the layers' current ranks (no r_max
+padding) and, in the safetensors ``__metadata__``, a manifest: the model name and shape
+(enough for :func:`compressor.models.create_model`), the normalization, and for every
+factorized layer its kind, ranks and rank bounds. :func:`load_compressed` rebuilds the dense
+architecture, swaps the listed layers for empty factorized ones of the recorded ranks and loads
+the tensors strictly: the loaded model computes bit for bit what the saved one did.
+
+The header is checked here before the safetensors library sees the file, so that a corrupt,
+truncated or foreign file fails with one line that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_path
+from ..errors import ConfigError, WeightsError
+from ..layers import LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
+
+log = logging.getLogger(__name__)
+
+FORMAT = "compressor-lowrank"
+FORMAT_VERSION = 1
+"""Manifest version written by :func:`save_compressed`; files with a newer version are refused."""
+
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_MODEL_FIELDS: dict[str, type | tuple[type, ...]] = {"source": str, "name": str, "num_classes": int, "in_chans": int,
+                                                     "input_size": int, "mean": list, "std": list}
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__}
+    try:
+        out["compressor"] = md.version("compressor")
+    except md.PackageNotFoundError:  # running from a checkout without `pip install -e .`
+        from .. import __version__
+
+        out["compressor"] = __version__
+    try:
+        out["safetensors"] = md.version("safetensors")
+    except md.PackageNotFoundError:
+        pass
+    return out
+
+
+def _layer_entry(layer: LowRankLayer) -> dict[str, Any]:
+    kind = "linear" if isinstance(layer, LowRankLinear) else "conv"
+    return {"kind": kind, "ranks": [int(r) for r in layer.ranks], "r_min": int(layer.r_min), "r_max": int(layer.r_max)}
+
+
+def build_manifest(model: nn.Module, model_info: Mapping[str, Any], recipe: Mapping[str, Any] | None = None,
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest :func:`save_compressed` writes (also useful on its own for reports)."""
+    missing = [k for k in _MODEL_FIELDS if k not in model_info]
+    if missing:
+        raise ConfigError(f"model_info lacks {', '.join(missing)}: pass ModelInfo.to_dict() from create_model")
+    layers = low_rank_layers(model)
+    params = sum(p.numel() for p in model.parameters())
+    dense = params - sum(l.num_parameters() for l in layers.values()) + sum(l.dense_num_parameters() for l in layers.values())
+    info = dict(model_info)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {k: info.get(k) for k in ("source", "name", "spec", "num_classes", "in_chans", "input_size",
+                                             "mean", "std", "weights", "head")},
+        "layers": {name: _layer_entry(layer) for name, layer in layers.items()},
+        "params": {"compressed": params, "dense": dense,
+                   "compression_rate": (1 - params / dense) * 100 if dense else 0.0},
+        "recipe": dict(recipe) if recipe is not None else None,
+        "extra": dict(extra) if extra is not None else None,
+        "versions": _versions(),
+    }
+
+
+def _is_wrapper(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "net", None), nn.Module) and isinstance(getattr(model, "mean", None), torch.Tensor) \
+        and isinstance(getattr(model, "std", None), torch.Tensor)
+
+
+def save_compressed(model: nn.Module, path: str | Path, *, model_info: Mapping[str, Any],
+                    recipe: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``model`` (a NormalizedClassifier from create_model, factorized or not) to ``path``.
+
+    Tensors are written at their current (exact) ranks, contiguous, on the CPU; the manifest
+    goes into the safetensors metadata under ``"manifest"`` as JSON. The file is written
+    atomically. Returns the manifest.
+    """
+    if not _is_wrapper(model):
+        raise ConfigError(f"save_compressed expects the NormalizedClassifier returned by create_model "
+                          f"(with .net, .mean, .std), got {type(model).__name__}")
+    manifest = build_manifest(model, model_info, recipe, extra)
+    tensors: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+    for key, value in model.state_dict().items():
+        t = value.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        # safetensors refuses tensors that share memory (tied weights, views): give each its own copy
+        if ptr in seen_storage or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        if ptr != -1:
+            seen_storage.add(ptr)
+        tensors[key] = t
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                "manifest": json.dumps(manifest, sort_keys=True, default=str, allow_nan=False)}
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    log.info("saved %d tensors (%d factorized layers) to %s", len(tensors), len(manifest["layers"]), path)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Validate a safetensors file's framing and header; return ({tensor: entry}, metadata).
+
+    Checks: the 8-byte little-endian header length against the file size, the header is a
+    JSON object, every entry has a known dtype, a shape, and offsets inside the data section
+    whose length matches the shape; entries tile the data section without gaps.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"compressed model file not found: {p}")
+    size = p.stat().st_size
+    name = f"{p} is not a valid safetensors file"
+    if size < 10:
+        raise WeightsError(f"{name}: only {size} bytes (truncated or empty?)")
+    with open(p, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n < 2 or n > _MAX_HEADER_BYTES or n > size - 8:
+            raise WeightsError(f"{name}: its header length field says {n:,} bytes but the file has {size:,} "
+                               "(corrupt, truncated, or another format)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{name}: its header is not JSON ({type(err).__name__} at byte {getattr(err, 'pos', '?')}); "
+                           "the file is corrupt or another format") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{name}: its header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise WeightsError(f"{name}: __metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    spans = []
+    for key, entry in header.items():
+        bad = f"{name}: tensor {key!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise WeightsError(f"{bad} lacks dtype/shape/data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _DTYPE_BYTES:
+            raise WeightsError(f"{bad} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise WeightsError(f"{bad} has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise WeightsError(f"{bad} has invalid data offsets {offsets!r}")
+        if offsets[1] > data_len:
+            raise WeightsError(f"{bad} ends at byte {offsets[1]:,} of the data section but the file holds only "
+                               f"{data_len:,} bytes of data: the file is truncated (re-export it)")
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise WeightsError(f"{bad}: {offsets[1] - offsets[0]:,} bytes stored for shape {shape} {dtype}")
+        spans.append((offsets[0], offsets[1]))
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise WeightsError(f"{name}: tensor data overlaps or leaves a gap at byte {end:,} (corrupt header)")
+        end = stop
+    if end != data_len:
+        raise WeightsError(f"{name}: {data_len - end:,} bytes after the last tensor (corrupt, or not one file)")
+    return header, metadata
+
+
+def _parse_manifest(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    text = metadata.get("manifest")
+    if text is None:
+        raise WeightsError(f"{path} has no compressor manifest: it is a plain safetensors state dict, not a file "
+                           "written by save_compressed (load a plain state dict with create_model(weights=...))")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path}: the manifest in its metadata is not valid JSON ({err.msg} at {err.pos})") from None
+    where = f"{path}: malformed manifest"
+    if not isinstance(manifest, dict):
+        raise WeightsError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise WeightsError(f"{where}: no integer format_version")
+    if version > FORMAT_VERSION:
+        raise WeightsError(f"{path} has manifest version {version}, newer than this compressor reads "
+                           f"({FORMAT_VERSION}): upgrade compressor")
+    model = manifest.get("model")
+    if not isinstance(model, dict):
+        raise WeightsError(f"{where}: no 'model' section")
+    for key, typ in _MODEL_FIELDS.items():
+        if not isinstance(model.get(key), typ) or isinstance(model.get(key), bool):
+            raise WeightsError(f"{where}: model.{key} missing or not a {typ.__name__}")
+    for key in ("mean", "std"):
+        if len(model[key]) != model["in_chans"] or not all(isinstance(v, (int, float)) for v in model[key]):
+            raise WeightsError(f"{where}: model.{key} must hold {model['in_chans']} numbers")
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict):
+        raise WeightsError(f"{where}: no 'layers' section")
+    for name, entry in layers.items():
+        if not isinstance(entry, dict) or entry.get("kind") not in ("linear", "conv"):
+            raise WeightsError(f"{where}: layer {name!r} needs kind 'linear' or 'conv'")
+        ranks = entry.get("ranks")
+        n_ranks = 1 if entry["kind"] == "linear" else 2
+        if (not isinstance(ranks, list) or len(ranks) != n_ranks
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)):
+            raise WeightsError(f"{where}: layer {name!r} needs {n_ranks} positive integer rank(s), got {ranks!r}")
+        for key in ("r_min", "r_max"):
+            if not isinstance(entry.get(key), int) or entry[key] < 1:
+                raise WeightsError(f"{where}: layer {name!r} needs a positive integer {key}")
+    return manifest
+
+
+def _check_factor_shapes(path: Path, header: Mapping[str, Mapping[str, Any]], layers: Mapping[str, Any]) -> None:
+    """Each listed layer's factors are in the file, with the recorded ranks."""
+    for name, entry in layers.items():
+        r = entry["ranks"]
+        if entry["kind"] == "linear":
+            expect = {"S": (0, r[0]), "U": (1, r[0]), "V": (1, r[0])}
+            square = ("S", r[0])
+        else:
+            expect = {"C": (0, r[0]), "U_out": (1, r[0]), "U_in": (1, r[1])}
+            square = None
+        for factor, (dim, rank) in expect.items():
+            key = f"{name}.{factor}"
+            if key not in header:
+                raise WeightsError(f"{path}: the manifest lists {entry['kind']} layer {name!r} but the file has no "
+                                   f"tensor {key!r} (file and manifest do not match)")
+            shape = header[key]["shape"]
+            if len(shape) <= dim or shape[dim] != rank:
+                raise WeightsError(f"{path}: tensor {key!r} has shape {shape}, not rank {rank} as the manifest "
+                                   f"says for {name!r}")
+        if square and header[f"{name}.S"]["shape"] != [square[1], square[1]]:
+            raise WeightsError(f"{path}: tensor {name}.S has shape {header[f'{name}.S']['shape']}, expected "
+                               f"{[square[1], square[1]]}")
+        if entry["kind"] == "conv" and header[f"{name}.C"]["shape"][1:2] != [r[1]]:
+            raise WeightsError(f"{path}: tensor {name}.C has shape {header[f'{name}.C']['shape']}, expected "
+                               f"ranks {r} as the manifest says")
+
+
+def build_low_rank_like(dense: nn.Module, kind: str, ranks: list[int] | tuple[int, ...], r_min: int,
+                        r_max: int) -> LowRankLayer:
+    """An empty LowRankLinear/TuckerConv2d with ``dense``'s hyper-parameters and the given ranks.
+
+    Factor contents are undefined: meant to be filled by ``load_state_dict``. The rank bounds
+    passed back in are the layer's stored ``r_min``/``r_max``, which rebuild the same per-mode
+    caps (``min(r_max, channels)`` is idempotent).
+    """
+    w = getattr(dense, "weight", None)
+    kw = {"device": w.device if w is not None else None, "dtype": w.dtype if w is not None else None}
+    if kind == "linear":
+        if not isinstance(dense, nn.Linear):
+            raise WeightsError(f"expected an nn.Linear to factorize, found {type(dense).__name__}")
+        (rank,) = ranks
+        return LowRankLinear(dense.in_features, dense.out_features, int(rank), bias=dense.bias is not None,
+                             r_min=r_min, r_max=r_max, **kw)
+    if kind == "conv":
+        if not isinstance(dense, nn.Conv2d):
+            raise WeightsError(f"expected an nn.Conv2d to factorize, found {type(dense).__name__}")
+        if dense.groups != 1 or dense.padding_mode != "zeros":
+            raise WeightsError(f"conv with groups={dense.groups}, padding_mode={dense.padding_mode!r} cannot be "
+                               "a TuckerConv2d")
+        r_out, r_in = (int(r) for r in ranks)
+        if not (1 <= r_out <= dense.out_channels and 1 <= r_in <= dense.in_channels):
+            raise WeightsError(f"ranks {list(ranks)} exceed the conv's channels ({dense.out_channels}, {dense.in_channels})")
+        return TuckerConv2d(dense.in_channels, dense.out_channels, dense.kernel_size, (r_out, r_in),
+                            stride=dense.stride, padding=dense.padding, dilation=dense.dilation,
+                            bias=dense.bias is not None, r_min=r_min, r_max=r_max, **kw)
+    raise WeightsError(f"unknown layer kind {kind!r} (expected 'linear' or 'conv')")
+
+
+def _model_spec(model: Mapping[str, Any]) -> str:
+    prefix = {"torchvision": "tv", "timm": "timm"}.get(model["source"])
+    return f"{prefix}:{model['name']}" if prefix else model.get("spec") or model["name"]
+
+
+def load_compressed(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved by :func:`save_compressed`; return (model in eval mode, manifest).
+
+    Only the file and the model name are needed: the architecture comes from create_model,
+    the factorized layers from the manifest, every tensor from the file (strict load).
+    Raises WeightsError for a missing, corrupt, truncated or foreign file, a missing or
+    malformed manifest, or tensors that do not match the manifest or the architecture.
+    """
+    p = Path(path)
+    header, metadata = read_header(p)
+    manifest = _parse_manifest(p, metadata)
+    _check_factor_shapes(p, header, manifest["layers"])
+
+    from ..models import create_model
+
+    m = manifest["model"]
+    spec = _model_spec(m)
+    try:
+        model, _ = create_model(spec, m["num_classes"], in_chans=m["in_chans"], input_size=m["input_size"],
+                                mean=m["mean"], std=m["std"])
+    except ConfigError as err:
+        raise WeightsError(f"{p}: cannot rebuild its model {spec!r}: {err}") from None
+
+    for name, entry in manifest["layers"].items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise WeightsError(f"{p}: the manifest lists layer {name!r}, which {spec} does not have "
+                               "(saved from another architecture or library version?)") from None
+        try:
+            layer = build_low_rank_like(dense, entry["kind"], entry["ranks"], entry["r_min"], entry["r_max"])
+        except (WeightsError, ValueError) as err:
+            raise WeightsError(f"{p}: layer {name!r}: {err}") from None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+    own = model.state_dict()
+    missing = [k for k in own if k not in header]
+    unexpected = [k for k in header if k not in own]
+    wrong = [k for k in own if k in header and list(own[k].shape) != header[k]["shape"]]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with another shape ({k}: file {header[k]['shape']} vs model {list(own[k].shape)})")
+        raise WeightsError(f"{p}: tensors do not match the manifest's model {spec}: {'; '.join(parts)}")
+    # keep the saved precision (a bf16-trained model stays bf16): bit-exact outputs
+    float_dtypes = {header[k]["dtype"] for k, v in own.items() if v.is_floating_point()}
+    if len(float_dtypes) == 1 and (dt := _TORCH_DTYPE.get(float_dtypes.pop())) is not None and dt != torch.float32:
+        model.to(dt)
+
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(p), device="cpu")
+    except Exception as err:  # the library raises its own SafetensorError
+        raise WeightsError(f"{p}: cannot read tensors ({type(err).__name__}: {str(err)[:200]})") from None
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise WeightsError(f"{p}: tensors do not fit the model: {first[1].strip() if len(first) > 1 else first[0]}") from None
+    model.to(map_location).eval()
+    return model, manifest

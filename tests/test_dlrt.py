@@ -1,0 +1,487 @@
+"""RobustDLRT training (paper Appendix A; ALGORITHM.md §3): the cycle augment → coefficient
+steps → truncate, as ``compressor.train.Trainer`` runs it.
+
+Invariants: augmentation and τ = 0 truncation leave W and the loss unchanged; bases stay
+orthonormal after every basis change; ranks stay in [r_min, r_max]; the optimizer never holds a
+basis and its state follows the cores; an epoch never ends augmented; resume is exact; a
+non-finite step is skipped. Headline: on real data (scikit-learn digits) β = 0.1 lowers the mean
+κ of the cores ≥ 5× at the same clean accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from compressor.factorize import factorize_
+from compressor.layers import LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
+from compressor.train import Trainer, TrainerConfig, clean_accuracy
+from compressor.train import dlrt
+from compressor.train.common import guarded_step, remap_optimizer_state
+
+ORTHO_TOL = 1e-5
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    """3×8×8 → 10 classes; after factorize_(r_max=4): one TuckerConv2d, one LowRankLinear."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # first conv: kept dense
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),  # → TuckerConv2d
+        nn.Linear(64, 32), nn.ReLU(),  # → LowRankLinear
+        nn.Linear(32, 10),  # classifier: kept dense
+    )
+    factorize_(model, init_rank=2, r_min=2, r_max=4, seed=seed)
+    layers = low_rank_layers(model)
+    assert sorted(type(l).__name__ for l in layers.values()) == ["LowRankLinear", "TuckerConv2d"]
+    return model
+
+
+def random_loader(n: int = 64, batch: int = 8, seed: int = 0) -> DataLoader:
+    """Random but learnable: each class is a fixed random pattern plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(10, 3, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = prototypes[y] + 0.5 * torch.randn(n, 3, 8, 8, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def reseed(loader: DataLoader, epoch: int) -> None:
+    """Batch order of epoch e is a pure function of e (what a resumed run needs)."""
+    loader.generator.manual_seed(1000 + epoch)
+
+
+def fit(model: nn.Module, loader: DataLoader | None = None, **cfg) -> Trainer:
+    kw = dict(adaptive_epochs=2, lr=1e-2, tau=0.05, coefficient_steps=3, schedule="constant")
+    kw.update(cfg)
+    trainer = Trainer(model, loader or random_loader(), TrainerConfig(**kw), set_epoch=reseed)
+    trainer.fit()
+    return trainer
+
+
+def assert_orthonormal(layer: LowRankLayer, tol: float = ORTHO_TOL) -> None:
+    for basis in layer.bases():
+        b = basis.detach().double()
+        err = (b.mT @ b - torch.eye(b.shape[1], dtype=torch.float64)).abs().max()
+        assert float(err) < tol, f"{type(layer).__name__} basis {tuple(b.shape)} off by {float(err):.2e}"
+
+
+def dense_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: l.to_dense().weight.detach().clone() for n, l in low_rank_layers(model).items()}
+
+
+def bounds_ok(layer: LowRankLayer) -> bool:
+    if isinstance(layer, TuckerConv2d):
+        r_out, r_in = layer.ranks
+        return layer.r_min <= r_out <= layer.r_max_out and layer.r_min <= r_in <= layer.r_max_in
+    return all(layer.r_min <= r <= layer.r_max for r in layer.ranks)
+
+
+class Recorder:
+    """Wraps every layer's augment_/truncate_ (public API) to check invariants after each call."""
+
+    def __init__(self, model: nn.Module):
+        self.events: list[tuple[str, str, tuple[int, ...]]] = []
+        for name, layer in low_rank_layers(model).items():
+            for kind in ("augment_", "truncate_"):
+                setattr(layer, kind, self._wrap(name, layer, kind, getattr(layer, kind)))
+
+    def _wrap(self, name, layer, kind, method):
+        def wrapped(*args, **kwargs):
+            change = method(*args, **kwargs)
+            assert_orthonormal(layer)
+            assert bounds_ok(layer), (name, kind, layer.ranks)
+            self.events.append((name, kind, layer.ranks))
+            return change
+        return wrapped
+
+
+def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x), y))
+
+
+# ----------------------------------------------------------------------------- the basis changes
+
+
+def _backward_with_bases(model, x, y):
+    layers = low_rank_layers(model)
+    for layer in layers.values():
+        layer.set_bases_trainable(True)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return layers
+
+
+def test_augmentation_leaves_weights_and_loss_unchanged():
+    model = tiny_cnn()
+    model.eval()  # BatchNorm on running statistics: the loss is a function of the weights only
+    x, y = next(iter(random_loader()))
+    before_w, before_loss = dense_weights(model), batch_loss(model, x, y)
+    layers = _backward_with_bases(model, x, y)
+    for k, layer in enumerate(layers.values()):
+        old = layer.ranks
+        layer.augment_(seed=k)
+        layer.set_bases_trainable(False)
+        caps = (layer.r_max_out, layer.r_max_in) if isinstance(layer, TuckerConv2d) else (layer.r_max,)
+        assert layer.ranks == tuple(min(2 * r, c) for r, c in zip(old, caps))
+        assert_orthonormal(layer)
+    for name, w in dense_weights(model).items():
+        torch.testing.assert_close(w, before_w[name], rtol=0, atol=1e-6)
+    assert math.isclose(batch_loss(model, x, y), before_loss, rel_tol=1e-6, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [0, 5])
+def test_truncation_with_tau_zero_leaves_weights_and_loss_unchanged(steps):
+    """τ = 0 keeps every nonzero σ: right after augmentation the zero padding is dropped (rank back
+    to r), after coefficient steps every direction is kept; W and the loss do not change."""
+    model = tiny_cnn()
+    model.eval()
+    x, y = next(iter(random_loader()))
+    layers = _backward_with_bases(model, x, y)
+    old_ranks = {n: l.ranks for n, l in layers.items()}
+    for k, layer in enumerate(layers.values()):
+        layer.augment_(seed=k)
+        layer.set_bases_trainable(False)
+    opt = torch.optim.SGD([l.core for l in layers.values()], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    before_w, before_loss = dense_weights(model), batch_loss(model, x, y)
+    aug_ranks = {n: l.ranks for n, l in layers.items()}
+    for layer in layers.values():
+        layer.truncate_(0.0)
+        assert_orthonormal(layer)
+    for name, w in dense_weights(model).items():
+        torch.testing.assert_close(w, before_w[name], rtol=0, atol=1e-5)
+    assert math.isclose(batch_loss(model, x, y), before_loss, rel_tol=1e-5, abs_tol=1e-5)
+    for name, layer in layers.items():
+        assert layer.ranks == (old_ranks[name] if steps == 0 else aug_ranks[name])
+
+
+def test_remap_optimizer_state_follows_the_core():
+    """Adam moments through augment (zero-padded, new directions get the mean second moment) and
+    truncation (first moment = Pᵀ m Q, exactly the core's own map)."""
+    model = tiny_cnn()
+    x, y = next(iter(random_loader()))
+    lin = next(l for l in low_rank_layers(model).values() if isinstance(l, LowRankLinear))
+    opt = torch.optim.Adam([lin.S], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    m_old, v_old = opt.state[lin.S]["exp_avg"].clone(), opt.state[lin.S]["exp_avg_sq"].clone()
+    r = lin.ranks[0]
+    _backward_with_bases(model, x, y)
+    old_shape = lin.S.shape
+    change = lin.augment_(seed=0)
+    lin.set_bases_trainable(False)
+    remap_optimizer_state(opt, lin.S, change, old_shape)
+    m, v = opt.state[lin.S]["exp_avg"], opt.state[lin.S]["exp_avg_sq"]
+    assert m.shape == v.shape == lin.S.shape == (2 * r, 2 * r)
+    torch.testing.assert_close(m[:r, :r], m_old)
+    assert float(m[r:].abs().max()) == 0.0 and float(m[:, r:].abs().max()) == 0.0
+    torch.testing.assert_close(v[:r, :r], v_old)
+    torch.testing.assert_close(v[r:, r:], torch.full((r, r), float(v_old.mean())))
+
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    m_aug = opt.state[lin.S]["exp_avg"].clone()
+    old_shape = lin.S.shape
+    change = lin.truncate_(0.3)
+    remap_optimizer_state(opt, lin.S, change, old_shape)
+    torch.testing.assert_close(opt.state[lin.S]["exp_avg"], change.left.mT @ m_aug @ change.right)
+    assert opt.state[lin.S]["exp_avg_sq"].shape == lin.S.shape
+    assert bool((opt.state[lin.S]["exp_avg_sq"] >= 0).all())
+
+
+# ----------------------------------------------------------------------------- the Trainer
+
+
+def test_many_cycles_keep_bases_orthonormal_and_ranks_in_bounds():
+    model = tiny_cnn()
+    rec = Recorder(model)  # checks orthonormality and bounds after *every* basis change
+    trainer = fit(model, adaptive_epochs=4, coefficient_steps=2, tau=0.02)
+    n_batches = len(trainer.train_loader)
+    cycles = 4 * math.ceil(n_batches / 2)
+    kinds = [k for _, k, _ in rec.events]
+    assert kinds.count("augment_") == kinds.count("truncate_") == 2 * cycles  # two layers
+    for layer in trainer.layers.values():
+        assert_orthonormal(layer)
+        assert not any(p.requires_grad for p in layer.bases())
+    assert len(trainer.history.kappa_trace) == cycles
+    for entry in trainer.history.kappa_trace:
+        assert all(k >= 1.0 for k in entry["kappa"].values())
+    for record in trainer.history.epochs:
+        for name, info in record["layers"].items():
+            layer = trainer.layers[name]
+            assert all(layer.r_min <= r <= layer.r_max for r in info["ranks"])
+            assert info["condition_number"] is None or info["condition_number"] >= 1.0
+    assert all(math.isfinite(p.detach().abs().max().item()) for p in model.parameters())
+
+
+def test_larger_tau_gives_smaller_or_equal_ranks():
+    final = {}
+    for tau in (0.0, 0.6):
+        model = tiny_cnn()
+        fit(model, tau=tau, adaptive_epochs=2)
+        final[tau] = {n: l.ranks for n, l in low_rank_layers(model).items()}
+    for name in final[0.0]:
+        assert all(a <= b for a, b in zip(final[0.6][name], final[0.0][name])), final
+    assert sum(map(sum, final[0.6].values())) < sum(map(sum, final[0.0].values())), final
+
+
+@pytest.mark.parametrize("optimizer,keys", [("adam", ("exp_avg", "exp_avg_sq")), ("adamw", ("exp_avg", "exp_avg_sq")),
+                                            ("sgd", ("momentum_buffer",))])
+def test_optimizer_holds_cores_not_bases_and_its_state_follows_them(optimizer, keys):
+    model = tiny_cnn()
+    trainer = fit(model, optimizer=optimizer, lr=5e-3 if optimizer != "sgd" else 5e-2,
+                  weight_decay=1e-2 if optimizer == "adamw" else 0.0, adaptive_epochs=3, tau=0.02)
+    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    bases = {id(p) for l in trainer.layers.values() for p in l.bases()}
+    assert not held & bases
+    assert {id(l.core) for l in trainer.layers.values()} <= held
+    assert not any(id(p) in bases for p in trainer.optimizer.state)
+    for layer in trainer.layers.values():
+        state = trainer.optimizer.state[layer.core]
+        for key in keys:
+            assert state[key].shape == layer.core.shape, (key, state[key].shape, layer.core.shape)
+            assert bool(torch.isfinite(state[key]).all())
+        assert_orthonormal(layer)
+    losses = [e["train_loss"] for e in trainer.history.epochs]
+    assert losses[-1] < losses[0]  # it trains
+
+
+def test_an_epoch_never_ends_augmented():
+    """s* larger than the epoch: one augmentation per epoch, truncated by the epoch's last batch."""
+    model = tiny_cnn()
+    rec = Recorder(model)
+    trainer = fit(model, coefficient_steps=100, adaptive_epochs=2, tau=0.0)
+    n_batches = len(trainer.train_loader)
+    assert n_batches < 100
+    per_layer: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for name, kind, ranks in rec.events:
+        per_layer.setdefault(name, []).append((kind, ranks))
+    for name, events in per_layer.items():
+        assert [k for k, _ in events] == ["augment_", "truncate_"] * 2  # one cycle per epoch
+        for epoch, record in enumerate(trainer.history.epochs):
+            assert tuple(record["layers"][name]["ranks"]) == events[2 * epoch + 1][1]  # the truncated ranks
+    assert [e["step"] for e in trainer.history.kappa_trace] == [n_batches - 1, 2 * n_batches - 1]
+
+
+def test_without_factorized_layers_the_loop_is_plain_training():
+    def net():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    loader = random_loader()
+    a = net()
+    trainer = Trainer(a, loader, TrainerConfig(adaptive_epochs=2, beta=0.1, lr=1e-2, schedule="cosine"),
+                      set_epoch=reseed)
+    history = trainer.fit()
+    assert trainer.layers == {} and history.kappa_trace == [] and history.nonfinite_steps == 0
+    assert {e["regularizer"] for e in history.epochs} == {0.0}
+
+    b = net()
+    opt = torch.optim.Adam(b.parameters(), lr=1e-2)
+    total = 2 * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    for epoch in range(2):
+        reseed(loader, epoch)
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(b(x), y).backward()
+            opt.step()
+            sched.step()
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+
+
+def test_cosine_schedule_ends_near_zero():
+    model = tiny_cnn()
+    trainer = fit(model, schedule="cosine", lr=1e-2, adaptive_epochs=2, fixed_epochs=1)
+    lrs = [e["lr"] for e in trainer.history.epochs]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-2
+    assert trainer.optimizer.param_groups[0]["lr"] < 1e-8
+    assert [e["phase"] for e in trainer.history.epochs] == ["rank-adaptive", "rank-adaptive", "fixed-rank"]
+
+
+def test_gradient_clipping_bounds_the_update():
+    """SGD (no momentum), lr 1, clip 0.01: one step moves the trainable parameters by ≤ 0.01."""
+    model = tiny_cnn()
+    loader = random_loader(n=8, batch=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, loader, TrainerConfig(adaptive_epochs=0, fixed_epochs=1, optimizer="sgd", lr=1.0,
+                                                   momentum=0.0, grad_clip=0.01, schedule="constant"),
+                      set_epoch=reseed)
+    trainer.fit()
+    moved = torch.sqrt(sum(((p.detach() - before[n]) ** 2).sum() for n, p in model.named_parameters()))
+    assert 0.0 < float(moved) <= 0.01 * (1 + 1e-4)
+    # and the rank-adaptive loop with clipping runs
+    fit(tiny_cnn(), grad_clip=0.5, adaptive_epochs=1)
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    cfg = dict(adaptive_epochs=2, lr=1e-2, tau=0.05, coefficient_steps=3, schedule="cosine", beta=0.05)
+
+    full = tiny_cnn()
+    Trainer(full, random_loader(), TrainerConfig(**cfg), set_epoch=reseed, checkpoint_path=tmp_path / "a.pt").fit()
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_epoch_1(loader, epoch):
+        if epoch == 1:
+            raise Crash
+        reseed(loader, epoch)
+
+    torch.manual_seed(123)  # the crashed process's RNG is not the resumed one's
+    first = tiny_cnn()
+    with pytest.raises(Crash):
+        Trainer(first, random_loader(), TrainerConfig(**cfg), set_epoch=crash_at_epoch_1,
+                checkpoint_path=tmp_path / "b.pt").fit()
+    assert (tmp_path / "b.pt").is_file()
+
+    torch.manual_seed(999)
+    resumed = tiny_cnn(seed=7)  # other initial weights: everything must come from the checkpoint
+    trainer = Trainer(resumed, random_loader(), TrainerConfig(**cfg), set_epoch=reseed,
+                      checkpoint_path=tmp_path / "b.pt")
+    history = trainer.fit(resume=True)
+    assert [e["epoch"] for e in history.epochs] == [1, 2]
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("bad_step", [3, 4], ids=["augmentation_step", "coefficient_step"])
+def test_nonfinite_loss_step_is_skipped(bad_step, monkeypatch):
+    """s* = 3: step 3 is the augmentation batch of the second cycle, step 4 a coefficient step."""
+    calls = {"n": 0}
+
+    def loss_fn(logits, y):
+        loss = F.cross_entropy(logits, y)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == bad_step + 1 else loss
+
+    model = tiny_cnn()
+    rec = Recorder(model)
+    trainer = Trainer(model, random_loader(), TrainerConfig(adaptive_epochs=2, lr=1e-2, tau=0.05,
+                                                            coefficient_steps=3, schedule="constant"),
+                      loss_fn=loss_fn, set_epoch=reseed)
+    taken: list[bool] = []
+
+    def recording_step(*a, **k):
+        taken.append(guarded_step(*a, **k))
+        return taken[-1]
+
+    monkeypatch.setattr(dlrt, "guarded_step", recording_step)
+    history = trainer.fit()
+    total = 2 * len(trainer.train_loader)
+    assert history.nonfinite_steps == 1
+    assert history.epochs[-1]["nonfinite_steps_total"] == 1
+    assert len(taken) == total and not taken[bad_step] and sum(taken) == total - 1
+    n_aug = sum(1 for _, k, _ in rec.events if k == "augment_")
+    cycles = 2 * math.ceil(len(trainer.train_loader) / 3)
+    assert n_aug == 2 * (cycles - (1 if bad_step == 3 else 0))  # no augmentation from NaN directions
+    for p in model.parameters():
+        assert bool(torch.isfinite(p).all())
+    for state in trainer.optimizer.state.values():
+        assert all(bool(torch.isfinite(v).all()) for v in state.values() if torch.is_tensor(v))
+    for layer in trainer.layers.values():
+        assert_orthonormal(layer)
+    assert all(math.isfinite(e["train_loss"]) for e in history.epochs)
+
+
+# ----------------------------------------------------------------------------- headline: κ on real data
+
+
+def digits_loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div(16.0).unsqueeze(1)
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    tr, te = perm[:1400], perm[1400:]
+    train = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=32, shuffle=True, drop_last=True,
+                       generator=torch.Generator().manual_seed(seed))
+    return train, DataLoader(TensorDataset(x[te], y[te]), batch_size=512)
+
+
+def digits_cnn() -> nn.Sequential:
+    w = 32
+    return nn.Sequential(
+        nn.Conv2d(1, w, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4×4
+        nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 2×2
+        nn.Flatten(), nn.Linear(4 * w, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+@pytest.fixture(scope="module")
+def digits_pretrained():
+    """A briefly trained dense net (2 epochs Adam): the paper fine-tunes from trained weights."""
+    torch.manual_seed(0)
+    model = digits_cnn()
+    train, _ = digits_loaders()
+    Trainer(model, train, TrainerConfig(adaptive_epochs=0, fixed_epochs=2, lr=1e-3, schedule="constant"),
+            set_epoch=reseed).fit()
+    return model
+
+
+def run_dlrt_on_digits(pretrained: nn.Module, beta: float, optimizer: str, lr: float) -> dict:
+    model = copy.deepcopy(pretrained)
+    factorize_(model, init_rank=8, r_min=2, r_max=16)  # 2 TuckerConv2d + 1 LowRankLinear
+    train, test = digits_loaders()
+    torch.manual_seed(0)
+    cfg = TrainerConfig(adaptive_epochs=6, optimizer=optimizer, lr=lr, momentum=0.9, beta=beta, tau=0.01,
+                        coefficient_steps=10, schedule="cosine")
+    trainer = Trainer(model, train, cfg, set_epoch=reseed)
+    history = trainer.fit()
+    kappas = {n: l.condition_number() for n, l in trainer.layers.items()}
+    return {"acc": clean_accuracy(model, test, torch.device("cpu")), "kappas": kappas,
+            "mean_kappa": sum(kappas.values()) / len(kappas), "history": history, "trainer": trainer}
+
+
+def test_regularizer_lowers_condition_numbers_on_digits(digits_pretrained):
+    """Regime: fine-tuning from briefly trained weights, rank-adaptive from rank 8 (r_max 16), a
+    small τ = 0.01 so that small singular values survive truncation, SGD + momentum 0.9, 258
+    steps. Plain DLRT ends with κ̄ ≈ 14 (the LowRankLinear ≈ 23); β = 0.1 drives every core to
+    κ ≈ 1.00 at the same clean accuracy (≈ 97-98 %)."""
+    plain = run_dlrt_on_digits(digits_pretrained, 0.0, "sgd", 0.05)
+    robust = run_dlrt_on_digits(digits_pretrained, 0.1, "sgd", 0.05)
+    assert len(plain["kappas"]) == 3 and plain["history"].kappa_trace
+    assert plain["mean_kappa"] > 5.0, plain["kappas"]  # plain DLRT is ill-conditioned here
+    assert robust["mean_kappa"] < 1.5, robust["kappas"]
+    assert robust["mean_kappa"] * 5 <= plain["mean_kappa"], (plain["kappas"], robust["kappas"])
+    assert abs(robust["acc"] - plain["acc"]) <= 0.03, (plain["acc"], robust["acc"])
+    assert min(plain["acc"], robust["acc"]) > 0.9
+    # the trace goes down: κ̄ after the last truncation well below κ̄ after the first
+    trace = [sum(e["kappa"].values()) / len(e["kappa"]) for e in robust["history"].kappa_trace]
+    assert trace[-1] < 0.1 * trace[0]
+    for layer in robust["trainer"].layers.values():
+        assert_orthonormal(layer)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "Known limit, not a test to pass: with Adam the regularizer's push on a small singular value "
+    "(β·2α²σ/R) is divided by √v, which the loss gradient's noise dominates; in 258 steps the "
+    "LowRankLinear stays at κ ≈ 14 for β = 0.1 (κ̄ 8.7 → 5.4, far from 5×). See the DLRT report."))
+def test_regularizer_lowers_condition_numbers_on_digits_with_adam(digits_pretrained):
+    plain = run_dlrt_on_digits(digits_pretrained, 0.0, "adam", 3e-3)
+    robust = run_dlrt_on_digits(digits_pretrained, 0.1, "adam", 3e-3)
+    assert abs(robust["acc"] - plain["acc"]) <= 0.03
+    assert robust["mean_kappa"] * 5 <= plain["mean_kappa"], (plain["kappas"], robust["kappas"])
