@@ -3,6 +3,7 @@
     python bench/bench_factorize.py              # VGG16, r_max 200, init_rank 150, median of 3
     python bench/bench_factorize.py --smoke      # VGG11, 1 run
     python bench/bench_factorize.py --accuracy   # also: randomized SVD vs exact on 4096×25088
+    python bench/bench_factorize.py --threads 2  # torch threads (default 1)
 
 Random-init weights (the time does not depend on their values; the paper's setting: r_max 200,
 initial rank 150). Prints a Markdown table (total and the five slowest layers) and writes
@@ -102,11 +103,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="VGG11, 1 run")
     parser.add_argument("--accuracy", action="store_true", help="also compare the randomized SVD's accuracy")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on the shared 2-core box a second OpenMP thread "
+                             "competing with other jobs makes LAPACK calls several times slower)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "factorize.json")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     arch = "vgg11" if args.smoke else "vgg16"
     runs = 1 if args.smoke else 3

@@ -63,6 +63,7 @@ from compressor.models import create_model  # noqa: E402
 from compressor.recipe import Recipe, recipe_from_dict  # noqa: E402
 from compressor.report import plot_kappa, plot_spectra  # noqa: E402
 from compressor.train import Trainer, TrainerConfig, compression_stats  # noqa: E402
+from compressor.train.common import silent_progress  # noqa: E402
 
 log = logging.getLogger("bench_quality")
 
@@ -141,16 +142,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="override the iterations of Jitter/Mixup/PGD (smoke runs); default: the attacks' own")
     ap.add_argument("--spectrum-layer", default=None,
                     help="layer of Fig. 1/2 (module name, e.g. net.features.14); default: the middle factorized one")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", default="auto",
+                    help="torch CPU threads; auto: 1 when the 1-min load average is at least the core count (on a "
+                         "shared machine 2 spinning OpenMP threads ran 5-10x slower than 1 here), else torch's default")
     ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--tag", default=None, help="output names quality-<tag>.* (--smoke: tag smoke)")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="save finished (seed, model) entries here as they finish; a rerun skips them")
     args = ap.parse_args(argv)
     if args.smoke:
         args.data, args.model, args.seeds, args.betas = "digits", "tv:resnet18", [0], [0.0, 0.075]
-        args.train_subset, args.val_subset, args.dense_epochs, args.epochs = 128, 64, 1, 1
-        args.batch_size, args.eval_batch_size, args.init_rank, args.r_max = 32, 64, 8, 16
-        args.coefficient_steps, args.max_samples, args.fgsm_samples, args.attack_steps = 2, 16, 32, 2
+        args.train_subset, args.val_subset, args.dense_epochs, args.epochs = 96, 32, 1, 1
+        args.batch_size, args.eval_batch_size, args.init_rank, args.r_max = 32, 32, 8, 16
+        args.coefficient_steps, args.max_samples, args.fgsm_samples, args.attack_steps = 2, 8, 32, 1
     if args.eval_split == "auto":
         args.eval_split = "test" if args.data in ("fashion-mnist", "mnist") else "val"
     args.betas = list(dict.fromkeys(args.betas))
@@ -295,6 +299,10 @@ def run_seed(args: argparse.Namespace, seed: int, state: "State") -> None:
     model, info = create_model(args.model, data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std,
                                input_size=args.input_size)
     std = info.std
+    if args.spectrum_layer and args.spectrum_layer not in dict(model.named_modules()):
+        conv_lin = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        raise SystemExit(f"--spectrum-layer {args.spectrum_layer!r} is not a module of {args.model}; "
+                         f"its conv/linear layers: {', '.join(conv_lin)}")
 
     dense_file = state.dense_weights_path(seed)
     if dense_file is not None and dense_file.is_file() and state.has(seed, "dense"):
@@ -318,9 +326,6 @@ def run_seed(args: argparse.Namespace, seed: int, state: "State") -> None:
                  "kappa": None, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0,
                  "train_seconds_per_epoch": _per_epoch(history), "history": _slim_history(history),
                  "train_steps": args.dense_epochs * len(data.train_loader)}
-        if seed == args.seeds[0]:
-            entry["spectra_dense"] = {n: _rounded(layer_spectrum(m)) for n, m in model.named_modules()
-                                      if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         if dense_file is not None:
             torch.save(model.state_dict(), dense_file)
         if not state.has(seed, "dense"):  # (retrained only because its weights file was removed)
@@ -334,8 +339,10 @@ def run_seed(args: argparse.Namespace, seed: int, state: "State") -> None:
         rec = recipe_for(args, seed, beta)
         work = copy.deepcopy(model)
         log.info("seed %d: %s: factorize + %d epochs", seed, config_label(config), args.epochs)
+        kappa0: dict[str, float] = {}
         fact, history, timings = factorize_and_train(work, data.train_loader, rec, val_loader=eval_loader,
-                                                     device=torch.device("cpu"), set_epoch=set_epoch)
+                                                     device=torch.device("cpu"), set_epoch=set_epoch,
+                                                     progress=_initial_kappa_probe(work, kappa0))
         factorized = [d.name for d in fact.factorized]
         layer = args.spectrum_layer or (factorized[len(factorized) // 2] if factorized else None)
         t0 = time.perf_counter()
@@ -350,15 +357,32 @@ def run_seed(args: argparse.Namespace, seed: int, state: "State") -> None:
                  "train_steps": args.epochs * len(data.train_loader), "n_factorized": len(factorized),
                  "figure_layer": layer}
         if layer is not None:
-            entry["kappa_trace"] = [[t["step"], _finite({"k": t["kappa"].get(layer)})["k"]]
-                                    for t in hist["kappa_trace"] if layer in t["kappa"]]
-            if seed == args.seeds[0]:
+            entry["kappa_trace"] = ([[0, _finite({"k": kappa0.get(layer)})["k"]]] if layer in kappa0 else []) + [
+                [t["step"], _finite({"k": t["kappa"].get(layer)})["k"]] for t in hist["kappa_trace"] if layer in t["kappa"]]
+            entry["kappa_initial"] = _finite({k: v for k, v in kappa0.items() if k})
+            if seed == args.seeds[0]:  # Fig. 1: this layer's dense weight (the model every β starts from) and core
                 entry["spectrum"] = _rounded(layer_spectrum(dict(work.named_modules())[layer]))
+                entry["spectrum_dense"] = _rounded(layer_spectrum(dict(model.named_modules())[layer]))
         state.add(entry)
         _log_entry(entry)
         del work
     if dense_file is not None:
         dense_file.unlink(missing_ok=True)  # every entry of this seed is saved: the weights are not needed
+
+
+def _initial_kappa_probe(model: torch.nn.Module, sink: dict[str, float]):
+    """A Trainer progress factory that records κ of every core when the first epoch starts.
+
+    The trainer asks for a progress bar at the start of every epoch; the first time is right
+    after the factorization, before any step: κ at initialization, step 0 of Fig. 2.
+    """
+    def factory(total: int, desc: str):
+        if not sink:
+            with torch.no_grad():
+                sink.update({n: float(l.condition_number()) for n, l in low_rank_layers(model).items()})
+            sink.setdefault("", math.nan)  # marks "recorded" even with no factorized layer
+        return silent_progress(total, desc)
+    return factory
 
 
 def _per_epoch(history: dict[str, Any]) -> float | None:
@@ -408,6 +432,8 @@ class State:
         return any(e["seed"] == seed and e["config"] == config for e in self.entries)
 
     def add(self, entry: dict[str, Any]) -> None:
+        entry["measured_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        entry["load_avg"], entry["torch_threads"] = _load(), torch.get_num_threads()
         self.entries.append(entry)
         if self.dir is not None:
             write_json(self.dir / "entries.json", {"fingerprint": self.fp, "entries": self.entries})
@@ -537,18 +563,25 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
     d0 = next((e["data"] for e in doc["entries"]), {})
     eval_what = ("a random subset of the official test images" if args.eval_split == "test"
                  else "held out of the official training images by compressor.data's stratified split")
+    when = sorted({e.get("measured_at", run["date"]) for e in doc["entries"]})
+    loads = [str(e.get("load_avg", "?")).split(" / ")[0] for e in doc["entries"]]
+    threads = sorted({e.get("torch_threads", m["torch_threads"]) for e in doc["entries"]})
     head = [
-        f"Measured {run['date']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, CPU only; "
-        f"load average {run['load_start']} at the start and {run['load_end']} at the end — the machine was shared, "
-        f"so the seconds are upper bounds), torch {m['torch']}, torchvision {m['torchvision']}.",
-        f"Command: `{run['command']}` ({run['wall_seconds'] / 60:.1f} min).",
+        f"Measured {when[0] if when else run['date']}"
+        + (f" – {when[-1]}" if len(when) > 1 else "")
+        + f" on {m['cpu']} ({m['cores']} cores, {'/'.join(map(str, threads))} torch thread(s), CPU only; 1-min "
+        f"load average when each entry finished: {', '.join(loads)} — the machine was shared, so the seconds are "
+        f"upper bounds), torch {m['torch']}, torchvision {m['torchvision']}.",
+        f"Command: `{run['command']}` (this invocation: {run['wall_seconds'] / 60:.1f} min"
+        + (f"; {doc['run']['from_checkpoint']} entries came from --checkpoint-dir" if doc['run'].get('from_checkpoint') else "")
+        + ").",
         "",
         f"Model `{args.model}` (random init) at {args.input_size}×{args.input_size} RGB on `{args.data}`: "
         f"{d0.get('n_train', args.train_subset)} training images (random subset, by seed), "
         f"{d0.get('n_eval', args.val_subset)} evaluation images ({eval_what}); normalization by the training "
         f"subset's mean/std inside the model. Dense baseline: Adam {args.dense_lr:g}, cosine, batch "
-        f"{args.batch_size}, {args.dense_epochs} epochs. Then per β, from the same dense weights: factorize "
-        f"(init rank {args.init_rank}, r_max {args.r_max}) and {args.epochs} rank-adaptive epochs "
+        f"{args.batch_size}, {args.dense_epochs} epoch(s). Then per β, from the same dense weights: factorize "
+        f"(init rank {args.init_rank}, r_max {args.r_max}) and {args.epochs} rank-adaptive epoch(s) "
         f"({args.optimizer} {args.lr:g}, cosine{f', grad clip {args.grad_clip:g}' if args.grad_clip else ''}, "
         f"τ = {args.tau:g}, s* = {args.coefficient_steps}). Seeds {seeds}: a seed draws the subsets, the "
         f"initialization, the batch order and the attacks' randomness; figures are mean ± std over seeds.",
@@ -556,7 +589,7 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
         f"Accuracies in %. ℓ2-FGSM, Jitter and Mixup ε in **{args.eps_unit}** units"
         + (f" (the reference code's unit: a perturbation of ε in the normalized input is ε·std ≈ "
            f"{statistics.fmean(d0.get('std', [1.0])):.3f}·ε in [0, 1] pixels)" if args.eps_unit == "normalized" else "")
-        + f"; PGD ℓ∞ ε = 8/255 in pixel units, {args.attack_steps or 10} steps. ℓ2-FGSM on "
+        + f"; PGD ℓ∞ ε = 8/255 in pixel units, {args.attack_steps or 10} step(s). ℓ2-FGSM on "
         f"{_n_attacked(doc, 'l2_fgsm')} images, the other attacks on the first {_n_attacked(doc, 'pgd')}; same "
         "images and attack seeds for every model. c.r. = (1 − params/dense params) × 100. κ = condition number "
         "of each factorized layer's core S (conv: Tucker core unfolded) at the end, median/mean/max over "
@@ -568,7 +601,8 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
            _table(["model"] + [h for _, h, _ in acc_rows], agg, acc_rows), "",
            "### Conditioning and cost", "",
            _table(["model"] + [h for _, h, _ in cost_rows] + ["factorize s"], agg, cost_rows, doc), ""]
-    out += render_peers(args, doc)
+    if args.data == "fashion-mnist" and args.model in ("vgg16", "tv:vgg16", "torchvision:vgg16"):
+        out += render_peers(args, doc)
     figs = doc.get("figures", {})
     if figs:
         out += ["### Figures", ""]
@@ -576,8 +610,8 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
             out.append(f"![singular values of {figs['layer']}]({figs['spectra']}) — Fig. 1: singular values of "
                        f"`{figs['layer']}` (dense weight vs the trained cores), seed {args.seeds[0]}.")
         if figs.get("kappa"):
-            out.append(f"![κ over training]({figs['kappa']}) — Fig. 2: κ of `{figs['layer']}`'s core after each "
-                       f"truncation, per β, seed {args.seeds[0]}.")
+            out.append(f"![κ over training]({figs['kappa']}) — Fig. 2: κ of `{figs['layer']}`'s core at initialization "
+                       f"(step 0) and after each truncation, per β, seed {args.seeds[0]}.")
         out.append("")
     return "\n".join(out)
 
@@ -614,12 +648,21 @@ def render_peers(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
     ours = [r for r in ref if r["config"] in agg]
     if not ours:
         return []
+    d0 = next((e["data"] for e in doc["entries"]), {})
+    same = (d0.get("n_train"), d0.get("n_eval"), args.eval_split, args.dense_epochs, args.epochs, args.batch_size,
+            args.dense_lr, args.eps_unit) == (5000, 2000, "test", 3, 3, 64, 1e-4, "normalized")
     lines = ["### PEERS.md setup: compressor beside the reference implementation", "",
              "The reference rows are the peer's measurements copied from PEERS.md (ScSteffen/RobustDLRT 1.0, one "
-             "seed, 5,000 train / 2,000 test images, its DLRT loop: AdamW 5e-4, cosine, clip 1.0), not ours. "
-             f"The compressor rows are this run ({len(args.seeds)} seed(s), mean ± std), same data sizes, dense "
-             f"recipe, ε unit ({args.eps_unit}) and ℓ2-FGSM definition; the random subsets are not the same images, "
-             "and the dense baselines are trained separately. Accuracies in %.", "",
+             "seed, 5,000 train / 2,000 test images, dense Adam 1e-4 batch 64 for 3 epochs, then 3 epochs of its "
+             "DLRT loop: AdamW 5e-4, cosine, clip 1.0, batch 64), not ours. "
+             f"The compressor rows are this run ({len(args.seeds)} seed(s), mean ± std): "
+             f"{d0.get('n_train')} train / {d0.get('n_eval')} {args.eval_split} images, dense {args.dense_epochs} "
+             f"epoch(s), DLRT {args.epochs} epoch(s) with {args.optimizer} {args.lr:g}, ε in {args.eps_unit} units, "
+             "the paper's ℓ2-FGSM; "
+             + ("the PEERS.md sizes and schedule. " if same else
+                "**not the PEERS.md sizes/schedule: these rows are not comparable to the reference's.** ")
+             + "The random subsets are not the same images and the dense baselines are trained separately. "
+             "Accuracies in %.", "",
              "| model | c.r. % | clean | ℓ2-FGSM ε=0.05 | ε=0.1 | ε=0.3 | κ median | train s/epoch |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in ours:
@@ -648,9 +691,8 @@ def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Pa
     layer = comp[0]["figure_layer"]
     figs: dict[str, Any] = {"layer": layer, "seed": seed}
     spectra: dict[str, list[float]] = {}
-    dense_spec = (by.get("dense", {}).get("spectra_dense") or {}).get(layer)
-    if dense_spec:
-        spectra["dense"] = dense_spec
+    if comp[0].get("spectrum_dense"):
+        spectra["dense"] = comp[0]["spectrum_dense"]
     for e in comp:
         if e.get("spectrum") and e.get("figure_layer") == layer:
             spectra[config_label(e["config"])] = e["spectrum"]
@@ -678,14 +720,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("compressor").setLevel(logging.INFO)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = resolve_threads(args.threads)
+    if threads:
+        torch.set_num_threads(threads)
+    log.info("torch threads: %d (load average %s, %d cores)", torch.get_num_threads(), _load(), os.cpu_count())
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "quality-smoke" if args.smoke else "quality"
+    tag = args.tag or ("smoke" if args.smoke else None)
+    stem = f"quality-{tag}" if tag else "quality"
     start, load_start = time.perf_counter(), _load()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     state = State(args)
+    n_restored = len(state.selected())
     for seed in args.seeds:
         run_seed(args, seed, state)
     entries = state.selected()
@@ -694,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                 "compression rate, κ of the cores, training time",
         "run": {"command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
                 "date": date, "wall_seconds": time.perf_counter() - start, "load_start": load_start,
-                "load_end": _load(), "smoke": args.smoke},
+                "load_end": _load(), "smoke": args.smoke, "from_checkpoint": n_restored},
         "machine": machine(),
         "settings": {**vars(args), "attacks": [{"name": n, "eps": e, "options": o, "unit": u} for n, e, o, u in ATTACKS]},
         "reference_peers": REFERENCE_PEERS,
@@ -702,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         "entries": entries,
     }
     doc["figures"] = figures(args, entries, out_dir, stem)
-    doc["projection"] = projection(args, entries)
+    doc["projection"] = None if args.smoke else projection(args, entries)
     md = render(args, doc)
     write_json(out_dir / f"{stem}.json", doc)
     (out_dir / f"{stem}.md").write_text(md + "\n")
@@ -711,9 +757,40 @@ def main(argv: list[str] | None = None) -> int:
         p = doc["projection"]
         print(f"\nProjected full run ({p['setting']}): ≈ {p['hours']:.1f} h on this machine at this load "
               f"({p['basis']}).")
+    if args.smoke:
+        check_smoke(args, doc, out_dir)
     print(f"\nwrote {out_dir / (stem + '.json')}, {out_dir / (stem + '.md')}"
           + "".join(f", {out_dir / v}" for k, v in doc["figures"].items() if k in ("spectra", "kappa")))
     return 0
+
+
+def check_smoke(args: argparse.Namespace, doc: dict[str, Any], out_dir: Path) -> None:
+    """CI: every entry present and sane, tables and figures written; raise otherwise."""
+    want = {(s, c) for s in args.seeds for c in config_names(args)}
+    got = {(e["seed"], e["config"]) for e in doc["entries"]}
+    problems = [f"missing entries {sorted(want - got)}"] if want - got else []
+    for e in doc["entries"]:
+        accs = [e["clean_accuracy"]] + [v for per in e["adversarial_accuracy"].values() for v in per.values()]
+        if not all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in accs):
+            problems.append(f"{e['config']}: accuracy outside [0, 1]")
+        if e["config"] != "dense" and not (0.0 < e["compression_rate"] < 100.0 and e["kappa"]["n_layers"] > 0):
+            problems.append(f"{e['config']}: nothing was compressed")
+    for key in ("spectra", "kappa"):
+        if not (out_dir / doc["figures"].get(key, "-")).is_file():
+            problems.append(f"figure {key} not written")
+    if problems:
+        raise SystemExit("smoke check failed: " + "; ".join(problems))
+    print("\nsmoke check passed")
+
+
+def resolve_threads(spec: str) -> int | None:
+    if spec != "auto":
+        return int(spec)
+    try:
+        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except OSError:
+        busy = False
+    return 1 if busy else None
 
 
 def projection(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -70,17 +70,22 @@ def factorize_and_train(model: nn.Module, train_loader: Iterable, recipe: Recipe
                         checkpoint_path: str | Path | None = None, resume: bool = False,
                         progress: ProgressFactory = silent_progress,
                         set_epoch: Callable[[Iterable, int], None] | None = None) -> tuple[FactorizationReport, TrainingHistory, dict[str, float]]:
-    """Factorize ``model`` in place (SVD / Tucker-2 of its current weights), then RobustDLRT."""
+    """Factorize ``model`` in place (activation-aware or SVD / Tucker-2 bases, ``recipe.factorize``),
+    then RobustDLRT."""
     device = device or resolve_device(recipe.train.device)
     f = recipe.factorize
     timings: dict[str, float] = {}
     t = time.perf_counter()
     torch.manual_seed(recipe.seed + 2)  # stage-local seeding: a resumed run sees the same RNG here
-    model.cpu()
+    model.to(device)  # calibration runs the model; SVDs and QRs run where the training will
+    calibration = None
+    if f.init == "activations":
+        (set_epoch or _generic_set_epoch)(train_loader, 0)  # the first batches of epoch 0, on every process
+        calibration = train_loader
     fact = factorize_(model, init_rank=f.init_rank, init_tol=f.init_tol, r_min=f.r_min, r_max=f.r_max,
                       include=f.include, exclude=f.exclude, keep_first_conv=f.keep_first_conv,
-                      keep_classifier=f.keep_classifier, seed=recipe.seed)
-    model.to(device)
+                      keep_classifier=f.keep_classifier, calibration=calibration,
+                      calibration_batches=f.calibration_batches, dist=dist, seed=recipe.seed)
     timings["factorize"] = time.perf_counter() - t
     if not fact.factorized:
         log.warning("no layer was factorized (see the factorization table); training continues densely")

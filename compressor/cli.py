@@ -17,7 +17,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import CompressorError
+from .errors import INPUTS_CHECKED, CompressorError
 
 PROG = "compress"
 EXIT_USAGE = 2
@@ -58,8 +58,10 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where run folders go (default: exported); overrides output_dir")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N; overrides train.device")
     p.add_argument("--seed", type=int, help="random seed; overrides seed")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same run name")
-    p.add_argument("--force", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same run name and recipe from its last checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing run folder of the same name (or discard an interrupted one)")
     p.add_argument("--quiet", action="store_true", help="no logs and no progress bars; only the summary and errors")
     p.add_argument("--debug", action="store_true", help="debug logs, and a traceback on internal errors")
     return p
@@ -88,12 +90,54 @@ def _list_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _HoldLogs(logging.Handler):
+    """Holds log records back until the library marks its inputs as checked (a record with the
+    :data:`~compressor.errors.INPUTS_CHECKED` attribute), then hands them, and every later one,
+    to ``target``. Bad input found before that point thus prints one line, the error, and not
+    the log of the stages that ran before it; a good run shows the same log, a moment later."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__()
+        self.target = target
+        self.held: list[logging.LogRecord] = []
+        self.released = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.released and getattr(record, INPUTS_CHECKED, False):
+            self.pass_on()
+        if self.released:
+            self.target.handle(record)
+        else:
+            self.held.append(record)
+
+    def pass_on(self) -> None:  # (not "release": logging.Handler.release() is its lock's)
+        self.released = True
+        held, self.held = self.held, []
+        for record in held:
+            self.target.handle(record)
+
+    def drop(self) -> None:
+        self.held = []
+
+
+_holder: _HoldLogs | None = None
+
+
 def _setup_logging(quiet: bool, debug: bool) -> None:
+    global _holder
     level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
+    logging.captureWarnings(True)  # library warnings go through the log (and its holding back)
     for noisy in ("matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    _holder = None
+    if not debug:  # --debug shows everything as it happens
+        root = logging.getLogger()
+        target = root.handlers[0]
+        root.removeHandler(target)
+        _holder = _HoldLogs(target)
+        root.addHandler(_holder)
 
 
 def _tqdm_factory(enabled: bool):
@@ -108,7 +152,7 @@ def _tqdm_factory(enabled: bool):
 def _cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     _setup_logging(args.quiet, args.debug)
-    from .recipe import load_recipe, load_recipe_dict, apply_overrides, recipe_from_dict
+    from .recipe import load_recipe
 
     overrides: list[str] = []
     for flag, key in (("model", "model.name"), ("data", "data.name"), ("data_root", "data.root"),
@@ -149,6 +193,11 @@ def _yaml_str(value: str) -> str:
 def _cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     _setup_logging(args.quiet, args.debug)
+    if args.path.suffix.lower() == ".onnx":
+        raise CompressorError(f"{args.path}: compress export reads the model.safetensors of a run (it writes the ONNX "
+                              f"file); give e.g. {args.path.with_suffix('.safetensors')}")
+    if not 17 <= args.opset <= 23:
+        raise CompressorError(f"--opset {args.opset}: use an ONNX opset from 17 to 23 (default 18)")
     from .export import export_checkpoint
 
     calibration = None
@@ -193,23 +242,36 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in commands:
         argv = argv[1:]
     debug = "--debug" in argv
+    global _holder
+    _holder = None
     try:
         return command(argv)
     except CompressorError as err:
-        sys.stderr.write(f"{PROG}: error: {err}\n")
+        if _holder is not None:
+            _holder.drop()  # the log of the stages before the refusal: only the error is shown
+        sys.stderr.write(f"{PROG}: error: {' '.join(str(err).split())}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
+        _release_logs()
         sys.stderr.write(f"{PROG}: interrupted (an interrupted run continues with --resume)\n")
         return 130
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except Exception as err:  # a bug, not bad input: say so in one line unless --debug
+        _release_logs()
         if debug:
             traceback.print_exc()
         else:
             sys.stderr.write(f"{PROG}: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
                              f"(rerun with --debug for the traceback; please report it)\n")
         return 1
+    finally:
+        _release_logs()
+
+
+def _release_logs() -> None:
+    if _holder is not None:
+        _holder.pass_on()
 
 
 if __name__ == "__main__":

@@ -345,23 +345,6 @@ class ShardBatchSampler(Sampler[list[int]]):
         return len(self.global_batches)
 
 
-class ShardSampler(Sampler[int]):
-    """Items ``rank, rank + world_size, ...`` in order, no padding: each item on exactly one rank.
-
-    For evaluation: shards may differ in length by one, so reduce sums (correct, count) across
-    ranks, not per-rank means.
-    """
-
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.n, self.rank, self.world_size = n, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
-
-
 def whole_split_loader(loader: DataLoader) -> DataLoader:
     """The loader one process would have over the same split, from a (possibly sharded) one.
 

@@ -44,3 +44,9 @@ def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UnknownNameError
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     shown = ", ".join(valid[:30]) + (" ..." if len(valid) > 30 else "")
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Valid names: {shown}")
+
+
+INPUTS_CHECKED = "compressor_inputs_checked"
+"""Attribute of the log record (``log.info(..., extra={INPUTS_CHECKED: True})``) by which the
+pipeline and ``export_checkpoint`` say that every input was checked and the long work begins.
+The CLI holds log records back until then, so that bad input ends in exactly one line on stderr."""

@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,13 @@ class EvalResult:
     sensitivity: dict[str, dict[str, float | None]] = field(default_factory=dict)
     timing: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    adversarial: dict[tuple[str, float], Tensor] = field(default_factory=dict, repr=False)
+    """With ``keep_adversarial``: the adversarial images per (attack key, ε), in loader order
+    (CPU); reused to score the exported ONNX model on the very images measured here."""
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict (non-finite numbers become None)."""
-        return _json_safe(asdict(self))
+        """A JSON-serializable dict (non-finite numbers become None; no image tensors)."""
+        return _json_safe({f.name: getattr(self, f.name) for f in fields(self) if f.name != "adversarial"})
 
 
 @dataclass
@@ -155,6 +158,14 @@ def _build_attacks(model: nn.Module, attacks: Iterable[Any], *, eps_unit: str, s
     return built, described
 
 
+def check_attacks(attacks: Iterable[Any], *, eps_unit: str = "pixel", round_8bit: bool = False, seed: int = 0) -> None:
+    """Raise ConfigError/UnknownNameError for a bad attack name, option or option value, at once.
+
+    Builds every (attack, ε) on a stand-in model, as evaluation will on the real one.
+    """
+    _build_attacks(nn.Identity(), attacks, eps_unit=eps_unit, std=(1.0, 1.0, 1.0), round_8bit=round_8bit, seed=seed)
+
+
 def _unpack(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
     if isinstance(batch, Mapping):
         x, y = batch.get("image", batch.get("images")), batch.get("label", batch.get("labels"))
@@ -215,6 +226,7 @@ def evaluate(
     device: str | torch.device | None = None,
     progress: Callable[[int], Any] | None = None,
     dist: Any = None,
+    keep_adversarial: bool = False,
 ) -> EvalResult:
     """Clean and adversarial accuracy, worst case and sensitivity of ``model``.
 
@@ -231,6 +243,8 @@ def evaluate(
         dist: a :class:`~compressor.train.DistContext`; with several processes, ``loader``
             must be this process's validation loader from ``build_data(rank=, world_size=)``
             and the results are those of the whole set (see the module docstring).
+        keep_adversarial: return the adversarial images (``EvalResult.adversarial``; this
+            process's samples only).
     """
     _check_max_samples(max_samples)
     shard = _shard_layout(loader, dist)
@@ -240,6 +254,7 @@ def evaluate(
     ok = {p: [] for p in pairs}
     sens = {p: [0.0, 0] for p in pairs}
     secs = {p: 0.0 for p in pairs}
+    kept: dict[tuple[str, float], list[Tensor]] = {p: [] for p in pairs} if keep_adversarial else {}
     clean_ok: list[Tensor] = []
     n_clean = n_correct = n_attacked = 0
     t_start = time.perf_counter()
@@ -275,6 +290,8 @@ def evaluate(
                     with torch.no_grad():
                         za_adv = model(adv)
                     ok[p].append((za_adv.argmax(dim=1) == ya).cpu())
+                    if keep_adversarial:
+                        kept[p].append(adv.cpu())
                     d = (adv - xa).flatten(1).norm(dim=1)
                     moved = d > 0
                     if moved.any():
@@ -335,6 +352,7 @@ def evaluate(
         timing={"clean_seconds": t_clean, "attack_seconds": attack_secs, "total_seconds": time.perf_counter() - t_start},
         settings={"eps_unit": eps_unit, "std": list(std) if std is not None else None, "round_8bit": round_8bit,
                   "seed": seed, "max_samples": max_samples, "attacks": described},
+        adversarial={p: torch.cat(v) for p, v in kept.items() if v},
     )
 
 
@@ -373,6 +391,17 @@ def _onnx_logits(session, x: Tensor) -> Tensor:
     return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
 
+def _precomputed(adversarial: Mapping[tuple[str, float], Tensor], key: tuple[str, float], start: int,
+                 n: int) -> Tensor:
+    images = adversarial.get(key)
+    if images is None or images.shape[0] < start + n:
+        have = "none" if images is None else f"{images.shape[0]}"
+        raise ConfigError(f"evaluate_onnx: the precomputed adversarial images lack {key[0]} eps={key[1]} samples "
+                          f"{start}..{start + n - 1} (have {have}); pass the EvalResult.adversarial of evaluate() "
+                          "run with the same loader, attacks and max_samples")
+    return images[start:start + n]
+
+
 def evaluate_onnx(
     onnx_path: str | Path,
     loader: Iterable[Any],
@@ -386,6 +415,7 @@ def evaluate_onnx(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Callable[[int], Any] | None = None,
+    adversarial: Mapping[tuple[str, float], Tensor] | None = None,
 ) -> OnnxEvalResult:
     """Accuracy of the exported ONNX model under onnxruntime (CPU provider).
 
@@ -393,7 +423,9 @@ def evaluate_onnx(
     largest logit difference. With ``torch_model`` and ``attacks``: adversarial images are
     crafted against ``torch_model`` on the first ``max_samples`` samples (same seeds as
     :func:`evaluate`) and scored by both models — does the attack transfer to the deployed
-    artifact, and do the two still agree there?
+    artifact, and do the two still agree there? ``adversarial``: the images
+    ``evaluate(torch_model, loader, attacks, keep_adversarial=True)`` made with the same
+    settings (``EvalResult.adversarial``); they are scored instead of crafted again.
     """
     _check_max_samples(max_samples)
     if attacks and torch_model is None:
@@ -434,8 +466,11 @@ def evaluate_onnx(
                 xa, ya = x[:take], y[:take]
                 for item in built:
                     p = (item.key, item.eps)
-                    item.attack.seed = item.seed + b
-                    adv = item.attack(xa, ya)
+                    if adversarial is not None:
+                        adv = _precomputed(adversarial, p, n_attacked, take).to(dev)
+                    else:
+                        item.attack.seed = item.seed + b
+                        adv = item.attack(xa, ya)
                     with torch.no_grad():
                         pt = torch_model(adv).argmax(dim=1).cpu()
                     po = _onnx_logits(session, adv).argmax(dim=1)

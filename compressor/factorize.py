@@ -1,10 +1,17 @@
 """Model surgery: replace worthwhile Linear/Conv2d layers by their factorized forms, in place.
 
 Policy (paper and reference code): the first conv and the final classifier stay dense; grouped
-and depthwise convs stay dense; a layer is factorized only if, at its r_max, the factorized
-form has fewer parameters *and* fewer multiply-adds than the dense one. Include/exclude glob
-patterns on module names and a ``filter_fn(module, name)`` refine the choice. Every skipped
-layer is reported with its reason.
+and depthwise convs stay dense. A factorized layer must never cost more than the dense one: each
+layer's rank cap is ``min(r_max, its break-even rank)``, the largest rank at which the factorized
+form has fewer parameters *and* fewer multiply-adds, so neither the initial rank nor DLRT's
+augmentation can make it bigger; a layer that saves nothing even at ``r_min`` stays dense.
+(A 64→64 3×3 conv breaks even at rank 56: with ``r_max=200`` it is factorized with ranks ≤ 56
+instead of being left dense or grown past its dense size.) Include/exclude glob patterns on
+module names and a ``filter_fn(module, name)`` refine the choice. Every skipped layer is
+reported with its reason, every factorized one with its cap and how it was initialized.
+
+Initialization: SVD / HOSVD of the weights, or, given calibration batches, activation-aware
+bases (:mod:`compressor.calibration`).
 
 Attention projections: a fused ``qkv`` Linear (timm ViT) is factorized as one matrix, so q, k
 and v share one input basis V (they read the same tokens) and one output basis U over the
@@ -18,11 +25,13 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from torch import nn
 
+from .calibration import ConvBases, LinearBases, activation_bases
 from .layers import LowRankLayer, LowRankLinear, TuckerConv2d
 from .layers.conv import tucker_rank_caps
 
@@ -42,6 +51,8 @@ class LayerDecision:
     ranks: list[int] = field(default_factory=list)
     params_dense: int = 0
     params_factorized: int = 0
+    r_max: int = 0  # the layer's rank cap: min(r_max, its break-even rank) when savings are required
+    init: str = ""  # "svd" (weights) or "activations" (calibrated), for factorized layers
 
 
 @dataclass
@@ -65,8 +76,9 @@ class FactorizationReport:
         rows = [("layer", "kind", "shape", "action", "ranks", "params", "reason")]
         for d in self.layers:
             params = f"{d.params_dense:,} -> {d.params_factorized:,}" if d.factorized else f"{d.params_dense:,}"
+            reason = f"{d.reason} ({d.init} init)" if d.factorized and d.init else d.reason
             rows.append((d.name, d.kind, "x".join(map(str, d.shape)), "factorized" if d.factorized else "dense",
-                         ",".join(map(str, d.ranks)) or "-", params, d.reason))
+                         ",".join(map(str, d.ranks)) or "-", params, reason))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -97,6 +109,34 @@ def _conv_cost(conv: nn.Conv2d, r_out: int, r_in: int) -> tuple[int, int, int, i
     return dense, fact, dense, macs_fact
 
 
+def _saves(module: nn.Module, r: int) -> bool:
+    """Whether the factorized form at rank r (both channel modes, capped) is smaller *and* cheaper."""
+    if isinstance(module, nn.Linear):
+        out_f, in_f = module.weight.shape
+        return _linear_cost(out_f, in_f, r)[0] < out_f * in_f
+    cap_o, cap_i = tucker_rank_caps(module.out_channels, module.in_channels, module.kernel_size, r)
+    p_dense, p_fact, m_dense, m_fact = _conv_cost(module, cap_o, cap_i)
+    return p_fact < p_dense and m_fact < m_dense
+
+
+def break_even_rank(module: nn.Module, r_max: int) -> int:
+    """The largest rank ≤ r_max (and ≤ the layer's full rank) at which factorizing ``module``
+    still saves parameters and multiply-adds; 0 if none does. Costs grow with the rank, so a
+    bisection finds it."""
+    if isinstance(module, nn.Linear):
+        full = min(module.weight.shape)
+    else:
+        full = max(tucker_rank_caps(module.out_channels, module.in_channels, module.kernel_size))
+    lo, hi = 0, min(r_max, full)  # invariant: lo saves (or is 0), everything above hi does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _saves(module, mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -114,18 +154,27 @@ def factorize_(
     keep_classifier: bool = True,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     require_saving: bool = True,
+    calibration: Iterable[Any] | None = None,
+    calibration_batches: int = 8,
+    dist: Any = None,
     seed: int = 0,
 ) -> FactorizationReport:
     """Replace eligible layers of ``model`` in place; return what was replaced and what was not.
 
-    ``init_rank``: int rank, or float fraction of each layer's full rank; ``init_tol``: choose
-    each initial rank by energy (‖σ[r:]‖ < init_tol‖σ‖) instead. Ranks are clipped to
-    [r_min, min(r_max, full rank)]. Initialization is the truncated SVD (Linear) or HOSVD of the
-    channel modes (Conv2d) of the current weights.
+    ``init_rank``: int rank, or float fraction of each layer's full rank (None: the cap);
+    ``init_tol``: choose each initial rank by energy (‖σ[r:]‖ < init_tol‖σ‖) instead. Ranks are
+    clipped to [r_min, cap], cap = min(r_max, full rank, break-even rank). Initialization is the
+    truncated SVD (Linear) or HOSVD of the channel modes (Conv2d) of the current weights.
 
-    ``require_saving=False`` drops the cost test and factorizes every layer the other rules
-    allow (the reference code's policy; also how a full-rank factorization is checked to be
-    exact, since at full rank no layer saves anything).
+    ``require_saving=False`` drops the cost rule (cap = min(r_max, full rank)) and factorizes
+    every layer the other rules allow (the reference code's policy; also how a full-rank
+    factorization is checked to be exact, since at full rank no layer saves anything).
+
+    ``calibration``: batches of training images (a DataLoader, or tensors). If given, the
+    initial bases are activation-aware (:mod:`compressor.calibration`): chosen in the metric of
+    the activations the first ``calibration_batches`` batches produce, and ``init_tol`` measures
+    activation energy. Without it: SVD / HOSVD of the weights. ``dist`` (a
+    :class:`~compressor.train.DistContext`) pools the statistics of all processes.
     """
     start = time.perf_counter()
     include, exclude = include or [], exclude or []
@@ -138,6 +187,7 @@ def factorize_(
     classifier = candidates[-1][0] if candidates else None
 
     decisions: list[LayerDecision] = []
+    chosen: dict[str, tuple[int, nn.Module, LayerDecision]] = {}
     for index, (name, module) in enumerate(candidates):
         is_linear = isinstance(module, nn.Linear)
         kind = "linear" if is_linear else "conv"
@@ -165,28 +215,37 @@ def factorize_(
             reason = "grouped/depthwise conv"
         elif not is_linear and module.padding_mode != "zeros":
             reason = f"padding_mode {module.padding_mode!r}"
+        layer_r_max = r_max
         if reason is None and require_saving:
-            if is_linear:
-                out_f, in_f = shape
-                cap = min(r_max, out_f, in_f)
-                p_fact, macs_fact = _linear_cost(out_f, in_f, cap)
-                if p_fact >= out_f * in_f:
-                    reason = f"no saving at r_max={cap} ({p_fact:,} >= {out_f * in_f:,} weights)"
-            else:
-                cap_o, cap_i = tucker_rank_caps(shape[0], shape[1], module.kernel_size, r_max)
-                p_dense, p_fact, m_dense, m_fact = _conv_cost(module, cap_o, cap_i)
-                if p_fact >= p_dense or m_fact >= m_dense:
-                    reason = (f"no saving at r_max={max(cap_o, cap_i)} (weights {p_fact:,} vs {p_dense:,}, "
-                              f"MACs/pixel {m_fact:,} vs {m_dense:,})")
+            # a factorized layer must never cost more than the dense one: its ranks (initial and
+            # adaptive) are capped at the break-even rank; no saving even at r_min: stay dense
+            layer_r_max = min(r_max, break_even_rank(module, r_max))
+            if layer_r_max < r_min:
+                reason = f"no saving at any rank >= r_min={r_min} (break-even rank {layer_r_max})"
         if reason is not None:
             decision.reason = reason
             continue
+        decision.r_max = layer_r_max
+        chosen[name] = (index, module, decision)
 
+    bases = {}
+    if calibration is not None and chosen:
+        bases = activation_bases(model, {n: m for n, (_, m, _) in chosen.items()}, calibration, init_rank=init_rank,
+                                 init_tol=init_tol, r_min=r_min, r_max={n: d.r_max for n, (_, _, d) in chosen.items()},
+                                 max_batches=calibration_batches, dist=dist, seed=seed)
+    for name, (index, module, decision) in chosen.items():
         layer_seed = seed * 1000 + index
-        if is_linear:
-            new = LowRankLinear.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=r_max, seed=layer_seed)
+        basis, cap = bases.get(name), decision.r_max
+        if isinstance(basis, ConvBases):
+            new = TuckerConv2d.from_bases(module, basis.u_out, basis.u_in, r_min=r_min, r_max=cap)
+        elif isinstance(basis, LinearBases) and basis.u is not None:
+            new = LowRankLinear.from_output_basis(module, basis.u, r_min=r_min, r_max=cap)
+        elif isinstance(basis, LinearBases):  # full rank: the SVD is exact
+            new = LowRankLinear.from_dense(module, basis.rank, r_min=r_min, r_max=cap, seed=layer_seed)
+        elif isinstance(module, nn.Linear):
+            new = LowRankLinear.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=cap, seed=layer_seed)
         else:
-            new = TuckerConv2d.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=r_max, seed=layer_seed)
+            new = TuckerConv2d.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=cap, seed=layer_seed)
         new.train(module.training)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new)
@@ -194,7 +253,9 @@ def factorize_(
         decision.reason = "factorized"
         decision.ranks = list(new.ranks)
         decision.params_factorized = new.num_parameters()
-        log.debug("factorized %s %s at ranks %s", name, shape, new.ranks)
+        decision.init = "activations" if basis is not None and not (isinstance(basis, LinearBases) and basis.u is None) \
+            else "svd"
+        log.debug("factorized %s %s at ranks %s (%s init)", name, decision.shape, new.ranks, decision.init)
 
     report = FactorizationReport(decisions, time.perf_counter() - start)
     log.info("factorized %d of %d candidate layers in %.1fs", len(report.factorized), len(decisions), report.seconds)

@@ -397,7 +397,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as err:
         hint = "re-save it with torch.save(model.state_dict(), path) or safetensors.torch.save_file"
         if "weights_only" in str(err) or "Unsupported global" in str(err):
-            hint = "it holds Python objects, not only tensors; " + hint
+            # torch's own text is long and styled; the point is that nothing in it was run
+            raise WeightsError(f"cannot read weights file {p}: it holds Python objects, not only tensors (refused: "
+                               f"unpickling them could run code); {hint}") from None
         raise WeightsError(f"cannot read weights file {p} (corrupt or truncated? {_short(err)}): {hint}") from None
     if isinstance(obj, dict):
         for key in _NESTED_KEYS:

@@ -9,18 +9,26 @@ is saved beside the outputs (like timm's ``args.yaml``).
 from __future__ import annotations
 
 import copy
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
+MAX_SEED = 2**32 - 1
+"""Largest accepted seed (seeds are combined with epochs and steps into torch generator seeds)."""
+
 
 class _Section(BaseModel):
-    # strict-ish: unknown keys raise; ints are not silently accepted for strings etc.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # strict: unknown keys raise, and no type juggling: a YAML true is not the number 1, "0.1" is
+    # not a float, 2.5 is not an int (ints are still accepted where a float is expected);
+    # NaN and infinities are refused everywhere
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -48,9 +56,9 @@ class DataSection(_Section):
     val_subset: int | None = Field(None, ge=1)
     """Use at most this many validation images."""
     batch_size: int = Field(32, ge=1, le=65536)
-    """Training batch size (global; divided among processes under torchrun)."""
+    """Global training batch: under torchrun each of W processes loads batch_size / W (must divide), so one recipe gives the same optimization on any number of processes."""
     eval_batch_size: int = Field(128, ge=1, le=65536)
-    """Batch size for evaluation and attacks."""
+    """Batch size for evaluation and attacks (per process; under torchrun whole batches are sharded)."""
     num_workers: int = Field(0, ge=0, le=64)
     """DataLoader worker processes."""
     augment: bool = False
@@ -78,14 +86,18 @@ class BaselineSection(OptimSection):
 
 
 class FactorizeSection(_Section):
+    init: Literal["activations", "svd"] = "activations"
+    """Initial bases: `activations` = chosen in the metric of the layers' activations on `calibration_batches` training batches (keeps briefly trained, flat-spectrum weights accurate; see compressor/calibration.py); `svd` = SVD / HOSVD of the weights alone."""
+    calibration_batches: int = Field(8, ge=1, le=100000)
+    """Training batches run through the dense model for `init: activations`."""
     init_rank: int | float = 150
     """Initial rank: an int, or a float in (0, 1] = that fraction of each layer's full rank."""
     init_tol: float | None = Field(None, gt=0.0, lt=1.0)
-    """If set, initial rank by energy: smallest r with ‖σ[r:]‖ < init_tol·‖σ‖ (overrides init_rank)."""
+    """If set, initial rank by energy: smallest r with ‖σ[r:]‖ < init_tol·‖σ‖ (overrides init_rank); σ² = the activation spectrum for `init: activations`, the weight's singular values for `svd`."""
     r_min: int = Field(2, ge=1)
     """Smallest rank truncation may choose."""
     r_max: int = Field(200, ge=1)
-    """Largest rank (augmentation stops here); also decides which layers are worth factorizing."""
+    """Largest rank (augmentation stops here). Each layer is further capped at its break-even rank (the largest rank at which it is still smaller and cheaper than dense); a layer that saves nothing even at r_min stays dense."""
     include: list[str] = Field(default_factory=list)
     """Glob patterns on module names to factorize (empty: every eligible layer)."""
     exclude: list[str] = Field(default_factory=list)
@@ -140,6 +152,21 @@ class AttackSpec(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
     """Attack options (steps, alpha, norm, ...)."""
 
+    @field_validator("options")
+    @classmethod
+    def _check_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # plain values only, so that the resolved recipe.yaml reads back as the same recipe
+        def plain(x: Any) -> bool:
+            if isinstance(x, list):
+                return all(plain(i) for i in x)
+            return x is None or isinstance(x, (str, bool, int)) or (isinstance(x, float) and math.isfinite(x))
+
+        for key, value in v.items():
+            if not plain(value):
+                raise ValueError(f"option {key!r}: give a number, string, boolean, null or a list of them, "
+                                 f"not {type(value).__name__}")
+        return v
+
     @field_validator("eps")
     @classmethod
     def _check_eps(cls, v: list[float]) -> list[float]:
@@ -166,7 +193,7 @@ class EvaluateSection(_Section):
     """Round adversarial images to 8 bits before scoring (the paper scored saved PNGs)."""
     max_samples: int | None = Field(512, ge=1)
     """Attack at most this many validation images (clean accuracy uses all)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the attacks' randomness (random starts, noise)."""
 
 
@@ -187,10 +214,10 @@ class ExportSection(_Section):
 
 class Recipe(_Section):
     run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-    """Folder name of the run under output_dir (letters, digits, . _ -)."""
+    """Folder name of the run under output_dir: one path component of letters, digits, . _ - (no `/`, no leading `.`), so the run stays inside output_dir."""
     output_dir: str = "exported"
-    """Where run folders are written."""
-    seed: int = 0
+    """Where run folders are written (relative to the working directory; `~` is expanded). Only `<output_dir>/<run_name>/` and its hidden staging folder `.<run_name>.partial/` are written."""
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of everything random: split, init, batch order, attacks."""
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -204,13 +231,54 @@ class Recipe(_Section):
 # ----------------------------------------------------------------------------- loading
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (no object construction), reading floats as YAML 1.2 does.
+
+    PyYAML implements YAML 1.1, where ``1e-3`` (no dot) is the *string* "1e-3": ``--set
+    train.lr=1e-3`` would be refused as "not a number". This loader also reads exponent-only
+    floats as floats; everything else resolves as in yaml.safe_load.
+    """
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 (a SafeLoader subclass: safe)
+
+
+_UNION_TAGS = frozenset({"int", "float", "str", "bool", "none", "list", "dict"})
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    """The dotted recipe key of a pydantic error location, without pydantic's union-member tags
+    (``factorize.init_rank.int`` → ``factorize.init_rank``)."""
+    parts = [p if isinstance(p, str) and p.isprintable() else str(p) if isinstance(p, int) else repr(p)
+             for p in loc if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
+    return ".".join(parts) or "<root>"
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    path = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
+    """One line: the first bad key, what is wrong (every union member's complaint), the value given."""
+    errors = err.errors()
+    path = _key_path(errors[0]["loc"])
+    same = [e for e in errors if _key_path(e["loc"]) == path]
+    if errors[0]["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; see docs/recipes.md for the valid keys)"
-    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    else:
+        msgs = list(dict.fromkeys(e["msg"] for e in same))
+        lead = "Input should be "
+        msg = " or ".join([msgs[0]] + [m[len(lead):] if m.startswith(lead) else m for m in msgs[1:]])
+        value = errors[0].get("input")
+        if value is None or isinstance(value, (bool, int, float, str)):
+            shown = repr(value)
+            msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+    paths = {_key_path(e["loc"]) for e in errors} - {path}
+    more = f" (and {len(paths)} more bad key(s))" if paths else ""
     return f"{source}: invalid recipe key '{path}': {msg}{more}"
 
 
@@ -227,7 +295,7 @@ def recipe_from_dict(doc: Any, source: str = "recipe") -> Recipe:
 
 
 def load_recipe_dict(path: str | Path) -> dict[str, Any]:
-    """Read a recipe YAML file with yaml.safe_load (never arbitrary object construction)."""
+    """Read a recipe YAML file with a yaml.SafeLoader (never arbitrary object construction)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe file not found: {p} (give a path such as recipes/robust.yaml)")
@@ -236,7 +304,7 @@ def load_recipe_dict(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read recipe {p}: {err}") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = _yaml_load(text)
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
@@ -257,7 +325,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: empty key; expected e.g. train.beta=0.1")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
     return key.split("."), value
@@ -297,6 +365,19 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
+def recipe_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe documents (nested mappings).
+
+    Lists (the attacks) are compared whole. Used by ``--resume`` to name what changed.
+    """
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in list(a) + [k for k in b if k not in a]:
+            out += recipe_differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b and type(a) is type(b) else [prefix.rstrip(".") or "<root>"]
+
+
 def reference_markdown() -> str:
     """docs/recipes.md: every recipe key with its type, default and meaning (from the schema)."""
     lines = ["# Recipe reference", "",
@@ -312,7 +393,10 @@ def reference_markdown() -> str:
             default = f.get_default(call_default_factory=True)
             if isinstance(default, list) and default and isinstance(default[0], BaseModel):
                 default = [d.model_dump() for d in default]
-            typ = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            if get_origin(ann) is Literal:  # the allowed values, not just "Literal"
+                typ = " \\| ".join(str(a) for a in get_args(ann))
+            else:
+                typ = (getattr(ann, "__name__", None) or str(ann).replace("typing.", "")).replace("|", "\\|")
             doc = (f.description or "").replace("\n", " ")
             rows.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {doc} |")
         if rows:

@@ -61,6 +61,9 @@ def summary_table(report: dict[str, Any]) -> str:
         d = (dense.get("adversarial_accuracy") or {}).get(attack, {}).get(eps)
         c = (comp.get("adversarial_accuracy") or {}).get(attack, {}).get(eps)
         rows.append((f"{attack} ε={eps} ({unit}) (%)", _fmt_acc(d), _fmt_acc(c)))
+    if dense.get("nonfinite_steps") or comp.get("nonfinite_steps"):  # shown only when it happened
+        rows.append(("training steps skipped (NaN/Inf)", str(dense.get("nonfinite_steps", 0)),
+                     str(comp.get("nonfinite_steps", 0))))
     out = [f"| {' | '.join(rows[0])} |", "|---|---:|---:|"]
     out += [f"| {' | '.join(r)} |" for r in rows[1:]]
     return "\n".join(out)

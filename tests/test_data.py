@@ -12,13 +12,15 @@ import torch
 from compressor.data import (
     FASHION_MNIST_DEFAULT_ROOT,
     CropFlip,
+    GlobalBatchShardSampler,
     SeededShuffleSampler,
-    ShardSampler,
+    ShardBatchSampler,
     build_data,
     list_datasets,
     read_idx_images,
     read_idx_labels,
     set_epoch,
+    whole_split_loader,
 )
 from compressor.errors import ConfigError, DataError, UnknownNameError
 from compressor.recipe import DataSection
@@ -129,19 +131,38 @@ def test_crop_flip_flips_some_and_keeps_content():
 # ----------------------------------------------------------------------------- sharding
 
 
-def test_distributed_train_shards_cover_without_overlap_and_val_shards_exactly():
-    shards, val_shards = [], []
-    for rank in range(2):
-        b = build_data(
-            DataSection(name="digits", train_subset=100, val_subset=31), input_size=8, seed=0, rank=rank, world_size=2
-        )
-        assert type(b.train_loader.sampler).__name__ == "DistributedSampler"
-        shards.append(_order(b.train_loader, 1))
-        val_shards.append(list(iter(b.val_loader.sampler)))
-    assert len(shards[0]) == len(shards[1]) == 50
-    assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(100))
-    assert sorted(val_shards[0] + val_shards[1]) == list(range(31))  # no padding on validation
-    assert isinstance(b.val_loader.sampler, ShardSampler)
+def test_distributed_shards_partition_every_global_batch_and_val_batches():
+    section = DataSection(name="digits", train_subset=100, val_subset=37, batch_size=16, eval_batch_size=8)
+    one = build_data(section, input_size=8, seed=0)
+    two = [build_data(section, input_size=8, seed=0, rank=r, world_size=2) for r in range(2)]
+    for b in two:
+        assert isinstance(b.train_loader.sampler, GlobalBatchShardSampler)
+        assert isinstance(b.val_loader.batch_sampler, ShardBatchSampler)
+        assert b.n_train == one.n_train and b.mean == one.mean
+    for epoch in (0, 3):
+        for loader in [one.train_loader] + [b.train_loader for b in two]:
+            set_epoch(loader, epoch)
+        batches, shards = list(one.train_loader), [list(b.train_loader) for b in two]
+        assert len(batches) == len(shards[0]) == len(shards[1]) == 100 // 16  # last incomplete batch dropped
+        for (x, y), (x0, y0), (x1, y1) in zip(batches, *shards):
+            # process k holds positions k*8..k*8+7 of the one-process batch: same global batch
+            assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
+        whole = whole_split_loader(two[1].train_loader)
+        assert all(torch.equal(x, w) for (x, _), (w, _) in zip(batches, whole))
+    # validation: whole batches 0, 2, 4 on rank 0 and 1, 3 on rank 1; every image once
+    assert [b.val_loader.batch_sampler.global_batches for b in two] == [[0, 2, 4], [1, 3]]
+    assert sorted(i for b in two for batch in b.val_loader.batch_sampler for i in batch) == list(range(37))
+    assert sum(b.val_loader.batch_sampler.num_samples for b in two) == 37
+    val = [x for x, _ in one.val_loader]
+    assert all(torch.equal(a, w) for a, (w, _) in zip(val, whole_split_loader(two[0].val_loader)))
+
+
+def test_global_batch_must_divide_and_fit():
+    with pytest.raises(ConfigError, match="divisible"):
+        build_data(DataSection(name="digits", batch_size=15), input_size=8, seed=0, rank=0, world_size=2)
+    with pytest.raises(DataError, match="global batch"):
+        build_data(DataSection(name="digits", train_subset=20, batch_size=32), input_size=8, seed=0, rank=0,
+                   world_size=2)
 
 
 def test_single_process_order_equals_one_replica_distributed_order():

@@ -447,8 +447,12 @@ def run_dlrt_on_digits(pretrained: nn.Module, beta: float, optimizer: str, lr: f
     factorize_(model, init_rank=8, r_min=2, r_max=16)  # 2 TuckerConv2d + 1 LowRankLinear
     train, test = digits_loaders()
     torch.manual_seed(0)
-    cfg = TrainerConfig(adaptive_epochs=6, optimizer=optimizer, lr=lr, momentum=0.9, beta=beta, tau=0.01,
-                        coefficient_steps=10, schedule="cosine")
+    # 5 rank-adaptive epochs + 1 fixed-rank epoch (cores only) = 258 steps, constant lr. A
+    # direction that an augmentation admits starts near 0 (∇R ∝ its σ, so R grows it only
+    # geometrically) and needs steps at a useful lr to reach α: with a cosine schedule, one
+    # admitted late stays small and κ̄(β=0.1) ends anywhere in 1.0-8.7 depending on the seed.
+    cfg = TrainerConfig(adaptive_epochs=5, fixed_epochs=1, optimizer=optimizer, lr=lr, momentum=0.9, beta=beta,
+                        tau=0.01, coefficient_steps=10, schedule="constant")
     trainer = Trainer(model, train, cfg, set_epoch=reseed)
     history = trainer.fit()
     kappas = {n: l.condition_number() for n, l in trainer.layers.items()}
@@ -457,10 +461,12 @@ def run_dlrt_on_digits(pretrained: nn.Module, beta: float, optimizer: str, lr: f
 
 
 def test_regularizer_lowers_condition_numbers_on_digits(digits_pretrained):
-    """Regime: fine-tuning from briefly trained weights, rank-adaptive from rank 8 (r_max 16), a
-    small τ = 0.01 so that small singular values survive truncation, SGD + momentum 0.9, 258
-    steps. Plain DLRT ends with κ̄ ≈ 14 (the LowRankLinear ≈ 23); β = 0.1 drives every core to
-    κ ≈ 1.00 at the same clean accuracy (≈ 97-98 %)."""
+    """Regime: fine-tuning from briefly trained weights (the paper's setting), rank-adaptive from
+    rank 8 (r_max 16), a small τ = 0.01 so that small singular values survive truncation, SGD +
+    momentum 0.9 at a constant lr, 258 steps, the last epoch at fixed rank. Over 9 seeds (init ×
+    batch order) plain DLRT ends ill-conditioned, κ̄ 9-35 (the LowRankLinear 15-71); β = 0.1
+    drives every core to κ ≈ 1.0-1.25 (κ̄ 1.03-1.13) at the same clean accuracy (93.5-98.7 %; β
+    changed it by −1.8 … +3.2 points). This seed (when written): κ̄ 9.9 → 1.07, accuracy 98.0 → 96.7 %."""
     plain = run_dlrt_on_digits(digits_pretrained, 0.0, "sgd", 0.05)
     robust = run_dlrt_on_digits(digits_pretrained, 0.1, "sgd", 0.05)
     assert len(plain["kappas"]) == 3 and plain["history"].kappa_trace
@@ -479,7 +485,7 @@ def test_regularizer_lowers_condition_numbers_on_digits(digits_pretrained):
 @pytest.mark.xfail(strict=False, reason=(
     "Known limit, not a test to pass: with Adam the regularizer's push on a small singular value "
     "(β·2α²σ/R) is divided by √v, which the loss gradient's noise dominates; in 258 steps the "
-    "LowRankLinear stays at κ ≈ 14 for β = 0.1 (κ̄ 8.7 → 5.4, far from 5×). See the DLRT report."))
+    "LowRankLinear stays at κ ≈ 5-12 for β = 0.1 (κ̄ falls 2.5-3.7×, not 5×). See the DLRT report."))
 def test_regularizer_lowers_condition_numbers_on_digits_with_adam(digits_pretrained):
     plain = run_dlrt_on_digits(digits_pretrained, 0.0, "adam", 3e-3)
     robust = run_dlrt_on_digits(digits_pretrained, 0.1, "adam", 3e-3)

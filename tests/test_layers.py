@@ -221,7 +221,7 @@ def test_init_tol_picks_rank_by_energy(tol):
     layer = LowRankLinear.from_dense(lin, tol=tol)
     assert layer.ranks == (Fn.truncation_rank(torch.linalg.svdvals(w), tol),)
     # energy kept: ‖W − W_r‖ < tol‖W‖ (or exact for tol 0)
-    err = torch.linalg.matrix_norm(layer.to_dense().weight - w)
+    err = torch.linalg.matrix_norm(layer.to_dense().weight.detach() - w)
     assert float(err) <= max(tol, 1e-12) * float(torch.linalg.matrix_norm(w))
 
     conv = _dense("conv", CONV_CONFIGS["k3"])
@@ -341,7 +341,7 @@ def test_truncate_error_within_tau_linear():
     layer = LowRankLinear.from_dense(lin)
     w = layer.to_dense().weight.detach()
     layer.truncate_(0.3)
-    err = torch.linalg.matrix_norm(layer.to_dense().weight - w)
+    err = torch.linalg.matrix_norm(layer.to_dense().weight.detach() - w)
     assert float(err) < 0.3 * float(torch.linalg.matrix_norm(w))
 
 
@@ -439,7 +439,7 @@ def test_condition_number_and_regularizer_act_on_core():
     assert t.core_matrix().shape == (8, 6 * 9)
     assert abs(t.condition_number() - float(s0[0] / s0[-1])) < 1e-8 * float(s0[0] / s0[-1])
     r = t.regularizer()
-    assert r.dtype == torch.float64 and float(r) > 0
+    assert r.dtype == torch.float64 and float(r.detach()) > 0
     r.backward()
     assert t.C.grad is not None and all(b.grad is None for b in t.bases())
 

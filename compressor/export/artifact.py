@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import write_text
-from ..errors import OutputError, WeightsError
+from ..errors import INPUTS_CHECKED, OutputError, WeightsError
 from .latency import count_macs, onnx_latency
 from .onnx_export import export_onnx, parity_check, structure_check
 from .quantize import quantize_int8
@@ -50,11 +50,12 @@ def export_checkpoint(safetensors_path: str | Path, out_dir: str | Path, *, int8
     """
     src = Path(safetensors_path)
     out = Path(out_dir)
+    model, manifest = load_compressed(src)  # checks the file first: a bad one leaves no output folder behind
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"cannot create output folder {out}: {err.strerror}") from None
-    model, manifest = load_compressed(src)
+    log.info("loaded %s; exporting into %s", src, out, extra={INPUTS_CHECKED: True})
     m = manifest["model"]
     size, chans = m["input_size"], m["in_chans"]
     onnx_path = out / "model.onnx"

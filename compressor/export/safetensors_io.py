@@ -146,14 +146,19 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     name = f"{p} is not a valid safetensors file"
     if size < 10:
         raise WeightsError(f"{name}: only {size} bytes (truncated or empty?)")
-    with open(p, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n < 2 or n > _MAX_HEADER_BYTES or n > size - 8:
-            raise WeightsError(f"{name}: its header length field says {n:,} bytes but the file has {size:,} "
-                               "(corrupt, truncated, or another format)")
-        raw = f.read(n)
+    try:
+        with open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n < 2 or n > _MAX_HEADER_BYTES or n > size - 8:
+                raise WeightsError(f"{name}: its header length field says {n:,} bytes but the file has {size:,} "
+                                   "(corrupt, truncated, or another format)")
+            raw = f.read(n)
+    except OSError as err:
+        raise WeightsError(f"cannot read {p} ({err.strerror})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
+    except RecursionError:  # a crafted, absurdly nested header
+        raise WeightsError(f"{name}: its header nests too deeply; the file is corrupt or hostile") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WeightsError(f"{name}: its header is not JSON ({type(err).__name__} at byte {getattr(err, 'pos', '?')}); "
                            "the file is corrupt or another format") from None
@@ -199,6 +204,8 @@ def _parse_manifest(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
                            "written by save_compressed (load a plain state dict with create_model(weights=...))")
     try:
         manifest = json.loads(text)
+    except RecursionError:
+        raise WeightsError(f"{path}: the manifest in its metadata nests too deeply (corrupt or hostile)") from None
     except json.JSONDecodeError as err:
         raise WeightsError(f"{path}: the manifest in its metadata is not valid JSON ({err.msg} at {err.pos})") from None
     where = f"{path}: malformed manifest"

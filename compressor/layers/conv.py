@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import (augment_basis, hosvd_channel_factors, mode_product, rank_spectrum, reorthonormalize,
-                          truncation_rank, unfold)
+from ..functional import (augment_basis, hosvd_channel_factors, left_singular, mode_product, rank_spectrum,
+                          reorthonormalize, truncation_rank, unfold)
 from .base import BasisChange, LowRankLayer
 from .rank import resolve_rank
 
@@ -77,8 +77,28 @@ class TuckerConv2d(LowRankLayer):
             r_out = resolve_rank(rank, c_out, r_min, cap_out)
             r_in = resolve_rank(rank, c_in, r_min, cap_in)
         u_out, u_in, core = hosvd_channel_factors(w, r_out, r_in, seed=seed)
-        layer = cls(c_in, c_out, conv.kernel_size, (r_out, r_in), stride=conv.stride,
-                    padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+        return cls._from_factors(conv, u_out, core, u_in, r_min=r_min, r_max=r_max)
+
+    @classmethod
+    def from_bases(cls, conv: nn.Conv2d, u_out: Tensor, u_in: Tensor, *, r_min: int = 1,
+                   r_max: int | None = None) -> "TuckerConv2d":
+        """Given orthonormal channel bases U_out (C_out×r_out), U_in (C_in×r_in): core = W ×₀ U_outᵀ ×₁ U_inᵀ.
+
+        Used with activation-aware bases (:mod:`compressor.calibration`); exact when both bases
+        span the kernel's mode-0 and mode-1 column spaces (e.g. at full rank).
+        """
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError("only plain (groups=1, zero-padded) convolutions are factorized")
+        w = conv.weight.detach()
+        u_out, u_in = u_out.to(w.dtype), u_in.to(w.dtype)
+        return cls._from_factors(conv, u_out, mode_product(w, u_out, u_in), u_in, r_min=r_min, r_max=r_max)
+
+    @classmethod
+    def _from_factors(cls, conv: nn.Conv2d, u_out: Tensor, core: Tensor, u_in: Tensor, *, r_min: int,
+                      r_max: int | None) -> "TuckerConv2d":
+        w = conv.weight
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, (core.shape[0], core.shape[1]),
+                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
                     r_min=r_min, r_max=r_max, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             layer.U_out.copy_(u_out)
@@ -130,8 +150,8 @@ class TuckerConv2d(LowRankLayer):
         with torch.no_grad():
             work = torch.float64 if self.C.dtype == torch.float64 else torch.float32
             core = self.C.to(work)
-            p0, s0, _ = torch.linalg.svd(unfold(core, 0), full_matrices=False)
-            p1, s1, _ = torch.linalg.svd(unfold(core, 1), full_matrices=False)
+            p0, s0 = left_singular(unfold(core, 0))  # only P, σ: the right factors are never used
+            p1, s1 = left_singular(unfold(core, 1))
             r0 = truncation_rank(s0, tau, self.r_min, self.r_max_out)
             r1 = truncation_rank(s1, tau, self.r_min, self.r_max_in)
             left, right = p0[:, :r0], p1[:, :r1]

@@ -47,11 +47,31 @@ class LowRankLinear(LowRankLayer):
         else:
             r = resolve_rank(rank, full, r_min, r_cap)
         u, s, v = top_singular(w, r, seed=seed)
-        layer = cls(linear.in_features, linear.out_features, r, bias=linear.bias is not None,
-                    r_min=r_min, r_max=r_cap, device=w.device, dtype=w.dtype)
+        return cls._from_factors(linear, u, torch.diag(s), v, r_min=r_min, r_max=r_cap)
+
+    @classmethod
+    def from_output_basis(cls, linear: nn.Linear, u: Tensor, *, r_min: int = 1,
+                          r_max: int | None = None) -> "LowRankLinear":
+        """W ≈ U Uᵀ W for a given orthonormal output basis U (out×r): the factors of Uᵀ W.
+
+        Wᵀ U = V R (QR) gives U S Vᵀ = U Uᵀ W with S = Rᵀ and V orthonormal. With U from the
+        output activations this is the best rank-r approximation in the data's metric
+        (:mod:`compressor.calibration`).
+        """
+        w = linear.weight.detach()
+        v, r = reorthonormalize(w.mT @ u.to(w.dtype))
+        full = min(w.shape)
+        return cls._from_factors(linear, u.to(w.dtype), r.mT, v, r_min=r_min, r_max=min(r_max or full, full))
+
+    @classmethod
+    def _from_factors(cls, linear: nn.Linear, u: Tensor, s: Tensor, v: Tensor, *, r_min: int,
+                      r_max: int) -> "LowRankLinear":
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, u.shape[1], bias=linear.bias is not None,
+                    r_min=r_min, r_max=r_max, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             layer.U.copy_(u)
-            layer.S.copy_(torch.diag(s))
+            layer.S.copy_(s)
             layer.V.copy_(v)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)

@@ -50,10 +50,16 @@ def resolve_device(spec: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise ConfigError(f"train.device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # meta, mps, xpu, ...: not what training runs on here
+        raise ConfigError(f"train.device {spec!r}: {device.type} devices are not supported; "
+                          f"use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device {spec!r}: CUDA is not available here; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device {spec!r}: there are only {torch.cuda.device_count()} CUDA devices "
+                          f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
     return device
 
 

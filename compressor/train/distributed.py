@@ -140,17 +140,19 @@ class DistContext:
         """
         if not self.enabled:
             return
-        bufs = [b for b in model.buffers() if b.is_floating_point() and b.numel()]
-        if not bufs:
-            return
-        flat = torch.cat([b.detach().reshape(-1).float() for b in bufs])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.world_size
-        offset = 0
-        with torch.no_grad():
-            for b in bufs:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
+        groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for b in model.buffers():
+            if b.is_floating_point() and b.numel():
+                groups.setdefault((b.dtype, b.device), []).append(b)
+        for bufs in groups.values():  # one all-reduce per dtype/device (usually one)
+            flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= self.world_size
+            offset = 0
+            with torch.no_grad():
+                for b in bufs:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
 
     def _broadcast_flat(self, tensors: list[Tensor]) -> None:
         """Broadcast tensors from rank 0 in one collective per dtype/device group."""

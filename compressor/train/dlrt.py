@@ -11,6 +11,11 @@ The training cycle of the paper's Appendix A, one cycle per ``coefficient_steps`
 Optimizer state follows every basis change; an epoch never ends augmented (the last batch
 truncates). After the rank-adaptive epochs, optional fixed-rank epochs train the cores only.
 With no factorized layers and β = 0 the same loop is plain training: the dense baseline uses it.
+
+Under torchrun (``dist``, a :class:`~compressor.train.distributed.DistContext`) every step
+all-reduces the gradients with the step's loss and correct count, every basis change ends with
+rank 0's ranks, factors, cores and core optimizer state on all processes, buffers are averaged
+at epoch ends, and only rank 0 writes checkpoints (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -136,21 +141,26 @@ class Trainer:
 
                 if augment_now:
                     self._set_bases_trainable(True)
+                buffers = self._snapshot_buffers()
                 loss, reg, correct = self._forward_backward(x, y)
                 # one all-reduce: gradients averaged, [loss, correct] summed over processes, so
                 # the step/skip decision and the tallies are those of the global batch
-                stats = torch.stack([loss.float(), torch.full_like(loss, float(correct), dtype=torch.float32)])
+                stats = torch.stack([loss, torch.full_like(loss, float(correct))])
                 stats = self.dist.all_reduce_grads(self.params + (self._bases() if augment_now else []), stats)
                 loss, correct = stats[0] / self.dist.world_size, int(round(float(stats[1])))
                 count = y.numel() * self.dist.world_size
                 took = guarded_step(self.params, self.optimizer, self.cfg.grad_clip, loss)
                 if not took:
+                    self._restore_buffers(buffers)  # a NaN forward would have poisoned BatchNorm's running stats
                     self.history.nonfinite_steps += 1
                     log.warning("%s: non-finite loss or gradient at step %d: step skipped", self.name, self.global_step)
                 if augment_now:
                     t = time.perf_counter()
-                    if took:  # augmenting with NaN directions would poison the bases
+                    if took and self._bases_grads_finite():  # NaN directions would poison the bases
                         self._augment()
+                    elif took:
+                        log.warning("%s: non-finite basis gradient at step %d: augmentation skipped", self.name,
+                                    self.global_step)
                     self._set_bases_trainable(False)
                     tally["t_aug"] += time.perf_counter() - t
                 if truncate_now:
@@ -179,7 +189,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.cfg.amp):
             logits = self.model(x)
-        loss = self.loss_fn(logits.float(), y)
+        # the loss in float32 at least (bf16 autocast logits), in float64 for a float64 model
+        loss = self.loss_fn(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, y)
         reg = torch.zeros((), device=self.device)
         if self.cfg.beta > 0 and self.layers:
             # R acts on the cores only (never on U, V), in float32 even under autocast
@@ -187,6 +198,20 @@ class Trainer:
         (loss + self.cfg.beta * reg).backward()
         correct = int((logits.detach().argmax(1) == y).sum())
         return loss.detach(), reg.detach(), correct
+
+    def _snapshot_buffers(self) -> list[tuple[Tensor, Tensor]]:
+        """Copies of the floating buffers (BatchNorm running stats): a skipped step restores them."""
+        return [(b, b.detach().clone()) for b in self.model.buffers() if b.is_floating_point()]
+
+    @staticmethod
+    def _restore_buffers(snapshot: list[tuple[Tensor, Tensor]]) -> None:
+        with torch.no_grad():
+            for buffer, saved in snapshot:
+                buffer.copy_(saved)
+
+    def _bases_grads_finite(self) -> bool:
+        grads = [p.grad for p in self._bases() if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def _bases(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.bases()]

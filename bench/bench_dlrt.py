@@ -1,0 +1,390 @@
+"""Training-step cost of RobustDLRT against dense fine-tuning: torchvision VGG16 at 32×32.
+
+    python bench/bench_dlrt.py               # VGG16, 40 batches of 32 (≈ an epoch of digits)
+    python bench/bench_dlrt.py --smoke       # VGG11, ranks ≤ 16, 4 batches, s* 3: < 30 s
+    python bench/bench_dlrt.py --profile 4   # also profile a cycle of 4 steps of each low-rank model
+
+Real data: scikit-learn's digits, 8×8 → 32×32 RGB (bilinear), normalized; the same N batches
+for every model. Three models train side by side, each by ``compressor.train.Trainer`` itself
+(AdamW lr 5e-4, per-step cosine, clip 1.0, as the authors' reference script):
+
+- dense: torchvision VGG16, 10 classes (a Trainer with no factorized layer = plain training);
+- low-rank (ours): ``factorize_(init_rank=150, r_max=200)`` with the project's policy (first conv
+  and classifier dense; layers whose factorization at r_max saves nothing stay dense: VGG16's
+  64- and 128-channel convs);
+- low-rank at the reference's ranks: every conv but the first and every linear but the last
+  factorized, channel ranks capped at min(C/2, 200) and started at the cap (convs) or 150
+  (linears), as ``transform_to_low_rank(max_rank=200, init_rank=150, tol=0.1)`` does: the
+  setting of the reference's 0.49 s step (PEERS.md).
+
+RobustDLRT: β 0.075, τ 0.1, s* 10. Steps are interleaved round-robin (one thread per model, a
+baton passed at every batch request, so exactly one model runs at a time) and share the noise
+of this shared machine; step time = from receiving a batch to requesting the next. Targets:
+epoch low-rank / dense ≤ 0.2; augment + truncate ≤ 10 % of the low-rank epoch; median low-rank
+step at the reference's ranks ≥ 1.5× faster than its 0.49 s. Writes bench/results/dlrt.json
+(``--smoke``: dlrt-smoke.json) and prints a Markdown table; the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torchvision  # noqa: E402
+
+from compressor.atomic import write_text  # noqa: E402
+from compressor.factorize import factorize_  # noqa: E402
+from compressor.layers import LowRankLinear, TuckerConv2d, low_rank_layers  # noqa: E402
+from compressor.train import Trainer, TrainerConfig  # noqa: E402
+
+REFERENCE_STEP_S = 0.49  # authors' RobustDLRT step, VGG16, batch 32, median (PEERS.md)
+REFERENCE_DENSE_STEP_S = 2.28  # dense VGG16 step, batch 32, AdamW, median (PEERS.md)
+
+
+# ----------------------------------------------------------------------------- data and models
+
+
+def digits_batches(n_batches: int, batch_size: int, size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div(16.0).unsqueeze(1)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    need = n_batches * batch_size
+    perm = perm.repeat(need // len(perm) + 1)[:need]
+    return [(x[perm[i:i + batch_size]], y[perm[i:i + batch_size]]) for i in range(0, need, batch_size)]
+
+
+def factorize_like_reference(model: nn.Module, init_rank: int, r_max: int) -> int:
+    """The reference's layer choice and ranks: all convs but the first and all linears but the
+    last; conv channel ranks capped at min(C/2, r_max) and started at the cap; linears start at
+    ``init_rank`` with cap r_max. Returns the number of factorized layers."""
+    modules = dict(model.named_modules())
+    candidates = [(n, m) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    convs = [n for n, m in candidates if isinstance(m, nn.Conv2d)]
+    skip = {convs[0], candidates[-1][0]}
+    count = 0
+    for name, m in candidates:
+        if name in skip:
+            continue
+        if isinstance(m, nn.Conv2d):
+            cap_out, cap_in = min(m.out_channels // 2, r_max), min(m.in_channels // 2, r_max)
+            new = TuckerConv2d.from_dense(m, rank=(cap_out, cap_in), r_min=2, r_max=r_max)
+            new.r_max_out, new.r_max_in = cap_out, cap_in  # the reference's per-mode caps
+            new.r_max = max(cap_out, cap_in)
+        else:
+            new = LowRankLinear.from_dense(m, rank=min(init_rank, r_max), r_min=2, r_max=r_max)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, new)
+        count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------- lockstep runner
+
+
+class Baton:
+    """Round-robin turns between threads: exactly one model computes at any time."""
+
+    def __init__(self, n: int):
+        self.cond = threading.Condition()
+        self.turn, self.n, self.done = 0, n, [False] * n
+
+    def wait(self, k: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == k)
+
+    def pass_on(self, k: int, finished: bool = False) -> None:
+        with self.cond:
+            self.done[k] = self.done[k] or finished
+            if all(self.done):
+                self.turn = -1
+            else:
+                j = (k + 1) % self.n
+                while self.done[j]:
+                    j = (j + 1) % self.n
+                self.turn = j
+            self.cond.notify_all()
+
+
+class BatonLoader:
+    """A model's loader: waits for its turn, hands over a batch, and times the trainer's step
+    (from the hand-over to the next request). Keeps the turn after its last batch: the thread
+    passes it on once ``fit`` has returned (end-of-epoch bookkeeping is not timed in parallel)."""
+
+    def __init__(self, batches, baton: Baton, k: int, model: nn.Module):
+        self.batches, self.baton, self.k, self.model = batches, baton, k, model
+        self.seconds: list[float] = []
+        self.ranks: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            self.baton.wait(self.k)
+            self.ranks.append(_mean_rank(self.model))
+            t = time.perf_counter()
+            yield batch
+            self.seconds.append(time.perf_counter() - t)
+            if i < len(self.batches) - 1:
+                self.baton.pass_on(self.k)
+
+
+def _mean_rank(model: nn.Module) -> float:
+    ranks = [r for layer in low_rank_layers(model).values() for r in layer.ranks]
+    return sum(ranks) / len(ranks) if ranks else float("nan")
+
+
+def run_lockstep(trainers: list[Trainer], loaders: list[BatonLoader], baton: Baton) -> None:
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            trainers[k].fit()
+        except BaseException as err:  # re-raised in the main thread
+            errors.append(err)
+        finally:
+            baton.pass_on(k, finished=True)
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(trainers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def summarize(loader: BatonLoader, trainer: Trainer, s_star: int, dense_epoch: float) -> dict:
+    n = len(loader.seconds)
+    kinds = ["augment" if i % s_star == 0 else
+             "truncate" if (i % s_star == s_star - 1 or i == n - 1) else "coefficient" for i in range(n)]
+    by = {k: [s for s, kk in zip(loader.seconds, kinds) if kk == k] for k in ("augment", "coefficient", "truncate")}
+    record = trainer.history.epochs[0]
+    epoch = sum(loader.seconds)
+    n_aug, n_trunc = kinds.count("augment"), kinds.count("truncate")
+    med = statistics.median
+    coef = med(by["coefficient"]) if by["coefficient"] else float("nan")
+    aug_op, trunc_op = record["seconds_augment"], record["seconds_truncate"]
+    # the augmentation batch also back-propagates to the bases (∂L/∂U, ∂L/∂V): its extra time
+    aug_extra = max(0.0, med(by["augment"]) - aug_op / max(1, n_aug) - coef) if by["augment"] else 0.0
+    return {
+        "layers": len(trainer.layers),
+        "params": record["params"],
+        "compression_rate": record["compression_rate"],
+        "step_median": med(loader.seconds),
+        "coefficient_step_median": coef,
+        "augment_step_median": med(by["augment"]) if by["augment"] else float("nan"),
+        "truncate_step_median": med(by["truncate"]) if by["truncate"] else float("nan"),
+        "augment_op_seconds_mean": aug_op / max(1, n_aug),
+        "truncate_op_seconds_mean": trunc_op / max(1, n_trunc),
+        "epoch_seconds": epoch,
+        "epoch_ratio_vs_dense": epoch / dense_epoch,
+        "augment_truncate_share": (aug_op + trunc_op) / epoch,
+        "augment_truncate_share_with_basis_backward": (aug_op + trunc_op + n_aug * aug_extra) / epoch,
+        "speedup_vs_reference_step": REFERENCE_STEP_S / med(loader.seconds),
+        "mean_rank_per_step": loader.ranks,
+        "final_ranks": {name: list(layer.ranks) for name, layer in trainer.layers.items()},
+        "step_seconds": loader.seconds,
+        "step_kinds": kinds,
+        "train_loss": record["train_loss"],
+        "nonfinite_steps": trainer.history.nonfinite_steps,
+    }
+
+
+def measure(args) -> dict:
+    torch.manual_seed(0)
+    dense = getattr(torchvision.models, args.model)(weights=None, num_classes=10)
+    ours, ref = copy.deepcopy(dense), copy.deepcopy(dense)
+    t = time.perf_counter()
+    report = factorize_(ours, init_rank=args.init_rank, r_max=args.r_max, r_min=2)
+    t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    n_ref = factorize_like_reference(ref, args.init_rank, args.r_max)
+    t_ref = time.perf_counter() - t
+    batches = digits_batches(args.batches, args.batch_size)
+
+    models = {"dense": dense, "lowrank": ours, "lowrank_reference_ranks": ref}
+    baton = Baton(len(models))
+    loaders, trainers = [], []
+    common = dict(optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, amp="off",
+                  checkpoint_every=0)
+    for k, (name, model) in enumerate(models.items()):
+        if name == "dense":
+            cfg = TrainerConfig(adaptive_epochs=0, fixed_epochs=1, beta=0.0, **common)
+        else:
+            cfg = TrainerConfig(adaptive_epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=args.s_star,
+                                **common)
+        loader = BatonLoader(batches, baton, k, model)
+        loaders.append(loader)
+        trainers.append(Trainer(model, loader, cfg, set_epoch=lambda loader, epoch: None, name=name))
+    run_lockstep(trainers, loaders, baton)
+
+    dense_epoch = sum(loaders[0].seconds)
+    out = {
+        "dense": {"step_median": statistics.median(loaders[0].seconds), "epoch_seconds": dense_epoch,
+                  "params": trainers[0].history.epochs[0]["params"], "step_seconds": loaders[0].seconds},
+        "lowrank": summarize(loaders[1], trainers[1], args.s_star, dense_epoch),
+        "lowrank_reference_ranks": summarize(loaders[2], trainers[2], args.s_star, dense_epoch),
+    }
+    out["lowrank"]["factorize_seconds"] = t_ours
+    out["lowrank"]["factorized_layers"] = len(report.factorized)
+    out["lowrank_reference_ranks"]["factorize_seconds"] = t_ref
+    out["lowrank_reference_ranks"]["factorized_layers"] = n_ref
+    # the machine is shared: scale our times by the reference machine's dense step over ours
+    scale = REFERENCE_DENSE_STEP_S / out["dense"]["step_median"]
+    for key in ("lowrank", "lowrank_reference_ranks"):
+        out[key]["step_median_load_normalized"] = out[key]["step_median"] * scale
+        out[key]["speedup_vs_reference_step_load_normalized"] = REFERENCE_STEP_S / (out[key]["step_median"] * scale)
+    return out
+
+
+def profile_cycle(args, n_steps: int) -> str:
+    """torch.profiler over one DLRT cycle (augment, coefficient steps, truncate) of each low-rank model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = []
+    for name in ("lowrank", "lowrank_reference_ranks"):
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, args.model)(weights=None, num_classes=10)
+        if name == "lowrank":
+            factorize_(model, init_rank=args.init_rank, r_max=args.r_max, r_min=2)
+        else:
+            factorize_like_reference(model, args.init_rank, args.r_max)
+        batches = digits_batches(n_steps, args.batch_size)
+        cfg = TrainerConfig(adaptive_epochs=1, optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip,
+                            beta=args.beta, tau=args.tau, coefficient_steps=n_steps, amp="off", checkpoint_every=0)
+        trainer = Trainer(model, batches, cfg, set_epoch=lambda loader, epoch: None)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            trainer.fit()
+        table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20,
+                                                                   max_name_column_width=36,
+                                                                   max_shapes_column_width=70)
+        tables.append(f"### {name}: {n_steps} steps\n{table}")
+    return "\n".join(tables)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(res: dict, args, load_before, load_after) -> str:
+    d, a, b = res["dense"], res["lowrank"], res["lowrank_reference_ranks"]
+    ok = lambda c: "✅" if c else "❌"  # noqa: E731
+
+    def s(x: float) -> str:
+        return f"{x:.3f} s"
+
+    lines = [
+        f"## RobustDLRT vs dense fine-tuning: {args.model}, 32×32 digits, batch {args.batch_size}, "
+        f"{args.batches} batches, AdamW, {args.threads} thread(s)",
+        "",
+        f"| | dense | low-rank (ours: policy, init {args.init_rank}, r_max {args.r_max}) | "
+        f"low-rank at the reference's ranks (min(C/2, {args.r_max})) |",
+        "|---|---|---|---|",
+        f"| factorized layers, factorize_ time | — | {a['factorized_layers']}, {a['factorize_seconds']:.1f} s | "
+        f"{b['factorized_layers']}, {b['factorize_seconds']:.1f} s |",
+        f"| params (c.r.) | {d['params']:,} | {a['params']:,} ({a['compression_rate']:.1f} %) | "
+        f"{b['params']:,} ({b['compression_rate']:.1f} %) |",
+        f"| step, median | {s(d['step_median'])} | {s(a['step_median'])} | {s(b['step_median'])} |",
+        f"| coefficient step, median | — | {s(a['coefficient_step_median'])} | {s(b['coefficient_step_median'])} |",
+        f"| augmentation step, median (of which QR) | — | {s(a['augment_step_median'])} "
+        f"({s(a['augment_op_seconds_mean'])}) | {s(b['augment_step_median'])} ({s(b['augment_op_seconds_mean'])}) |",
+        f"| truncation step, median (of which SVD) | — | {s(a['truncate_step_median'])} "
+        f"({s(a['truncate_op_seconds_mean'])}) | {s(b['truncate_step_median'])} ({s(b['truncate_op_seconds_mean'])}) |",
+        f"| epoch ({args.batches} batches) | {d['epoch_seconds']:.1f} s | {a['epoch_seconds']:.1f} s | "
+        f"{b['epoch_seconds']:.1f} s |",
+        f"| epoch ratio low-rank / dense (target ≤ 0.2) | — | {a['epoch_ratio_vs_dense']:.3f} "
+        f"{ok(a['epoch_ratio_vs_dense'] <= 0.2)} | {b['epoch_ratio_vs_dense']:.3f} {ok(b['epoch_ratio_vs_dense'] <= 0.2)} |",
+        f"| augment + truncate share of the epoch (target ≤ 10 %; with the bases' backward) | — | "
+        f"{100 * a['augment_truncate_share']:.1f} % ({100 * a['augment_truncate_share_with_basis_backward']:.1f} %) "
+        f"{ok(a['augment_truncate_share'] <= 0.1)} | {100 * b['augment_truncate_share']:.1f} % "
+        f"({100 * b['augment_truncate_share_with_basis_backward']:.1f} %) {ok(b['augment_truncate_share'] <= 0.1)} |",
+        f"| reference step 0.49 s / our median step (target ≥ 1.5× at equal ranks) | — | "
+        f"{a['speedup_vs_reference_step']:.2f}× | {b['speedup_vs_reference_step']:.2f}× "
+        f"{ok(b['speedup_vs_reference_step'] >= 1.5)} |",
+        f"| same, our times scaled by {REFERENCE_DENSE_STEP_S} s / our dense step (load-normalized) | — | "
+        f"{a['speedup_vs_reference_step_load_normalized']:.2f}× | "
+        f"{b['speedup_vs_reference_step_load_normalized']:.2f}× |",
+        "",
+        f"Load average before / after: {load_before} / {load_after} on {os.cpu_count()} cores. The machine is "
+        "shared: interleaving shares its noise between the models (ratios), absolute times are not comparable "
+        "with PEERS.md's unless the dense step is (the load-normalized row assumes the slowdown is uniform).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="VGG11, ranks ≤ 16, 4 batches of 16, s* 3 (< 30 s)")
+    ap.add_argument("--model", default="vgg16")
+    ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--init-rank", type=int, default=150)
+    ap.add_argument("--r-max", type=int, default=200)
+    ap.add_argument("--beta", type=float, default=0.075)
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--s-star", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a loaded 2-core box 2 threads wait on each other at every op)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a cycle of N steps")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.batches, args.batch_size, args.init_rank, args.r_max, args.s_star = "vgg11", 4, 16, 8, 16, 3
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("dlrt-smoke.json" if args.smoke else "dlrt.json")
+    torch.set_num_threads(args.threads)
+
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.perf_counter()
+    res = measure(args)
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    payload = {
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": res,
+        "targets": {"epoch_ratio_vs_dense": 0.2, "augment_truncate_share": 0.10, "speedup_vs_reference_step": 1.5},
+        "reference": {"step_s": REFERENCE_STEP_S, "dense_step_s": REFERENCE_DENSE_STEP_S, "source": "shared/PEERS.md"},
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    table = markdown(res, args, load_before, load_after)
+    if args.profile:
+        payload["profile"] = profile_cycle(args, args.profile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, json.dumps(payload, indent=2))
+    print(table)
+    if args.profile:
+        print("\n```\n" + payload["profile"] + "\n```")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
