@@ -24,6 +24,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+import benchmarks_md  # noqa: E402
 from compressor.attacks import create_attack  # noqa: E402
 
 
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "attacks.json"))
+    ap.add_argument("--benchmarks-md", type=Path, default=None,
+                    help="page whose 'attacks' section the table replaces (default: BENCHMARKS.md; --smoke: none)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.batch_size, args.batches, args.repeats = 8, 1, 3
@@ -120,13 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"PGD ℓ∞, {args.steps} steps, eps={args.eps:.4f}, model={args.model}, batch={args.batch_size}x{args.batches}, "
-          f"device={args.device}, threads={args.threads}, repeats={args.repeats}\n")
-    print("| implementation | images/s (median) | min | max |")
-    print("|---|---:|---:|---:|")
-    for k, v in runs.items():
-        print(f"| {k} | {med[k]:.1f} | {min(v):.1f} | {max(v):.1f} |")
-    print(f"\nratio ours/torchattacks: {ratio:.3f}; max |Δ| without random start: {max_diff:.2e}; wrote {out}")
+    lines = [f"PGD ℓ∞, {args.steps} steps, ε = {args.eps:.4f}, model {args.model}, batch {args.batch_size} × "
+             f"{args.batches}, device {args.device}, {args.threads} thread(s), {args.repeats} repeats (alternating "
+             "order).", "",
+             "| implementation | images/s (median) | min | max |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {med[k]:.1f} | {min(v):.1f} | {max(v):.1f} |" for k, v in runs.items()]
+    lines += ["", f"Ratio ours / torchattacks: **{ratio:.3f}** (target ≥ 1.0); max |Δ| of the images without random "
+                  f"start: {max_diff:.2e}."]
+    print("\n".join(lines) + f"\nwrote {out}")
+    md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
+    benchmarks_md.update_section(
+        "attacks", "\n".join(lines), script="bench_attacks.py", argv=list(sys.argv[1:] if argv is None else argv),
+        path=md, measured="images per second of compressor's pgd against torchattacks.PGD (same model, batches, "
+                          "steps, step size, random start), median over repeats.")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Training-step cost of RobustDLRT against dense fine-tuning: torchvision VGG16 at 32×32.
 
     python bench/bench_dlrt.py               # VGG16, 40 batches of 32 (≈ an epoch of digits)
-    python bench/bench_dlrt.py --smoke       # VGG11, ranks ≤ 16, 4 batches, s* 3: < 30 s
+    python bench/bench_dlrt.py --smoke       # ResNet-18, ranks ≤ 16, 4 batches, s* 3: seconds (CI)
     python bench/bench_dlrt.py --profile 4   # also profile a cycle of 4 steps of each low-rank model
 
 Real data: scikit-learn's digits, 8×8 → 32×32 RGB (bilinear), normalized; the same N batches
@@ -44,9 +44,11 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torchvision  # noqa: E402
 
+import benchmarks_md  # noqa: E402
 from compressor.atomic import write_text  # noqa: E402
 from compressor.factorize import factorize_  # noqa: E402
 from compressor.layers import LowRankLinear, TuckerConv2d, low_rank_layers  # noqa: E402
@@ -337,7 +339,7 @@ def markdown(res: dict, args, load_before, load_after) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="VGG11, ranks ≤ 16, 4 batches of 16, s* 3 (< 30 s)")
+    ap.add_argument("--smoke", action="store_true", help="ResNet-18, ranks ≤ 16, 4 batches of 16, s* 3 (seconds; CI)")
     ap.add_argument("--model", default="vgg16")
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -352,9 +354,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch CPU threads (default 1: on a loaded 2-core box 2 threads wait on each other at every op)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a cycle of N steps")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--benchmarks-md", type=Path, default=None,
+                    help="page whose 'dlrt' section the table replaces (default: BENCHMARKS.md; --smoke: none)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.model, args.batches, args.batch_size, args.init_rank, args.r_max, args.s_star = "vgg11", 4, 16, 8, 16, 3
+        args.model, args.batches, args.batch_size, args.init_rank, args.r_max, args.s_star = "resnet18", 4, 16, 8, 16, 3
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("dlrt-smoke.json" if args.smoke else "dlrt.json")
     torch.set_num_threads(args.threads)
 
@@ -363,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     res = measure(args)
     load_after = [round(x, 2) for x in os.getloadavg()]
     payload = {
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "benchmarks_md")},
         "results": res,
         "targets": {"epoch_ratio_vs_dense": 0.2, "augment_truncate_share": 0.10, "speedup_vs_reference_step": 1.5},
         "reference": {"step_s": REFERENCE_STEP_S, "dense_step_s": REFERENCE_DENSE_STEP_S, "source": "shared/PEERS.md"},
@@ -383,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.profile:
         print("\n```\n" + payload["profile"] + "\n```")
+    md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
+    benchmarks_md.update_section(
+        "dlrt", table, script="bench_dlrt.py", argv=list(sys.argv[1:] if argv is None else argv), path=md,
+        measured=f"seconds per training step and per epoch of {args.batches} batches, dense vs RobustDLRT, the three "
+                 "models interleaved batch by batch on the same real batches (digits), one process.")
     return 0
 
 

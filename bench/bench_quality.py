@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+import benchmarks_md  # noqa: E402
 from compressor.api import factorize_and_train, layer_spectrum, layer_summary  # noqa: E402
 from compressor.data import (FASHION_MNIST_DEFAULT_ROOT, TensorImages, build_data, read_idx_images,  # noqa: E402
                              read_idx_labels, set_epoch)
@@ -97,7 +98,7 @@ REFERENCE_PEERS = {
 }
 
 # settings that change the figures: a checkpoint made with other values is not reused
-_FINGERPRINT_KEYS = ("data", "model", "train_subset", "val_subset", "eval_split", "dense_epochs", "epochs",
+_FINGERPRINT_KEYS = ("data", "model", "init", "train_subset", "val_subset", "eval_split", "dense_epochs", "epochs",
                      "batch_size", "dense_lr", "optimizer", "lr", "grad_clip", "init_rank", "r_max", "tau",
                      "coefficient_steps", "eps_unit", "max_samples", "fgsm_samples", "input_size", "attack_steps")
 
@@ -130,6 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam", help="DLRT optimizer")
     ap.add_argument("--lr", type=float, default=1e-4, help="DLRT learning rate (cosine schedule)")
     ap.add_argument("--grad-clip", type=float, default=None, help="DLRT gradient-norm clip")
+    ap.add_argument("--init", choices=["activations", "svd"], default="activations",
+                    help="initial bases: activation-aware (the recipes' default) or SVD/HOSVD of the weights")
     ap.add_argument("--init-rank", type=int, default=150)
     ap.add_argument("--r-max", type=int, default=200)
     ap.add_argument("--tau", type=float, default=0.1)
@@ -147,6 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "shared machine 2 spinning OpenMP threads ran 5-10x slower than 1 here), else torch's default")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--tag", default=None, help="output names quality-<tag>.* (--smoke: tag smoke)")
+    ap.add_argument("--benchmarks-md", default=None,
+                    help="page whose 'quality[-tag]' section the tables replace (default: BENCHMARKS.md; "
+                         "--smoke: none)")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="save finished (seed, model) entries here as they finish; a rerun skips them")
     args = ap.parse_args(argv)
@@ -190,7 +196,7 @@ def recipe_for(args: argparse.Namespace, seed: int, beta: float) -> Recipe:
                  "val_subset": args.val_subset, "batch_size": args.batch_size,
                  "eval_batch_size": args.eval_batch_size},
         "baseline": {"epochs": args.dense_epochs, "optimizer": "adam", "lr": args.dense_lr, "schedule": "cosine"},
-        "factorize": {"init_rank": args.init_rank, "r_min": 2, "r_max": args.r_max},
+        "factorize": {"init": args.init, "init_rank": args.init_rank, "r_min": 2, "r_max": args.r_max},
         "train": {"epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr, "schedule": "cosine",
                   "grad_clip": args.grad_clip, "beta": beta, "tau": args.tau,
                   "coefficient_steps": args.coefficient_steps, "device": "cpu", "checkpoint_every": 0},
@@ -556,7 +562,7 @@ def _load() -> str:
         return "?"
 
 
-def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
+def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") -> str:
     agg, m, run = doc["aggregate"], doc["machine"], doc["run"]
     rows = metric_rows(args)
     seeds = ", ".join(map(str, args.seeds))
@@ -581,7 +587,8 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
         f"{d0.get('n_eval', args.val_subset)} evaluation images ({eval_what}); normalization by the training "
         f"subset's mean/std inside the model. Dense baseline: Adam {args.dense_lr:g}, cosine, batch "
         f"{args.batch_size}, {args.dense_epochs} epoch(s). Then per β, from the same dense weights: factorize "
-        f"(init rank {args.init_rank}, r_max {args.r_max}) and {args.epochs} rank-adaptive epoch(s) "
+        f"({'activation-aware' if args.init == 'activations' else 'SVD/HOSVD'} init, init rank {args.init_rank}, "
+        f"r_max {args.r_max}) and {args.epochs} rank-adaptive epoch(s) "
         f"({args.optimizer} {args.lr:g}, cosine{f', grad clip {args.grad_clip:g}' if args.grad_clip else ''}, "
         f"τ = {args.tau:g}, s* = {args.coefficient_steps}). Seeds {seeds}: a seed draws the subsets, the "
         f"initialization, the batch order and the attacks' randomness; figures are mean ± std over seeds.",
@@ -606,12 +613,15 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
     figs = doc.get("figures", {})
     if figs:
         out += ["### Figures", ""]
+        if figure_dir:
+            out += [f"Written by the run into `{figure_dir}` (run outputs are not kept in git).", ""]
+        at = f"{figure_dir}/" if figure_dir else ""
         if figs.get("spectra"):
-            out.append(f"![singular values of {figs['layer']}]({figs['spectra']}) — Fig. 1: singular values of "
+            out.append(f"![singular values of {figs['layer']}]({at}{figs['spectra']}) — Fig. 1: singular values of "
                        f"`{figs['layer']}` (dense weight vs the trained cores), seed {args.seeds[0]}.")
         if figs.get("kappa"):
-            out.append(f"![κ over training]({figs['kappa']}) — Fig. 2: κ of `{figs['layer']}`'s core at initialization "
-                       f"(step 0) and after each truncation, per β, seed {args.seeds[0]}.")
+            out.append(f"![κ over training]({at}{figs['kappa']}) — Fig. 2: κ of `{figs['layer']}`'s core at "
+                       f"initialization (step 0) and after each truncation, per β, seed {args.seeds[0]}.")
         out.append("")
     return "\n".join(out)
 
@@ -753,6 +763,14 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out_dir / f"{stem}.json", doc)
     (out_dir / f"{stem}.md").write_text(md + "\n")
     print(md)
+    page = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
+    if page is not None:
+        figure_dir = os.path.relpath(out_dir.resolve(), Path(page).resolve().parent)
+        benchmarks_md.update_section(
+            stem, f"## Quality: {args.model} on {args.data}" + (f" ({tag})" if tag else "") + "\n\n"
+            + render(args, doc, figure_dir), script="bench_quality.py", argv=list(sys.argv[1:] if argv is None else argv),
+            path=page, measured="clean and adversarial accuracy, compression rate, κ of the cores and training time "
+                                "of dense vs DLRT vs RobustDLRT from the same dense weights, per seed, aggregated.")
     if doc["projection"]:
         p = doc["projection"]
         print(f"\nProjected full run ({p['setting']}): ≈ {p['hours']:.1f} h on this machine at this load "

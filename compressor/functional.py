@@ -213,17 +213,34 @@ def _orthonormalize_keep_span(q: Tensor) -> Tensor:
     return qq * d
 
 
-def reorthonormalize(basis: Tensor) -> tuple[Tensor, Tensor]:
-    """basis = Q R with Q orthonormal and R ≈ I (upper triangular, positive diagonal).
-
-    Repeated products Û·P in float32 let orthonormality drift by round-off every cycle;
-    re-factoring after each truncation (and folding R into the core) stops the drift
-    without changing W.
-    """
-    q, r = torch.linalg.qr(basis)
+def qr_positive(a: Tensor) -> tuple[Tensor, Tensor]:
+    """Householder QR, a = Q R, with the signs fixed so that diag(R) ≥ 0 (a unique factorization)."""
+    q, r = torch.linalg.qr(a)
     d = torch.sign(torch.diagonal(r))
     d = torch.where(d == 0, torch.ones_like(d), d)
     return q * d, r * d[:, None]
+
+
+def reorthonormalize(basis: Tensor) -> tuple[Tensor, Tensor]:
+    """basis = Q R with Q orthonormal and R ≈ I (upper triangular, positive diagonal), for a
+    basis that is orthonormal up to round-off (Û·P after a truncation).
+
+    Repeated products Û·P in float32 let orthonormality drift by round-off every cycle;
+    re-factoring after each truncation (and folding R into the core) stops the drift without
+    changing W. Cholesky QR (R = chol(BᵀB), Q = B R⁻¹) does it with one Gram matrix and one
+    triangular solve: half the flops of Householder QR and all of it BLAS-3 (VGG16's
+    25088×150 V: 34 ms instead of 63 ms on 2 cores). Its error grows like ε·κ(B)², harmless at
+    κ(B) ≈ 1; a basis that is not (Cholesky fails) takes Householder QR.
+    """
+    gram = basis.mT @ basis
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0 or not bool(torch.isfinite(lower).all()):
+        return qr_positive(basis)
+    r = lower.mT
+    # Q = B R⁻¹ as one GEMM with the small explicit inverse (well-conditioned: R ≈ I): a
+    # triangular solve from the right would copy and transpose the tall B twice
+    r_inv = torch.linalg.solve_triangular(r, torch.eye(r.shape[0], dtype=r.dtype, device=r.device), upper=True)
+    return basis @ r_inv, r
 
 
 def unfold(core: Tensor, mode: int) -> Tensor:
@@ -366,13 +383,16 @@ def left_singular(a: Tensor) -> tuple[Tensor, Tensor]:
     return p, s
 
 
-def condition_number(a: Tensor) -> float:
+def condition_number(a: Tensor, *, precise: bool = True) -> float:
     """κ = σ_max/σ_min of a core matrix (inf if singular), from float64 singular values.
 
     A non-square A is reduced by QR first (its singular values are those of the small square
     R): backward stable and ~4× faster than svdvals of a 200×1800 conv-core unfolding.
+    ``precise=False`` computes in the core's precision (at least float32): ~2× faster, σ_min
+    accurate to ~1e-7·σ_max, enough for the κ trace the trainer records at every truncation.
     """
-    a = a.detach().double()
+    a = a.detach()
+    a = a.double() if precise or a.dtype == torch.float64 else a.float()
     if a.shape[0] != a.shape[1] and min(a.shape) > 0:
         a = torch.linalg.qr(a if a.shape[0] > a.shape[1] else a.mT, mode="r")[1]
     s = torch.linalg.svdvals(a)

@@ -85,10 +85,11 @@ class LowRankLayer(nn.Module):
 
         return spectral_regularizer(self.core_matrix())
 
-    def condition_number(self) -> float:
+    def condition_number(self, *, precise: bool = True) -> float:
+        """κ of the core matrix (float64; ``precise=False``: the core's precision, faster)."""
         from ..functional import condition_number
 
-        return condition_number(self.core_matrix())
+        return condition_number(self.core_matrix(), precise=precise)
 
     def num_parameters(self) -> int:
         """Parameters at the current ranks (the paper's compression-rate count)."""

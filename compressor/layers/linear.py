@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import augment_basis, rank_spectrum, reorthonormalize, top_singular, truncation_rank
+from ..functional import augment_basis, qr_positive, rank_spectrum, reorthonormalize, top_singular, truncation_rank
 from .base import BasisChange, LowRankLayer
 from .rank import resolve_rank
 
@@ -59,7 +59,7 @@ class LowRankLinear(LowRankLayer):
         (:mod:`compressor.calibration`).
         """
         w = linear.weight.detach()
-        v, r = reorthonormalize(w.mT @ u.to(w.dtype))
+        v, r = qr_positive(w.mT @ u.to(w.dtype))  # a general matrix: Householder
         full = min(w.shape)
         return cls._from_factors(linear, u.to(w.dtype), r.mT, v, r_min=r_min, r_max=min(r_max or full, full))
 
@@ -123,10 +123,11 @@ class LowRankLinear(LowRankLayer):
             p, sigma, qh = torch.linalg.svd(self.S.to(work))
             r1 = truncation_rank(sigma, tau, self.r_min, self.r_max)
             p1, q1 = p[:, :r1], qh[:r1].mT
-            change = BasisChange(p1, q1)
             dt = self.S.dtype
             u, r_u = reorthonormalize(self.U.to(work) @ p1)
             v, r_v = reorthonormalize(self.V.to(work) @ q1)
+            # U P = Q R: in the bases Q the core is R_u diag(σ) R_vᵀ = (P R_uᵀ)ᵀ Ŝ (Q R_vᵀ)
+            change = BasisChange(p1 @ r_u.mT, q1 @ r_v.mT)
             self._set(u.to(dt), (r_u @ torch.diag(sigma[:r1]) @ r_v.mT).to(dt), v.to(dt))
         return change
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +169,7 @@ class Trainer:
                     self._truncate()
                     tally["t_trunc"] += time.perf_counter() - t
                     self._trace_kappa()
-                self.scheduler.step()
+                self._schedule_step(took)
                 self.global_step += 1
 
                 if took:
@@ -198,6 +199,17 @@ class Trainer:
         (loss + self.cfg.beta * reg).backward()
         correct = int((logits.detach().argmax(1) == y).sum())
         return loss.detach(), reg.detach(), correct
+
+    def _schedule_step(self, took: bool) -> None:
+        """The schedule advances with the step count, taken or skipped (so that a resumed or a
+        NaN-hit run keeps the same learning rate per step). torch warns when the very first
+        optimizer step was skipped; here that is intended, and logged already."""
+        if took:
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
 
     def _snapshot_buffers(self) -> list[tuple[Tensor, Tensor]]:
         """Copies of the floating buffers (BatchNorm running stats): a skipped step restores them."""
@@ -236,7 +248,8 @@ class Trainer:
 
     def _trace_kappa(self) -> None:
         self.history.kappa_trace.append({"step": self.global_step,
-                                         "kappa": {n: l.condition_number() for n, l in self.layers.items()}})
+                                         # float32 κ: the trace runs at every truncation (the report's final κ is float64)
+                                         "kappa": {n: l.condition_number(precise=False) for n, l in self.layers.items()}})
 
     def _postfix(self, tally: dict[str, float]) -> dict[str, Any]:
         post = {"loss": f"{tally['loss'] / max(1, tally['count']):.3f}",

@@ -1,0 +1,80 @@
+"""Each bench script owns one section of BENCHMARKS.md and rewrites it after a run.
+
+A section sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; everything
+outside the markers (the page's introduction, notes written by hand) is left as it is. The
+section starts with what a reader needs to trust a table: the machine, the date, the command
+that reproduces it and what was measured. Writes are atomic (a half-written page is never left).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PATH = ROOT / "BENCHMARKS.md"
+sys.path.insert(0, str(ROOT))
+
+from compressor.atomic import write_text  # noqa: E402
+
+_INTRO = """# Benchmarks
+
+Every figure on this page comes from a run of a script in `bench/` on the machine it names,
+with the command that reproduces it. Each script rewrites its own section (between
+`<!-- bench:NAME -->` markers) when it finishes; `--smoke` runs, which CI makes, write
+nothing here. Speed is reported as ratios measured side by side in one run.
+"""
+
+
+def machine_line() -> str:
+    """CPU model, cores, load, torch version: what a table's seconds depend on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} torch "
+            f"thread(s); load average {load} at the end")
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    return shlex.join(["python", f"bench/{script}", *argv])
+
+
+def update_section(name: str, body: str, *, script: str, argv: list[str], measured: str,
+                   path: Path | str | None = DEFAULT_PATH) -> Path | None:
+    """Replace section ``name`` of ``path`` (created with the page intro if missing) by ``body``.
+
+    ``measured`` says in a sentence what the table measures. ``path=None`` writes nothing.
+    """
+    if path is None:
+        return None
+    path = Path(path)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = "\n".join([
+        f"<!-- bench:{name} -->",
+        body.strip(),
+        "",
+        f"*Measured {stamp} on {machine_line()}. What: {measured} "
+        f"Reproduce: `{command_line(script, argv)}`.*",
+        f"<!-- /bench:{name} -->",
+    ])
+    text = path.read_text(encoding="utf-8") if path.is_file() else _INTRO
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    write_text(path, text)
+    return path

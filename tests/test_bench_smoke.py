@@ -1,0 +1,56 @@
+"""Every bench script runs in its smoke mode (what CI can afford) and writes its results; with
+--benchmarks-md it rewrites exactly its own section of the page, keeping the rest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPTS = {  # script → (section, output flag, output file name)
+    "bench_factorize.py": ("factorize", "--out", "factorize.json"),
+    "bench_dlrt.py": ("dlrt", "--out", "dlrt.json"),
+    "bench_attacks.py": ("attacks", "--out", "attacks.json"),
+    "bench_export.py": ("export", "--out", "export.json"),
+    "bench_quality.py": ("quality-smoke", "--out-dir", "quality-smoke.json"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_smoke_run_writes_results_and_its_section(script: str, tmp_path: Path) -> None:
+    section, flag, result = SCRIPTS[script]
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
+    target = tmp_path / result if flag == "--out" else tmp_path
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", flag, str(target),
+                           "--benchmarks-md", str(page)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / result).read_text())
+    assert data, result
+    text = page.read_text()
+    assert "hand-written intro" in text and "<!-- bench:other -->\nkept\n<!-- /bench:other -->" in text
+    assert text.count(f"<!-- bench:{section} -->") == 1 and text.count(f"<!-- /bench:{section} -->") == 1
+    body = text.split(f"<!-- bench:{section} -->")[1].split(f"<!-- /bench:{section} -->")[0]
+    assert "|---" in body, body  # a Markdown table
+    assert "Reproduce: `python bench/" + script in body and "Measured 20" in body and "cores" in body
+
+
+def test_update_section_replaces_only_its_own_section(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import benchmarks_md
+
+    page = tmp_path / "B.md"
+    benchmarks_md.update_section("a", "| x |\n|---|\n| 1 |", script="s.py", argv=["--n", "1"], measured="m.", path=page)
+    assert page.read_text().startswith("# Benchmarks")  # a new page gets the intro
+    benchmarks_md.update_section("b", "B1", script="t.py", argv=[], measured="m.", path=page)
+    benchmarks_md.update_section("a", "A2", script="s.py", argv=["--n", "2"], measured="m.", path=page)
+    text = page.read_text()
+    assert text.count("<!-- bench:a -->") == 1 and "A2" in text and "| 1 |" not in text
+    assert "B1" in text and text.index("<!-- bench:a -->") < text.index("<!-- bench:b -->")  # order kept
+    assert "Reproduce: `python bench/s.py --n 2`" in text
+    assert benchmarks_md.update_section("c", "x", script="s.py", argv=[], measured="m.", path=None) is None
