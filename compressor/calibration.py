@@ -90,12 +90,12 @@ class SecondMoment:
 
     def __init__(self) -> None:
         self.rows: list[Tensor] = []
-        self.n = 0
+        self.n = self.d = 0
         self.gram: Tensor | None = None
 
     def add(self, rows: Tensor) -> None:
         rows = rows.detach()
-        self.n += rows.shape[0]
+        self.n, self.d = self.n + rows.shape[0], rows.shape[1]
         if self.gram is None and self.n < rows.shape[1]:
             self.rows.append(rows.to(torch.float64))
             return
@@ -115,19 +115,18 @@ class SecondMoment:
         if dist is None or not getattr(dist, "enabled", False):
             return
         device = self.gram.device if self.gram is not None else self.rows[0].device
-        info = torch.zeros(dist.world_size + 2, dtype=torch.float64, device=device)
+        info = torch.zeros(dist.world_size + 1, dtype=torch.float64, device=device)
         info[dist.rank] = self.n  # this process's row count in its slot
-        info[-2] = float(self.gram is not None)
-        info[-1] = (self.gram if self.gram is not None else self.rows[0]).shape[-1]
+        info[-1] = float(self.gram is not None)
         info = dist.all_reduce_sum(info)
-        counts, any_gram, d = [int(c) for c in info[:-2].tolist()], bool(info[-2] > 0), int(info[-1]) // dist.world_size
+        counts, any_gram = [int(c) for c in info[:-1].tolist()], bool(info[-1] > 0)
         if any_gram:  # sum the Grams (a process still holding rows folds them into one first)
             if self.gram is None:
                 rows, self.rows = torch.cat(self.rows), []
                 self.gram = rows.mT @ rows
             self.gram = dist.all_reduce_sum(self.gram)
         else:  # all-gather the rows through one sum: each process fills its own slot
-            slots = torch.zeros(sum(counts), d, dtype=torch.float64, device=device)
+            slots = torch.zeros(sum(counts), self.d, dtype=torch.float64, device=device)
             start = sum(counts[: dist.rank])
             slots[start : start + self.n] = torch.cat(self.rows)
             self.rows = [dist.all_reduce_sum(slots)]
@@ -209,7 +208,12 @@ def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibrat
 
         _run(model, batches, {**{m: conv_in(n) for n, m in convs.items()},
                               **{m: linear_out(n) for n, m in linears.items()}})
-        for name in sorted(first):  # the same order on every process
+        unused = sorted(n for n, moment in first.items() if moment.n == 0)
+        if unused:  # never called in forward (an auxiliary head, say): SVD of the weights instead
+            log.info("no activations reached %s: their initial bases come from the weights' SVD", ", ".join(unused))
+            convs = {n: m for n, m in convs.items() if n not in unused}
+            linears = {n: m for n, m in linears.items() if n not in unused}
+        for name in sorted(set(convs) | set(linears)):  # the same order on every process
             first[name].gather(dist)
 
         out: dict[str, LinearBases | ConvBases] = {}

@@ -8,7 +8,6 @@ python tag) are refused without running anything.
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import subprocess
@@ -23,16 +22,6 @@ from compressor.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() configures the root logger for a process; give the next test pytest's back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 RECIPE = {
     "run_name": "bad",

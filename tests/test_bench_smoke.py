@@ -17,6 +17,7 @@ SCRIPTS = {  # script → (section, output flag, output file name)
     "bench_dlrt.py": ("dlrt", "--out", "dlrt.json"),
     "bench_attacks.py": ("attacks", "--out", "attacks.json"),
     "bench_export.py": ("export", "--out", "export.json"),
+    "bench_init.py": ("init", "--out", "init.json"),
     "bench_quality.py": ("quality-smoke", "--out-dir", "quality-smoke.json"),
 }
 

@@ -155,3 +155,18 @@ def test_empty_or_bad_calibration_is_a_clear_error() -> None:
         factorize_(model, init_rank=4, r_max=8, calibration=[])
     with pytest.raises(DataError, match="image tensors"):
         factorize_(model, init_rank=4, r_max=8, calibration=[["not", "a", "tensor"]])
+
+
+def test_a_layer_the_forward_never_calls_gets_the_svd_init() -> None:
+    class WithAux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.aux, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model = WithAux()
+    report = factorize_(model, init_rank=3, r_max=8, calibration=[torch.randn(20, 16)])
+    inits = {d.name: d.init for d in report.factorized}
+    assert inits == {"body": "activations", "aux": "svd"}

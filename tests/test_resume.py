@@ -31,16 +31,6 @@ from compressor.layers import low_rank_layers
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() configures the root logger for a process; give the next test pytest's back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
 # a few seconds of work: a 100k-parameter timm test net on 64 digits, 16 px; every stage
 # (dense baseline, its evaluation, factorize, 3 + 1 RobustDLRT epochs, evaluation, export) runs
 RECIPE = {
