@@ -84,7 +84,7 @@ def _accuracy(rank: int = 150) -> list[dict]:
     del u, v
     rows = []
     for name, a in cases.items():
-        lam = torch.linalg.eigvalsh(Fn._gram64(a))
+        lam = torch.linalg.eigvalsh(Fn.gram64(a))
         sigma = lam.flip(0).clamp_min(0).sqrt()
         optimal = float(sigma[rank:].norm())
         ad = a.double()

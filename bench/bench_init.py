@@ -8,15 +8,14 @@ random init: no pretrained weights offline), then factorized with the project's 
 several initial ranks, once per ``factorize.init`` (``svd``: the weights alone; ``activations``:
 bases from 8 calibration batches, compressor/calibration.py). For each: compression rate and
 validation accuracy right after factorization (no training), and after one RobustDLRT epoch
-(β 0.075, τ 0.1, Adam 1e-4). Writes bench/results/init.json and the "init" section of
-BENCHMARKS.md. The dense weights are cached in bench/results/ (keyed by the settings).
+(β 0.075, τ 0.1, AdamW 5e-4, clip 1.0, as the recipes). Writes bench/results/init.json and the "init" section of
+BENCHMARKS.md. ``--dense-cache FILE`` keeps the dense weights for a rerun with other ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import sys
 import time
@@ -52,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 150])
     ap.add_argument("--r-max", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dense-cache", type=Path, default=None,
+                    help="reuse the dense weights saved here by an earlier run with the same settings (or save them)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "init.json")
     ap.add_argument("--benchmarks-md", type=Path, default=None,
                     help="page whose 'init' section the table replaces (default: BENCHMARKS.md; --smoke: none)")
@@ -69,18 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         dense, _ = create_model(args.model, data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std,
                                 input_size=32)
 
-    key = hashlib.sha256(json.dumps([args.model, args.dense_epochs, args.smoke]).encode()).hexdigest()[:12]
-    cache = args.out.parent / f"init-dense-{key}.pt"
     t = time.perf_counter()
-    if cache.is_file():
-        dense.load_state_dict(torch.load(cache, weights_only=True))
+    if args.dense_cache is not None and args.dense_cache.is_file():
+        dense.load_state_dict(torch.load(args.dense_cache, weights_only=True))
     else:
         torch.manual_seed(1)
         Trainer(dense, data.train_loader, TrainerConfig(adaptive_epochs=0, fixed_epochs=args.dense_epochs, lr=1e-4,
                                                         schedule="cosine", checkpoint_every=0),
                 set_epoch=set_epoch, name="dense").fit()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(dense.state_dict(), cache)
+        if args.dense_cache is not None:
+            args.dense_cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dense.state_dict(), args.dense_cache)
     dense_seconds = time.perf_counter() - t
     cpu = torch.device("cpu")
     dense_acc = clean_accuracy(dense, data.val_loader, cpu)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             acc0, cr0 = clean_accuracy(model, data.val_loader, cpu), compression_stats(model).rate
             torch.manual_seed(2)
             history = Trainer(model, data.train_loader,
-                              TrainerConfig(adaptive_epochs=1, lr=1e-4, beta=0.075, tau=0.1, coefficient_steps=10,
+                              TrainerConfig(adaptive_epochs=1, optimizer="adamw", lr=5e-4, grad_clip=1.0, beta=0.075, tau=0.1, coefficient_steps=10,
                                             schedule="cosine", checkpoint_every=0),
                               val_loader=data.val_loader, set_epoch=set_epoch, name=init).fit()
             rows.append({"init_rank": rank, "init": init, "factorized_layers": len(report.factorized),
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"{name} on digits ({data.n_train} training / {data.n_val} validation images, 32×32): dense baseline "
              f"{args.dense_epochs} epoch(s) of Adam 1e-4 from random init → **{100 * dense_acc:.1f} %** validation "
              f"accuracy. Then factorized (policy: first conv and classifier dense, r_max {args.r_max}, break-even "
-             "caps) and trained one RobustDLRT epoch (β 0.075, τ 0.1, Adam 1e-4).", "",
+             "caps) and trained one RobustDLRT epoch (β 0.075, τ 0.1, AdamW 5e-4, clip 1.0).", "",
              "| initial rank | init | c.r. at init % | accuracy at init % | after 1 epoch % | c.r. after 1 epoch % "
              "| factorize s |", "|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:

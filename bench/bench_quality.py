@@ -128,9 +128,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--eval-batch-size", type=int, default=128)
     ap.add_argument("--dense-lr", type=float, default=1e-4, help="dense baseline: Adam, cosine")
-    ap.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam", help="DLRT optimizer")
-    ap.add_argument("--lr", type=float, default=1e-4, help="DLRT learning rate (cosine schedule)")
-    ap.add_argument("--grad-clip", type=float, default=None, help="DLRT gradient-norm clip")
+    ap.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adamw",
+                    help="DLRT optimizer (default: the reference code's AdamW 5e-4, clip 1.0)")
+    ap.add_argument("--lr", type=float, default=5e-4, help="DLRT learning rate (cosine schedule)")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="DLRT gradient-norm clip (0: none)")
     ap.add_argument("--init", choices=["activations", "svd"], default="activations",
                     help="initial bases: activation-aware (the recipes' default) or SVD/HOSVD of the weights")
     ap.add_argument("--init-rank", type=int, default=150)
@@ -139,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--coefficient-steps", type=int, default=10)
     ap.add_argument("--eps-unit", choices=["normalized", "pixel"], default="normalized",
                     help="unit of the ℓ2-FGSM/Jitter/Mixup ε (PGD is always 8/255 pixel)")
-    ap.add_argument("--max-samples", type=int, default=500, help="images attacked by Jitter, Mixup and PGD")
+    ap.add_argument("--max-samples", type=int, default=250, help="images attacked by Jitter, Mixup and PGD")
     ap.add_argument("--fgsm-samples", type=int, default=None, help="images attacked by ℓ2-FGSM (default: all)")
     ap.add_argument("--attack-steps", type=int, default=None,
                     help="override the iterations of Jitter/Mixup/PGD (smoke runs); default: the attacks' own")
@@ -198,7 +199,7 @@ def recipe_for(args: argparse.Namespace, seed: int, beta: float) -> Recipe:
         "baseline": {"epochs": args.dense_epochs, "optimizer": "adam", "lr": args.dense_lr, "schedule": "cosine"},
         "factorize": {"init": args.init, "init_rank": args.init_rank, "r_min": 2, "r_max": args.r_max},
         "train": {"epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr, "schedule": "cosine",
-                  "grad_clip": args.grad_clip, "beta": beta, "tau": args.tau,
+                  "grad_clip": args.grad_clip or None, "beta": beta, "tau": args.tau,
                   "coefficient_steps": args.coefficient_steps, "device": "cpu", "checkpoint_every": 0},
     }, source="bench_quality")
 

@@ -23,8 +23,8 @@ metric of the data, from a few calibration batches run through the dense model:
 A mode whose rank reaches its algebraic cap (the layer's full rank, e.g. a 3→64 3×3 conv has
 mode-0 rank ≤ 27) takes the weight's own singular vectors instead, so that a full-rank
 factorization stays exact whatever the calibration data. Statistics are uncentered second
-moments accumulated in float64; under torch.distributed they are summed over processes
-(``reduce``) so that every process derives the same bases from the same global batches.
+moments accumulated in float64; under torch.distributed they are pooled over processes
+(:meth:`SecondMoment.gather`) so that every process derives its bases from the global batches.
 The bases only initialize DLRT: from there on training is the same as after an SVD init.
 """
 
@@ -40,14 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DataError
-from .functional import augment_basis, fix_signs, principal_subspace, top_left_singular, truncation_rank, unfold
+from .functional import augment_basis, fix_signs, gram64, principal_subspace, top_left_singular, truncation_rank, unfold
 from .layers.conv import tucker_rank_caps
 from .layers.rank import resolve_rank
 
 log = logging.getLogger(__name__)
-
-_ROW_CHUNK_ENTRIES = 4_000_000  # float64 copies of activation rows are made this many entries at a time
-
 
 @dataclass
 class LinearBases:
@@ -100,15 +97,15 @@ class SecondMoment:
             self.rows.append(rows.to(torch.float64))
             return
         if self.gram is None:
-            d = rows.shape[1]
-            self.gram = torch.zeros(d, d, dtype=torch.float64, device=rows.device)
-            for kept in self.rows:
-                self.gram.addmm_(kept.mT, kept)
-            self.rows = []
-        step = max(1, _ROW_CHUNK_ENTRIES // max(rows.shape[1], 1))
-        for i in range(0, rows.shape[0], step):
-            c = rows[i : i + step].to(torch.float64)
-            self.gram.addmm_(c.mT, c)
+            self._fold_rows()
+        self.gram += gram64(rows.mT)
+
+    def _fold_rows(self) -> None:
+        self.gram = torch.zeros(self.d, self.d, dtype=torch.float64,
+                                device=self.rows[0].device if self.rows else None)
+        for kept in self.rows:
+            self.gram.addmm_(kept.mT, kept)
+        self.rows = []
 
     def gather(self, dist: Any) -> None:
         """Make this the moment of every process's rows together (under torch.distributed)."""
@@ -120,10 +117,9 @@ class SecondMoment:
         info[-1] = float(self.gram is not None)
         info = dist.all_reduce_sum(info)
         counts, any_gram = [int(c) for c in info[:-1].tolist()], bool(info[-1] > 0)
-        if any_gram:  # sum the Grams (a process still holding rows folds them into one first)
+        if any_gram or sum(counts) >= self.d:  # sum the Grams (rows still held are folded first)
             if self.gram is None:
-                rows, self.rows = torch.cat(self.rows), []
-                self.gram = rows.mT @ rows
+                self._fold_rows()
             self.gram = dist.all_reduce_sum(self.gram)
         else:  # all-gather the rows through one sum: each process fills its own slot
             slots = torch.zeros(sum(counts), self.d, dtype=torch.float64, device=device)
@@ -133,21 +129,25 @@ class SecondMoment:
         self.n = sum(counts)
 
     def principal(self, rank: int, fill: Callable[[int], Tensor]) -> tuple[Tensor, Tensor]:
-        """Top ``rank`` eigenvectors and the eigenvalues (descending) of the moment.
+        """Top ``rank`` eigenvectors and the eigenvalues (descending, padded with zeros to d)
+        of the moment.
 
         From rows Y (n×d): the right singular vectors of Y. If fewer than ``rank`` directions
-        carry data, the basis is completed with directions from ``fill`` (d×k, e.g. the range
-        of the weight) orthogonal to them: they hold no calibration energy, so any choice is
-        as good for the data, and the weight's own directions are the natural one.
+        carry data (fewer rows, or eigenvalues at round-off level: dead or constant units), the
+        basis is completed with directions from ``fill(k)`` (d×k, the range of the weight)
+        orthogonal to them: they hold no calibration energy, so any choice is as good for the
+        data, and directions the weight can produce keep the core free of zero rows.
         """
         if self.gram is not None:
-            return principal_subspace(self.gram, rank)
-        y = torch.cat(self.rows)
-        _, sigma, vh = torch.linalg.svd(y, full_matrices=False)
-        basis = fix_signs(vh.mT[:, :rank])
-        if basis.shape[1] < rank:
-            basis = augment_basis(basis, fill(rank - basis.shape[1]).to(torch.float64), rank)
-        return basis, sigma.square()
+            basis, lam = principal_subspace(self.gram, rank)
+        else:
+            _, sigma, vh = torch.linalg.svd(torch.cat(self.rows), full_matrices=False)
+            basis, lam = fix_signs(vh.mT[:, :rank]), sigma.square()
+        lam = torch.cat([lam, lam.new_zeros(max(0, self.d - lam.numel()))])
+        carrying = int((lam[:rank] > 1e-10 * lam[0].clamp_min(1e-300)).sum()) if lam.numel() else 0
+        if carrying < rank:
+            basis = augment_basis(basis[:, :carrying], fill(rank - carrying).to(basis.dtype), rank)
+        return basis, lam
 
 
 def _channel_rows(t: Tensor) -> Tensor:
@@ -183,10 +183,10 @@ def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibrat
     device = param.device if param is not None else torch.device("cpu")
     batches: list[Tensor] = []
     for batch in calibration:
+        batches.append(_images(batch).to(device))
         if len(batches) >= max_batches:
             break
-        batches.append(_images(batch).to(device))
-    if not batches:
+    if _any_process(dist, not batches):  # every process raises, none waits in a collective
         raise DataError("no calibration batches: the loader is empty")
     caps = {n: r_max[n] if isinstance(r_max, Mapping) else r_max for n in layers}
     convs = {n: m for n, m in layers.items() if isinstance(m, nn.Conv2d)}
@@ -208,7 +208,7 @@ def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibrat
 
         _run(model, batches, {**{m: conv_in(n) for n, m in convs.items()},
                               **{m: linear_out(n) for n, m in linears.items()}})
-        unused = sorted(n for n, moment in first.items() if moment.n == 0)
+        unused = sorted(n for n in sorted(first) if _any_process(dist, first[n].n == 0))
         if unused:  # never called in forward (an auxiliary head, say): SVD of the weights instead
             log.info("no activations reached %s: their initial bases come from the weights' SVD", ", ".join(unused))
             convs = {n: m for n, m in convs.items() if n not in unused}
@@ -249,11 +249,17 @@ def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibrat
     return out
 
 
+def _any_process(dist: Any, flag: bool) -> bool:
+    """``flag`` on any process (under torch.distributed every process takes the same branch)."""
+    return dist.any(flag) if dist is not None and getattr(dist, "enabled", False) else flag
+
+
 def _rank(spectrum: Tensor, full: int, cap: int, init_rank: int | float | None, init_tol: float | None,
           r_min: int) -> int:
+    r = resolve_rank(init_rank, full, r_min, cap)  # with init_tol: the most the energy rule may keep
     if init_tol is not None:
-        return truncation_rank(spectrum.clamp_min(0).sqrt(), init_tol, r_min, cap)
-    return resolve_rank(init_rank, full, r_min, cap)
+        r = truncation_rank(spectrum.clamp_min(0).sqrt(), init_tol, r_min, r)
+    return r
 
 
 def _range_sketch(matrix: Tensor, k: int, seed: int) -> Tensor:

@@ -5,7 +5,7 @@ and depthwise convs stay dense. A factorized layer must never cost more than the
 layer's rank cap is ``min(r_max, its break-even rank)``, the largest rank at which the factorized
 form has fewer parameters *and* fewer multiply-adds, so neither the initial rank nor DLRT's
 augmentation can make it bigger; a layer that saves nothing even at ``r_min`` stays dense.
-(A 64→64 3×3 conv breaks even at rank 56: with ``r_max=200`` it is factorized with ranks ≤ 56
+(A 64→64 3×3 conv breaks even at rank 57: with ``r_max=200`` it is factorized with ranks ≤ 57
 instead of being left dense or grown past its dense size.) Include/exclude glob patterns on
 module names and a ``filter_fn(module, name)`` refine the choice. Every skipped layer is
 reported with its reason, every factorized one with its cap and how it was initialized.
@@ -162,8 +162,9 @@ def factorize_(
     """Replace eligible layers of ``model`` in place; return what was replaced and what was not.
 
     ``init_rank``: int rank, or float fraction of each layer's full rank (None: the cap);
-    ``init_tol``: choose each initial rank by energy (‖σ[r:]‖ < init_tol‖σ‖) instead. Ranks are
-    clipped to [r_min, cap], cap = min(r_max, full rank, break-even rank). Initialization is the
+    ``init_tol``: choose each initial rank by energy, the smallest r with ‖σ[r:]‖ < init_tol‖σ‖,
+    at most ``init_rank``. Ranks are clipped to [r_min, cap], cap = min(r_max, full rank,
+    break-even rank). Initialization is the
     truncated SVD (Linear) or HOSVD of the channel modes (Conv2d) of the current weights.
 
     ``require_saving=False`` drops the cost rule (cap = min(r_max, full rank)) and factorizes
@@ -236,16 +237,18 @@ def factorize_(
     for name, (index, module, decision) in chosen.items():
         layer_seed = seed * 1000 + index
         basis, cap = bases.get(name), decision.r_max
+        decision.init = "activations"
         if isinstance(basis, ConvBases):
             new = TuckerConv2d.from_bases(module, basis.u_out, basis.u_in, r_min=r_min, r_max=cap)
         elif isinstance(basis, LinearBases) and basis.u is not None:
             new = LowRankLinear.from_output_basis(module, basis.u, r_min=r_min, r_max=cap)
-        elif isinstance(basis, LinearBases):  # full rank: the SVD is exact
+        elif isinstance(basis, LinearBases):  # chosen at full rank from the activations: the SVD is exact
             new = LowRankLinear.from_dense(module, basis.rank, r_min=r_min, r_max=cap, seed=layer_seed)
-        elif isinstance(module, nn.Linear):
-            new = LowRankLinear.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=cap, seed=layer_seed)
+            decision.init = "svd"
         else:
-            new = TuckerConv2d.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=cap, seed=layer_seed)
+            decision.init = "svd"
+            factorized = LowRankLinear if isinstance(module, nn.Linear) else TuckerConv2d
+            new = factorized.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=cap, seed=layer_seed)
         new.train(module.training)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new)
@@ -253,8 +256,6 @@ def factorize_(
         decision.reason = "factorized"
         decision.ranks = list(new.ranks)
         decision.params_factorized = new.num_parameters()
-        decision.init = "activations" if basis is not None and not (isinstance(basis, LinearBases) and basis.u is None) \
-            else "svd"
         log.debug("factorized %s %s at ranks %s (%s init)", name, decision.shape, new.ranks, decision.init)
 
     report = FactorizationReport(decisions, time.perf_counter() - start)

@@ -93,10 +93,10 @@ def top_left_singular(matrix: Tensor, rank: int, *, seed: int = 0) -> tuple[Tens
         u, s, _ = _randomized_svd(a, rank, seed=seed, right=False)
         return u, s
     if m <= n:
-        lam, vecs = torch.linalg.eigh(_gram64(a))
+        lam, vecs = torch.linalg.eigh(gram64(a))
         u = vecs.flip(1)[:, :rank]
     else:  # tall: the n×n Gram AᵀA gives V; U spans A V (QR keeps it orthonormal exactly)
-        lam, vecs = torch.linalg.eigh(_gram64(a.mT))
+        lam, vecs = torch.linalg.eigh(gram64(a.mT))
         v = vecs.flip(1)[:, :rank]
         u = _orthonormalize_keep_span(_matmul64(a, v))
     s = lam.flip(0)[:rank].clamp_min(0).sqrt()
@@ -135,7 +135,7 @@ def _randomized_svd(a: Tensor, rank: int, *, seed: int, right: bool) -> tuple[Te
     products.append(a.mT @ q)
     basis, at_q = torch.cat(blocks, dim=1), torch.cat(products, dim=1)  # Q (m×db), AᵀQ (n×db)
     # Rayleigh–Ritz: QᵀA = P Σ Wᵀ from the eigendecomposition of (QᵀA)(QᵀA)ᵀ = (AᵀQ)ᵀ(AᵀQ)
-    lam, p = torch.linalg.eigh(_gram64(at_q.mT))
+    lam, p = torch.linalg.eigh(gram64(at_q.mT))
     p = p.flip(1)[:, :rank]
     s = lam.flip(0)[:rank].clamp_min(0).sqrt().to(a.dtype)
     u = _orthonormalize_keep_span(basis @ p.to(a.dtype))
@@ -149,7 +149,7 @@ def _matmul64(a: Tensor, b: Tensor) -> Tensor:
     return a.to(torch.float64) @ b.to(torch.float64)
 
 
-def _gram64(a: Tensor) -> Tensor:
+def gram64(a: Tensor) -> Tensor:
     """A Aᵀ in float64, accumulated over column chunks (no float64 copy of a large A)."""
     if a.dtype == torch.float64:
         return a @ a.mT
@@ -201,7 +201,7 @@ def rank_spectrum(matrix: Tensor, r_cap: int, *, seed: int = 0) -> Tensor:
         total = torch.linalg.vector_norm(a, dtype=torch.float64)
         rest = (total**2 - (top**2).sum()).clamp_min(0).sqrt()
         return torch.cat([top, rest.reshape(1)])
-    lam = torch.linalg.eigvalsh(_gram64(a if m <= n else a.mT))
+    lam = torch.linalg.eigvalsh(gram64(a if m <= n else a.mT))
     return lam.flip(0).clamp_min(0).sqrt()
 
 
@@ -384,7 +384,8 @@ def left_singular(a: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def condition_number(a: Tensor, *, precise: bool = True) -> float:
-    """κ = σ_max/σ_min of a core matrix (inf if singular), from float64 singular values.
+    """κ = σ_max/σ_min of a core matrix (inf if singular), from float64 singular values
+    (``precise=False``: in float32, reliable up to κ ~ 1e6).
 
     A non-square A is reduced by QR first (its singular values are those of the small square
     R): backward stable and ~4× faster than svdvals of a 200×1800 conv-core unfolding.

@@ -357,9 +357,8 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, progress: 
                                            set_epoch=set_epoch)
     timings.update(t)
     with _stage(timings, "evaluate_compressed"):
-        # single process: keep the adversarial images, to score the exported ONNX model on them
         comp_eval = _evaluate_with_bar(evaluate, model, data, attacks, progress, "evaluate compressed",
-                                       {**eval_kwargs, "keep_adversarial": not dist.enabled})
+                                       {**eval_kwargs, "keep_adversarial": _keep_adversarial(recipe, data, dist)})
     comp_eval_dict = comp_eval.to_dict()
 
     stats = compression_stats(model)
@@ -421,6 +420,21 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, progress: 
     write_report(paths.staging, report)
     finalize_output(paths)
     return RunResult(paths.final, report)
+
+
+KEEP_ADVERSARIAL_MAX_BYTES = 1 << 30
+"""The compressed model's adversarial images are kept for the ONNX evaluation (scored there
+instead of crafted a second time) only while they fit in this many bytes."""
+
+
+def _keep_adversarial(recipe: Recipe, data, dist: DistContext) -> bool:
+    """Keep them when the ONNX model will be evaluated on them and they fit the budget; under
+    torchrun each process holds only its shard, so rank 0's whole-split evaluation recrafts."""
+    if dist.enabled or not recipe.export.onnx or not recipe.evaluate.attacks:
+        return False
+    n = data.n_val if recipe.evaluate.max_samples is None else min(data.n_val, recipe.evaluate.max_samples)
+    pairs = sum(len(a.eps) for a in recipe.evaluate.attacks)
+    return n * pairs * data.in_chans * recipe.model.input_size ** 2 * 4 <= KEEP_ADVERSARIAL_MAX_BYTES
 
 
 def _evaluate_with_bar(evaluate, model, data, attacks, progress: ProgressFactory, desc: str, kwargs: dict):

@@ -93,7 +93,7 @@ class FactorizeSection(_Section):
     init_rank: int | float = 150
     """Initial rank: an int, or a float in (0, 1] = that fraction of each layer's full rank."""
     init_tol: float | None = Field(None, gt=0.0, lt=1.0)
-    """If set, initial rank by energy: smallest r with ‖σ[r:]‖ < init_tol·‖σ‖ (overrides init_rank); σ² = the activation spectrum for `init: activations`, the weight's singular values for `svd`."""
+    """If set, initial rank by energy: the smallest r with ‖σ[r:]‖ < init_tol·‖σ‖, at most init_rank (null: r_max); σ² = the activation spectrum for `init: activations`, the weight's squared singular values for `svd`."""
     r_min: int = Field(2, ge=1)
     """Smallest rank truncation may choose."""
     r_max: int = Field(200, ge=1)
@@ -240,11 +240,14 @@ class _SafeLoader(yaml.SafeLoader):
     """
 
 
-_SafeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class _SafeDumper(yaml.SafeDumper):
+    """yaml.safe_dump's dumper, quoting strings that :class:`_SafeLoader` would read as floats
+    (a run named ``1e3`` is written ``'1e3'``), so that a saved recipe reads back unchanged."""
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _cls in (_SafeLoader, _SafeDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def _yaml_load(text: str) -> Any:
@@ -362,7 +365,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.dump(recipe.model_dump(mode="json"), Dumper=_SafeDumper, sort_keys=False)
 
 
 def recipe_differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -92,7 +92,8 @@ def test_full_rank_stays_exact_whatever_the_data(shape) -> None:
     x[:, 0] = torch.rand(4, 6, 6, dtype=torch.float64)  # only one input channel carries signal
     report = factorize_(model, init_rank=None, r_max=10_000, require_saving=False, keep_first_conv=False,
                         keep_classifier=False, calibration=[x])
-    assert {d.init for d in report.factorized} <= {"activations", "svd"} and len(report.factorized) == 2
+    # the linear at full rank takes the (exact) SVD; the conv's modes at their caps the kernel's bases
+    assert {d.name: d.init for d in report.factorized} == {"0": "activations", "4": "svd"}
     probe = torch.randn(3, c_in, 6, 6, dtype=torch.float64)  # other data than the calibration's
     with torch.no_grad():
         torch.testing.assert_close(model(probe), dense(probe), atol=1e-10, rtol=1e-10)
@@ -170,3 +171,56 @@ def test_a_layer_the_forward_never_calls_gets_the_svd_init() -> None:
     report = factorize_(model, init_rank=3, r_max=8, calibration=[torch.randn(20, 16)])
     inits = {d.name: d.init for d in report.factorized}
     assert inits == {"body": "activations", "aux": "svd"}
+
+
+class _TwoProcesses:
+    """A stand-in for DistContext over two threads: all_reduce_sum sums what both hand in."""
+
+    def __init__(self, rank: int, shared: dict) -> None:
+        self.enabled, self.rank, self.world_size, self.shared = True, rank, 2, shared
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        self.shared["slots"][self.rank] = t.clone()
+        self.shared["barrier"].wait()
+        total = self.shared["slots"][0] + self.shared["slots"][1]
+        self.shared["barrier"].wait()
+        return total
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+
+
+@pytest.mark.parametrize("rows_each, d", [(5, 16), (12, 16), (40, 16)])  # rows kept, rows folded, Grams
+def test_gather_pools_the_rows_of_both_processes(rows_each: int, d: int) -> None:
+    import threading
+
+    x = torch.randn(2 * rows_each, d, dtype=torch.float64)
+    one = SecondMoment()
+    one.add(x)
+    shared = {"slots": [None, None], "barrier": threading.Barrier(2)}
+    moments = [SecondMoment(), SecondMoment()]
+    for rank, moment in enumerate(moments):
+        moment.add(x[rank * rows_each:(rank + 1) * rows_each])
+    threads = [threading.Thread(target=m.gather, args=(_TwoProcesses(r, shared),)) for r, m in enumerate(moments)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fill = lambda k: torch.eye(d, k, dtype=torch.float64)  # noqa: E731
+    want_u, want_lam = one.principal(4, fill)
+    for moment in moments:
+        assert moment.n == 2 * rows_each
+        u, lam = moment.principal(4, fill)
+        torch.testing.assert_close(lam, want_lam)
+        torch.testing.assert_close(u @ u.mT, want_u @ want_u.mT)  # the same subspace on both
+        torch.testing.assert_close(u, want_u)  # and the same canonical basis
+
+
+def test_init_tol_rank_respects_r_min_with_few_calibration_rows() -> None:
+    lin = nn.Linear(64, 64)
+    report = factorize_(nn.Sequential(lin, nn.Linear(64, 2)), init_rank=None, init_tol=0.1, r_min=8, r_max=32,
+                        calibration=[torch.randn(3, 64)])  # 3 rows: only 3 directions carry data
+    ranks = report.factorized[0].ranks
+    assert ranks == [8], ranks
+    layer = report.factorized[0]
+    assert layer.init == "activations"

@@ -236,6 +236,11 @@ def test_init_tol_respects_r_min_r_max():
     lin = _dense("linear", LINEAR_CONFIGS["square"])
     assert LowRankLinear.from_dense(lin, tol=0.99, r_min=3).ranks == (3,)
     assert LowRankLinear.from_dense(lin, tol=0.0, r_max=4).ranks == (4,)
+    # a rank given with tol is the most the energy rule may keep
+    assert LowRankLinear.from_dense(lin, 5, tol=0.0).ranks == (5,)
+    assert LowRankLinear.from_dense(lin, 5, tol=0.99, r_min=2).ranks == (2,)
+    conv = _dense("conv", CONV_CONFIGS["k3"])
+    assert TuckerConv2d.from_dense(conv, 3, tol=0.0).ranks == (3, 3)
 
 
 def test_randomized_init_path_for_big_linear():
@@ -449,3 +454,17 @@ def test_num_parameters_counts_current_ranks():
     assert layer.num_parameters() == 7 * 3 + 3 * 3 + 20 * 3 + 7
     conv = _factorize("conv", _dense("conv", CONV_CONFIGS["k3"]), 2)
     assert conv.num_parameters() == 8 * 2 + 2 * 2 * 9 + 6 * 2 + 8
+
+
+def test_tucker_output_keeps_the_callers_memory_format():
+    """The convs run channels-last inside, but a model that does x.view(n, -1) on the features
+    must work factorized as it did dense."""
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    layer = TuckerConv2d.from_dense(conv, 8)
+    x = torch.rand(2, 16, 8, 8)
+    with torch.no_grad():
+        y = layer(x)
+        assert y.is_contiguous() and y.view(2, -1).shape == (2, 32 * 64)
+        y_nhwc = layer(x.contiguous(memory_format=torch.channels_last))
+        assert y_nhwc.is_contiguous(memory_format=torch.channels_last)  # a channels-last caller keeps it
+        torch.testing.assert_close(y_nhwc, y, atol=1e-6, rtol=1e-5)

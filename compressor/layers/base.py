@@ -14,9 +14,11 @@ from ..functional import mode_product
 class BasisChange:
     """How a layer's core was re-expressed after its bases changed.
 
-    new_core = core ×₀ leftᵀ ×₁ rightᵀ (for a matrix core: leftᵀ · core · right), with
-    left = U_oldᵀ U_new and right = V_oldᵀ V_new. The trainer applies the same map to the
-    optimizer's moments so that they follow the core into the new coordinates.
+    new_core = core ×₀ leftᵀ ×₁ rightᵀ (for a matrix core: leftᵀ · core · right), chosen so
+    that the layer's weight is U_new · new_core · V_newᵀ = U_old · core · V_oldᵀ, projected onto
+    the new bases: for augmentation left = U_oldᵀ U_new = [I | 0]; for a truncation
+    U_old P = U_new R, so left = P Rᵀ (= U_oldᵀ U_new up to round-off). The trainer applies the
+    same map to the optimizer's moments so that they follow the core into the new coordinates.
     """
 
     left: Tensor

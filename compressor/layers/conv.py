@@ -67,15 +67,12 @@ class TuckerConv2d(LowRankLayer):
         w = conv.weight.detach()
         c_out, c_in = w.shape[:2]
         cap_out, cap_in = tucker_rank_caps(c_out, c_in, conv.kernel_size, r_max)
+        rank_out, rank_in = rank if isinstance(rank, tuple) else (rank, rank)
+        r_out = resolve_rank(rank_out, c_out, r_min, cap_out)  # with tol: the most the energy rule may keep
+        r_in = resolve_rank(rank_in, c_in, r_min, cap_in)
         if tol is not None:
-            r_out = truncation_rank(rank_spectrum(unfold(w, 0), cap_out, seed=seed), tol, r_min, cap_out)
-            r_in = truncation_rank(rank_spectrum(unfold(w, 1), cap_in, seed=seed + 1), tol, r_min, cap_in)
-        elif isinstance(rank, tuple):
-            r_out = resolve_rank(rank[0], c_out, r_min, cap_out)
-            r_in = resolve_rank(rank[1], c_in, r_min, cap_in)
-        else:
-            r_out = resolve_rank(rank, c_out, r_min, cap_out)
-            r_in = resolve_rank(rank, c_in, r_min, cap_in)
+            r_out = truncation_rank(rank_spectrum(unfold(w, 0), r_out, seed=seed), tol, r_min, r_out)
+            r_in = truncation_rank(rank_spectrum(unfold(w, 1), r_in, seed=seed + 1), tol, r_min, r_in)
         u_out, u_in, core = hosvd_channel_factors(w, r_out, r_in, seed=seed)
         return cls._from_factors(conv, u_out, core, u_in, r_min=r_min, r_max=r_max)
 
@@ -110,14 +107,16 @@ class TuckerConv2d(LowRankLayer):
 
     # x: (N, C_in, H, W) → (N, r_in, H, W) → (N, r_out, H', W') → (N, C_out, H', W')
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float64 and x.dim() == 4:
-            # Three thin convs per layer: in NHWC the 1×1s are plain GEMMs and oneDNN skips its
-            # layout reorders (measured: a VGG16 DLRT step 0.30 s → 0.20 s on 2 CPU cores;
-            # bench/bench_dlrt.py). Outputs stay channels-last, so later layers pay nothing.
-            x = x.contiguous(memory_format=torch.channels_last)
-        h = F.conv2d(x, self.U_in.mT[:, :, None, None])
+        # Three thin convs per layer: in NHWC the 1×1s are plain GEMMs and oneDNN skips its
+        # layout reorders, so they run channels-last (bench/bench_dlrt.py). The output is handed
+        # back in the caller's layout: a model that does x.view(n, -1) after its features must
+        # work factorized as it did dense. (No oneDNN kernels in float64: left as it is.)
+        to_nhwc = x.dtype != torch.float64 and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last)
+        h = x.contiguous(memory_format=torch.channels_last) if to_nhwc else x
+        h = F.conv2d(h, self.U_in.mT[:, :, None, None])
         h = F.conv2d(h, self.C, None, self.stride, self.padding, self.dilation)
-        return F.conv2d(h, self.U_out[:, :, None, None], self.bias)
+        out = F.conv2d(h, self.U_out[:, :, None, None], self.bias)
+        return out.contiguous() if to_nhwc else out
 
     # -- interface --------------------------------------------------------------
     @property

@@ -36,16 +36,16 @@ class LowRankLinear(LowRankLayer):
                    r_min: int = 1, r_max: int | None = None, seed: int = 0) -> "LowRankLinear":
         """Truncated SVD of the trained weight: U, V = leading singular vectors, S = diag(σ).
 
-        ``rank``: int, or a float fraction of full rank; ``tol``: energy tolerance instead.
+        ``rank``: int, or a float fraction of full rank (None: r_max); ``tol``: the smallest rank
+        keeping ‖σ[r:]‖ < tol·‖σ‖, at most ``rank``.
         At full rank the layer reproduces ``linear`` to round-off.
         """
         w = linear.weight.detach()
         full = min(w.shape)
         r_cap = min(r_max or full, full)
+        r = resolve_rank(rank, full, r_min, r_cap)  # with tol: the most the energy rule may keep
         if tol is not None:
-            r = truncation_rank(rank_spectrum(w, r_cap, seed=seed), tol, r_min, r_cap)
-        else:
-            r = resolve_rank(rank, full, r_min, r_cap)
+            r = truncation_rank(rank_spectrum(w, r, seed=seed), tol, r_min, r)
         u, s, v = top_singular(w, r, seed=seed)
         return cls._from_factors(linear, u, torch.diag(s), v, r_min=r_min, r_max=r_cap)
 

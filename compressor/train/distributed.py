@@ -168,6 +168,14 @@ class DistContext:
                     t.copy_(flat[offset:offset + t.numel()].view_as(t))
                     offset += t.numel()
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (so that all of them take the same branch)."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.long, device=self._ctl_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return bool(t.item() > 0)
+
     def main_decides(self, flag: bool) -> bool:
         """Rank 0's value of ``flag`` on every process (e.g. "does the checkpoint exist")."""
         if not self.enabled:
