@@ -818,7 +818,7 @@ def projection(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[
     comp = [e for e in entries if e["config"] != "dense" and e["train_steps"]]
     if not dense or not comp:
         return None
-    full = {"train": 5000, "eval": 2000, "dense_epochs": 3, "epochs": 3, "seeds": 3, "betas": 4, "max": 500}
+    full = {"train": 5000, "eval": 2000, "dense_epochs": 3, "epochs": 3, "seeds": 3, "betas": 4, "max": 250}
     steps_per_epoch = full["train"] // args.batch_size
     d_step = statistics.fmean(e["train_seconds"] / e["train_steps"] for e in dense)
     c_step = statistics.fmean(e["train_seconds"] / e["train_steps"] for e in comp)

@@ -158,6 +158,7 @@ def factorize_(
     calibration_batches: int = 8,
     dist: Any = None,
     seed: int = 0,
+    channels_last: bool = True,
 ) -> FactorizationReport:
     """Replace eligible layers of ``model`` in place; return what was replaced and what was not.
 
@@ -176,6 +177,9 @@ def factorize_(
     the activations the first ``calibration_batches`` batches produce, and ``init_tol`` measures
     activation energy. Without it: SVD / HOSVD of the weights. ``dist`` (a
     :class:`~compressor.train.DistContext`) pools the statistics of all processes.
+
+    ``channels_last=False`` makes the Tucker convs hand their outputs on in NCHW (see
+    :class:`~compressor.layers.TuckerConv2d`), for models that ``view`` conv outputs.
     """
     start = time.perf_counter()
     include, exclude = include or [], exclude or []
@@ -250,6 +254,8 @@ def factorize_(
             factorized = LowRankLinear if isinstance(module, nn.Linear) else TuckerConv2d
             new = factorized.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=cap, seed=layer_seed)
         new.train(module.training)
+        if isinstance(new, TuckerConv2d):
+            new.channels_last = channels_last
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new)
         decision.factorized = True

@@ -21,6 +21,7 @@ from torch import nn
 
 from compressor import functional as Fn
 from compressor.layers import BasisChange, LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
+from compressor.factorize import factorize_
 from compressor.layers.conv import tucker_rank_caps
 
 LINEAR_CONFIGS = {
@@ -456,15 +457,31 @@ def test_num_parameters_counts_current_ranks():
     assert conv.num_parameters() == 8 * 2 + 2 * 2 * 9 + 6 * 2 + 8
 
 
-def test_tucker_output_keeps_the_callers_memory_format():
-    """The convs run channels-last inside, but a model that does x.view(n, -1) on the features
-    must work factorized as it did dense."""
+def test_tucker_memory_format_choice():
+    """Default: NHWC inside and out (as torch's convs do for a channels-last input), same values;
+    channels_last=False keeps NCHW for models that call x.view(n, -1) on conv outputs."""
     conv = nn.Conv2d(16, 32, 3, padding=1)
     layer = TuckerConv2d.from_dense(conv, 8)
     x = torch.rand(2, 16, 8, 8)
     with torch.no_grad():
+        y_nhwc = layer(x)
+        assert y_nhwc.is_contiguous(memory_format=torch.channels_last)
+        layer.channels_last = False
         y = layer(x)
         assert y.is_contiguous() and y.view(2, -1).shape == (2, 32 * 64)
-        y_nhwc = layer(x.contiguous(memory_format=torch.channels_last))
-        assert y_nhwc.is_contiguous(memory_format=torch.channels_last)  # a channels-last caller keeps it
         torch.testing.assert_close(y_nhwc, y, atol=1e-6, rtol=1e-5)
+
+    class ViewsFeatures(nn.Module):  # the pattern that needs NCHW outputs
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16 * 64, 4)
+
+        def forward(self, x):
+            h = self.conv(torch.relu(self.stem(x)))
+            return self.head(h.view(h.shape[0], -1))
+
+    torch.manual_seed(0)
+    model = ViewsFeatures()
+    factorize_(model, init_rank=4, r_max=8, keep_classifier=True, channels_last=False)
+    assert isinstance(model.conv, TuckerConv2d) and not model.conv.channels_last
+    assert model(torch.rand(2, 3, 8, 8)).shape == (2, 4)

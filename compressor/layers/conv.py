@@ -32,7 +32,15 @@ def tucker_rank_caps(out_channels: int, in_channels: int, kernel_size: tuple[int
 
 class TuckerConv2d(LowRankLayer):
     """Three plain convolutions: 1×1 C_in→r_in, k×k r_in→r_out (original stride, padding,
-    dilation), 1×1 r_out→C_out adding the bias once (the reference adds it twice)."""
+    dilation), 1×1 r_out→C_out adding the bias once (the reference adds it twice).
+
+    ``channels_last`` (default True): run the three convs in NHWC and hand the output on in
+    that layout, as torch's own convs do for a channels-last input. Set it to False (or
+    ``factorize_(..., channels_last=False)``) for a model that calls ``x.view(n, -1)`` on conv
+    outputs instead of ``flatten``/``reshape``: NCHW in, NCHW out, somewhat slower on the CPU.
+    """
+
+    channels_last: bool = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
                  ranks: tuple[int, int], *, stride=1, padding=0, dilation=1, bias: bool = True,
@@ -107,16 +115,15 @@ class TuckerConv2d(LowRankLayer):
 
     # x: (N, C_in, H, W) → (N, r_in, H, W) → (N, r_out, H', W') → (N, C_out, H', W')
     def forward(self, x: Tensor) -> Tensor:
-        # Three thin convs per layer: in NHWC the 1×1s are plain GEMMs and oneDNN skips its
-        # layout reorders, so they run channels-last (bench/bench_dlrt.py). The output is handed
-        # back in the caller's layout: a model that does x.view(n, -1) after its features must
-        # work factorized as it did dense. (No oneDNN kernels in float64: left as it is.)
-        to_nhwc = x.dtype != torch.float64 and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last)
-        h = x.contiguous(memory_format=torch.channels_last) if to_nhwc else x
-        h = F.conv2d(h, self.U_in.mT[:, :, None, None])
+        if self.channels_last and x.dtype != torch.float64 and x.dim() == 4:
+            # In NHWC the 1×1s are plain GEMMs and oneDNN skips its layout reorders (a VGG16
+            # DLRT step 0.30 s → 0.20 s on 2 CPU cores, bench/bench_dlrt.py). The output stays
+            # channels-last: converting it back costs ~25 % of a VGG16 forward + backward
+            # (measured), and the next factorized layer would only convert it again.
+            x = x.contiguous(memory_format=torch.channels_last)
+        h = F.conv2d(x, self.U_in.mT[:, :, None, None])
         h = F.conv2d(h, self.C, None, self.stride, self.padding, self.dilation)
-        out = F.conv2d(h, self.U_out[:, :, None, None], self.bias)
-        return out.contiguous() if to_nhwc else out
+        return F.conv2d(h, self.U_out[:, :, None, None], self.bias)
 
     # -- interface --------------------------------------------------------------
     @property
