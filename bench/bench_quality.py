@@ -29,7 +29,9 @@ and quality_kappa.png (Fig. 2: κ of that layer's core over training, per β).
     python bench/bench_quality.py --seeds 0 --betas 0 0.075 --checkpoint-dir bench/results/quality-ckpt  # PEERS.md
 
 With ``--checkpoint-dir`` every finished (seed, model) entry is saved at once, with the dense
-weights of the seed in progress; a rerun with the same settings skips what is finished.
+weights of the seed in progress; a rerun with the same settings skips what is finished, and
+``--report-only`` renders what is there without computing the rest (rows may then rest on
+different seeds: the table says which).
 """
 
 from __future__ import annotations
@@ -154,6 +156,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--benchmarks-md", default=None,
                     help="page whose 'quality[-tag]' section the tables replace (default: BENCHMARKS.md; "
                          "--smoke: none)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="compute nothing: aggregate and render the finished entries of --checkpoint-dir")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="save finished (seed, model) entries here as they finish; a rerun skips them")
     args = ap.parse_args(argv)
@@ -166,6 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.eval_split = "test" if args.data in ("fashion-mnist", "mnist") else "val"
     args.betas = list(dict.fromkeys(args.betas))
     args.seeds = list(dict.fromkeys(args.seeds))
+    if args.report_only and not args.checkpoint_dir:
+        ap.error("--report-only renders the entries of --checkpoint-dir: give one")
     return args
 
 
@@ -592,7 +598,10 @@ def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") 
         f"r_max {args.r_max}) and {args.epochs} rank-adaptive epoch(s) "
         f"({args.optimizer} {args.lr:g}, cosine{f', grad clip {args.grad_clip:g}' if args.grad_clip else ''}, "
         f"τ = {args.tau:g}, s* = {args.coefficient_steps}). Seeds {seeds}: a seed draws the subsets, the "
-        f"initialization, the batch order and the attacks' randomness; figures are mean ± std over seeds.",
+        f"initialization, the batch order and the attacks' randomness; figures are mean ± std over seeds"
+        + ("" if len({a_["n_seeds"] for a_ in agg.values()}) <= 1 else
+           " (seeds per row: " + ", ".join(f"{config_label(c)} {', '.join(map(str, a_['seeds']))}"
+                                          for c, a_ in agg.items()) + ")") + ".",
         "",
         f"Accuracies in %. ℓ2-FGSM, Jitter and Mixup ε in **{args.eps_unit}** units"
         + (f" (the reference code's unit: a perturbation of ε in the normalized input is ε·std ≈ "
@@ -743,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     state = State(args)
     n_restored = len(state.selected())
-    for seed in args.seeds:
+    for seed in args.seeds if not args.report_only else []:
         run_seed(args, seed, state)
     entries = state.selected()
     doc: dict[str, Any] = {
