@@ -206,6 +206,26 @@ def test_remap_optimizer_state_follows_the_core():
     assert bool((opt.state[lin.S]["exp_avg_sq"] >= 0).all())
 
 
+def test_remapped_second_moment_never_allows_a_runaway_adam_step():
+    """A basis change whose mapped √v nearly cancels where m does not must not leave m̂/√v̂ ≫ 1
+    (the step that blew a core up to non-finite values in a Fashion-MNIST run)."""
+    from compressor.layers import BasisChange
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.Adam([p], lr=1e-3)
+    # √v = [1, 1 + 1e-6] and m = [1, -1] in the first row: the rotation below sends √v to
+    # [≈√2, ≈0] (tiny, not zero: the mean-fill does not apply) and m to [0, √2]
+    opt.state[p] = {"step": torch.tensor(100.0), "exp_avg": torch.tensor([[1.0, -1.0], [0.0, 0.0]]),
+                    "exp_avg_sq": torch.tensor([[1.0, (1 + 1e-6) ** 2], [0.0, 0.0]], dtype=torch.float32)}
+    c = 2 ** -0.5
+    right = torch.tensor([[c, c], [c, -c]])
+    remap_optimizer_state(opt, p, BasisChange(torch.eye(2), right), (2, 2))
+    m, v = opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
+    assert float(m[0, 1].abs()) > 1.0  # the first moment survives the map...
+    b1, b2 = opt.param_groups[0]["betas"]
+    ratio = (m / (1 - b1**100)).abs() / (v / (1 - b2**100)).sqrt().clamp_min(1e-30)
+    assert float(ratio.max()) <= 10.0 + 1e-4  # ...but its step stays bounded
+
+
 # ----------------------------------------------------------------------------- the Trainer
 
 

@@ -111,6 +111,17 @@ def build_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
+_MAX_ADAM_RATIO = 10.0
+
+
+def _betas(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> tuple[float, float] | None:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            betas = group.get("betas")
+            return (float(betas[0]), float(betas[1])) if betas is not None else None
+    return None
+
+
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, change, old_shape) -> None:
     """Carry a core's optimizer state through a basis change.
 
@@ -118,18 +129,28 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter,
     non-negative and not linear in the basis; we map their square roots, (change(√v))², as the
     reference does, and give directions that had no history (exact zeros after augmentation)
     the mean second moment of the layer instead of 0, so that their first Adam steps are not
-    ~1/√(1−β₂) ≈ 30× larger than the others'.
+    ~1/√(1−β₂) ≈ 30× larger than the others'. Mapped square roots can also nearly cancel where
+    the first moment does not, and Adam's step m̂/√v̂ there would be ~1e8 × the learning rate:
+    the second moment is floored so that no coordinate's bias-corrected m̂/√v̂ exceeds
+    ``_MAX_ADAM_RATIO`` (a genuine Adam state with the default betas never exceeds ~7.3: by
+    Cauchy–Schwarz m̂² ≤ (1−β₁)²/((1−β₁²/β₂)(1−β₂)) v̂), so the floor only catches mapping
+    artefacts.
     """
     state = optimizer.state.get(param)
     if not state:
         return
-    for key, value in list(state.items()):
-        if not torch.is_tensor(value) or tuple(value.shape) != tuple(old_shape):
-            continue
+    moments = [k for k, v in state.items() if torch.is_tensor(v) and tuple(v.shape) == tuple(old_shape)]
+    for key in sorted(moments, key=lambda k: "sq" in k):  # first moments first: they floor the second
+        value = state[key]
         if "sq" in key:  # exp_avg_sq, max_exp_avg_sq
             mapped = change.apply(value.clamp_min(0).sqrt()).square()
-            fill = value.mean()
-            state[key] = torch.where(mapped > 0, mapped, fill).contiguous()
+            mapped = torch.where(mapped > 0, mapped, value.mean())
+            first, betas = state.get("exp_avg"), _betas(optimizer, param)
+            if torch.is_tensor(first) and first.shape == mapped.shape and betas is not None:
+                t = float(state.get("step", 1))
+                bias = (1 - betas[1] ** t) / (1 - betas[0] ** t) ** 2  # v̂/m̂² = (v/m²) / bias
+                mapped = torch.maximum(mapped, first.square() * (bias / _MAX_ADAM_RATIO**2))
+            state[key] = mapped.contiguous()
         else:  # exp_avg, momentum_buffer
             state[key] = change.apply(value).contiguous()
 
