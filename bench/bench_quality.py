@@ -752,8 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     state = State(args)
     n_restored = len(state.selected())
-    for seed in args.seeds if not args.report_only else []:
-        run_seed(args, seed, state)
+    if not args.report_only:
+        for seed in args.seeds:
+            run_seed(args, seed, state)
     entries = state.selected()
     doc: dict[str, Any] = {
         "what": "dense vs DLRT (β=0) vs RobustDLRT (β>0) on real data: accuracy, adversarial accuracy, "

@@ -251,7 +251,7 @@ def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibrat
 
 def _any_process(dist: Any, flag: bool) -> bool:
     """``flag`` on any process (under torch.distributed every process takes the same branch)."""
-    return dist.any(flag) if dist is not None and getattr(dist, "enabled", False) else flag
+    return dist.any(flag) if dist is not None else flag
 
 
 def _rank(spectrum: Tensor, full: int, cap: int, init_rank: int | float | None, init_tol: float | None,

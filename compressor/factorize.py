@@ -241,16 +241,15 @@ def factorize_(
     for name, (index, module, decision) in chosen.items():
         layer_seed = seed * 1000 + index
         basis, cap = bases.get(name), decision.r_max
-        decision.init = "activations"
+        # "svd": the weights' own factors (no activation statistics, or a full-rank linear where the SVD is exact)
+        # "svd": the weights' own factors (no activation statistics, or a full-rank linear: SVD exact)
         if isinstance(basis, ConvBases):
             new = TuckerConv2d.from_bases(module, basis.u_out, basis.u_in, r_min=r_min, r_max=cap)
         elif isinstance(basis, LinearBases) and basis.u is not None:
             new = LowRankLinear.from_output_basis(module, basis.u, r_min=r_min, r_max=cap)
         elif isinstance(basis, LinearBases):  # chosen at full rank from the activations: the SVD is exact
             new = LowRankLinear.from_dense(module, basis.rank, r_min=r_min, r_max=cap, seed=layer_seed)
-            decision.init = "svd"
         else:
-            decision.init = "svd"
             factorized = LowRankLinear if isinstance(module, nn.Linear) else TuckerConv2d
             new = factorized.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=cap, seed=layer_seed)
         new.train(module.training)

@@ -172,9 +172,7 @@ class DistContext:
         """Whether ``flag`` holds on any process (so that all of them take the same branch)."""
         if not self.enabled:
             return bool(flag)
-        t = torch.tensor([1 if flag else 0], dtype=torch.long, device=self._ctl_device())
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return bool(t.item() > 0)
+        return bool(self.all_reduce_sum(torch.tensor([int(flag)], device=self._ctl_device())).item() > 0)
 
     def main_decides(self, flag: bool) -> bool:
         """Rank 0's value of ``flag`` on every process (e.g. "does the checkpoint exist")."""
