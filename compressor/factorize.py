@@ -241,8 +241,9 @@ def factorize_(
     for name, (index, module, decision) in chosen.items():
         layer_seed = seed * 1000 + index
         basis, cap = bases.get(name), decision.r_max
-        # "svd": the weights' own factors (no activation statistics, or a full-rank linear where the SVD is exact)
         # "svd": the weights' own factors (no activation statistics, or a full-rank linear: SVD exact)
+        from_activations = isinstance(basis, ConvBases) or getattr(basis, "u", None) is not None
+        decision.init = "activations" if from_activations else "svd"
         if isinstance(basis, ConvBases):
             new = TuckerConv2d.from_bases(module, basis.u_out, basis.u_in, r_min=r_min, r_max=cap)
         elif isinstance(basis, LinearBases) and basis.u is not None:
