@@ -288,6 +288,8 @@ def test_augment_keeps_output_and_doubles_ranks(config):
     assert layer.ranks == tuple(min(2 * r, c) for r, c in zip(ranks, caps))
     assert _rel(layer(x).detach(), before) <= 1e-13
     assert torch.equal(change.apply(old_core), layer.core.detach())  # zero padding, exactly
+    assert change.padding  # ...applied as a copy, which is the product with [I | 0] exactly:
+    assert torch.equal(Fn.mode_product(old_core, change.left, change.right), layer.core.detach())
     _assert_orthonormal(layer, 1e-12)
     _assert_rank_state(layer)
     assert all(b.grad is None for b in layer.bases())  # stale gradients dropped with the resize

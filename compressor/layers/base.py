@@ -23,8 +23,22 @@ class BasisChange:
 
     left: Tensor
     right: Tensor
+    padding: bool = False
+    """left and right are [I | 0]: apply() zero-pads instead of multiplying (same values, exactly)."""
+
+    @classmethod
+    def zero_padding(cls, old: tuple[int, int], new: tuple[int, int], like: Tensor) -> "BasisChange":
+        """The change of an augmentation, Û = [U | new columns]: the core is padded with zeros."""
+        kw = {"dtype": like.dtype, "device": like.device}
+        return cls(torch.eye(old[0], new[0], **kw), torch.eye(old[1], new[1], **kw), padding=True)
 
     def apply(self, tensor: Tensor) -> Tensor:
+        if self.padding:
+            # A copy into zeros, not two products with [I | 0]: VGG16's cores and Adam moments
+            # cost ~0.13 s a cycle as GEMMs on 2 CPU cores, for the same numbers.
+            out = tensor.new_zeros(self.left.shape[1], self.right.shape[1], *tensor.shape[2:])
+            out[: tensor.shape[0], : tensor.shape[1]] = tensor
+            return out
         return mode_product(tensor, self.left.to(tensor.dtype), self.right.to(tensor.dtype))
 
 

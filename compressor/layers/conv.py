@@ -151,8 +151,7 @@ class TuckerConv2d(LowRankLayer):
         with torch.no_grad():
             u_out = augment_basis(self.U_out, self.U_out.grad, n_out, seed=seed)
             u_in = augment_basis(self.U_in, self.U_in.grad, n_in, seed=seed + 1)
-            change = BasisChange(torch.eye(r_out, n_out, dtype=self.C.dtype, device=self.C.device),
-                                 torch.eye(r_in, n_in, dtype=self.C.dtype, device=self.C.device))
+            change = BasisChange.zero_padding((r_out, r_in), (n_out, n_in), self.C)  # U_oldᵀÛ = [I | 0]
             self._set(u_out, change.apply(self.C), u_in)
         return change
 

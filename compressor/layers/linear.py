@@ -110,8 +110,7 @@ class LowRankLinear(LowRankLayer):
         with torch.no_grad():
             u_hat = augment_basis(self.U, self.U.grad, new, seed=seed)
             v_hat = augment_basis(self.V, self.V.grad, new, seed=seed + 1)
-            eye = torch.eye(r, new, dtype=self.S.dtype, device=self.S.device)  # UᵀÛ = [I | 0]
-            change = BasisChange(eye, eye)
+            change = BasisChange.zero_padding((r, r), (new, new), self.S)  # UᵀÛ = [I | 0]
             s_hat = change.apply(self.S)
             self._set(u_hat, s_hat, v_hat)
         return change

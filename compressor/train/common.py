@@ -143,7 +143,8 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter,
     for key in sorted(moments, key=lambda k: "sq" in k):  # first moments first: they floor the second
         value = state[key]
         if "sq" in key:  # exp_avg_sq, max_exp_avg_sq
-            mapped = change.apply(value.clamp_min(0).sqrt()).square()
+            # zero padding (augmentation) keeps every value: no square root round trip
+            mapped = change.apply(value) if change.padding else change.apply(value.clamp_min(0).sqrt()).square()
             mapped = torch.where(mapped > 0, mapped, value.mean())
             first, betas = state.get("exp_avg"), _betas(optimizer, param)
             if torch.is_tensor(first) and first.shape == mapped.shape and betas is not None:
