@@ -371,14 +371,19 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 def recipe_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two recipe documents (nested mappings).
 
-    Lists (the attacks) are compared whole. Used by ``--resume`` to name what changed.
+    Lists (the attacks) are compared whole; a key present in one document only differs, even
+    when its value is null (absent means "the default", which need not be null). Used by
+    ``--resume`` to name what changed.
     """
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
         for key in list(a) + [k for k in b if k not in a]:
-            out += recipe_differences(a.get(key), b.get(key), f"{prefix}{key}.")
+            out += recipe_differences(a.get(key, _ABSENT), b.get(key, _ABSENT), f"{prefix}{key}.")
         return out
     return [] if a == b and type(a) is type(b) else [prefix.rstrip(".") or "<root>"]
+
+
+_ABSENT = object()  # a key missing from one of the documents compared by recipe_differences
 
 
 def reference_markdown() -> str:

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from compressor.errors import ConfigError
-from compressor.recipe import (Recipe, apply_overrides, load_recipe, load_recipe_dict, parse_override,
-                               recipe_differences, recipe_from_dict, recipe_to_yaml, reference_markdown)
+from compressor.recipe import (Recipe, _SafeDumper, apply_overrides, load_recipe, load_recipe_dict,
+                               parse_override, recipe_differences, recipe_from_dict, recipe_to_yaml, reference_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -131,7 +131,8 @@ def test_overrides_on_any_document_give_a_recipe_or_a_clean_error(doc: Any, over
 @SETTINGS
 @given(st.lists(st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True), min_size=1, max_size=4), values)
 def test_set_parses_key_path_and_yaml_value(path: list[str], value: Any) -> None:
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    # written by the recipe dumper, which quotes the strings our loader reads as numbers ('0E0')
+    text = yaml.dump(value, Dumper=_SafeDumper, default_flow_style=True, width=10**6).strip()
     if text.endswith("\n..."):
         text = text[:-4].strip()
     key, parsed = parse_override(f"{'.'.join(path)}={text}")
@@ -147,6 +148,8 @@ def test_set_values_are_read_as_yaml() -> None:
     assert parse_override("run_name=a=b") == (["run_name"], "a=b")  # the first '=' splits
     assert parse_override(" data.root = /x y ") == (["data", "root"], "/x y")
     assert parse_override("model.weights=") == (["model", "weights"], "")
+    assert parse_override("run_name=1E3") == (["run_name"], 1000.0)  # YAML 1.2 floats, unlike PyYAML's 1.1
+    assert parse_override("run_name='1E3'") == (["run_name"], "1E3")
     recipe = load_recipe(None, ["train.beta=0.2", "factorize.r_max=64", "evaluate.attacks=[{name: pgd, eps: [0.01]}]"])
     assert recipe.train.beta == 0.2 and recipe.factorize.r_max == 64 and recipe.evaluate.attacks[0].name == "pgd"
     assert load_recipe(None, {"train.tau": 0.05}).train.tau == 0.05
@@ -217,6 +220,7 @@ def test_recipe_differences_examples() -> None:
     assert recipe_differences(a, b) == ["seed", "train.beta", "evaluate.attacks"]
     assert recipe_differences(a, a) == []
     assert recipe_differences({"x": 1}, {"x": 1.0}) == ["x"]  # an int rank is not a float fraction
+    assert recipe_differences({"run_name": None}, {}) == ["run_name"]  # absent means the default, not null
 
 
 def test_docs_recipes_md_is_up_to_date() -> None:
