@@ -21,8 +21,10 @@ RobustDLRT: β 0.075, τ 0.1, s* 10. Steps are interleaved round-robin (one thre
 baton passed at every batch request, so exactly one model runs at a time) and share the noise
 of this shared machine; step time = from receiving a batch to requesting the next. Targets:
 epoch low-rank / dense ≤ 0.2; augment + truncate ≤ 10 % of the low-rank epoch; median low-rank
-step at the reference's ranks ≥ 1.5× faster than its 0.49 s. Writes bench/results/dlrt.json
-(``--smoke``: dlrt-smoke.json) and prints a Markdown table; the load average is recorded.
+step at the reference's ranks ≥ 1.5× faster than its 0.49 s, in raw seconds and normalized
+by the machine's speed (PEERS.md's 2.28 s dense step against a dense step here with the same,
+plain, AdamW: ``plain_adamw_step_ratio``). Writes bench/results/dlrt.json (``--smoke``:
+dlrt-smoke.json) and prints a Markdown table; the load average is recorded.
 """
 
 from __future__ import annotations
