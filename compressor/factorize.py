@@ -241,16 +241,17 @@ def factorize_(
     for name, (index, module, decision) in chosen.items():
         layer_seed = seed * 1000 + index
         basis, cap = bases.get(name), decision.r_max
-        # "svd": the weights' own factors (no activation statistics, or a full-rank linear: SVD exact)
-        from_activations = isinstance(basis, ConvBases) or getattr(basis, "u", None) is not None
-        decision.init = "activations" if from_activations else "svd"
+        # decision.init: "activations" where the bases came from them, else "svd" (the weights' factors)
+        decision.init = "activations"
         if isinstance(basis, ConvBases):
             new = TuckerConv2d.from_bases(module, basis.u_out, basis.u_in, r_min=r_min, r_max=cap)
         elif isinstance(basis, LinearBases) and basis.u is not None:
             new = LowRankLinear.from_output_basis(module, basis.u, r_min=r_min, r_max=cap)
         elif isinstance(basis, LinearBases):  # chosen at full rank from the activations: the SVD is exact
+            decision.init = "svd"
             new = LowRankLinear.from_dense(module, basis.rank, r_min=r_min, r_max=cap, seed=layer_seed)
         else:
+            decision.init = "svd"
             factorized = LowRankLinear if isinstance(module, nn.Linear) else TuckerConv2d
             new = factorized.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=cap, seed=layer_seed)
         new.train(module.training)

@@ -368,6 +368,9 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.dump(recipe.model_dump(mode="json"), Dumper=_SafeDumper, sort_keys=False)
 
 
+_ABSENT = object()  # a key missing from one of the documents compared by recipe_differences
+
+
 def recipe_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two recipe documents (nested mappings).
 
@@ -381,9 +384,6 @@ def recipe_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += recipe_differences(a.get(key, _ABSENT), b.get(key, _ABSENT), f"{prefix}{key}.")
         return out
     return [] if a == b and type(a) is type(b) else [prefix.rstrip(".") or "<root>"]
-
-
-_ABSENT = object()  # a key missing from one of the documents compared by recipe_differences
 
 
 def reference_markdown() -> str:
