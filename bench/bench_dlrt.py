@@ -40,9 +40,12 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+# As the compress command does (compressor.cli.enable_huge_pages); PyTorch reads it at its first allocation.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

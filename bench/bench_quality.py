@@ -51,8 +51,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Subset
+# As the compress command does (compressor.cli.enable_huge_pages); PyTorch reads it at its first allocation.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 

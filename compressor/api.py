@@ -23,6 +23,7 @@ from .functional import singular_values, unfold
 from .layers import low_rank_layers
 from .recipe import Recipe, load_recipe, recipe_from_dict, apply_overrides
 from .train import DistContext, Trainer, TrainerConfig, TrainingHistory, clean_accuracy, compression_stats
+from .train.checkpoint import CheckpointWriter
 from .train.common import ProgressFactory, resolve_device, silent_progress
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,11 @@ def factorize_and_train(model: nn.Module, train_loader: Iterable, recipe: Recipe
                         device: torch.device | None = None, dist: DistContext | None = None,
                         checkpoint_path: str | Path | None = None, resume: bool = False,
                         progress: ProgressFactory = silent_progress,
-                        set_epoch: Callable[[Iterable, int], None] | None = None) -> tuple[FactorizationReport, TrainingHistory, dict[str, float]]:
+                        set_epoch: Callable[[Iterable, int], None] | None = None,
+                        checkpoint_writer: CheckpointWriter | None = None) -> tuple[FactorizationReport, TrainingHistory, dict[str, float]]:
     """Factorize ``model`` in place (activation-aware or SVD / Tucker-2 bases, ``recipe.factorize``),
-    then RobustDLRT."""
+    then RobustDLRT. ``checkpoint_writer``: share the caller's background writer, so that its
+    earlier checkpoints are on disk before the first RobustDLRT one."""
     device = device or resolve_device(recipe.train.device)
     f = recipe.factorize
     timings: dict[str, float] = {}
@@ -92,7 +95,8 @@ def factorize_and_train(model: nn.Module, train_loader: Iterable, recipe: Recipe
     t = time.perf_counter()
     trainer = Trainer(model, train_loader, TrainerConfig.from_section(recipe.train), val_loader=val_loader,
                       device=device, seed=recipe.seed, dist=dist, checkpoint_path=checkpoint_path,
-                      progress=progress, name="RobustDLRT" if recipe.train.beta > 0 else "DLRT", set_epoch=set_epoch)
+                      progress=progress, name="RobustDLRT" if recipe.train.beta > 0 else "DLRT", set_epoch=set_epoch,
+                      checkpoint_writer=checkpoint_writer)
     history = trainer.fit(resume=resume)
     timings["train"] = time.perf_counter() - t
     return fact, history, timings

@@ -235,7 +235,21 @@ def _cmd_list(argv: list[str]) -> int:
     return 0
 
 
+def enable_huge_pages() -> None:
+    """Let PyTorch's CPU allocator back large tensors with transparent huge pages.
+
+    ``THP_MEM_ALLOC_ENABLE`` (PyTorch ≥ 2.2) makes the allocator ``madvise`` buffers of 2 MB
+    and more. A dense VGG16 step allocates ~0.5 GB of fresh gradients; on 4 KB pages that is
+    ~130k page faults a step (measured here: 0.1–0.25 s of a ~1.8 s CPU step). PyTorch reads the
+    variable once, at its first CPU allocation, so this runs before any tensor exists; an
+    explicit ``THP_MEM_ALLOC_ENABLE=0`` wins. Set by the command only: the library leaves the
+    process environment alone.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    enable_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"export": _cmd_export, "list": _cmd_list}
     command = commands.get(argv[0], _cmd_run) if argv else _cmd_run

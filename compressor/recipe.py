@@ -210,6 +210,8 @@ class ExportSection(_Section):
     """Measure onnxruntime latency of the dense and the compressed model (batch 1 and 32)."""
     latency_threads: int = Field(2, ge=1, le=256)
     """onnxruntime intra-op threads for the latency measurement."""
+    latency_repeats: int = Field(30, ge=3, le=100000)
+    """Timed runs per model and batch size, after 5 warm-up runs; the report quotes their median."""
 
 
 class Recipe(_Section):

@@ -352,6 +352,37 @@ def test_gradient_clipping_bounds_the_update():
     fit(tiny_cnn(), grad_clip=0.5, adaptive_epochs=1)
 
 
+@pytest.mark.parametrize("clip", [None, 0.5, 1e3])
+def test_guarded_step_clips_like_clip_grad_norm(clip):
+    """The guard rescales exactly as torch's clip_grad_norm_ when the norm exceeds the clip, and
+    leaves the gradients untouched (bit for bit) when it does not or when there is no clip."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    copies = [nn.Parameter(p.detach().clone()) for p in params]
+    for c, p in zip(copies, params):
+        c.grad = p.grad.clone()
+    norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params)))
+    assert norm > 0.5 and norm < 1e3
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(copies, clip)
+    reference = [c.grad for c in copies]
+    seen = []
+    opt = torch.optim.SGD(params, lr=0.0)
+    opt.step = lambda: seen.append([p.grad.clone() for p in params])  # record what the optimizer gets
+    assert guarded_step(params, opt, clip, torch.tensor(1.0))
+    for got, want in zip(seen[0], reference):
+        assert torch.equal(got, want) if clip is None or norm <= clip else torch.allclose(got, want, rtol=1e-6)
+    if clip is not None and norm > clip:
+        assert float(torch.sqrt(sum((g ** 2).sum() for g in seen[0]))) == pytest.approx(clip, rel=1e-5)
+    # a non-finite gradient: no step, gradients dropped
+    params[1].grad = torch.full_like(params[1], float("nan"))
+    params[0].grad = torch.ones_like(params[0])
+    assert not guarded_step(params, opt, clip, torch.tensor(1.0)) and len(seen) == 1
+    assert all(p.grad is None for p in params)
+
+
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
     cfg = dict(adaptive_epochs=2, lr=1e-2, tau=0.05, coefficient_steps=3, schedule="cosine", beta=0.05)
 

@@ -224,3 +224,41 @@ def test_report_counts_nonfinite_steps(tmp_path: Path, monkeypatch) -> None:
     assert report["compressed"]["nonfinite_steps"] == 1 == report["history"]["nonfinite_steps"]
     assert "skipped (NaN/Inf)" in (result.folder / "report.md").read_text()
     assert report["compressed"]["clean_accuracy"] is not None
+
+
+# ----------------------------------------------------------------------------- background checkpoint writes
+
+
+def test_checkpoint_writer_writes_the_state_at_submit_in_order(tmp_path: Path) -> None:
+    from compressor.train.checkpoint import CheckpointWriter, load_checkpoint
+
+    writer = CheckpointWriter()
+    weights = torch.arange(1_000_000, dtype=torch.float32)
+    writer.submit(tmp_path / "a.ckpt", {"w": weights, "meta": {"epoch": 1, "lrs": [0.1]}})
+    weights.add_(1.0)  # the next training steps change the live tensor ...
+    writer.wait()
+    saved = load_checkpoint(tmp_path / "a.ckpt")
+    assert torch.equal(saved["w"], torch.arange(1_000_000, dtype=torch.float32))  # ... not the file
+    assert saved["meta"] == {"epoch": 1, "lrs": [0.1]}
+    writer.submit(tmp_path / "a.ckpt", {"w": weights, "meta": {"epoch": 2}})
+    writer.submit(tmp_path / "b.ckpt", {"w": weights[:3]})  # waits for the first
+    writer.wait()
+    assert load_checkpoint(tmp_path / "a.ckpt")["meta"] == {"epoch": 2}
+    assert torch.equal(load_checkpoint(tmp_path / "b.ckpt")["w"], weights[:3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "b.ckpt"]  # no temporary files left
+
+
+def test_checkpoint_writer_raises_a_failed_write(tmp_path: Path) -> None:
+    from compressor.train.checkpoint import CheckpointWriter
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    writer = CheckpointWriter()
+    writer.submit(blocker / "x.ckpt", {"w": torch.zeros(3)})  # its folder cannot be made
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.wait()  # raised once
+    writer.submit(blocker / "x.ckpt", {"w": torch.zeros(3)})
+    with pytest.raises(OSError):
+        writer.submit(tmp_path / "y.ckpt", {"w": torch.zeros(3)})  # the next submit reports it
+    writer.wait()

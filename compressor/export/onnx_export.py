@@ -490,7 +490,8 @@ def _write(proto, path: Path) -> int:
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, input_size: int, in_chans: int = 3, opset: int = 18,
-                dynamic_batch: bool = True, fold: str = "auto", simplify: bool = True) -> OnnxExportInfo:
+                dynamic_batch: bool = True, fold: str = "auto", simplify: bool = True,
+                check: bool = True) -> OnnxExportInfo:
     """Export ``model`` (images in [0,1] → logits) to ONNX at ``path``, written atomically.
 
     Factorized layers become plain Conv/MatMul/Gemm ops in the form chosen by
@@ -499,7 +500,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int, in_chans
     exporter (the TorchScript one cannot export e.g. VGG's adaptive pooling at 32×32); falls
     back to the legacy exporter only if dynamo fails, recording why. The batch axis is
     dynamic unless ``dynamic_batch=False``. With ``simplify`` and onnxslim installed, the
-    simplified graph is kept only if the structure check still holds.
+    simplified graph is kept only if the structure check still holds. ``check=False`` skips
+    ``onnx.checker`` (for a throwaway graph that is only timed; the structure check still runs).
     """
     import onnx
 
@@ -539,7 +541,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int, in_chans
     for key, value in ((PLAN_KEY, json.dumps(plan_forms, sort_keys=True)), ("compressor.exporter", exporter)):
         entry = meta.get(key) or proto.metadata_props.add()
         entry.key, entry.value = key, value
-    if proto.ByteSize() < _TWO_GB:
+    if check and proto.ByteSize() < _TWO_GB:
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as err:
@@ -550,7 +552,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int, in_chans
             "conv_nodes", "expected_conv_nodes", "matmul_nodes", "gemm_nodes", "expected_matmul_gemm_nodes",
             "weight_bytes", "expected_weight_bytes", "missing_factor_shapes")})
     size_bytes = _write(proto, path)
-    if proto.ByteSize() >= _TWO_GB:
+    if check and proto.ByteSize() >= _TWO_GB:
         onnx.checker.check_model(str(path))
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in dims]

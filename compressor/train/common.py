@@ -173,11 +173,16 @@ def guarded_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, g
 
     Returns whether the step was taken. One device sync per step (the norm).
     """
-    grads = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip else float("inf"))
+    with_grad = [p for p in params if p.grad is not None]
+    # The norm alone is one read of the gradients; clip_grad_norm_ would also rescale every
+    # gradient (a read and a write: ~40 ms a step for VGG16's 120M-parameter classifier on
+    # the CPU) even when nothing needs clipping.
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
     if not (torch.isfinite(loss) and torch.isfinite(norm)):
         optimizer.zero_grad(set_to_none=True)
         return False
+    if grad_clip and norm > grad_clip:  # the same rescaling as clip_grad_norm_
+        torch.nn.utils.clip_grads_with_norm_(with_grad, grad_clip, norm)  # (takes the parameters)
     optimizer.step()
     return True
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import LowRankLayer, low_rank_layers
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from .common import (ProgressFactory, autocast_context, build_optimizer, build_schedule, clean_accuracy,
                      compression_stats, guarded_step, remap_optimizer_state, silent_progress, trainable_parameters)
 from .distributed import DistContext
@@ -98,7 +98,8 @@ class Trainer:
                  dist: DistContext | None = None, checkpoint_path: str | Path | None = None,
                  progress: ProgressFactory = silent_progress, name: str = "dlrt",
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 set_epoch: Callable[[Iterable, int], None] | None = None) -> None:
+                 set_epoch: Callable[[Iterable, int], None] | None = None,
+                 checkpoint_writer: CheckpointWriter | None = None) -> None:
         self.model = model
         self.train_loader, self.val_loader = train_loader, val_loader
         self.cfg = config
@@ -123,9 +124,24 @@ class Trainer:
         self.scheduler = build_schedule(self.optimizer, config.schedule, self.total_epochs * len(train_loader))
         self.history = TrainingHistory()
         self.global_step = 0
+        # checkpoints are written in the background; a writer shared with the pipeline keeps
+        # its files in order (the dense stage's before the first RobustDLRT one) and waits for them
+        self._writer = checkpoint_writer or CheckpointWriter()
+        self._owns_writer = checkpoint_writer is None
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> TrainingHistory:
+        try:
+            self._fit(resume)
+        except BaseException:
+            if self._owns_writer:  # a crash leaves the last submitted checkpoint on disk for a resume
+                self._writer.wait(raise_error=False)
+            raise
+        if self._owns_writer:
+            self._writer.wait()  # the last checkpoint is on disk when fit returns
+        return self.history
+
+    def _fit(self, resume: bool) -> None:
         start_epoch = self._restore() if resume else 0
         s_star = self.cfg.coefficient_steps
         for epoch in range(start_epoch, self.total_epochs):
@@ -182,7 +198,6 @@ class Trainer:
                     bar.set_postfix(self._postfix(tally))
             bar.close()
             self._end_epoch(epoch, adaptive, tally, time.perf_counter() - start)
-        return self.history
 
     # ------------------------------------------------------------------ pieces
     def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -290,8 +305,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, next_epoch: int) -> None:
-        if self.dist.is_main:
-            save_checkpoint(self.checkpoint_path, {
+        if self.dist.is_main:  # written in the background while the next epoch trains
+            self._writer.submit(self.checkpoint_path, {
                 "name": self.name,
                 "epoch": next_epoch,
                 "global_step": self.global_step,
