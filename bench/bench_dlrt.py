@@ -40,12 +40,9 @@ import threading
 import time
 from pathlib import Path
 
-# As the compress command does (compressor.cli.enable_huge_pages); PyTorch reads it at its first allocation.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,6 +52,7 @@ import torchvision  # noqa: E402
 
 import benchmarks_md  # noqa: E402
 from compressor.atomic import write_text  # noqa: E402
+from compressor.cli import enable_huge_pages  # noqa: E402
 from compressor.factorize import factorize_  # noqa: E402
 from compressor.layers import LowRankLinear, TuckerConv2d, low_rank_layers  # noqa: E402
 from compressor.train import Trainer, TrainerConfig  # noqa: E402
@@ -383,6 +381,7 @@ def markdown(res: dict, args, load_before, load_after) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_huge_pages()  # as the compress command does, before the first tensor
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="ResNet-18, ranks ≤ 16, 4 batches of 16, s* 3 (seconds; CI)")
     ap.add_argument("--model", default="vgg16")

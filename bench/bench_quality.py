@@ -51,16 +51,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-# As the compress command does (compressor.cli.enable_huge_pages); PyTorch reads it at its first allocation.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
+import torch
+from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import benchmarks_md  # noqa: E402
 from compressor.api import factorize_and_train, layer_spectrum, layer_summary  # noqa: E402
+from compressor.cli import enable_huge_pages  # noqa: E402
 from compressor.data import (FASHION_MNIST_DEFAULT_ROOT, TensorImages, build_data, read_idx_images,  # noqa: E402
                              read_idx_labels, set_epoch)
 from compressor.evaluate import evaluate  # noqa: E402
@@ -740,6 +738,7 @@ def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_huge_pages()  # as the compress command does, before the first tensor
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("compressor").setLevel(logging.INFO)

@@ -497,9 +497,9 @@ def _export(model, dense_model, recipe: Recipe, info, data, folder: Path,
         out["int8"]["eval"] = _as_dict(evaluate_onnx(folder / "model.int8.onnx", data.val_loader,
                                                      adversarial=adversarial or None, **onnx_eval_kwargs))
     if recipe.export.latency:
-        timing = dict(batch_sizes=(1, 32), threads=recipe.export.latency_threads,
-                      repeats=recipe.export.latency_repeats, input_size=size, in_chans=data.in_chans)
-        out["latency"] = {"compressed": onnx_latency(onnx_path, **timing)}
+        latency_args = dict(batch_sizes=(1, 32), threads=recipe.export.latency_threads,
+                            repeats=recipe.export.latency_repeats, input_size=size, in_chans=data.in_chans)
+        out["latency"] = {"compressed": onnx_latency(onnx_path, **latency_args)}
         if dense_model is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 dense_path = Path(tmp) / "dense.onnx"
@@ -507,11 +507,11 @@ def _export(model, dense_model, recipe: Recipe, info, data, folder: Path,
                 # 0.5 GB; onnxruntime validates the graph as it loads it)
                 export_onnx(dense_model, dense_path, input_size=size, in_chans=data.in_chans, opset=recipe.export.opset,
                             check=False)
-                out["latency"]["dense"] = onnx_latency(dense_path, **timing)
+                out["latency"]["dense"] = onnx_latency(dense_path, **latency_args)
             out["latency"]["speedup"] = {
                 b: out["latency"]["dense"][b]["median_ms"] / out["latency"]["compressed"][b]["median_ms"]
                 for b in out["latency"]["compressed"]}
-        out["latency"]["threads"] = recipe.export.latency_threads
+        out["latency"]["threads"] = latency_args["threads"]
     return out
 
 
