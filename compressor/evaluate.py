@@ -19,7 +19,9 @@ What :func:`evaluate` computes (all accuracies are fractions in [0, 1]):
   S = ‖f(x') − f(x)‖₂/‖f(x)‖₂ · ‖x‖₂/‖x' − x‖₂ on logits and pixel-space images, per sample,
   averaged over the samples with x' ≠ x (None when there are none).
 * ``timing``: seconds for the clean pass and for each attack and ε, and the total (under
-  torch.distributed: this process's own seconds).
+  torch.distributed: this process's own seconds). The FGSM family (``fgsm``, ``l1_fgsm``,
+  ``l2_fgsm``) takes one gradient per batch at the clean images for all its ε: the first ε's
+  seconds include it, the others' are only the step.
 
 Under torch.distributed (``dist`` given, several processes) every process evaluates its shard
 of the validation set, as laid out by ``build_data(rank=, world_size=)``: whole global batches
@@ -280,11 +282,13 @@ def evaluate(
                 clean_ok.append((pred[:take] == ya).cpu())
                 x_norm = xa.flatten(1).norm(dim=1)
                 z_norm = za.norm(dim=1).clamp_min(1e-12)
+                memos: dict[str, dict] = {}  # per attack setting: its gradient at this batch (FGSM family)
                 for item in built:
                     p = (item.key, item.eps)
                     item.attack.seed = item.seed + g
                     t0 = time.perf_counter()
-                    adv = item.attack(xa, ya)
+                    with item.attack.sharing_clean_gradient(memos.setdefault(item.key, {})):
+                        adv = item.attack(xa, ya)
                     _sync(dev)
                     secs[p] += time.perf_counter() - t0
                     with torch.no_grad():
@@ -464,13 +468,15 @@ def evaluate_onnx(
             take = len(x) if max_samples is None else min(len(x), max_samples - n_attacked)
             if take > 0 and built:
                 xa, ya = x[:take], y[:take]
+                memos: dict[str, dict] = {}
                 for item in built:
                     p = (item.key, item.eps)
                     if adversarial is not None:
                         adv = _precomputed(adversarial, p, n_attacked, take).to(dev)
                     else:
                         item.attack.seed = item.seed + b
-                        adv = item.attack(xa, ya)
+                        with item.attack.sharing_clean_gradient(memos.setdefault(item.key, {})):
+                            adv = item.attack(xa, ya)
                     with torch.no_grad():
                         pt = torch_model(adv).argmax(dim=1).cpu()
                     po = _onnx_logits(session, adv).argmax(dim=1)

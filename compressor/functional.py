@@ -19,6 +19,9 @@ from torch import Tensor
 # VGG16's 4096×25088 classifier costs ~10 s as a reduced SVD on 2 cores; a ViT-B MLP
 # (3072×768) at rank 8 ~1 s exact, ~0.05 s randomized. Full rank always takes the exact path.
 _RANDOMIZED_MIN_ENTRIES = 1_000_000
+# left_singular(tol=τ) uses the Gram eigendecomposition when τ² ≥ this × m × ε (float32, m = 200:
+# τ ≥ 0.05; the recipes' τ = 0.1 qualifies up to m ≈ 690; float64: nearly any τ > 0).
+_GRAM_TOL_FACTOR = 100.0
 # Krylov depth of the randomized SVD (blocks A Ω, (AAᵀ)AΩ, …): with block size r/2 + 25, depth 4
 # reads A 8 times in (r/2 + 25)-column blocks. On decaying spectra it is as accurate as
 # torch.svd_lowrank(q=r+20, niter=4), which reads A 10 times in (r+20)-column blocks (measured:
@@ -302,9 +305,14 @@ def orthonormal_complement(basis: Tensor, directions: Tensor, k: int, *, seed: i
     # which directions fill the degenerate part of the new basis, never W.
     noise = torch.randn(n, k, generator=gen, dtype=work).to(b.device)
     g = g + noise * (1e-3 * scale if float(scale) > 0 else 1.0)
-    for _ in range(2):  # classical Gram-Schmidt twice = numerically orthogonal to basis
-        g = g - b @ (b.mT @ g)
-        g, _ = torch.linalg.qr(g)
+    # classical Gram-Schmidt twice = numerically orthogonal to basis. The first pass needs
+    # Householder QR (G may be ill-conditioned); after it the block is orthonormal and the second
+    # projection removes only round-off, so Cholesky QR suffices (VGG16's 25088×54 block:
+    # 4.6 ms instead of 13 ms).
+    g = g - b @ (b.mT @ g)
+    g, _ = torch.linalg.qr(g)
+    g = g - b @ (b.mT @ g)
+    g, _ = reorthonormalize(g)
     return g.to(basis.dtype)
 
 
@@ -367,14 +375,35 @@ def spectral_regularizer(a: Tensor) -> Tensor:
         return _SpectralRegularizer.apply(a.to(dtype))
 
 
-def left_singular(a: Tensor) -> tuple[Tensor, Tensor]:
+def left_singular(a: Tensor, *, tol: float | None = None) -> tuple[Tensor, Tensor]:
     """All min(m, n) left singular vectors P (m×k) and values σ (k) of A (m×n), as a reduced SVD.
 
     A wide A (a conv core's unfolding, r × r·kh·kw) is first reduced by QR, Aᵀ = Q R, so
     A = Rᵀ Qᵀ and P, σ come from the SVD of the m×m Rᵀ: backward stable like the SVD of A,
     without forming its m×n right factor (a 200×1800 unfolding: ~14 ms instead of ~80 ms).
+
+    ``tol``: σ is only needed to choose a rank by relative tolerance ``tol`` (truncation). The
+    eigendecomposition of the Gram A Aᵀ in A's precision is then accurate enough whenever
+    tol² ≥ :data:`_GRAM_TOL_FACTOR`·m·ε: its eigenvalues σᵢ² are off by ≲ m·ε·σ₁², so the tail
+    energy ‖σ[r:]‖² that the rule compares with tol²‖σ‖² moves by a negligible share of it,
+    and its eigenvectors are orthonormal to round-off (the subspace kept is that of the SVD up
+    to the conditioning of the gap at the cut, which no float32 method resolves better). It is
+    ~2.5× cheaper: a 192×1692 float32 unfolding 2.7 ms instead of 7.0 ms (2 threads), ~0.1 s
+    of every VGG16 truncation. Single σ below ~√ε·σ₁ lose their accuracy, so κ is never taken
+    from these values.
     """
     m, n = a.shape
+    eps = torch.finfo(a.dtype).eps
+    if tol is not None and tol > 0 and tol * tol >= _GRAM_TOL_FACTOR * min(m, n) * eps:
+        wide = m <= n
+        lam, vecs = torch.linalg.eigh(a @ a.mT if wide else a.mT @ a)
+        lam, vecs = lam.flip(0).clamp_min(0), vecs.flip(1)
+        if wide:
+            return vecs, lam.sqrt()
+        # tall A: the n×n Gram gives the right vectors W; P = A W / σ, orthonormalized (columns
+        # for σ = 0 are arbitrary, and QR keeps P orthonormal whatever they are)
+        s = lam.sqrt()
+        return _orthonormalize_keep_span(a @ vecs), s
     if n > m:
         r = torch.linalg.qr(a.mT, mode="r")[1]
         p, s, _ = torch.linalg.svd(r.mT)

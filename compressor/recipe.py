@@ -78,6 +78,8 @@ class OptimSection(_Section):
     """Per-step learning-rate schedule."""
     grad_clip: float | None = Field(None, gt=0.0)
     """Clip the global gradient norm to this value (None: no clipping)."""
+    val_every: int = Field(1, ge=0, le=10000)
+    """Score the validation set after every N-th epoch and after the last (0: never); the history shows null for the others."""
 
 
 class BaselineSection(OptimSection):

@@ -328,6 +328,40 @@ def test_without_factorized_layers_the_loop_is_plain_training():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("val_every, scored", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (5, [5]), (0, [])])
+def test_val_every_scores_the_chosen_epochs_and_the_last(val_every, scored):
+    model = tiny_cnn()
+    val = random_loader(n=32, seed=5)
+    trainer = Trainer(model, random_loader(), TrainerConfig(adaptive_epochs=2, fixed_epochs=3, lr=1e-2,
+                                                            coefficient_steps=3, val_every=val_every),
+                      val_loader=val, set_epoch=reseed)
+    history = trainer.fit()
+    got = [e["epoch"] for e in history.epochs if e["val_accuracy"] is not None]
+    assert got == scored
+    if scored:  # the figure is the model's accuracy on the validation set after that epoch
+        assert history.epochs[-1]["val_accuracy"] == clean_accuracy(model, val, "cpu")
+
+
+def test_validation_leaves_training_unchanged():
+    """Scoring the validation set draws nothing from the global RNG (a DataLoader takes its
+    base seed there): the dropout masks, hence the trained weights, are the same with or
+    without validation."""
+    def run(val_every: int) -> dict[str, torch.Tensor]:
+        model = tiny_cnn()
+        model.insert(len(model) - 1, nn.Dropout(0.3))  # random masks from the global RNG
+        torch.manual_seed(1)
+        Trainer(model, random_loader(), TrainerConfig(adaptive_epochs=2, fixed_epochs=1, lr=1e-2,
+                                                      coefficient_steps=3, val_every=val_every),
+                val_loader=DataLoader(random_loader(n=32, seed=5).dataset, batch_size=8),  # no generator of its own
+                set_epoch=reseed).fit()
+        return model.state_dict()
+
+    a, b = run(1), run(0)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_cosine_schedule_ends_near_zero():
     model = tiny_cnn()
     trainer = fit(model, schedule="cosine", lr=1e-2, adaptive_epochs=2, fixed_epochs=1)
@@ -454,6 +488,38 @@ def test_nonfinite_loss_step_is_skipped(bad_step, monkeypatch):
     for layer in trainer.layers.values():
         assert_orthonormal(layer)
     assert all(math.isfinite(e["train_loss"]) for e in history.epochs)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e30], ids=["inf", "nan", "overflowing_norm"])
+def test_nonfinite_basis_gradient_skips_only_the_augmentation(bad, monkeypatch, caplog):
+    """A finite loss whose basis gradient is not usable: the step is taken, that augmentation is
+    skipped (a warning says so), bases stay orthonormal. 1e30 is finite but its norm overflows
+    float32: such a direction is treated as unusable too."""
+    model = tiny_cnn()
+    rec = Recorder(model)
+    trainer = Trainer(model, random_loader(), TrainerConfig(adaptive_epochs=1, lr=1e-2, tau=0.05,
+                                                            coefficient_steps=3, schedule="constant"),
+                      set_epoch=reseed)
+    first = next(iter(trainer.layers.values()))
+    original = dlrt.Trainer._forward_backward
+
+    def poisoned(self, x, y):
+        out = original(self, x, y)
+        if self.global_step == 3:  # the second cycle's augmentation batch
+            first.bases()[0].grad[0, 0] = bad
+        return out
+
+    monkeypatch.setattr(dlrt.Trainer, "_forward_backward", poisoned)
+    with caplog.at_level("WARNING", logger="compressor.train.dlrt"):
+        history = trainer.fit()
+    cycles = math.ceil(len(trainer.train_loader) / 3)
+    n_aug = sum(1 for _, k, _ in rec.events if k == "augment_")
+    assert n_aug == len(trainer.layers) * (cycles - 1)
+    assert history.nonfinite_steps == 0  # the coefficient step of that batch was taken
+    assert any("non-finite basis gradient at step 3" in r.getMessage() for r in caplog.records)
+    for layer in trainer.layers.values():
+        assert_orthonormal(layer)
+        assert all(bool(torch.isfinite(b).all()) for b in layer.bases())
 
 
 # ----------------------------------------------------------------------------- headline: κ on real data

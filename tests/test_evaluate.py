@@ -162,3 +162,49 @@ def test_evaluate_onnx(model, loader, tmp_path, fixed_batch):
 def test_evaluate_onnx_missing_file(loader, tmp_path):
     with pytest.raises(WeightsError):
         evaluate_onnx(tmp_path / "nope.onnx", loader)
+
+
+class _CountingForward(nn.Module):
+    """The model, counting its forward calls that build a graph (gradient passes)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.grad_passes = net, 0
+
+    def forward(self, x):
+        self.grad_passes += int(torch.is_grad_enabled() and x.requires_grad)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("name, options", [("fgsm", {}), ("l1_fgsm", {}), ("l2_fgsm", {}), ("l2_fgsm", {"steps": 2})])
+def test_fgsm_family_shares_one_clean_gradient_across_eps(model, loader, name, options):
+    """All ε of one FGSM-type setting reuse the batch's gradient at the clean images: the same
+    figures and adversarial images as one evaluation per ε, with one gradient pass per batch."""
+    eps = [0.02, 0.05, 0.1]
+    counted = _CountingForward(model)
+    together = evaluate(counted, loader, [{"name": name, "eps": eps, "options": options}], max_samples=64,
+                        keep_adversarial=True)
+    steps = options.get("steps", 1)
+    n_batches = 2  # 64 attacked samples in batches of 32
+    assert counted.grad_passes == n_batches * (1 + (steps - 1) * len(eps))
+    for e in eps:
+        alone = evaluate(model, loader, [{"name": name, "eps": [e], "options": options}], max_samples=64,
+                         keep_adversarial=True)
+        assert torch.equal(together.adversarial[(name, e)], alone.adversarial[(name, e)])
+        assert together.adversarial_accuracy[name][str(e)] == alone.adversarial_accuracy[name][str(e)]
+
+
+def test_clean_gradient_is_not_shared_across_settings_or_outside_evaluate(model, loader):
+    """Two settings of one attack (other options) keep their own gradients; a direct call never
+    reads a memo (another batch must not see this one's gradient)."""
+    counted = _CountingForward(model)
+    evaluate(counted, loader, [{"name": "l2_fgsm", "eps": [0.05, 0.1]},
+                               {"name": "l2_fgsm", "eps": [0.05], "options": {"alpha": 0.02}}], max_samples=32)
+    assert counted.grad_passes == 2  # one per setting on the single attacked batch
+    from compressor.attacks import create_attack
+
+    attack = create_attack("l2_fgsm", counted, eps=0.1)
+    x1, y1 = next(iter(loader))
+    counted.grad_passes = 0
+    attack(x1, y1), attack(x1.flip(0), y1.flip(0))
+    assert counted.grad_passes == 2 and attack._clean_grad_memo is None

@@ -150,6 +150,39 @@ def test_top_left_singular_gram_path(shape):
     assert torch.allclose(u2.double() @ u2.double().mT, proj_ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(192, 1692), (60, 540), (300, 40)], ids=["conv_unfolding", "small", "tall"])
+@pytest.mark.parametrize("tau", [0.05, 0.1, 0.3])
+def test_left_singular_for_a_rank_rule_chooses_the_svds_rank(shape, tau):
+    """left_singular(tol=τ) (the Gram eigendecomposition in float32) gives the rank the exact SVD
+    gives, an orthonormal P, and a truncation error within round-off of the optimal one."""
+    m, n = shape
+    k = min(m, n)
+    sigma = torch.logspace(0, -3, k, dtype=torch.float64)  # decaying, like trained cores
+    a = _with_spectrum(m, n, sigma, seed=k, dtype=torch.float32)
+    p, s = Fn.left_singular(a, tol=tau)
+    p_svd, s_svd = Fn.left_singular(a)
+    assert p.shape == p_svd.shape == (m, k) and s.shape == s_svd.shape == (k,)
+    assert _orth_error(p) < 1e-5
+    r = Fn.truncation_rank(s, tau, 1, k)
+    assert r == Fn.truncation_rank(s_svd, tau, 1, k) == Fn.truncation_rank(sigma, tau, 1, k)
+    assert torch.allclose(s[:r].double(), sigma[:r], rtol=1e-4, atol=1e-5)
+    a64, keep = a.double(), p[:, :r].double()
+    err = torch.linalg.matrix_norm(a64 - keep @ (keep.mT @ a64))
+    optimal = torch.linalg.vector_norm(sigma[r:])
+    assert float(err) <= float(optimal) * (1 + 1e-4) + 1e-5
+
+
+def test_left_singular_keeps_the_exact_svd_where_the_tolerance_needs_it():
+    """τ = 0 (keep everything) and a τ below the Gram's float32 accuracy take the SVD path."""
+    a = torch.randn(50, 450, generator=torch.Generator().manual_seed(0))
+    exact = Fn.left_singular(a)
+    for tol in (None, 0.0, 1e-4):
+        p, s = Fn.left_singular(a, tol=tol)
+        assert torch.equal(p, exact[0]) and torch.equal(s, exact[1])
+    p, s = Fn.left_singular(a, tol=0.1)  # the Gram path: other round-off, same spectrum
+    assert not torch.equal(s, exact[1]) and torch.allclose(s, exact[1], rtol=1e-4)
+
+
 def test_top_left_singular_rank_deficient_stays_orthonormal():
     a = torch.zeros(8, 30, dtype=torch.float64)
     a[:3] = torch.randn(3, 30, dtype=torch.float64)  # rank 3, five zero rows

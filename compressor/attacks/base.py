@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +73,10 @@ class Attack:
 
     name: str = "attack"
     norm: str = "linf"  # the ball that `project` enforces: "linf" or "l2"
+    clean_gradient_shareable: bool = False
+    """True where ``forward``'s gradient at the clean images does not depend on ε (the FGSM
+    family: one cross-entropy gradient, scaled by ε afterwards). :func:`compressor.evaluate`
+    then computes it once per batch for all ε of one attack setting (:meth:`sharing_clean_gradient`)."""
 
     def __init__(
         self,
@@ -100,6 +105,7 @@ class Attack:
         self._gen: torch.Generator | None = None
         self._x: Tensor | None = None  # the clean images of the running call
         self._box: tuple[Tensor, Tensor] | None = None  # ℓ∞: ball ∩ [0, 1] as per-pixel bounds
+        self._clean_grad_memo: dict[str, tuple[Tensor, Tensor]] | None = None
 
     # ------------------------------------------------------------------ to override
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -168,12 +174,36 @@ class Attack:
         """Gradient of ``loss_fn(model(x))`` w.r.t. the input only, and the logits.
 
         ``autograd.grad`` (not ``backward``) leaves parameter ``.grad`` untouched and skips the
-        weight-gradient kernels.
+        weight-gradient kernels. Inside :meth:`sharing_clean_gradient` the gradient at the clean
+        images is taken from the memo when another ε of the same setting computed it already.
         """
+        memo = self._clean_grad_memo if x is self._x else None
+        if memo is not None and "clean" in memo:
+            return memo["clean"]
         x = x.detach().requires_grad_(True)
         logits = self.model(x)
         (grad,) = torch.autograd.grad(loss_fn(logits), x)
-        return grad, logits.detach()
+        out = grad, logits.detach()
+        if memo is not None:
+            memo["clean"] = out
+        return out
+
+    @contextmanager
+    def sharing_clean_gradient(self, memo: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
+        """Within the block, the gradient at the clean images is read from / stored in ``memo``.
+
+        For attacks with ``clean_gradient_shareable`` only (elsewhere a no-op). The caller owns
+        the promise that makes this exact: one ``memo`` per batch of (images, labels) and per
+        attack setting (same class and options; only ε differs).
+        """
+        if not self.clean_gradient_shareable:
+            yield
+            return
+        self._clean_grad_memo = memo
+        try:
+            yield
+        finally:
+            self._clean_grad_memo = None
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """Project onto the ε-ball around x (in eps units) and clamp to [0, 1]."""

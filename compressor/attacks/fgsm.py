@@ -16,6 +16,8 @@ from .base import Attack, register_attack
 class FGSM(Attack):
     """One ℓ∞ sign step of size ``eps``; no options besides the common ones."""
 
+    clean_gradient_shareable = True  # one cross-entropy gradient at x, scaled by ε afterwards
+
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         # images: (N, C, H, W) in [0, 1]; labels: (N,)
         # sum, not mean: the per-sample gradient must not depend on the batch size

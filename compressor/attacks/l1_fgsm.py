@@ -29,6 +29,8 @@ class L1FGSM(Attack):
         alpha: step size in eps units (default ``eps``, the paper's choice).
     """
 
+    clean_gradient_shareable = True  # one cross-entropy gradient at x, scaled by ε afterwards
+
     def __init__(self, model: nn.Module, eps: float = 0.1, *, data_std: Sequence[float] | None = None,
                  alpha: float | None = None, **common) -> None:
         super().__init__(model, eps, **common)

@@ -160,8 +160,9 @@ class TuckerConv2d(LowRankLayer):
         with torch.no_grad():
             work = torch.float64 if self.C.dtype == torch.float64 else torch.float32
             core = self.C.to(work)
-            p0, s0 = left_singular(unfold(core, 0))  # only P, σ: the right factors are never used
-            p1, s1 = left_singular(unfold(core, 1))
+            # only P and σ (the right factors are never used), σ only for the rank rule at τ
+            p0, s0 = left_singular(unfold(core, 0), tol=tau)
+            p1, s1 = left_singular(unfold(core, 1), tol=tau)
             r0 = truncation_rank(s0, tau, self.r_min, self.r_max_out)
             r1 = truncation_rank(s1, tau, self.r_min, self.r_max_in)
             left, right = p0[:, :r0], p1[:, :r1]

@@ -190,18 +190,25 @@ def guarded_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, g
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "off",
                    dist=None) -> float:
-    """Top-1 accuracy over a loader (summed across processes under torch.distributed)."""
+    """Top-1 accuracy over a loader (summed across processes under torch.distributed).
+
+    The global RNG is left as it was: a DataLoader without its own generator draws its base
+    seed from it, and training must not depend on whether or how often it is validated
+    (dropout masks and shuffling would change otherwise).
+    """
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
+    devices = [device] if torch.device(device).type == "cuda" else []
     try:
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_context(device, amp):
-                logits = model(x)
-            correct += (logits.argmax(1) == y).sum()
-            count += y.numel()
+        with torch.random.fork_rng(devices=devices):
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast_context(device, amp):
+                    logits = model(x)
+                correct += (logits.argmax(1) == y).sum()
+                count += y.numel()
     finally:
         model.train(was_training)
     if dist is not None:
