@@ -397,13 +397,10 @@ def left_singular(a: Tensor, *, tol: float | None = None) -> tuple[Tensor, Tenso
     if tol is not None and tol > 0 and tol * tol >= _GRAM_TOL_FACTOR * min(m, n) * eps:
         wide = m <= n
         lam, vecs = torch.linalg.eigh(a @ a.mT if wide else a.mT @ a)
-        lam, vecs = lam.flip(0).clamp_min(0), vecs.flip(1)
-        if wide:
-            return vecs, lam.sqrt()
+        s, vecs = lam.flip(0).clamp_min(0).sqrt(), vecs.flip(1)
         # tall A: the n×n Gram gives the right vectors W; P = A W / σ, orthonormalized (columns
         # for σ = 0 are arbitrary, and QR keeps P orthonormal whatever they are)
-        s = lam.sqrt()
-        return _orthonormalize_keep_span(a @ vecs), s
+        return (vecs if wide else _orthonormalize_keep_span(a @ vecs)), s
     if n > m:
         r = torch.linalg.qr(a.mT, mode="r")[1]
         p, s, _ = torch.linalg.svd(r.mT)
