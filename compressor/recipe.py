@@ -209,11 +209,12 @@ class ExportSection(_Section):
     int8: bool = False
     """Also write a static-QDQ INT8 ONNX model, calibrated on training images."""
     latency: bool = True
-    """Measure onnxruntime latency of the dense and the compressed model (batch 1 and 32)."""
+    """Measure onnxruntime latency of the dense and the compressed model (batch 1 and 32), side by side."""
     latency_threads: int = Field(2, ge=1, le=256)
     """onnxruntime intra-op threads for the latency measurement."""
     latency_repeats: int = Field(30, ge=3, le=100000)
-    """Timed runs per model and batch size, after 5 warm-up runs; the report quotes their median."""
+    """Timed runs per model and batch size, after 5 warm-up runs, in blocks of 10 taking turns between the
+    models; the report quotes their median."""
 
 
 class Recipe(_Section):

@@ -20,13 +20,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compressor import models as M
-from compressor.errors import WeightsError
+from compressor.errors import ConfigError, WeightsError
 from compressor.export import (
     build_low_rank_like,
     count_macs,
     export_checkpoint,
     export_onnx,
     load_compressed,
+    onnx_latencies,
     onnx_latency,
     parity_check,
     plain_model,
@@ -322,6 +323,42 @@ def test_latency_numbers_are_sane(exported):
     for b in (1, 4):
         assert math.isfinite(lat[b]["median_ms"]) and 0 < lat[b]["median_ms"] <= lat[b]["p90_ms"]
     assert set(result["latency"]["fp32"]) == {1, 32} and set(result["latency"]["int8"]) == {1, 32}
+
+
+def test_latencies_interleave_models_in_blocks(monkeypatch):
+    """Side-by-side timing: warm-up for all, then blocks of ``block`` timed runs in turn, each
+    block after an untimed lead-in; every model gets exactly ``repeats`` timed runs."""
+    from compressor.export import latency as L
+
+    calls: list[tuple[str, int]] = []
+
+    class FakeSession:
+        def __init__(self, name):
+            self.name = name
+
+        def get_inputs(self):
+            return [type("I", (), {"name": "input"})()]
+
+        def run(self, outputs, feed):
+            calls.append((self.name, feed["input"].shape[0]))
+
+    monkeypatch.setattr(L, "_LEAD_IN_S", 0.0)  # lead-in by count only: 3 runs
+    monkeypatch.setattr(L, "_load", lambda path, opts: FakeSession(str(path)))
+    lat = onnx_latencies({"a": "a", "b": "b"}, batch_sizes=(1, 4), warmup=2, repeats=7, block=3, input_size=8)
+    assert set(lat) == {"a", "b"} and all(set(v) == {1, 4} for v in lat.values())
+    assert all(lat[m][b]["repeats"] == 7 and lat[m][b]["min_ms"] <= lat[m][b]["median_ms"] <= lat[m][b]["p90_ms"]
+               for m in lat for b in (1, 4))
+    one = [n for n, b in calls if b == 1]
+    # warm-up 2 each, then (3 lead-in + block) per turn, blocks of 3, 3, 1 timed runs, a/b alternating
+    assert one == ["a"] * 2 + ["b"] * 2 + (["a"] * 6 + ["b"] * 6) * 2 + ["a"] * 4 + ["b"] * 4
+    assert [b for _, b in calls] == [1] * len(one) + [4] * len(one)
+    calls.clear()
+    onnx_latency("solo", batch_sizes=(1,), warmup=1, repeats=4, input_size=8)
+    assert calls == [("solo", 1)] * 5  # alone: no lead-in runs
+    with pytest.raises(ConfigError, match="at least one"):
+        onnx_latencies({}, input_size=8)
+    with pytest.raises(ConfigError, match="block"):
+        onnx_latencies({"a": "a"}, input_size=8, block=0)
 
 
 def test_count_macs():

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..atomic import write_text
 from ..errors import INPUTS_CHECKED, OutputError, WeightsError
-from .latency import count_macs, onnx_latency
+from .latency import count_macs, onnx_latencies
 from .onnx_export import export_onnx, parity_check, structure_check
 from .quantize import quantize_int8
 from .safetensors_io import load_compressed
@@ -86,10 +86,9 @@ def export_checkpoint(safetensors_path: str | Path, out_dir: str | Path, *, int8
         result["int8"] = quantize_int8(onnx_path, int8_path, calib)
         result["int8"]["calibration"] = source
     if latency:
+        paths = {"fp32": onnx_path, **({"int8": int8_path} if int8 else {})}  # timed side by side
         lat: dict[str, Any] = {"threads": threads,
-                               "fp32": onnx_latency(onnx_path, threads=threads, input_size=size, in_chans=chans)}
-        if int8:
-            lat["int8"] = onnx_latency(int8_path, threads=threads, input_size=size, in_chans=chans)
+                               **onnx_latencies(paths, threads=threads, input_size=size, in_chans=chans)}
         result["latency"] = lat
     result["ok"] = bool(parity["passed"] and structure["matches"])
     write_text(out / "export.json", json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
