@@ -128,6 +128,14 @@ class FactorizeSection(_Section):
 
 
 class TrainSection(OptimSection):
+    # RobustDLRT's defaults are the reference code's (and recipes/robust.yaml's): AdamW 5e-4,
+    # clipped at 1.0, so that compress(model, loader, beta) without a recipe trains as tested
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    """Optimizer of the cores and dense parameters (bases are never in it)."""
+    lr: float = Field(5e-4, gt=0.0, le=10.0)
+    """Learning rate."""
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    """Clip the global gradient norm to this value (None: no clipping)."""
     epochs: int = Field(3, ge=0, le=10000)
     """Rank-adaptive RobustDLRT epochs."""
     finetune_epochs: int = Field(0, ge=0, le=10000)

@@ -10,8 +10,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest
 import torch
+from hypothesis import settings
 
 torch.set_num_threads(1)
+
+# Property tests draw the same examples on every run (CI must not pass or fail by luck); a
+# local search for new counterexamples: HYPOTHESIS_PROFILE=explore pytest ...
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)

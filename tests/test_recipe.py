@@ -155,6 +155,13 @@ def test_set_values_are_read_as_yaml() -> None:
     assert load_recipe(None, {"train.tau": 0.05}).train.tau == 0.05
 
 
+def test_default_training_is_the_main_recipes() -> None:
+    """compress(model, loader, beta) without a recipe trains with robust.yaml's optimizer settings."""
+    default, robust = load_recipe(None).train, load_recipe(ROOT / "recipes" / "robust.yaml").train
+    keys = ("optimizer", "lr", "grad_clip", "schedule", "tau", "coefficient_steps", "beta")
+    assert {k: getattr(default, k) for k in keys} == {k: getattr(robust, k) for k in keys}
+
+
 @pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("5E-4", 0.0005), ("-2.5e+1", -25.0), (".5e1", 5.0),
                                          ("1.0e-3", 0.001), ("1e", "1e"), ("e3", "e3"), ("0x1f", 31)])
 def test_exponent_floats_read_as_numbers(text: str, value, tmp_path) -> None:
