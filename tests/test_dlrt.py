@@ -283,6 +283,28 @@ def test_optimizer_holds_cores_not_bases_and_its_state_follows_them(optimizer, k
     assert losses[-1] < losses[0]  # it trains
 
 
+def test_tall_bases_are_refactored_every_few_truncations_and_at_every_epoch_end(monkeypatch):
+    """truncate_(reorthonormalize_bases=...) is True at every REORTHONORMALIZE_EVERY-th
+    truncation of an epoch and at its last batch, False otherwise; bases stay orthonormal."""
+    monkeypatch.setattr(dlrt, "REORTHONORMALIZE_EVERY", 3)
+    model = tiny_cnn()
+    rec = Recorder(model)  # orthonormality after every change, refactored or not
+    flags: list[bool] = []
+    layer = next(iter(low_rank_layers(model).values()))
+    inner = layer.truncate_
+
+    def spy(tau, *, reorthonormalize_bases=True):
+        flags.append(reorthonormalize_bases)
+        return inner(tau, reorthonormalize_bases=reorthonormalize_bases)
+
+    monkeypatch.setattr(layer, "truncate_", spy)
+    loader = random_loader(n=8 * 15)  # 15 batches, s* 2: truncations at batches 1, 3, ..., 13 and 14
+    fit(model, loader, adaptive_epochs=2, coefficient_steps=2)
+    per_epoch = [False, False, True, False, False, True, False, True]  # cycles 2 and 5 (0-based), the last
+    assert flags == per_epoch * 2
+    assert len([e for e in rec.events if e[1] == "truncate_"]) == 2 * 2 * 8
+
+
 def test_an_epoch_never_ends_augmented():
     """s* larger than the epoch: one augmentation per epoch, truncated by the epoch's last batch."""
     model = tiny_cnn()

@@ -310,3 +310,21 @@ def test_augment_basis_keeps_old_basis_as_leading_block():
     assert torch.equal(out[:, :3], basis)
     assert _orth_error(out) < 1e-5
     assert Fn.augment_basis(basis, torch.randn(9, 3), 20).shape == (9, 9)  # capped at n
+
+
+def test_orthonormal_columns_fixes_float32_eigenvectors_and_keeps_their_span():
+    torch.manual_seed(0)
+    a = torch.randn(200, 600)
+    _, vecs = torch.linalg.eigh(a @ a.mT)
+    p = vecs[:, -150:]  # float32 eigenvectors: orthonormal only to ~1e-6
+    eye = torch.eye(150, dtype=torch.float64)
+    q = Fn.orthonormal_columns(p)
+    assert q.dtype == torch.float32 and q.shape == p.shape
+    before = float((p.double().mT @ p.double() - eye).abs().max())
+    after = float((q.double().mT @ q.double() - eye).abs().max())
+    assert after < 3e-7 and after < before / 3, (before, after)
+    proj = lambda m: m.double() @ m.double().mT  # noqa: E731
+    assert float((proj(q) - proj(p)).abs().max()) < 1e-5  # the same subspace
+    p64 = p.double()
+    q64 = Fn.orthonormal_columns(p64)
+    assert torch.allclose(q64.mT @ q64, eye, atol=1e-13)

@@ -75,7 +75,7 @@ class LowRankLayer(nn.Module):
     def augment_(self, *, seed: int = 0) -> BasisChange:
         raise NotImplementedError
 
-    def truncate_(self, tau: float) -> BasisChange:
+    def truncate_(self, tau: float, *, reorthonormalize_bases: bool = True) -> BasisChange:
         raise NotImplementedError
 
     def set_ranks_(self, ranks: tuple[int, ...]) -> None:

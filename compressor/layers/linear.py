@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import augment_basis, qr_positive, rank_spectrum, reorthonormalize, top_singular, truncation_rank
+from ..functional import (augment_basis, orthonormal_columns, qr_positive, rank_spectrum, reorthonormalize, top_singular,
+                          truncation_rank)
 from .base import BasisChange, LowRankLayer
 from .rank import resolve_rank
 
@@ -115,19 +116,27 @@ class LowRankLinear(LowRankLayer):
             self._set(u_hat, s_hat, v_hat)
         return change
 
-    def truncate_(self, tau: float) -> BasisChange:
-        """SVD Ŝ = P Σ Qᵀ; keep the smallest r₁ with ‖σ[r₁:]‖ < τ‖σ‖, r₁ ∈ [r_min, r_max]."""
+    def truncate_(self, tau: float, *, reorthonormalize_bases: bool = True) -> BasisChange:
+        """SVD Ŝ = P Σ Qᵀ; keep the smallest r₁ with ‖σ[r₁:]‖ < τ‖σ‖, r₁ ∈ [r_min, r_max].
+
+        New bases U·P₁, V·Q₁ (P₁, Q₁ orthonormal to float64 round-off); ``reorthonormalize_bases``
+        as in :meth:`TuckerConv2d.truncate_`.
+        """
         with torch.no_grad():
             work = torch.float64 if self.S.dtype == torch.float64 else torch.float32
-            p, sigma, qh = torch.linalg.svd(self.S.to(work))
+            s_work = self.S.to(work)
+            p, sigma, qh = torch.linalg.svd(s_work)
             r1 = truncation_rank(sigma, tau, self.r_min, self.r_max)
-            p1, q1 = p[:, :r1], qh[:r1].mT
+            left, right = orthonormal_columns(p[:, :r1]), orthonormal_columns(qh[:r1].mT)
             dt = self.S.dtype
-            u, r_u = reorthonormalize(self.U.to(work) @ p1)
-            v, r_v = reorthonormalize(self.V.to(work) @ q1)
-            # U P = Q R: in the bases Q the core is R_u diag(σ) R_vᵀ = (P R_uᵀ)ᵀ Ŝ (Q R_vᵀ)
-            change = BasisChange(p1 @ r_u.mT, q1 @ r_v.mT)
-            self._set(u.to(dt), (r_u @ torch.diag(sigma[:r1]) @ r_v.mT).to(dt), v.to(dt))
+            u, v = self.U.to(work) @ left, self.V.to(work) @ right
+            if reorthonormalize_bases:
+                # U P = Q R: in the bases Q the core is (P Rᵀ)ᵀ Ŝ (Q R_vᵀ)
+                u, r_u = reorthonormalize(u)
+                v, r_v = reorthonormalize(v)
+                left, right = left @ r_u.mT, right @ r_v.mT
+            change = BasisChange(left, right)
+            self._set(u.to(dt), change.apply(s_work).to(dt), v.to(dt))
         return change
 
     def set_ranks_(self, ranks: tuple[int, ...]) -> None:

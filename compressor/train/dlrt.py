@@ -41,6 +41,10 @@ from .distributed import DistContext
 
 log = logging.getLogger(__name__)
 
+# Every this many truncations within an epoch (and at its last batch), the truncation also
+# re-factors the tall bases U·P by Cholesky QR (see TuckerConv2d.truncate_).
+REORTHONORMALIZE_EVERY = 8
+
 
 @dataclass
 class TrainerConfig:
@@ -184,7 +188,12 @@ class Trainer:
                     tally["t_aug"] += time.perf_counter() - t
                 if truncate_now:
                     t = time.perf_counter()
-                    self._truncate()
+                    # the tall bases are re-factored every few cycles and at the epoch's end
+                    # (checkpoints and exports get them fresh); in between U·P with float64-
+                    # orthonormal P keeps them orthonormal to ~1e-8 a cycle
+                    cycle = i // s_star
+                    self._truncate(exact=cycle % REORTHONORMALIZE_EVERY == REORTHONORMALIZE_EVERY - 1
+                                   or i == n_batches - 1)
                     tally["t_trunc"] += time.perf_counter() - t
                     self._trace_kappa()
                 self._schedule_step(took)
@@ -258,10 +267,10 @@ class Trainer:
             remap_optimizer_state(self.optimizer, layer.core, change, old_shape)
         self.dist.sync_low_rank(self.model, self.optimizer)
 
-    def _truncate(self) -> None:
+    def _truncate(self, exact: bool = True) -> None:
         for layer in self.layers.values():
             old_shape = layer.core.shape
-            change = layer.truncate_(self.cfg.tau)
+            change = layer.truncate_(self.cfg.tau, reorthonormalize_bases=exact)
             remap_optimizer_state(self.optimizer, layer.core, change, old_shape)
         self.dist.sync_low_rank(self.model, self.optimizer)
 
