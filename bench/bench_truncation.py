@@ -1,0 +1,157 @@
+"""Cost of one DLRT truncation with and without re-factoring the tall bases: VGG16 at 32×32.
+
+    python bench/bench_truncation.py            # VGG16, ours and the reference's ranks, 7 repeats
+    python bench/bench_truncation.py --smoke    # ResNet-18, ranks ≤ 16, 2 repeats (seconds; CI)
+
+The trainer's truncation (``Trainer._truncate``: every layer's ``truncate_`` and the optimizer
+state's map) in its two forms, on copies of the same state, alternating, in one process:
+
+- refactored: ``truncate_(τ, reorthonormalize_bases=True)``: U·P re-factored by Cholesky QR, as
+  every truncation did before; the trainer does it at every 8th truncation and at an epoch's end;
+- rotated: ``reorthonormalize_bases=False``: U·P with P orthonormal to float64 round-off.
+
+The state is that of a real cycle: factorize, one augmentation step and s* − 1 coefficient steps
+on real batches (digits), AdamW. Reported: median seconds of each form, their ratio, the
+trainer's mean per truncation in an epoch of the bench_dlrt size (4 cycles: 3 rotated, the last
+refactored), and the worst ‖UᵀU − I‖ (float64) over all bases after each form. Writes
+bench/results/truncation.json (``--smoke``: truncation-smoke.json) and its BENCHMARKS.md section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torchvision  # noqa: E402
+
+import benchmarks_md  # noqa: E402
+from bench_dlrt import digits_batches, factorize_like_reference  # noqa: E402
+from compressor.atomic import write_text  # noqa: E402
+from compressor.cli import enable_huge_pages  # noqa: E402
+from compressor.factorize import factorize_  # noqa: E402
+from compressor.train import Trainer, TrainerConfig  # noqa: E402
+from compressor.train.common import guarded_step  # noqa: E402
+
+
+def _orthonormality_error(trainer: Trainer) -> float:
+    worst = 0.0
+    for layer in trainer.layers.values():
+        for basis in layer.bases():
+            b = basis.detach().double()
+            worst = max(worst, float((b.mT @ b - torch.eye(b.shape[1], dtype=torch.float64)).abs().max()))
+    return worst
+
+
+def measure_model(name: str, args) -> dict:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(weights=None, num_classes=10)
+    if name == "reference_ranks":
+        factorize_like_reference(model, args.init_rank, args.r_max)
+    else:
+        factorize_(model, init_rank=args.init_rank, r_max=args.r_max, r_min=2)
+    batches = digits_batches(args.s_star, args.batch_size, size=args.size)
+    cfg = TrainerConfig(adaptive_epochs=1, optimizer="adamw", lr=5e-4, grad_clip=1.0, beta=0.075, tau=args.tau,
+                        coefficient_steps=args.s_star, amp="off", checkpoint_every=0)
+    trainer = Trainer(model, batches, cfg, set_epoch=lambda loader, epoch: None)
+    model.train()
+    for i, (x, y) in enumerate(batches):  # one cycle up to its truncation
+        if i == 0:
+            trainer._set_bases_trainable(True)
+        loss, _, _ = trainer._forward_backward(x, y)
+        guarded_step(trainer.params, trainer.optimizer, cfg.grad_clip, loss)
+        if i == 0:
+            trainer._augment()
+            trainer._set_bases_trainable(False)
+    state = copy.deepcopy((model.state_dict(), trainer.optimizer.state_dict()))
+    seconds: dict[str, list[float]] = {"refactored": [], "rotated": []}
+    error: dict[str, float] = {}
+    ranks: dict[str, list] = {}
+    for _ in range(args.repeats):
+        for form in seconds:
+            model.load_state_dict(state[0])  # resizes the factors back to the cycle's ranks
+            trainer.optimizer.load_state_dict(state[1])
+            t = time.perf_counter()
+            trainer._truncate(exact=form == "refactored")
+            seconds[form].append(time.perf_counter() - t)
+            error[form] = _orthonormality_error(trainer)
+            ranks[form] = [list(l.ranks) for l in trainer.layers.values()]
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    return {"layers": len(trainer.layers), "seconds": seconds, "median": med,
+            "rotated_over_refactored": med["rotated"] / med["refactored"],
+            "epoch_mean": (3 * med["rotated"] + med["refactored"]) / 4,
+            "epoch_mean_over_refactored": (3 * med["rotated"] + med["refactored"]) / 4 / med["refactored"],
+            "orthonormality_error": error, "same_ranks": ranks["rotated"] == ranks["refactored"]}
+
+
+def markdown(res: dict, args) -> str:
+    lines = [f"Truncation (every layer's truncate_ + the optimizer state's map) of torchvision {args.model} at "
+             f"{args.size}×{args.size}, after one cycle (s* = {args.s_star}, τ = {args.tau}), {args.repeats} "
+             "repeats of each form, alternating, on copies of the same state.", "",
+             "| model | layers | refactored, median | rotated, median | rotated / refactored | trainer's mean per "
+             "truncation (3 rotated + 1 refactored) / refactored | ‖UᵀU − I‖ after refactored / rotated | same ranks |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in res["models"].items():
+        e = r["orthonormality_error"]
+        lines.append(f"| {name} | {r['layers']} | {r['median']['refactored'] * 1e3:.0f} ms | "
+                     f"{r['median']['rotated'] * 1e3:.0f} ms | {r['rotated_over_refactored']:.2f} | "
+                     f"{r['epoch_mean_over_refactored']:.2f} | {e['refactored']:.1e} / {e['rotated']:.1e} | "
+                     f"{r['same_ranks']} |")
+    lines += ["", f"Load average before / after: {res['load_before']} / {res['load_after']} on {os.cpu_count()} cores."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="ResNet-18, ranks ≤ 16, 2 repeats (seconds; CI)")
+    ap.add_argument("--model", default="vgg16")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--init-rank", type=int, default=150)
+    ap.add_argument("--r-max", type=int, default=200)
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--s-star", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--benchmarks-md", type=Path, default=None,
+                    help="page whose 'truncation' section the table replaces (default: BENCHMARKS.md; --smoke: none)")
+    args = ap.parse_args(argv)
+    args.size = 32
+    if args.smoke:
+        args.model, args.batch_size, args.init_rank, args.r_max, args.s_star, args.repeats = "resnet18", 8, 8, 16, 3, 2
+    torch.set_num_threads(args.threads)
+    enable_huge_pages()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    models = {name: measure_model(name, args) for name in ("ours", "reference_ranks")}
+    res = {"args": vars(args), "models": models, "load_before": load_before,
+           "load_after": [round(x, 2) for x in os.getloadavg()],
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
+        "truncation-smoke.json" if args.smoke else "truncation.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, json.dumps(res, indent=2, default=str) + "\n")
+    text = markdown(res, args)
+    print(text)
+    md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
+    benchmarks_md.update_section(
+        "truncation", text, script="bench_truncation.py", argv=list(sys.argv[1:] if argv is None else argv), path=md,
+        measured="seconds of one DLRT truncation with the tall bases re-factored (Cholesky QR of U·P) and without "
+                 "(U·P, P orthonormal to float64 round-off), alternating on copies of one training state; "
+                 "orthonormality of the bases after each.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
