@@ -119,7 +119,7 @@ class LowRankLinear(LowRankLayer):
     def truncate_(self, tau: float, *, reorthonormalize_bases: bool = True) -> BasisChange:
         """SVD Ŝ = P Σ Qᵀ; keep the smallest r₁ with ‖σ[r₁:]‖ < τ‖σ‖, r₁ ∈ [r_min, r_max].
 
-        New bases U·P₁, V·Q₁ (P₁, Q₁ orthonormal to float64 round-off); ``reorthonormalize_bases``
+        New bases U·P₁, V·Q₁ (P₁, Q₁ corrected to orthonormal in float64); ``reorthonormalize_bases``
         as in :meth:`TuckerConv2d.truncate_`.
         """
         with torch.no_grad():
@@ -131,7 +131,7 @@ class LowRankLinear(LowRankLayer):
             dt = self.S.dtype
             u, v = self.U.to(work) @ left, self.V.to(work) @ right
             if reorthonormalize_bases:
-                # U P = Q R: in the bases Q the core is (P Rᵀ)ᵀ Ŝ (Q R_vᵀ)
+                # U P₁ = Q_u R_u, V Q₁ = Q_v R_v: in the bases Q_u, Q_v the core is (P₁ R_uᵀ)ᵀ Ŝ (Q₁ R_vᵀ)
                 u, r_u = reorthonormalize(u)
                 v, r_v = reorthonormalize(v)
                 left, right = left @ r_u.mT, right @ r_v.mT
