@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..functional import mode_product
+from ..functional import mode_product, orthonormal_columns, reorthonormalize
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,26 @@ class BasisChange:
             out[: tensor.shape[0], : tensor.shape[1]] = tensor
             return out
         return mode_product(tensor, self.left.to(tensor.dtype), self.right.to(tensor.dtype))
+
+    @classmethod
+    def truncation(cls, left_basis: Tensor, right_basis: Tensor, kept_left: Tensor, kept_right: Tensor, *,
+                   refactor: bool) -> tuple["BasisChange", Tensor, Tensor]:
+        """The bases after a truncation that keeps the singular vectors ``kept_left`` (r×r₁) and
+        ``kept_right`` of the core, with the change that carries the core (and its optimizer
+        state) into them: (change, U·P, V·Q) in the bases' precision.
+
+        P and Q are first corrected to orthonormal in float64 (``orthonormal_columns``), so that
+        U·P drifts from orthonormality by only ~1e-8 a cycle. ``refactor`` also re-factors the
+        tall products by Cholesky QR, U P = Q_u R_u, clearing that drift; the core in the bases
+        Q_u, Q_v is then core ×₀ (P R_uᵀ)ᵀ ×₁ (Q R_vᵀ)ᵀ, so W is unchanged either way.
+        """
+        left, right = orthonormal_columns(kept_left), orthonormal_columns(kept_right)
+        new_left, new_right = left_basis @ left, right_basis @ right
+        if refactor:
+            new_left, r_left = reorthonormalize(new_left)
+            new_right, r_right = reorthonormalize(new_right)
+            left, right = left @ r_left.mT, right @ r_right.mT
+        return cls(left, right), new_left, new_right
 
 
 class LowRankLayer(nn.Module):

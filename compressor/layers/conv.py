@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import (augment_basis, hosvd_channel_factors, left_singular, mode_product, orthonormal_columns,
-                          rank_spectrum, reorthonormalize, truncation_rank, unfold)
+from ..functional import (augment_basis, hosvd_channel_factors, left_singular, mode_product, rank_spectrum,
+                          truncation_rank, unfold)
 from .base import BasisChange, LowRankLayer
 from .rank import resolve_rank
 
@@ -173,15 +173,9 @@ class TuckerConv2d(LowRankLayer):
             p1, s1 = left_singular(unfold(core, 1), tol=tau)
             r0 = truncation_rank(s0, tau, self.r_min, self.r_max_out)
             r1 = truncation_rank(s1, tau, self.r_min, self.r_max_in)
-            left, right = orthonormal_columns(p0[:, :r0]), orthonormal_columns(p1[:, :r1])
+            change, u_out, u_in = BasisChange.truncation(self.U_out.to(work), self.U_in.to(work), p0[:, :r0],
+                                                         p1[:, :r1], refactor=reorthonormalize_bases)
             dt = self.C.dtype
-            u_out, u_in = self.U_out.to(work) @ left, self.U_in.to(work) @ right
-            if reorthonormalize_bases:
-                # U P = Q R: the core in the bases Q is C ×₀ (P Rᵀ)ᵀ ×₁ ..., one product per mode
-                u_out, r_out = reorthonormalize(u_out)
-                u_in, r_in = reorthonormalize(u_in)
-                left, right = left @ r_out.mT, right @ r_in.mT
-            change = BasisChange(left, right)
             self._set(u_out.to(dt), change.apply(core).to(dt), u_in.to(dt))
         return change
 

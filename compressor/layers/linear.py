@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import (augment_basis, orthonormal_columns, qr_positive, rank_spectrum, reorthonormalize, top_singular,
-                          truncation_rank)
+from ..functional import augment_basis, qr_positive, rank_spectrum, top_singular, truncation_rank
 from .base import BasisChange, LowRankLayer
 from .rank import resolve_rank
 
@@ -127,15 +126,9 @@ class LowRankLinear(LowRankLayer):
             s_work = self.S.to(work)
             p, sigma, qh = torch.linalg.svd(s_work)
             r1 = truncation_rank(sigma, tau, self.r_min, self.r_max)
-            left, right = orthonormal_columns(p[:, :r1]), orthonormal_columns(qh[:r1].mT)
+            change, u, v = BasisChange.truncation(self.U.to(work), self.V.to(work), p[:, :r1], qh[:r1].mT,
+                                                  refactor=reorthonormalize_bases)
             dt = self.S.dtype
-            u, v = self.U.to(work) @ left, self.V.to(work) @ right
-            if reorthonormalize_bases:
-                # U P₁ = Q_u R_u, V Q₁ = Q_v R_v: in the bases Q_u, Q_v the core is (P₁ R_uᵀ)ᵀ Ŝ (Q₁ R_vᵀ)
-                u, r_u = reorthonormalize(u)
-                v, r_v = reorthonormalize(v)
-                left, right = left @ r_u.mT, right @ r_v.mT
-            change = BasisChange(left, right)
             self._set(u.to(dt), change.apply(s_work).to(dt), v.to(dt))
         return change
 
