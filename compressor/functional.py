@@ -308,6 +308,24 @@ def hosvd_channel_factors(
 # ----------------------------------------------------------------------------- augmentation
 
 
+def regularizing_noise(n: int, k: int, *, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """n×k generic directions, cheaply: a Gaussian block of m = min(n, 4k + 64) rows repeated
+    down the n rows, every row with a random sign.
+
+    The augmentation's noise only has to make its columns linearly independent of each other
+    and of the basis, and well-conditioned once the basis is projected off; these are (κ ≈ 1.2
+    for 25088×54 against 1.02 for i.i.d. normals: the columns are √(n/m)·Z with Z Gaussian
+    m×k). Drawing n·k normals took ~9 ms of every augmentation of VGG16's 25088-wide classifier
+    basis, ~2 % of a DLRT cycle's augment + truncate at the reference's ranks; this takes ~1.5 ms.
+    """
+    m = min(n, 4 * k + 64)
+    block = torch.randn(m, k, generator=generator, dtype=dtype)
+    if m == n:
+        return block
+    signs = torch.randint(0, 2, (n, 1), generator=generator, dtype=dtype).mul_(2).sub_(1)
+    return block.repeat(-(-n // m), 1)[:n].mul_(signs)
+
+
 def orthonormal_complement(basis: Tensor, directions: Tensor, k: int, *, seed: int = 0) -> Tensor:
     """k orthonormal columns spanning (as far as possible) ``directions`` projected off ``basis``.
 
@@ -330,7 +348,7 @@ def orthonormal_complement(basis: Tensor, directions: Tensor, k: int, *, seed: i
     scale = g.norm() / math.sqrt(g.numel()) if g.numel() else g.new_tensor(0.0)
     # A tiny random component keeps QR well-defined when G is rank deficient; it only changes
     # which directions fill the degenerate part of the new basis, never W.
-    noise = torch.randn(n, k, generator=gen, dtype=work).to(b.device)
+    noise = regularizing_noise(n, k, generator=gen, dtype=work).to(b.device)
     g = g + noise * (1e-3 * scale if float(scale) > 0 else 1.0)
     # classical Gram-Schmidt twice = numerically orthogonal to basis. The first pass needs
     # Householder QR (G may be ill-conditioned); after it the block is orthonormal and the second

@@ -334,8 +334,11 @@ def test_torchrun_cli_matches_one_process(cli_runs) -> None:
     assert a["compressed"]["params"] == b["compressed"]["params"]
     for ea, eb in zip(a["history"]["epochs"] + a["dense"]["baseline_history"]["epochs"],
                       b["history"]["epochs"] + b["dense"]["baseline_history"]["epochs"]):
-        assert ea["val_accuracy"] == eb["val_accuracy"] and ea["train_accuracy"] == eb["train_accuracy"]
+        assert ea["val_accuracy"] == eb["val_accuracy"]
         assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-5)
+        # the training batches' argmax may flip for one image whose two top logits tie to float32
+        # round-off (half batches per process: other conv algorithms); more would be a real difference
+        assert abs(ea["train_accuracy"] - eb["train_accuracy"]) * a["data"]["n_train"] <= 1 + 1e-9
     wa, wb = (_dense_view(load_file(d / "model.safetensors")) for d in (one, two))
     assert wa.keys() == wb.keys()
     # float32: Adam turns rounding-level gradient differences of near-zero components into

@@ -283,9 +283,9 @@ def test_optimizer_holds_cores_not_bases_and_its_state_follows_them(optimizer, k
     assert losses[-1] < losses[0]  # it trains
 
 
-def test_tall_bases_are_refactored_every_few_truncations_and_at_every_epoch_end(monkeypatch):
+def test_tall_bases_are_refactored_at_every_few_truncations_of_the_run(monkeypatch):
     """truncate_(reorthonormalize_bases=...) is True at every REORTHONORMALIZE_EVERY-th
-    truncation of an epoch and at its last batch, False otherwise; bases stay orthonormal."""
+    truncation of the run (counted across epochs), False otherwise; bases stay orthonormal."""
     monkeypatch.setattr(dlrt, "REORTHONORMALIZE_EVERY", 3)
     model = tiny_cnn()
     rec = Recorder(model)  # orthonormality after every change, refactored or not
@@ -300,8 +300,7 @@ def test_tall_bases_are_refactored_every_few_truncations_and_at_every_epoch_end(
     monkeypatch.setattr(layer, "truncate_", spy)
     loader = random_loader(n=8 * 15)  # 15 batches, s* 2: truncations at batches 1, 3, ..., 13 and 14
     fit(model, loader, adaptive_epochs=2, coefficient_steps=2)
-    per_epoch = [False, False, True, False, False, True, False, True]  # cycles 2 and 5 (0-based), the last
-    assert flags == per_epoch * 2
+    assert flags == [i % 3 == 2 for i in range(16)]  # the 3rd, 6th, ... of the run's 16 truncations
     assert len([e for e in rec.events if e[1] == "truncate_"]) == 2 * 2 * 8
 
 
@@ -320,6 +319,39 @@ def test_an_epoch_never_ends_augmented():
         for epoch, record in enumerate(trainer.history.epochs):
             assert tuple(record["layers"][name]["ranks"]) == events[2 * epoch + 1][1]  # the truncated ranks
     assert [e["step"] for e in trainer.history.kappa_trace] == [n_batches - 1, 2 * n_batches - 1]
+
+
+def test_a_model_with_nhwc_factorized_convs_is_fed_nhwc_and_trains_the_same():
+    seen = []
+
+    def record_layout(module, args):
+        seen.append(args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())
+
+    runs = {}
+    for nhwc in (True, False):
+        model = tiny_cnn()
+        model.register_forward_pre_hook(record_layout)
+        trainer = Trainer(model, random_loader(), TrainerConfig(adaptive_epochs=1, lr=1e-2, tau=0.05,
+                                                                coefficient_steps=3, schedule="constant"),
+                          set_epoch=reseed)
+        assert trainer.channels_last_input  # TuckerConv2d runs NHWC by default
+        trainer.channels_last_input = nhwc
+        seen.clear()
+        trainer.fit()
+        assert set(seen) == {nhwc}
+        model.eval()
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+        runs[nhwc] = (trainer.history.epochs[0]["train_loss"], model(x))
+    # the layout changes only round-off (not the parameters themselves: Adam turns the round-off
+    # of the first conv's bias gradient, which BatchNorm cancels, into full-size steps)
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-4)
+
+    nchw = tiny_cnn()
+    for layer in low_rank_layers(nchw).values():
+        if isinstance(layer, TuckerConv2d):
+            layer.channels_last = False
+    assert not Trainer(nchw, random_loader(), TrainerConfig(), set_epoch=reseed).channels_last_input
 
 
 def test_without_factorized_layers_the_loop_is_plain_training():
@@ -439,11 +471,22 @@ def test_guarded_step_clips_like_clip_grad_norm(clip):
     assert all(p.grad is None for p in params)
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     cfg = dict(adaptive_epochs=2, lr=1e-2, tau=0.05, coefficient_steps=3, schedule="cosine", beta=0.05)
+    # 3 truncations an epoch; re-factoring at every 2nd of the run puts one on each side of the resume
+    monkeypatch.setattr(dlrt, "REORTHONORMALIZE_EVERY", 2)
+    exact_flags: list[bool] = []
+    truncate = Trainer._truncate
+
+    def spy(self, exact=True):
+        exact_flags.append(exact)
+        truncate(self, exact=exact)
+
+    monkeypatch.setattr(Trainer, "_truncate", spy)
 
     full = tiny_cnn()
     Trainer(full, random_loader(), TrainerConfig(**cfg), set_epoch=reseed, checkpoint_path=tmp_path / "a.pt").fit()
+    assert exact_flags == [False, True, False, True, False, True]
 
     class Crash(Exception):
         pass
@@ -464,8 +507,10 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
     resumed = tiny_cnn(seed=7)  # other initial weights: everything must come from the checkpoint
     trainer = Trainer(resumed, random_loader(), TrainerConfig(**cfg), set_epoch=reseed,
                       checkpoint_path=tmp_path / "b.pt")
+    exact_flags.clear()
     history = trainer.fit(resume=True)
     assert [e["epoch"] for e in history.epochs] == [1, 2]
+    assert exact_flags == [True, False, True]  # the uninterrupted run's second epoch
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for name in a:

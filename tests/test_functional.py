@@ -328,3 +328,23 @@ def test_orthonormal_columns_fixes_float32_eigenvectors_and_keeps_their_span():
     p64 = p.double()
     q64 = Fn.orthonormal_columns(p64)
     assert torch.allclose(q64.mT @ q64, eye, atol=1e-13)
+
+
+@pytest.mark.parametrize("n,k", [(25088, 54), (4096, 54), (300, 50), (40, 8)])
+def test_regularizing_noise_is_well_conditioned_and_seeded(n, k):
+    def draw(seed):
+        return Fn.regularizing_noise(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+    noise = draw(1)
+    assert noise.shape == (n, k) and noise.dtype == torch.float32
+    assert torch.equal(noise, draw(1)) and not torch.equal(noise, draw(2))
+    # as well-conditioned as an m×k Gaussian block (κ ≈ (√m + √k)/(√m − √k), m = min(n, 4k + 64))
+    m = min(n, 4 * k + 64)
+    gaussian_kappa = (math.sqrt(m) + math.sqrt(k)) / (math.sqrt(m) - math.sqrt(k))
+    s = torch.linalg.svdvals(noise.double())
+    assert float(s[0] / s[-1]) < 1.5 * gaussian_kappa
+    # ... also once a basis is projected off them (what the augmentation needs)
+    basis = _basis(n, min(20, (n - k) // 4), torch.float64)
+    perp = noise.double() - basis @ (basis.mT @ noise.double())
+    s = torch.linalg.svdvals(perp)
+    assert float(s[0] / s[-1]) < 2.0 * gaussian_kappa

@@ -161,8 +161,8 @@ class TuckerConv2d(LowRankLayer):
         The new bases are U·P with P the kept singular vectors, corrected to orthonormal in
         float64 (``orthonormal_columns``). ``reorthonormalize_bases`` also re-factors the tall
         U·P (Cholesky QR, its R folded into the core), clearing the round-off U has gathered,
-        ~1e-8 a cycle; the trainer does it at every 8th truncation and at every epoch's end and
-        saves it otherwise (VGG16 at the reference's ranks: a truncation 0.75× as long,
+        ~1e-8 a cycle; the trainer does it at every 8th truncation of a run and saves it
+        otherwise (VGG16 at the reference's ranks: a truncation 0.75× as long,
         bench/bench_truncation.py).
         """
         with torch.no_grad():

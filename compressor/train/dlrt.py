@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import LowRankLayer, low_rank_layers
+from ..layers import LowRankLayer, TuckerConv2d, low_rank_layers
 from .checkpoint import CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from .common import (ProgressFactory, autocast_context, build_optimizer, build_schedule, clean_accuracy,
                      compression_stats, guarded_step, remap_optimizer_state, silent_progress, trainable_parameters)
@@ -41,8 +41,9 @@ from .distributed import DistContext
 
 log = logging.getLogger(__name__)
 
-# Every this many truncations within an epoch (and at its last batch), the truncation also
-# re-factors the tall bases U·P by Cholesky QR (see TuckerConv2d.truncate_).
+# Every this many truncations of a run, the truncation also re-factors the tall bases U·P by
+# Cholesky QR (see TuckerConv2d.truncate_); in between they drift from orthonormality by only
+# ~1e-8 a truncation (tests/test_layers.py: < 2e-6 after 60 truncations without it).
 REORTHONORMALIZE_EVERY = 8
 
 
@@ -117,6 +118,13 @@ class Trainer:
         self.loss_fn = loss_fn or F.cross_entropy
         self.set_epoch = set_epoch or _default_set_epoch
         self.layers: dict[str, LowRankLayer] = low_rank_layers(model)
+        # Factorized convs run NHWC (TuckerConv2d.channels_last). Fed NHWC from the start, the
+        # layers before the first of them (a dense first conv, its ReLU) run in that layout too;
+        # fed NCHW, the first factorized conv converts its input, and in the backward the
+        # ReLUs before it meet an NHWC gradient with NCHW activations, a slow mixed-layout path
+        # (VGG16 at the reference's ranks: ~2 % of a step, measured side by side).
+        self.channels_last_input = any(isinstance(layer, TuckerConv2d) and layer.channels_last
+                                       for layer in self.layers.values())
         self.dist.sync_model(model)  # rank 0's ranks, weights and buffers everywhere (no-op when single)
         if self.cfg.adaptive_epochs and not self.layers:
             log.warning("%s: the model has no factorized layers; rank-adaptive epochs train it densely", name)
@@ -155,6 +163,7 @@ class Trainer:
             self.set_epoch(self.train_loader, epoch)
             self.model.train()
             n_batches = len(self.train_loader)
+            truncations_per_epoch = -(-n_batches // s_star)  # the last batch truncates a partial cycle
             bar = self.progress(n_batches, f"{self.name} {epoch + 1}/{self.total_epochs}")
             tally = {"loss": 0.0, "reg": 0.0, "correct": 0, "count": 0, "t_aug": 0.0, "t_trunc": 0.0}
             start = time.perf_counter()
@@ -188,12 +197,12 @@ class Trainer:
                     tally["t_aug"] += time.perf_counter() - t
                 if truncate_now:
                     t = time.perf_counter()
-                    # the tall bases are re-factored every few cycles and at the epoch's end
-                    # (checkpoints and exports get them fresh); in between U·P with float64-
-                    # orthonormal P keeps them orthonormal to ~1e-8 a cycle
-                    cycle = i // s_star
-                    self._truncate(exact=cycle % REORTHONORMALIZE_EVERY == REORTHONORMALIZE_EVERY - 1
-                                   or i == n_batches - 1)
+                    # the tall bases are re-factored at every REORTHONORMALIZE_EVERY-th truncation of
+                    # the run, counted from (epoch, batch) so that a resumed run does it where an
+                    # uninterrupted one does; in between U·P with float64-orthonormal P keeps them
+                    # orthonormal to ~1e-8 a truncation
+                    index = epoch * truncations_per_epoch + i // s_star
+                    self._truncate(exact=index % REORTHONORMALIZE_EVERY == REORTHONORMALIZE_EVERY - 1)
                     tally["t_trunc"] += time.perf_counter() - t
                     self._trace_kappa()
                 self._schedule_step(took)
@@ -213,6 +222,8 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
     def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.channels_last_input and x.dim() == 4 and x.dtype != torch.float64:
+            x = x.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.cfg.amp):
             logits = self.model(x)
