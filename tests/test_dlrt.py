@@ -277,6 +277,10 @@ def test_optimizer_holds_cores_not_bases_and_its_state_follows_them(optimizer, k
         state = trainer.optimizer.state[layer.core]
         for key in keys:
             assert state[key].shape == layer.core.shape, (key, state[key].shape, layer.core.shape)
+            # the fused Adam kernels walk parameter, gradient and moments as flat memory: a moment
+            # laid out otherwise than its core (e.g. NCHW against channels-last) is updated wrongly
+            # without an error (measured), so every remapped state keeps the core's strides
+            assert state[key].stride() == layer.core.stride(), key
             assert bool(torch.isfinite(state[key]).all())
         assert_orthonormal(layer)
     losses = [e["train_loss"] for e in trainer.history.epochs]
