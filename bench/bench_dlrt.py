@@ -3,6 +3,7 @@
     python bench/bench_dlrt.py               # VGG16, 40 batches of 32 (≈ an epoch of digits)
     python bench/bench_dlrt.py --smoke       # ResNet-18, ranks ≤ 16, 4 batches, s* 3: seconds (CI)
     python bench/bench_dlrt.py --profile 4   # also profile a cycle of 4 steps of each low-rank model
+    python bench/bench_dlrt.py --device cuda # the same on a GPU, bf16 autocast (section "dlrt-gpu")
 
 Real data: scikit-learn's digits, 8×8 → 32×32 RGB (bilinear), normalized; the same N batches
 for every model. Three models train side by side, each by ``compressor.train.Trainer`` itself
@@ -25,6 +26,11 @@ step at the reference's ranks ≥ 1.5× faster than its 0.49 s, in raw seconds a
 by the machine's speed (PEERS.md's 2.28 s dense step against a dense step here with the same,
 plain, AdamW: ``plain_adamw_step_ratio``). Writes bench/results/dlrt.json (``--smoke``:
 dlrt-smoke.json) and prints a Markdown table; the load average is recorded.
+
+``--device cuda`` runs the three models on the GPU with bf16 autocast (``--amp``, default bf16
+there; the trainer keeps the loss and the regularizer in float32), synchronizing before every
+time stamp, and writes the section "dlrt-gpu". PEERS.md's reference step is a CPU figure, so
+the GPU table has the epoch ratio and the augment + truncate share, not the reference rows.
 """
 
 from __future__ import annotations
@@ -135,8 +141,10 @@ class BatonLoader:
     (from the hand-over to the next request). Keeps the turn after its last batch: the thread
     passes it on once ``fit`` has returned (end-of-epoch bookkeeping is not timed in parallel)."""
 
-    def __init__(self, batches, baton: Baton, k: int, model: nn.Module):
+    def __init__(self, batches, baton: Baton, k: int, model: nn.Module, device: torch.device):
         self.batches, self.baton, self.k, self.model = batches, baton, k, model
+        # CUDA runs asynchronously: a time stamp only counts the work finished before it
+        self.sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         self.seconds: list[float] = []
         self.ranks: list[float] = []
 
@@ -147,8 +155,10 @@ class BatonLoader:
         for i, batch in enumerate(self.batches):
             self.baton.wait(self.k)
             self.ranks.append(_mean_rank(self.model))
+            self.sync()
             t = time.perf_counter()
             yield batch
+            self.sync()
             self.seconds.append(time.perf_counter() - t)
             if i < len(self.batches) - 1:
                 self.baton.pass_on(self.k)
@@ -247,9 +257,12 @@ def plain_adamw_step_ratio(model: nn.Module, batches, n_steps: int, lr: float, c
 
 def measure(args) -> dict:
     torch.manual_seed(0)
+    device = torch.device(args.device)
     dense = getattr(torchvision.models, args.model)(weights=None, num_classes=10)
     ours, ref = copy.deepcopy(dense), copy.deepcopy(dense)
-    plain = plain_adamw_step_ratio(dense, digits_batches(2, args.batch_size), args.norm_steps, args.lr, args.clip)
+    # the normalization is against PEERS.md's CPU steps: meaningless for a GPU run
+    plain = (plain_adamw_step_ratio(dense, digits_batches(2, args.batch_size), args.norm_steps, args.lr, args.clip)
+             if device.type == "cpu" else None)
     t = time.perf_counter()
     report = factorize_(ours, init_rank=args.init_rank, r_max=args.r_max, r_min=2)
     t_ours = time.perf_counter() - t
@@ -258,10 +271,10 @@ def measure(args) -> dict:
     t_ref = time.perf_counter() - t
     batches = digits_batches(args.batches, args.batch_size)
 
-    models = {"dense": dense, "lowrank": ours, "lowrank_reference_ranks": ref}
+    models = {"dense": dense.to(device), "lowrank": ours.to(device), "lowrank_reference_ranks": ref.to(device)}
     baton = Baton(len(models))
     loaders, trainers = [], []
-    common = dict(optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, amp="off",
+    common = dict(optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, amp=args.amp,
                   checkpoint_every=0)
     for k, (name, model) in enumerate(models.items()):
         if name == "dense":
@@ -269,9 +282,9 @@ def measure(args) -> dict:
         else:
             cfg = TrainerConfig(adaptive_epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=args.s_star,
                                 **common)
-        loader = BatonLoader(batches, baton, k, model)
+        loader = BatonLoader(batches, baton, k, model, device)
         loaders.append(loader)
-        trainers.append(Trainer(model, loader, cfg, set_epoch=lambda loader, epoch: None, name=name))
+        trainers.append(Trainer(model, loader, cfg, set_epoch=lambda loader, epoch: None, name=name, device=device))
     run_lockstep(trainers, loaders, baton)
 
     dense_epoch = sum(loaders[0].seconds)
@@ -289,6 +302,8 @@ def measure(args) -> dict:
     # here): scale our times by PEERS.md's dense step over a dense step here with the same
     # (plain) optimizer, i.e. our dense step × plain/fused.
     out["plain_adamw"] = plain
+    if plain is None:
+        return out
     plain_dense = out["dense"]["step_median"] * plain["plain_over_fused"]
     out["dense"]["plain_adamw_step_estimate"] = plain_dense
     scale = REFERENCE_DENSE_STEP_S / plain_dense
@@ -333,9 +348,11 @@ def markdown(res: dict, args, load_before, load_after) -> str:
     def s(x: float) -> str:
         return f"{x:.3f} s"
 
+    where = (f"{args.threads} thread(s)" if p is not None
+             else f"{args.device}{', bf16 autocast' if args.amp == 'bf16' else ''}")
     lines = [
         f"## RobustDLRT vs dense fine-tuning: {args.model}, 32×32 digits, batch {args.batch_size}, "
-        f"{args.batches} batches, AdamW, {args.threads} thread(s)",
+        f"{args.batches} batches, AdamW, {where}",
         "",
         f"| | dense | low-rank (ours: policy, init {args.init_rank}, r_max {args.r_max}) | "
         f"low-rank at the reference's ranks (min(C/2, {args.r_max})) |",
@@ -359,6 +376,13 @@ def markdown(res: dict, args, load_before, load_after) -> str:
         f"{100 * a['augment_truncate_share']:.1f} % ({100 * a['augment_truncate_share_with_basis_backward']:.1f} %) "
         f"{ok(a['augment_truncate_share'] <= 0.1)} | {100 * b['augment_truncate_share']:.1f} % "
         f"({100 * b['augment_truncate_share_with_basis_backward']:.1f} %) {ok(b['augment_truncate_share'] <= 0.1)} |",
+    ]
+    if p is None:  # a GPU run: PEERS.md's reference figures are CPU steps
+        lines += ["", f"Our step at the reference's ranks: {s(b['step_median'])} ({args.device}; the reference's "
+                  f"{REFERENCE_STEP_S} s is a CPU step, PEERS.md). Load average before / after: {load_before} / "
+                  f"{load_after}. Every time stamp follows a device synchronize."]
+        return "\n".join(lines)
+    lines += [
         f"| reference step 0.49 s / our median step (target ≥ 1.5× at equal ranks) | — | "
         f"{a['speedup_vs_reference_step']:.2f}× | {b['speedup_vs_reference_step']:.2f}× "
         f"{ok(b['speedup_vs_reference_step'] >= 1.5)} |",
@@ -398,15 +422,33 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch CPU threads (default 1: on a loaded 2-core box 2 threads wait on each other at every op)")
     ap.add_argument("--norm-steps", type=int, default=10,
                     help="dense steps with plain and with fused AdamW, for the machine-normalized row")
-    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a cycle of N steps")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda[:N]: the issue's GPU run, written to the section dlrt-gpu")
+    ap.add_argument("--amp", choices=("off", "bf16"), default=None,
+                    help="autocast: off on the CPU, bf16 on CUDA by default")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a cycle of N steps (CPU)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--benchmarks-md", type=Path, default=None,
                     help="page whose 'dlrt' section the table replaces (default: BENCHMARKS.md; --smoke: none)")
     args = ap.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device!r} is not a device; use cpu or cuda[:N]")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        ap.error(f"--device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        ap.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.amp is None:
+        args.amp = "bf16" if device.type == "cuda" else "off"
+    if args.profile and device.type != "cpu":
+        ap.error("--profile profiles the CPU run; drop it with --device cuda")
+    gpu = device.type == "cuda"
     if args.smoke:
         args.model, args.batches, args.batch_size, args.init_rank, args.r_max, args.s_star = "resnet18", 4, 16, 8, 16, 3
         args.norm_steps = 1
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("dlrt-smoke.json" if args.smoke else "dlrt.json")
+    stem = "dlrt-gpu" if gpu else "dlrt"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{stem}{'-smoke' if args.smoke else ''}.json"
     torch.set_num_threads(args.threads)
 
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -420,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         "reference": {"step_s": REFERENCE_STEP_S, "dense_step_s": REFERENCE_DENSE_STEP_S, "source": "shared/PEERS.md"},
         "torch": torch.__version__,
         "threads": args.threads,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if gpu else None,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "loadavg_before": load_before,
@@ -436,9 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n```\n" + payload["profile"] + "\n```")
     md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
     benchmarks_md.update_section(
-        "dlrt", table, script="bench_dlrt.py", argv=list(sys.argv[1:] if argv is None else argv), path=md,
+        stem, table, script="bench_dlrt.py", argv=list(sys.argv[1:] if argv is None else argv), path=md,
         measured=f"seconds per training step and per epoch of {args.batches} batches, dense vs RobustDLRT, the three "
-                 "models interleaved batch by batch on the same real batches (digits), one process.")
+                 f"models interleaved batch by batch on the same real batches (digits), one process, on {device}"
+                 f"{' with bf16 autocast' if args.amp == 'bf16' else ''}.")
     return 0
 
 

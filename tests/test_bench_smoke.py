@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,3 +57,15 @@ def test_update_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     assert "B1" in text and text.index("<!-- bench:a -->") < text.index("<!-- bench:b -->")  # order kept
     assert "Reproduce: `python bench/s.py --n 2`" in text
     assert benchmarks_md.update_section("c", "x", script="s.py", argv=[], measured="m.", path=None) is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--device", "cpu", "--profile", "2", "--amp", "maybe"], "invalid choice"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "on a machine with a CUDA GPU")]))
+def test_bench_dlrt_refuses_a_device_it_cannot_run_on(argv: list[str], message: str, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dlrt.py"), *argv,
+                           "--out", str(tmp_path / "x.json"), "--benchmarks-md", str(tmp_path / "B.md")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "B.md").exists()  # nothing half-done
