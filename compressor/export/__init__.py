@@ -24,6 +24,7 @@ from .safetensors_io import FORMAT_VERSION, build_low_rank_like, build_manifest,
 
 __all__ = [
     "FORMAT_VERSION", "PARITY_TOLERANCE", "LayerForm", "OnnxExportInfo", "build_low_rank_like", "build_manifest",
-    "count_macs", "export_checkpoint", "macs_by_layer", "export_onnx", "load_compressed", "onnx_latencies", "onnx_latency", "parity_check",
+    "count_macs", "export_checkpoint", "macs_by_layer", "export_onnx", "load_compressed", "onnx_latencies",
+    "onnx_latency", "parity_check",
     "plain_model", "plan_export", "quantize_int8", "read_header", "save_compressed", "structure_check",
 ]

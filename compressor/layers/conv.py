@@ -30,6 +30,15 @@ def tucker_rank_caps(out_channels: int, in_channels: int, kernel_size: tuple[int
     return cap_out, cap_in
 
 
+def to_channels_last(x: Tensor) -> Tensor:
+    """``x`` in the layout TuckerConv2d runs in (``channels_last``): NHWC for a 4-D tensor
+    other than float64 (which stays NCHW); anything else unchanged. The trainer feeds its
+    batches through it too (see Trainer.channels_last_input)."""
+    if x.dim() == 4 and x.dtype != torch.float64:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 class TuckerConv2d(LowRankLayer):
     """Three plain convolutions: 1×1 C_in→r_in, k×k r_in→r_out (original stride, padding,
     dilation), 1×1 r_out→C_out adding the bias once (the reference adds it twice).
@@ -115,12 +124,12 @@ class TuckerConv2d(LowRankLayer):
 
     # x: (N, C_in, H, W) → (N, r_in, H, W) → (N, r_out, H', W') → (N, C_out, H', W')
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last and x.dtype != torch.float64 and x.dim() == 4:
+        if self.channels_last:
             # In NHWC the 1×1s are plain GEMMs and oneDNN skips its layout reorders (a VGG16
             # DLRT step 0.30 s → 0.20 s on 2 CPU cores, bench/bench_dlrt.py). The output stays
             # channels-last: converting it back costs ~25 % of a VGG16 forward + backward
             # (measured), and the next factorized layer would only convert it again.
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = to_channels_last(x)
         h = F.conv2d(x, self.U_in.mT[:, :, None, None])
         h = F.conv2d(h, self.C, None, self.stride, self.padding, self.dilation)
         return F.conv2d(h, self.U_out[:, :, None, None], self.bias)

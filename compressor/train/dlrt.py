@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import LowRankLayer, TuckerConv2d, low_rank_layers
+from ..layers.conv import to_channels_last
 from .checkpoint import CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from .common import (ProgressFactory, autocast_context, build_optimizer, build_schedule, clean_accuracy,
                      compression_stats, guarded_step, remap_optimizer_state, silent_progress, trainable_parameters)
@@ -197,10 +198,7 @@ class Trainer:
                     tally["t_aug"] += time.perf_counter() - t
                 if truncate_now:
                     t = time.perf_counter()
-                    # the tall bases are re-factored at every REORTHONORMALIZE_EVERY-th truncation of
-                    # the run, counted from (epoch, batch) so that a resumed run does it where an
-                    # uninterrupted one does; in between U·P with float64-orthonormal P keeps them
-                    # orthonormal to ~1e-8 a truncation
+                    # counted from (epoch, batch): a resumed run re-factors where an uninterrupted one does
                     index = epoch * truncations_per_epoch + i // s_star
                     self._truncate(exact=index % REORTHONORMALIZE_EVERY == REORTHONORMALIZE_EVERY - 1)
                     tally["t_trunc"] += time.perf_counter() - t
@@ -222,8 +220,8 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
     def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if self.channels_last_input and x.dim() == 4 and x.dtype != torch.float64:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.channels_last_input:
+            x = to_channels_last(x)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.cfg.amp):
             logits = self.model(x)
