@@ -264,9 +264,17 @@ def _basis(n, r, dtype, seed=0):
     return q
 
 
+@pytest.fixture(params=["householder", "cholesky"])
+def first_pass(request, monkeypatch):
+    """The augmentation's first orthonormalization either way (Cholesky QR runs from a row
+    count that these small cases do not reach)."""
+    monkeypatch.setattr(Fn, "_CHOLESKY_FIRST_PASS_MIN_ROWS", 10**9 if request.param == "householder" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["random", "zero", "in_span", "duplicated", "fewer", "too_many"])
-def test_orthonormal_complement_degenerate_directions(dtype, case):
+def test_orthonormal_complement_degenerate_directions(dtype, case, first_pass):
     n, r, k = 12, 4, 4
     basis = _basis(n, r, dtype)
     g = torch.Generator().manual_seed(1)
@@ -294,13 +302,48 @@ def test_orthonormal_complement_degenerate_directions(dtype, case):
     assert _orth_error(full) < tol
 
 
-def test_orthonormal_complement_spans_new_gradient_directions():
+def test_orthonormal_complement_spans_new_gradient_directions(first_pass):
     basis = _basis(10, 3, torch.float64)
     d = torch.randn(10, 2, dtype=torch.float64)
     q = Fn.orthonormal_complement(basis, d, 2)
     perp = d - basis @ (basis.mT @ d)
     # the projected directions lie in span(q) (up to the tiny regularizing noise)
     assert float(torch.linalg.matrix_norm(perp - q @ (q.mT @ perp))) < 1e-2 * float(torch.linalg.matrix_norm(perp))
+
+
+def test_orthonormal_complement_of_a_tall_basis_and_a_rank_one_gradient():
+    # a classifier-like basis (Cholesky first pass at the default threshold) and the worst
+    # conditioning the regularizing noise allows: a gradient of rank one, 40 columns asked
+    n, r, k = Fn._CHOLESKY_FIRST_PASS_MIN_ROWS, 60, 40
+    basis = _basis(n, r, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    d = 1e3 * torch.randn(n, 1, generator=g) @ torch.randn(1, r, generator=g)
+    q = Fn.orthonormal_complement(basis, d, k, seed=5)
+    assert q.shape == (n, k)
+    assert _orth_error(q) < 1e-5
+    assert float((basis.mT @ q).abs().max()) < 1e-5
+    perp = (d - basis @ (basis.mT @ d)).double()
+    qd = q.double()
+    assert float(torch.linalg.matrix_norm(perp - qd @ (qd.mT @ perp))) < 1e-2 * float(torch.linalg.matrix_norm(perp))
+
+
+def test_first_pass_of_an_ill_conditioned_block_is_householder_qr(monkeypatch):
+    monkeypatch.setattr(Fn, "_CHOLESKY_FIRST_PASS_MIN_ROWS", 0)
+    g = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)) * torch.logspace(0, -9, 6)  # κ ≈ 1e9
+    assert torch.equal(Fn._orthonormalize_first_pass(g), torch.linalg.qr(g)[0])
+    good = torch.randn(50, 6, generator=torch.Generator().manual_seed(1))
+    q = Fn._orthonormalize_first_pass(good)  # Cholesky QR: orthonormal, the span of G
+    assert _orth_error(q) < 1e-5
+    assert float((good - q @ (q.mT @ good)).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("k", [13, 16])
+def test_tall_matmul_is_the_plain_product(k):
+    a = torch.randn(Fn._PADDED_PRODUCT_MIN_ROWS, 20, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(20, k, generator=torch.Generator().manual_seed(1))
+    out = Fn.tall_matmul(a, b)  # k = 13: padded to 16 columns and sliced
+    assert out.shape == (a.shape[0], k) and out.is_contiguous()
+    torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-5)
 
 
 def test_augment_basis_keeps_old_basis_as_leading_block():

@@ -354,6 +354,26 @@ def test_truncate_error_within_tau_linear():
     assert float(err) < 0.3 * float(torch.linalg.matrix_norm(w))
 
 
+def test_float32_linear_truncation_from_gram_eigenvectors_is_the_svds():
+    """At τ = 0.1 a float32 core's P, Q come from eigendecompositions of ŜŜᵀ and ŜᵀŜ: the rank is
+    the SVD rule's and the truncated weight the best one of that rank (error ‖σ[r:]‖)."""
+    g = torch.Generator().manual_seed(0)
+    layer = LowRankLinear.from_dense(nn.Linear(300, 260), rank=120, r_min=2, r_max=120)
+    with torch.no_grad():  # a decaying spectrum with a generic core
+        q1, _ = torch.linalg.qr(torch.randn(120, 120, generator=g))
+        q2, _ = torch.linalg.qr(torch.randn(120, 120, generator=g))
+        layer.S.copy_(q1 @ torch.diag(torch.logspace(0, -2, 120)) @ q2.mT)
+    assert Fn.gram_suffices(0.1, 120, torch.float32)
+    w = layer.to_dense().weight.detach().double()
+    sigma = torch.linalg.svdvals(layer.S.detach().double())
+    layer.truncate_(0.1)
+    r = layer.ranks[0]
+    assert r == Fn.truncation_rank(sigma, 0.1, 2, 120)
+    err = torch.linalg.matrix_norm(layer.to_dense().weight.detach().double() - w)
+    assert abs(float(err) / float(sigma[r:].norm()) - 1) < 1e-3
+    _assert_orthonormal(layer, 1e-5)
+
+
 @pytest.mark.parametrize("kind, name", [("linear", "wide"), ("linear", "tall"), ("conv", "k3"), ("conv", "stride2"),
                                         ("conv", "first_conv_like")])
 def test_many_cycles_stay_orthonormal_and_bounded(kind, name):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..functional import mode_product, orthonormal_columns, reorthonormalize
+from ..functional import mode_product, orthonormal_columns, reorthonormalize, tall_matmul
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class BasisChange:
         Q_u, Q_v is then core ×₀ (P R_uᵀ)ᵀ ×₁ (Q R_vᵀ)ᵀ, so W is unchanged either way.
         """
         left, right = orthonormal_columns(kept_left), orthonormal_columns(kept_right)
-        new_left, new_right = left_basis @ left, right_basis @ right
+        new_left, new_right = tall_matmul(left_basis, left), tall_matmul(right_basis, right)
         if refactor:
             new_left, r_left = reorthonormalize(new_left)
             new_right, r_right = reorthonormalize(new_right)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import augment_basis, qr_positive, rank_spectrum, top_singular, truncation_rank
+from ..functional import (augment_basis, gram_suffices, left_singular, qr_positive, rank_spectrum, top_singular,
+                          truncation_rank)
 from .base import BasisChange, LowRankLayer
 from .rank import resolve_rank
 
@@ -119,14 +120,20 @@ class LowRankLinear(LowRankLayer):
         """SVD Ŝ = P Σ Qᵀ; keep the smallest r₁ with ‖σ[r₁:]‖ < τ‖σ‖, r₁ ∈ [r_min, r_max].
 
         New bases U·P₁, V·Q₁ (P₁, Q₁ corrected to orthonormal in float64); ``reorthonormalize_bases``
-        as in :meth:`TuckerConv2d.truncate_`.
+        as in :meth:`TuckerConv2d.truncate_`. Where τ allows it (``gram_suffices``), P and Q come
+        from the eigendecompositions of ŜŜᵀ and ŜᵀŜ, as a conv core's modes do, σ from the first:
+        ~5 instead of ~8 ms for a 200×200 core (2 threads).
         """
         with torch.no_grad():
             work = torch.float64 if self.S.dtype == torch.float64 else torch.float32
             s_work = self.S.to(work)
-            p, sigma, qh = torch.linalg.svd(s_work)
+            if gram_suffices(tau, s_work.shape[0], work):
+                (p, sigma), (q, _) = left_singular(s_work, tol=tau), left_singular(s_work.mT, tol=tau)
+            else:
+                p, sigma, qh = torch.linalg.svd(s_work)
+                q = qh.mT
             r1 = truncation_rank(sigma, tau, self.r_min, self.r_max)
-            change, u, v = BasisChange.truncation(self.U.to(work), self.V.to(work), p[:, :r1], qh[:r1].mT,
+            change, u, v = BasisChange.truncation(self.U.to(work), self.V.to(work), p[:, :r1], q[:, :r1],
                                                   refactor=reorthonormalize_bases)
             dt = self.S.dtype
             self._set(u.to(dt), change.apply(s_work).to(dt), v.to(dt))
