@@ -269,6 +269,7 @@ def first_pass(request, monkeypatch):
     """The augmentation's first orthonormalization either way (Cholesky QR runs from a row
     count that these small cases do not reach)."""
     monkeypatch.setattr(Fn, "_CHOLESKY_FIRST_PASS_MIN_ROWS", 10**9 if request.param == "householder" else 0)
+    monkeypatch.setattr(Fn, "_CHOLESKY_FIRST_PASS_MIN_COLUMNS", 0)
     return request.param
 
 
@@ -329,6 +330,7 @@ def test_orthonormal_complement_of_a_tall_basis_and_a_rank_one_gradient():
 
 def test_first_pass_of_an_ill_conditioned_block_is_householder_qr(monkeypatch):
     monkeypatch.setattr(Fn, "_CHOLESKY_FIRST_PASS_MIN_ROWS", 0)
+    monkeypatch.setattr(Fn, "_CHOLESKY_FIRST_PASS_MIN_COLUMNS", 0)
     g = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)) * torch.logspace(0, -9, 6)  # κ ≈ 1e9
     assert torch.equal(Fn._orthonormalize_first_pass(g), torch.linalg.qr(g)[0])
     good = torch.randn(50, 6, generator=torch.Generator().manual_seed(1))
