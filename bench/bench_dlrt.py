@@ -18,7 +18,7 @@ for every model. Three models train side by side, each by ``compressor.train.Tra
   (linears), as ``transform_to_low_rank(max_rank=200, init_rank=150, tol=0.1)`` does: the
   setting of the reference's 0.49 s step (PEERS.md).
 
-RobustDLRT: β 0.075, τ 0.1, s* 10. Steps are interleaved round-robin (one thread per model, a
+RobustDLRT: β 0.075, τ 0.1, s* 10. Steps are interleaved round-robin (one process per model, a
 baton passed at every batch request, so exactly one model runs at a time) and share the noise
 of this shared machine; step time = from receiving a batch to requesting the next. Targets:
 epoch low-rank / dense ≤ 0.2; augment + truncate ≤ 10 % of the low-rank epoch; median low-rank
@@ -42,7 +42,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -110,35 +109,50 @@ def factorize_like_reference(model: nn.Module, init_rank: int, r_max: int) -> in
 
 
 # ----------------------------------------------------------------------------- lockstep runner
+#
+# One process per model, not one thread: torch's OpenMP pool belongs to the thread that calls
+# it, and with more pool threads than cores (three 2-thread pools on 2 cores) libgomp stops
+# spin-waiting between parallel regions, so every op pays a futex wake-up. That slowed the
+# low-rank models' many small ops most (VGG16 at the reference's ranks on a 2-core Xeon, an
+# epoch alone 7.5 s, beside a second copy of itself in another thread 10.3 s, the truncation
+# 0.12 s → 0.44 s; alone with OMP_WAIT_POLICY=PASSIVE 10.0 s), which no single-model training
+# run pays. In its own process each model has one pool, as in a real run.
 
 
 class Baton:
-    """Round-robin turns between threads: exactly one model computes at any time."""
+    """Round-robin turns between processes: exactly one model computes at any time."""
 
-    def __init__(self, n: int):
-        self.cond = threading.Condition()
-        self.turn, self.n, self.done = 0, n, [False] * n
+    def __init__(self, n: int, ctx) -> None:
+        self.cond = ctx.Condition()
+        self.turn = ctx.Value("i", 0, lock=False)  # guarded by cond
+        self.done = ctx.Array("b", n, lock=False)
+        self.n = n
 
     def wait(self, k: int) -> None:
         with self.cond:
-            self.cond.wait_for(lambda: self.turn == k)
+            self.cond.wait_for(lambda: self.turn.value == k)
+
+    def wait_all(self) -> None:
+        """Until every model has finished (its process then ends without disturbing a timed step)."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn.value == -1)
 
     def pass_on(self, k: int, finished: bool = False) -> None:
         with self.cond:
             self.done[k] = self.done[k] or finished
             if all(self.done):
-                self.turn = -1
+                self.turn.value = -1
             else:
                 j = (k + 1) % self.n
                 while self.done[j]:
                     j = (j + 1) % self.n
-                self.turn = j
+                self.turn.value = j
             self.cond.notify_all()
 
 
 class BatonLoader:
     """A model's loader: waits for its turn, hands over a batch, and times the trainer's step
-    (from the hand-over to the next request). Keeps the turn after its last batch: the thread
+    (from the hand-over to the next request). Keeps the turn after its last batch: the process
     passes it on once ``fit`` has returned (end-of-epoch bookkeeping is not timed in parallel)."""
 
     def __init__(self, batches, baton: Baton, k: int, model: nn.Module, device: torch.device):
@@ -169,36 +183,107 @@ def _mean_rank(model: nn.Module) -> float:
     return sum(ranks) / len(ranks) if ranks else float("nan")
 
 
-def run_lockstep(trainers: list[Trainer], loaders: list[BatonLoader], baton: Baton) -> None:
-    errors: list[BaseException] = []
+MODELS = ("dense", "lowrank", "lowrank_reference_ranks")
 
-    def work(k: int) -> None:
+
+def build_model(name: str, args) -> tuple[nn.Module, float, int]:
+    """The bench's models from one seed: (model, factorize_ seconds, factorized layers)."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(weights=None, num_classes=10)
+    t = time.perf_counter()
+    if name == "lowrank":
+        count = len(factorize_(model, init_rank=args.init_rank, r_max=args.r_max, r_min=2).factorized)
+    elif name == "lowrank_reference_ranks":
+        count = factorize_like_reference(model, args.init_rank, args.r_max)
+    else:
+        count = 0
+    return model, time.perf_counter() - t, count
+
+
+def train_in_turn(k: int, name: str, args, baton: Baton, results) -> None:
+    """A child process: build model ``name`` and warm it up in its turn, train it one epoch in
+    turn with the others, then (all done) put the raw figures or the error on ``results``."""
+    figures: dict = {}
+    try:
+        enable_huge_pages()
+        torch.set_num_threads(args.threads)
+        device = torch.device(args.device)
+        common = dict(optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, amp=args.amp,
+                      checkpoint_every=0)
+        if name == "dense":
+            cfg = TrainerConfig(adaptive_epochs=0, fixed_epochs=1, beta=0.0, **common)
+        else:
+            cfg = TrainerConfig(adaptive_epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=args.s_star,
+                                **common)
+        batches = digits_batches(args.batches, args.batch_size)
+        baton.wait(k)  # set-up in turn too, so that factorize_ times are not shared
         try:
-            trainers[k].fit()
-        except BaseException as err:  # re-raised in the main thread
-            errors.append(err)
+            model, seconds, count = build_model(name, args)
+            model.to(device)
+            # Warm-up, untimed: a 2-batch epoch (an augmentation and a truncation) of a copy, so
+            # that oneDNN's kernels for these shapes are built and the allocator has its pages,
+            # as in any epoch of a real run but its first
+            Trainer(copy.deepcopy(model), batches[:2], cfg, set_epoch=lambda loader, epoch: None, device=device).fit()
         finally:
-            baton.pass_on(k, finished=True)
+            baton.pass_on(k)
+        loader = BatonLoader(batches, baton, k, model, device)
+        trainer = Trainer(model, loader, cfg, set_epoch=lambda loader, epoch: None, name=name, device=device)
+        trainer.fit()
+        figures = {"seconds": loader.seconds, "ranks": loader.ranks, "record": trainer.history.epochs[0],
+                   "nonfinite_steps": trainer.history.nonfinite_steps, "layers": len(trainer.layers),
+                   "final_ranks": {n: list(layer.ranks) for n, layer in trainer.layers.items()},
+                   "factorize_seconds": seconds, "factorized_layers": count}
+    except BaseException:  # re-raised by the parent
+        import traceback
 
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(trainers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        figures = {"error": traceback.format_exc()}
+    finally:
+        baton.pass_on(k, finished=True)
+        baton.wait_all()  # freeing a model's memory would slow the others' last steps
+        results.put((k, figures))
+
+
+def run_lockstep(args) -> dict[str, dict]:
+    """Train the three models one epoch each, one process per model, batch by batch in turn."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited OpenMP pool or CUDA context
+    baton, results = Baton(len(MODELS), ctx), ctx.Queue()
+    procs = [ctx.Process(target=train_in_turn, args=(k, name, args, baton, results), daemon=True)
+             for k, name in enumerate(MODELS)]
+    for p in procs:
+        p.start()
+    raw: dict[int, dict] = {}
+    while len(raw) < len(MODELS):
+        try:
+            k, figures = results.get(timeout=5)
+        except Exception:  # queue.Empty: a child that died without a word (killed) ends the run
+            dead = [MODELS[i] for i, p in enumerate(procs) if i not in raw and not p.is_alive()]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"bench_dlrt: the {', '.join(dead)} process died (exit codes "
+                                   f"{[p.exitcode for p in procs]})")
+            continue
+        raw[k] = figures
+    for p in procs:
+        p.join()
+    errors = [f"{MODELS[k]}:\n{r['error']}" for k, r in sorted(raw.items()) if "error" in r]
     if errors:
-        raise errors[0]
+        raise RuntimeError("bench_dlrt: a training process failed\n" + "\n".join(errors))
+    return {MODELS[k]: r for k, r in raw.items()}
 
 
 # ----------------------------------------------------------------------------- measurement
 
 
-def summarize(loader: BatonLoader, trainer: Trainer, s_star: int, dense_epoch: float) -> dict:
-    n = len(loader.seconds)
+def summarize(raw: dict, s_star: int, dense_epoch: float) -> dict:
+    seconds, record = raw["seconds"], raw["record"]
+    n = len(seconds)
     kinds = ["augment" if i % s_star == 0 else
              "truncate" if (i % s_star == s_star - 1 or i == n - 1) else "coefficient" for i in range(n)]
-    by = {k: [s for s, kk in zip(loader.seconds, kinds) if kk == k] for k in ("augment", "coefficient", "truncate")}
-    record = trainer.history.epochs[0]
-    epoch = sum(loader.seconds)
+    by = {k: [s for s, kk in zip(seconds, kinds) if kk == k] for k in ("augment", "coefficient", "truncate")}
+    epoch = sum(seconds)
     n_aug, n_trunc = kinds.count("augment"), kinds.count("truncate")
     med = statistics.median
     coef = med(by["coefficient"]) if by["coefficient"] else float("nan")
@@ -206,10 +291,12 @@ def summarize(loader: BatonLoader, trainer: Trainer, s_star: int, dense_epoch: f
     # the augmentation batch also back-propagates to the bases (∂L/∂U, ∂L/∂V): its extra time
     aug_extra = max(0.0, med(by["augment"]) - aug_op / max(1, n_aug) - coef) if by["augment"] else 0.0
     return {
-        "layers": len(trainer.layers),
+        "layers": raw["layers"],
+        "factorized_layers": raw["factorized_layers"],
+        "factorize_seconds": raw["factorize_seconds"],
         "params": record["params"],
         "compression_rate": record["compression_rate"],
-        "step_median": med(loader.seconds),
+        "step_median": med(seconds),
         "coefficient_step_median": coef,
         "augment_step_median": med(by["augment"]) if by["augment"] else float("nan"),
         "truncate_step_median": med(by["truncate"]) if by["truncate"] else float("nan"),
@@ -219,13 +306,13 @@ def summarize(loader: BatonLoader, trainer: Trainer, s_star: int, dense_epoch: f
         "epoch_ratio_vs_dense": epoch / dense_epoch,
         "augment_truncate_share": (aug_op + trunc_op) / epoch,
         "augment_truncate_share_with_basis_backward": (aug_op + trunc_op + n_aug * aug_extra) / epoch,
-        "speedup_vs_reference_step": REFERENCE_STEP_S / med(loader.seconds),
-        "mean_rank_per_step": loader.ranks,
-        "final_ranks": {name: list(layer.ranks) for name, layer in trainer.layers.items()},
-        "step_seconds": loader.seconds,
+        "speedup_vs_reference_step": REFERENCE_STEP_S / med(seconds),
+        "mean_rank_per_step": raw["ranks"],
+        "final_ranks": raw["final_ranks"],
+        "step_seconds": seconds,
         "step_kinds": kinds,
         "train_loss": record["train_loss"],
-        "nonfinite_steps": trainer.history.nonfinite_steps,
+        "nonfinite_steps": raw["nonfinite_steps"],
     }
 
 
@@ -256,48 +343,18 @@ def plain_adamw_step_ratio(model: nn.Module, batches, n_steps: int, lr: float, c
 
 
 def measure(args) -> dict:
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    dense = getattr(torchvision.models, args.model)(weights=None, num_classes=10)
-    ours, ref = copy.deepcopy(dense), copy.deepcopy(dense)
     # the normalization is against PEERS.md's CPU steps: meaningless for a GPU run
-    plain = (plain_adamw_step_ratio(dense, digits_batches(2, args.batch_size), args.norm_steps, args.lr, args.clip)
-             if device.type == "cpu" else None)
-    t = time.perf_counter()
-    report = factorize_(ours, init_rank=args.init_rank, r_max=args.r_max, r_min=2)
-    t_ours = time.perf_counter() - t
-    t = time.perf_counter()
-    n_ref = factorize_like_reference(ref, args.init_rank, args.r_max)
-    t_ref = time.perf_counter() - t
-    batches = digits_batches(args.batches, args.batch_size)
-
-    models = {"dense": dense.to(device), "lowrank": ours.to(device), "lowrank_reference_ranks": ref.to(device)}
-    baton = Baton(len(models))
-    loaders, trainers = [], []
-    common = dict(optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, amp=args.amp,
-                  checkpoint_every=0)
-    for k, (name, model) in enumerate(models.items()):
-        if name == "dense":
-            cfg = TrainerConfig(adaptive_epochs=0, fixed_epochs=1, beta=0.0, **common)
-        else:
-            cfg = TrainerConfig(adaptive_epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=args.s_star,
-                                **common)
-        loader = BatonLoader(batches, baton, k, model, device)
-        loaders.append(loader)
-        trainers.append(Trainer(model, loader, cfg, set_epoch=lambda loader, epoch: None, name=name, device=device))
-    run_lockstep(trainers, loaders, baton)
-
-    dense_epoch = sum(loaders[0].seconds)
+    plain = (plain_adamw_step_ratio(build_model("dense", args)[0], digits_batches(2, args.batch_size), args.norm_steps,
+                                    args.lr, args.clip) if device.type == "cpu" else None)
+    raw = run_lockstep(args)
+    dense_epoch = sum(raw["dense"]["seconds"])
     out = {
-        "dense": {"step_median": statistics.median(loaders[0].seconds), "epoch_seconds": dense_epoch,
-                  "params": trainers[0].history.epochs[0]["params"], "step_seconds": loaders[0].seconds},
-        "lowrank": summarize(loaders[1], trainers[1], args.s_star, dense_epoch),
-        "lowrank_reference_ranks": summarize(loaders[2], trainers[2], args.s_star, dense_epoch),
+        "dense": {"step_median": statistics.median(raw["dense"]["seconds"]), "epoch_seconds": dense_epoch,
+                  "params": raw["dense"]["record"]["params"], "step_seconds": raw["dense"]["seconds"]},
+        "lowrank": summarize(raw["lowrank"], args.s_star, dense_epoch),
+        "lowrank_reference_ranks": summarize(raw["lowrank_reference_ranks"], args.s_star, dense_epoch),
     }
-    out["lowrank"]["factorize_seconds"] = t_ours
-    out["lowrank"]["factorized_layers"] = len(report.factorized)
-    out["lowrank_reference_ranks"]["factorize_seconds"] = t_ref
-    out["lowrank_reference_ranks"]["factorized_layers"] = n_ref
     # The machine is shared and its speed drifts over a day (dense steps of 1.2-1.9 s measured
     # here): scale our times by PEERS.md's dense step over a dense step here with the same
     # (plain) optimizer, i.e. our dense step × plain/fused.
@@ -418,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--s-star", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: on a loaded 2-core box 2 threads wait on each other at every op)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch CPU threads of each model's process (default: torch's, one per core)")
     ap.add_argument("--norm-steps", type=int, default=10,
                     help="dense steps with plain and with fused AdamW, for the machine-normalized row")
     ap.add_argument("--device", default="cpu",
@@ -482,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     benchmarks_md.update_section(
         stem, table, script="bench_dlrt.py", argv=list(sys.argv[1:] if argv is None else argv), path=md,
         measured=f"seconds per training step and per epoch of {args.batches} batches, dense vs RobustDLRT, the three "
-                 f"models interleaved batch by batch on the same real batches (digits), one process, on {device}"
+                 f"models interleaved batch by batch on the same real batches (digits), one process per model, on {device}"
                  f"{' with bf16 autocast' if args.amp == 'bf16' else ''}.")
     return 0
 
