@@ -41,6 +41,7 @@ import copy
 import json
 import os
 import platform
+import queue
 import statistics
 import sys
 import time
@@ -139,11 +140,13 @@ class Baton:
             self.cond.wait_for(lambda: self.turn.value == -1)
 
     def pass_on(self, k: int, finished: bool = False) -> None:
+        """Hand the turn on if ``k`` holds it; ``finished``: ``k`` takes no more turns (also out
+        of turn, when its process failed)."""
         with self.cond:
             self.done[k] = self.done[k] or finished
             if all(self.done):
                 self.turn.value = -1
-            else:
+            elif self.turn.value == k:
                 j = (k + 1) % self.n
                 while self.done[j]:
                     j = (j + 1) % self.n
@@ -258,7 +261,7 @@ def run_lockstep(args) -> dict[str, dict]:
     while len(raw) < len(MODELS):
         try:
             k, figures = results.get(timeout=5)
-        except Exception:  # queue.Empty: a child that died without a word (killed) ends the run
+        except queue.Empty:  # a child that died without a word (killed, out of memory) ends the run
             dead = [MODELS[i] for i, p in enumerate(procs) if i not in raw and not p.is_alive()]
             if dead:
                 for p in procs:
