@@ -380,12 +380,7 @@ def profile_cycle(args, n_steps: int) -> str:
 
     tables = []
     for name in ("lowrank", "lowrank_reference_ranks"):
-        torch.manual_seed(0)
-        model = getattr(torchvision.models, args.model)(weights=None, num_classes=10)
-        if name == "lowrank":
-            factorize_(model, init_rank=args.init_rank, r_max=args.r_max, r_min=2)
-        else:
-            factorize_like_reference(model, args.init_rank, args.r_max)
+        model = build_model(name, args)[0]
         batches = digits_batches(n_steps, args.batch_size)
         cfg = TrainerConfig(adaptive_epochs=1, optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip,
                             beta=args.beta, tau=args.tau, coefficient_steps=n_steps, amp="off", checkpoint_every=0)

@@ -35,13 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import torchvision  # noqa: E402
-
 import benchmarks_md  # noqa: E402
-from bench_dlrt import digits_batches, factorize_like_reference  # noqa: E402
+from bench_dlrt import build_model, digits_batches  # noqa: E402
 from compressor.atomic import write_text  # noqa: E402
 from compressor.cli import enable_huge_pages  # noqa: E402
-from compressor.factorize import factorize_  # noqa: E402
 from compressor.train import Trainer, TrainerConfig  # noqa: E402
 from compressor.train.common import guarded_step  # noqa: E402
 
@@ -56,12 +53,7 @@ def _orthonormality_error(trainer: Trainer) -> float:
 
 
 def measure_model(name: str, args) -> dict:
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(weights=None, num_classes=10)
-    if name == "reference_ranks":
-        factorize_like_reference(model, args.init_rank, args.r_max)
-    else:
-        factorize_(model, init_rank=args.init_rank, r_max=args.r_max, r_min=2)
+    model = build_model("lowrank_reference_ranks" if name == "reference_ranks" else "lowrank", args)[0]
     batches = digits_batches(args.s_star, args.batch_size, size=args.size)
     cfg = TrainerConfig(adaptive_epochs=1, optimizer="adamw", lr=5e-4, grad_clip=1.0, beta=0.075, tau=args.tau,
                         coefficient_steps=args.s_star, amp="off", checkpoint_every=0)
