@@ -19,12 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import benchmarks_md  # noqa: E402
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-import benchmarks_md  # noqa: E402
 from compressor.attacks import create_attack  # noqa: E402
 
 
@@ -33,8 +31,17 @@ def small_vgg(num_classes: int = 10) -> nn.Module:
         return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     return nn.Sequential(
-        *block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
-        *block(64, 128), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(inplace=True),
+        *block(3, 32),
+        *block(32, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        *block(64, 64),
+        nn.MaxPool2d(2),
+        *block(64, 128),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128 * 4 * 4, 256),
+        nn.ReLU(inplace=True),
         nn.Linear(256, num_classes),
     )
 
@@ -74,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "attacks.json"))
-    ap.add_argument("--benchmarks-md", type=Path, default=None,
-                    help="page whose 'attacks' section the table replaces (default: BENCHMARKS.md; --smoke: none)")
+    ap.add_argument(
+        "--benchmarks-md",
+        type=Path,
+        default=None,
+        help="page whose 'attacks' section the table replaces (default: BENCHMARKS.md; --smoke: none)",
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.batch_size, args.batches, args.repeats = 8, 1, 3
@@ -86,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = build_model(args.model).to(device).eval()
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.rand(args.batch_size, 3, 32, 32, generator=g).to(device),
-                torch.randint(0, 10, (args.batch_size,), generator=g).to(device)) for _ in range(args.batches)]
+    batches = [
+        (
+            torch.rand(args.batch_size, 3, 32, 32, generator=g).to(device),
+            torch.randint(0, 10, (args.batch_size,), generator=g).to(device),
+        )
+        for _ in range(args.batches)
+    ]
     alpha = 2.5 * args.eps / args.steps  # the same step size for both
     impls = {
         "ours": create_attack("pgd", model, eps=args.eps, steps=args.steps, alpha=alpha),
@@ -111,10 +127,17 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "pgd_linf",
-        "config": {k: getattr(args, k) for k in ("model", "batch_size", "batches", "repeats", "steps", "eps", "threads", "device", "smoke")},
-        "environment": {"torch": torch.__version__, "torchattacks": getattr(torchattacks, "__version__", "?"),
-                        "python": platform.python_version(), "machine": platform.machine(),
-                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "config": {
+            k: getattr(args, k)
+            for k in ("model", "batch_size", "batches", "repeats", "steps", "eps", "threads", "device", "smoke")
+        },
+        "environment": {
+            "torch": torch.__version__,
+            "torchattacks": getattr(torchattacks, "__version__", "?"),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
         "images_per_second": {k: {"median": med[k], "runs": v} for k, v in runs.items()},
         "ratio_ours_over_torchattacks": ratio,
         "max_abs_diff_without_random_start": max_diff,
@@ -123,19 +146,31 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    lines = [f"PGD ℓ∞, {args.steps} steps, ε = {args.eps:.4f}, model {args.model}, batch {args.batch_size} × "
-             f"{args.batches}, device {args.device}, {args.threads} thread(s), {args.repeats} repeats (alternating "
-             "order).", "",
-             "| implementation | images/s (median) | min | max |", "|---|---:|---:|---:|"]
+    lines = [
+        f"PGD ℓ∞, {args.steps} steps, ε = {args.eps:.4f}, model {args.model}, batch {args.batch_size} × "
+        f"{args.batches}, device {args.device}, {args.threads} thread(s), {args.repeats} repeats (alternating "
+        "order).",
+        "",
+        "| implementation | images/s (median) | min | max |",
+        "|---|---:|---:|---:|",
+    ]
     lines += [f"| {k} | {med[k]:.1f} | {min(v):.1f} | {max(v):.1f} |" for k, v in runs.items()]
-    lines += ["", f"Ratio ours / torchattacks: **{ratio:.3f}** (target ≥ 1.0); max |Δ| of the images without random "
-                  f"start: {max_diff:.2e}."]
+    lines += [
+        "",
+        f"Ratio ours / torchattacks: **{ratio:.3f}** (target ≥ 1.0); max |Δ| of the images without random "
+        f"start: {max_diff:.2e}.",
+    ]
     print("\n".join(lines) + f"\nwrote {out}")
     md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
     benchmarks_md.update_section(
-        "attacks", "\n".join(lines), script="bench_attacks.py", argv=list(sys.argv[1:] if argv is None else argv),
-        path=md, measured="images per second of compressor's pgd against torchattacks.PGD (same model, batches, "
-                          "steps, step size, random start), median over repeats.")
+        "attacks",
+        "\n".join(lines),
+        script="bench_attacks.py",
+        argv=list(sys.argv[1:] if argv is None else argv),
+        path=md,
+        measured="images per second of compressor's pgd against torchattacks.PGD (same model, batches, "
+        "steps, step size, random start), median over repeats.",
+    )
     return 0
 
 

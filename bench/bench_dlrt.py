@@ -16,7 +16,7 @@ for every model. Three models train side by side, each by ``compressor.train.Tra
 - low-rank at the reference's ranks: every conv but the first and every linear but the last
   factorized, channel ranks capped at min(C/2, 200) and started at the cap (convs) or 150
   (linears), as ``transform_to_low_rank(max_rank=200, init_rank=150, tol=0.1)`` does: the
-  setting of the reference's 0.49 s step (PEERS.md).
+  setting of the reference's 0.49 s step (docs/peers.md).
 
 RobustDLRT: β 0.075, τ 0.1, s* 10. Steps are interleaved round-robin (one process per model, a
 baton passed at every batch request, so exactly one model runs at a time) and share the noise
@@ -24,13 +24,13 @@ of this shared machine; step time = from receiving a batch to requesting the nex
 timed epoch each process builds its model and trains a copy for 2 batches (untimed), in turn. Targets:
 epoch low-rank / dense ≤ 0.2; augment + truncate ≤ 10 % of the low-rank epoch; median low-rank
 step at the reference's ranks ≥ 1.5× faster than its 0.49 s, in raw seconds and normalized
-by the machine's speed (PEERS.md's 2.28 s dense step against a dense step here with the same,
+by the machine's speed (docs/peers.md's 2.28 s dense step against a dense step here with the same,
 plain, AdamW: ``plain_adamw_step_ratio``). Writes bench/results/dlrt.json (``--smoke``:
 dlrt-smoke.json) and prints a Markdown table; the load average is recorded.
 
 ``--device cuda`` runs the three models on the GPU with bf16 autocast (``--amp``, default bf16
 there; the trainer keeps the loss and the regularizer in float32), synchronizing before every
-time stamp, and writes the section "dlrt-gpu". PEERS.md's reference step is a CPU figure, so
+time stamp, and writes the section "dlrt-gpu". docs/peers.md's reference step is a CPU figure, so
 the GPU table has the epoch ratio and the augment + truncate share, not the reference rows.
 """
 
@@ -52,26 +52,27 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import torchvision  # noqa: E402
 
 import benchmarks_md  # noqa: E402
+import torchvision  # noqa: E402
+
 from compressor.atomic import write_text  # noqa: E402
 from compressor.cli import enable_huge_pages  # noqa: E402
 from compressor.factorize import factorize_  # noqa: E402
 from compressor.layers import LowRankLinear, TuckerConv2d, low_rank_layers  # noqa: E402
-from compressor.train import Trainer, TrainerConfig  # noqa: E402
+from compressor.recipe import BaselineSection, TrainSection  # noqa: E402
+from compressor.train import Trainer  # noqa: E402
 
-REFERENCE_STEP_S = 0.49  # authors' RobustDLRT step, VGG16, batch 32, median (PEERS.md)
-REFERENCE_DENSE_STEP_S = 2.28  # dense VGG16 step, batch 32, AdamW, median (PEERS.md)
+REFERENCE_STEP_S = 0.49  # authors' RobustDLRT step, VGG16, batch 32, median (docs/peers.md)
+REFERENCE_DENSE_STEP_S = 2.28  # dense VGG16 step, batch 32, AdamW, median (docs/peers.md)
 
 
 # ----------------------------------------------------------------------------- data and models
 
 
-def digits_batches(n_batches: int, batch_size: int, size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def digits_batches(
+    n_batches: int, batch_size: int, size: int = 32, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -82,7 +83,7 @@ def digits_batches(n_batches: int, batch_size: int, size: int = 32, seed: int = 
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     need = n_batches * batch_size
     perm = perm.repeat(need // len(perm) + 1)[:need]
-    return [(x[perm[i:i + batch_size]], y[perm[i:i + batch_size]]) for i in range(0, need, batch_size)]
+    return [(x[perm[i : i + batch_size]], y[perm[i : i + batch_size]]) for i in range(0, need, batch_size)]
 
 
 def factorize_like_reference(model: nn.Module, init_rank: int, r_max: int) -> int:
@@ -212,13 +213,13 @@ def train_in_turn(k: int, name: str, args, baton: Baton, results) -> None:
         enable_huge_pages()
         torch.set_num_threads(args.threads)
         device = torch.device(args.device)
-        common = dict(optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, amp=args.amp,
-                      checkpoint_every=0)
+        common = dict(
+            optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, amp=args.amp, checkpoint_every=0
+        )
         if name == "dense":
-            cfg = TrainerConfig(adaptive_epochs=0, fixed_epochs=1, beta=0.0, **common)
+            cfg = BaselineSection(epochs=1, **common)
         else:
-            cfg = TrainerConfig(adaptive_epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=args.s_star,
-                                **common)
+            cfg = TrainSection(epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=args.s_star, **common)
         batches = digits_batches(args.batches, args.batch_size)
         baton.wait(k)  # set-up in turn too, so that factorize_ times are not shared
         try:
@@ -233,10 +234,16 @@ def train_in_turn(k: int, name: str, args, baton: Baton, results) -> None:
         loader = BatonLoader(batches, baton, k, model, device)
         trainer = Trainer(model, loader, cfg, set_epoch=lambda loader, epoch: None, name=name, device=device)
         trainer.fit()
-        figures = {"seconds": loader.seconds, "ranks": loader.ranks, "record": trainer.history.epochs[0],
-                   "nonfinite_steps": trainer.history.nonfinite_steps, "layers": len(trainer.layers),
-                   "final_ranks": {n: list(layer.ranks) for n, layer in trainer.layers.items()},
-                   "factorize_seconds": seconds, "factorized_layers": count}
+        figures = {
+            "seconds": loader.seconds,
+            "ranks": loader.ranks,
+            "record": trainer.history.epochs[0],
+            "nonfinite_steps": trainer.history.nonfinite_steps,
+            "layers": len(trainer.layers),
+            "final_ranks": {n: list(layer.ranks) for n, layer in trainer.layers.items()},
+            "factorize_seconds": seconds,
+            "factorized_layers": count,
+        }
     except BaseException:  # re-raised by the parent
         import traceback
 
@@ -253,8 +260,10 @@ def run_lockstep(args) -> dict[str, dict]:
 
     ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited OpenMP pool or CUDA context
     baton, results = Baton(len(MODELS), ctx), ctx.Queue()
-    procs = [ctx.Process(target=train_in_turn, args=(k, name, args, baton, results), daemon=True)
-             for k, name in enumerate(MODELS)]
+    procs = [
+        ctx.Process(target=train_in_turn, args=(k, name, args, baton, results), daemon=True)
+        for k, name in enumerate(MODELS)
+    ]
     for p in procs:
         p.start()
     raw: dict[int, dict] = {}
@@ -266,8 +275,9 @@ def run_lockstep(args) -> dict[str, dict]:
             if dead:
                 for p in procs:
                     p.kill()
-                raise RuntimeError(f"bench_dlrt: the {', '.join(dead)} process died (exit codes "
-                                   f"{[p.exitcode for p in procs]})")
+                raise RuntimeError(
+                    f"bench_dlrt: the {', '.join(dead)} process died (exit codes {[p.exitcode for p in procs]})"
+                ) from None
             continue
         raw[k] = figures
     for p in procs:
@@ -284,8 +294,10 @@ def run_lockstep(args) -> dict[str, dict]:
 def summarize(raw: dict, s_star: int, dense_epoch: float) -> dict:
     seconds, record = raw["seconds"], raw["record"]
     n = len(seconds)
-    kinds = ["augment" if i % s_star == 0 else
-             "truncate" if (i % s_star == s_star - 1 or i == n - 1) else "coefficient" for i in range(n)]
+    kinds = [
+        "augment" if i % s_star == 0 else "truncate" if (i % s_star == s_star - 1 or i == n - 1) else "coefficient"
+        for i in range(n)
+    ]
     by = {k: [s for s, kk in zip(seconds, kinds) if kk == k] for k in ("augment", "coefficient", "truncate")}
     epoch = sum(seconds)
     n_aug, n_trunc = kinds.count("augment"), kinds.count("truncate")
@@ -325,7 +337,7 @@ def plain_adamw_step_ratio(model: nn.Module, batches, n_steps: int, lr: float, c
     training script gets) over the step with the fused AdamW our trainer uses, on two copies of
     the same model, alternating.
 
-    PEERS.md's dense step (2.28 s) is the reference's plain loop; ours is faster by the fused
+    docs/peers.md's dense step (2.28 s) is the reference's plain loop; ours is faster by the fused
     optimizer alone (VGG16's 134M parameters), so scaling by it would not measure the machine.
     """
     copies = {"fused": copy.deepcopy(model), "plain": copy.deepcopy(model)}
@@ -342,25 +354,38 @@ def plain_adamw_step_ratio(model: nn.Module, batches, n_steps: int, lr: float, c
             if i:
                 seconds[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in seconds.items()}
-    return {"fused_step_median": med["fused"], "plain_step_median": med["plain"],
-            "plain_over_fused": med["plain"] / med["fused"], "steps": n_steps}
+    return {
+        "fused_step_median": med["fused"],
+        "plain_step_median": med["plain"],
+        "plain_over_fused": med["plain"] / med["fused"],
+        "steps": n_steps,
+    }
 
 
 def measure(args) -> dict:
     device = torch.device(args.device)
-    # the normalization is against PEERS.md's CPU steps: meaningless for a GPU run
-    plain = (plain_adamw_step_ratio(build_model("dense", args)[0], digits_batches(2, args.batch_size), args.norm_steps,
-                                    args.lr, args.clip) if device.type == "cpu" else None)
+    # the normalization is against docs/peers.md's CPU steps: meaningless for a GPU run
+    plain = (
+        plain_adamw_step_ratio(
+            build_model("dense", args)[0], digits_batches(2, args.batch_size), args.norm_steps, args.lr, args.clip
+        )
+        if device.type == "cpu"
+        else None
+    )
     raw = run_lockstep(args)
     dense_epoch = sum(raw["dense"]["seconds"])
     out = {
-        "dense": {"step_median": statistics.median(raw["dense"]["seconds"]), "epoch_seconds": dense_epoch,
-                  "params": raw["dense"]["record"]["params"], "step_seconds": raw["dense"]["seconds"]},
+        "dense": {
+            "step_median": statistics.median(raw["dense"]["seconds"]),
+            "epoch_seconds": dense_epoch,
+            "params": raw["dense"]["record"]["params"],
+            "step_seconds": raw["dense"]["seconds"],
+        },
         "lowrank": summarize(raw["lowrank"], args.s_star, dense_epoch),
         "lowrank_reference_ranks": summarize(raw["lowrank_reference_ranks"], args.s_star, dense_epoch),
     }
     # The machine is shared and its speed drifts over a day (dense steps of 1.2-1.9 s measured
-    # here): scale our times by PEERS.md's dense step over a dense step here with the same
+    # here): scale our times by docs/peers.md's dense step over a dense step here with the same
     # (plain) optimizer, i.e. our dense step × plain/fused.
     out["plain_adamw"] = plain
     if plain is None:
@@ -382,14 +407,24 @@ def profile_cycle(args, n_steps: int) -> str:
     for name in ("lowrank", "lowrank_reference_ranks"):
         model = build_model(name, args)[0]
         batches = digits_batches(n_steps, args.batch_size)
-        cfg = TrainerConfig(adaptive_epochs=1, optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip,
-                            beta=args.beta, tau=args.tau, coefficient_steps=n_steps, amp="off", checkpoint_every=0)
+        cfg = TrainSection(
+            epochs=1,
+            optimizer="adamw",
+            lr=args.lr,
+            schedule="cosine",
+            grad_clip=args.clip,
+            beta=args.beta,
+            tau=args.tau,
+            coefficient_steps=n_steps,
+            amp="off",
+            checkpoint_every=0,
+        )
         trainer = Trainer(model, batches, cfg, set_epoch=lambda loader, epoch: None)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             trainer.fit()
-        table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20,
-                                                                   max_name_column_width=36,
-                                                                   max_shapes_column_width=70)
+        table = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=36, max_shapes_column_width=70
+        )
         tables.append(f"### {name}: {n_steps} steps\n{table}")
     return "\n".join(tables)
 
@@ -404,8 +439,11 @@ def markdown(res: dict, args, load_before, load_after) -> str:
     def s(x: float) -> str:
         return f"{x:.3f} s"
 
-    where = (f"{args.threads} thread(s)" if p is not None
-             else f"{args.device}{', bf16 autocast' if args.amp == 'bf16' else ''}")
+    where = (
+        f"{args.threads} thread(s)"
+        if p is not None
+        else f"{args.device}{', bf16 autocast' if args.amp == 'bf16' else ''}"
+    )
     lines = [
         f"## RobustDLRT vs dense fine-tuning: {args.model}, 32×32 digits, batch {args.batch_size}, "
         f"{args.batches} batches, AdamW, {where}",
@@ -427,16 +465,20 @@ def markdown(res: dict, args, load_before, load_after) -> str:
         f"| epoch ({args.batches} batches) | {d['epoch_seconds']:.1f} s | {a['epoch_seconds']:.1f} s | "
         f"{b['epoch_seconds']:.1f} s |",
         f"| epoch ratio low-rank / dense (target ≤ 0.2) | — | {a['epoch_ratio_vs_dense']:.3f} "
-        f"{ok(a['epoch_ratio_vs_dense'] <= 0.2)} | {b['epoch_ratio_vs_dense']:.3f} {ok(b['epoch_ratio_vs_dense'] <= 0.2)} |",
+        f"{ok(a['epoch_ratio_vs_dense'] <= 0.2)} | {b['epoch_ratio_vs_dense']:.3f} "
+        f"{ok(b['epoch_ratio_vs_dense'] <= 0.2)} |",
         f"| augment + truncate share of the epoch (target ≤ 10 %; with the bases' backward) | — | "
         f"{100 * a['augment_truncate_share']:.1f} % ({100 * a['augment_truncate_share_with_basis_backward']:.1f} %) "
         f"{ok(a['augment_truncate_share'] <= 0.1)} | {100 * b['augment_truncate_share']:.1f} % "
         f"({100 * b['augment_truncate_share_with_basis_backward']:.1f} %) {ok(b['augment_truncate_share'] <= 0.1)} |",
     ]
-    if p is None:  # a GPU run: PEERS.md's reference figures are CPU steps
-        lines += ["", f"Our step at the reference's ranks: {s(b['step_median'])} ({args.device}; the reference's "
-                  f"{REFERENCE_STEP_S} s is a CPU step, PEERS.md). Load average before / after: {load_before} / "
-                  f"{load_after}. Every time stamp follows a device synchronize."]
+    if p is None:  # a GPU run: docs/peers.md's reference figures are CPU steps
+        lines += [
+            "",
+            f"Our step at the reference's ranks: {s(b['step_median'])} ({args.device}; the reference's "
+            f"{REFERENCE_STEP_S} s is a CPU step, docs/peers.md). Load average before / after: {load_before} / "
+            f"{load_after}. Every time stamp follows a device synchronize.",
+        ]
         return "\n".join(lines)
     lines += [
         f"| reference step 0.49 s / our median step (target ≥ 1.5× at equal ranks) | — | "
@@ -451,9 +493,10 @@ def markdown(res: dict, args, load_before, load_after) -> str:
         f"Load average before / after: {load_before} / {load_after} on {os.cpu_count()} cores. Each model trains "
         "in its own process (one OpenMP pool, as in a real run), built and warmed up (an untimed 2-batch epoch of "
         "a copy) in turn before the timed epoch; the first timed step still allocates the optimizer state. The "
-        "machine is shared and its speed drifts: interleaving shares its noise between the models (ratios), but absolute "
-        "times are comparable with PEERS.md's only through a step both measured, the dense one. Our dense "
-        "trainer uses fused AdamW; PEERS.md's 2.28 s is the reference's plain loop (torch's default AdamW), "
+        "machine is shared and its speed drifts: interleaving shares its noise between the models (ratios), "
+        "but absolute "
+        "times are comparable with docs/peers.md's only through a step both measured, the dense one. Our dense "
+        "trainer uses fused AdamW; docs/peers.md's 2.28 s is the reference's plain loop (torch's default AdamW), "
         "so the normalized row "
         f"scales by our dense step × {p['plain_over_fused']:.2f} (torch's default AdamW over fused, "
         f"{p['steps']} alternating steps each on copies of the dense model: {s(p['plain_step_median'])} / "
@@ -476,18 +519,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--s-star", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                    help="torch CPU threads of each model's process (default: torch's, one per core)")
-    ap.add_argument("--norm-steps", type=int, default=10,
-                    help="dense steps with plain and with fused AdamW, for the machine-normalized row")
-    ap.add_argument("--device", default="cpu",
-                    help="cpu (default) or cuda[:N]: the issue's GPU run, written to the section dlrt-gpu")
-    ap.add_argument("--amp", choices=("off", "bf16"), default=None,
-                    help="autocast: off on the CPU, bf16 on CUDA by default")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch CPU threads of each model's process (default: torch's, one per core)",
+    )
+    ap.add_argument(
+        "--norm-steps",
+        type=int,
+        default=10,
+        help="dense steps with plain and with fused AdamW, for the machine-normalized row",
+    )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda[:N]: the issue's GPU run, written to the section dlrt-gpu",
+    )
+    ap.add_argument(
+        "--amp", choices=("off", "bf16"), default=None, help="autocast: off on the CPU, bf16 on CUDA by default"
+    )
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a cycle of N steps (CPU)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--benchmarks-md", type=Path, default=None,
-                    help="page whose 'dlrt' section the table replaces (default: BENCHMARKS.md; --smoke: none)")
+    ap.add_argument(
+        "--benchmarks-md",
+        type=Path,
+        default=None,
+        help="page whose 'dlrt' section the table replaces (default: BENCHMARKS.md; --smoke: none)",
+    )
     args = ap.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -517,7 +576,11 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "benchmarks_md")},
         "results": res,
         "targets": {"epoch_ratio_vs_dense": 0.2, "augment_truncate_share": 0.10, "speedup_vs_reference_step": 1.5},
-        "reference": {"step_s": REFERENCE_STEP_S, "dense_step_s": REFERENCE_DENSE_STEP_S, "source": "shared/PEERS.md"},
+        "reference": {
+            "step_s": REFERENCE_STEP_S,
+            "dense_step_s": REFERENCE_DENSE_STEP_S,
+            "source": "shared/docs/peers.md",
+        },
         "torch": torch.__version__,
         "threads": args.threads,
         "device": str(device),
@@ -538,10 +601,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\n```\n" + payload["profile"] + "\n```")
     md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
     benchmarks_md.update_section(
-        stem, table, script="bench_dlrt.py", argv=list(sys.argv[1:] if argv is None else argv), path=md,
+        stem,
+        table,
+        script="bench_dlrt.py",
+        argv=list(sys.argv[1:] if argv is None else argv),
+        path=md,
         measured=f"seconds per training step and per epoch of {args.batches} batches, dense vs RobustDLRT, the three "
-                 f"models interleaved batch by batch on the same real batches (digits), one process per model, on {device}"
-                 f"{' with bf16 autocast' if args.amp == 'bf16' else ''}.")
+        f"models interleaved batch by batch on the same real batches (digits), one process per model, on {device}"
+        f"{' with bf16 autocast' if args.amp == 'bf16' else ''}.",
+    )
     return 0
 
 

@@ -26,16 +26,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import benchmarks_md  # noqa: E402
 
 from compressor.atomic import write_text  # noqa: E402
-from compressor.export import count_macs, export_onnx, macs_by_layer, onnx_latencies, parity_check  # noqa: E402
+from compressor.export import export_onnx, onnx_latencies, parity_check  # noqa: E402
 from compressor.factorize import factorize_  # noqa: E402
 from compressor.layers import low_rank_layers  # noqa: E402
 from compressor.models import create_model  # noqa: E402
+from compressor.runtime import count_macs, macs_by_layer  # noqa: E402
 
 
 def _factorized(dense: torch.nn.Module, arch: str, size: int, classes: int, init_rank: int, r_max: int = 200):
@@ -50,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="ResNet-18, batch 1, few repeats (CI)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "export.json")
-    parser.add_argument("--benchmarks-md", type=Path, default=None,
-                        help="page whose 'export' section the tables replace (default: BENCHMARKS.md; --smoke: none)")
+    parser.add_argument(
+        "--benchmarks-md",
+        type=Path,
+        default=None,
+        help="page whose 'export' section the tables replace (default: BENCHMARKS.md; --smoke: none)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
@@ -73,15 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     comp, report = _factorized(dense, arch, size, classes, init_rank=32)
     seconds = {"factorize_rank32": time.perf_counter() - t}
     ranks = {"init_rank=32": {d.name: d.ranks for d in report.factorized}}
-    variants["compressed"] = (comp, "auto", "init_rank 32, r_max 200 (policy: first conv and classifier dense, every layer capped at its break-even rank)")
+    variants["compressed"] = (
+        comp,
+        "auto",
+        "init_rank 32, r_max 200 (policy: first conv and classifier dense, every layer capped at its break-even rank)",
+    )
     if not args.smoke:
-        variants["compressed_unfolded"] = (comp, "none", "same model, every factor its own op (3 per layer, S not merged)")
+        variants["compressed_unfolded"] = (
+            comp,
+            "none",
+            "same model, every factor its own op (3 per layer, S not merged)",
+        )
         t = time.perf_counter()
         comp96, report96 = _factorized(dense, arch, size, classes, init_rank=96)
         seconds["factorize_rank96"] = time.perf_counter() - t
         ranks["init_rank=96"] = {d.name: d.ranks for d in report96.factorized}
-        variants["compressed_rank96"] = (comp96, "auto", "ranks 96 (capped at break-even): closer to the paper's "
-                                                         "94-96 % compression")
+        variants["compressed_rank96"] = (
+            comp96,
+            "auto",
+            "ranks 96 (capped at break-even): closer to the paper's 94-96 % compression",
+        )
 
     p_dense = sum(p.numel() for p in dense.parameters())
     macs_dense = count_macs(dense, size)
@@ -97,12 +111,30 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             exp = export_onnx(model, path, input_size=size, fold=fold)
             seconds[f"export_{name}"] = time.perf_counter() - t
-            row = {"description": desc, "params": params, "compression_rate": (1 - params / p_dense) * 100,
-                   "macs": macs, "mac_ratio": macs_dense / macs,
-                   "macs_in_dense_layers_pct": sum(v for n, v in by_layer.items() if n not in lowrank) / macs * 100,
-                   "onnx": {"exporter": exp.exporter, "size_bytes": exp.size_bytes, "forms": sorted(set(exp.plan.values())),
-                            **{k: exp.structure[k] for k in ("conv_nodes", "matmul_nodes", "gemm_nodes", "weight_bytes",
-                                                             "weight_bytes_ratio", "matches")}}}
+            row = {
+                "description": desc,
+                "params": params,
+                "compression_rate": (1 - params / p_dense) * 100,
+                "macs": macs,
+                "mac_ratio": macs_dense / macs,
+                "macs_in_dense_layers_pct": sum(v for n, v in by_layer.items() if n not in lowrank) / macs * 100,
+                "onnx": {
+                    "exporter": exp.exporter,
+                    "size_bytes": exp.size_bytes,
+                    "forms": sorted(set(exp.plan.values())),
+                    **{
+                        k: exp.structure[k]
+                        for k in (
+                            "conv_nodes",
+                            "matmul_nodes",
+                            "gemm_nodes",
+                            "weight_bytes",
+                            "weight_bytes_ratio",
+                            "matches",
+                        )
+                    },
+                },
+            }
             if name != "dense":
                 par = parity_check(path, model, size, batches=(1, 8))
                 row["parity"] = {k: par[k] for k in ("max_abs_diff", "rel_diff", "passed")}
@@ -110,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         # all variants timed side by side (blocks of 10 runs in turn): the speedups compare
         # models under the same machine load, not a minute apart
         t = time.perf_counter()
-        latency = onnx_latencies(paths, batch_sizes=batches, threads=args.threads, warmup=warmup, repeats=repeats,
-                                 input_size=size)
+        latency = onnx_latencies(
+            paths, batch_sizes=batches, threads=args.threads, warmup=warmup, repeats=repeats, input_size=size
+        )
         seconds["latency"] = time.perf_counter() - t
         for name, row in rows.items():
             row["latency"] = latency[name]
@@ -119,30 +152,54 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup"] = {b: rows["dense"]["latency"][b]["median_ms"] / row["latency"][b]["median_ms"] for b in batches}
         row["speedup_over_mac_ratio"] = {b: v / row["mac_ratio"] for b, v in row["speedup"].items()}
 
-    results = {"arch": f"tv:{arch}", "input_size": size, "num_classes": classes, "smoke": args.smoke,
-               "threads": args.threads, "repeats": repeats, "warmup": warmup, "variants": rows, "ranks": ranks,
-               "seconds": seconds,
-               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                           "onnxruntime": onnxruntime.__version__, "load_before": load_before,
-                           "load_after": os.getloadavg(),
-                           "note": f"shared, noisy machine (other jobs beside this one): medians of {repeats} runs, "
-                                   "p90 shows the spread"}}
+    results = {
+        "arch": f"tv:{arch}",
+        "input_size": size,
+        "num_classes": classes,
+        "smoke": args.smoke,
+        "threads": args.threads,
+        "repeats": repeats,
+        "warmup": warmup,
+        "variants": rows,
+        "ranks": ranks,
+        "seconds": seconds,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+            "note": f"shared, noisy machine (other jobs beside this one): medians of {repeats} runs, "
+            "p90 shows the spread",
+        },
+    }
 
-    head = "| variant | params | c.r. % | MACs (M) | MAC ratio | " + " | ".join(
-        f"b={b} median / p90 ms | b={b} speedup (÷ MAC ratio)" for b in batches) + " |"
+    head = (
+        "| variant | params | c.r. % | MACs (M) | MAC ratio | "
+        + " | ".join(f"b={b} median / p90 ms | b={b} speedup (÷ MAC ratio)" for b in batches)
+        + " |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|" + "---:|---:|" * len(batches)]
     for name, r in rows.items():
-        cells = [f"{r['latency'][b]['median_ms']:.2f} / {r['latency'][b]['p90_ms']:.2f} | "
-                 f"{r['speedup'][b]:.2f}x ({r['speedup_over_mac_ratio'][b]:.2f})" for b in batches]
-        lines.append(f"| {arch} {name} | {r['params']:,} | {r['compression_rate']:.2f} | {r['macs'] / 1e6:.1f} | "
-                     f"{r['mac_ratio']:.2f} | " + " | ".join(cells) + " |")
+        cells = [
+            f"{r['latency'][b]['median_ms']:.2f} / {r['latency'][b]['p90_ms']:.2f} | "
+            f"{r['speedup'][b]:.2f}x ({r['speedup_over_mac_ratio'][b]:.2f})"
+            for b in batches
+        ]
+        lines.append(
+            f"| {arch} {name} | {r['params']:,} | {r['compression_rate']:.2f} | {r['macs'] / 1e6:.1f} | "
+            f"{r['mac_ratio']:.2f} | " + " | ".join(cells) + " |"
+        )
     lines.append("")
     for name, r in rows.items():
         if name == "dense":
             continue
-        lines.append(f"- {name}: {r['description']}; {r['macs_in_dense_layers_pct']:.0f}% of its MACs in layers kept "
-                     f"dense; ONNX structure matches={r['onnx']['matches']}, weight bytes / (params × 4) = "
-                     f"{r['onnx']['weight_bytes_ratio']:.3f}, parity rel diff {r['parity']['rel_diff']:.1e}")
+        lines.append(
+            f"- {name}: {r['description']}; {r['macs_in_dense_layers_pct']:.0f}% of its MACs in layers kept "
+            f"dense; ONNX structure matches={r['onnx']['matches']}, weight bytes / (params × 4) = "
+            f"{r['onnx']['weight_bytes_ratio']:.3f}, parity rel diff {r['parity']['rel_diff']:.1e}"
+        )
     lines.append(f"- load average before/after: {load_before[0]:.2f} / {results['machine']['load_after'][0]:.2f}")
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,11 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}")
     md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
     benchmarks_md.update_section(
-        "export", "\n".join(lines), script="bench_export.py", argv=list(sys.argv[1:] if argv is None else argv),
-        path=md, measured=f"onnxruntime CPU latency ({args.threads} intra-op threads, median and p90 of {repeats} runs "
-                          f"after {warmup} warm-up, the variants interleaved in blocks of 10 runs) of torchvision {arch} "
-                          f"at {size}×{size}, dense vs factorized, with the multiply-add ratio; speedup = dense median / "
-                          "compressed median.")
+        "export",
+        "\n".join(lines),
+        script="bench_export.py",
+        argv=list(sys.argv[1:] if argv is None else argv),
+        path=md,
+        measured=f"onnxruntime CPU latency ({args.threads} intra-op threads, median and p90 of {repeats} runs "
+        f"after {warmup} warm-up, the variants interleaved in blocks of 10 runs) of torchvision {arch} "
+        f"at {size}×{size}, dense vs factorized, with the multiply-add ratio; speedup = dense median / "
+        "compressed median.",
+    )
     return 0
 
 

@@ -28,12 +28,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import torchvision  # noqa: E402
 
 import benchmarks_md  # noqa: E402
+import torchvision  # noqa: E402
+
 from compressor import functional as Fn  # noqa: E402
 from compressor.atomic import write_text  # noqa: E402
 from compressor.factorize import factorize_  # noqa: E402
@@ -61,13 +59,13 @@ def _time_layers(model: torch.nn.Module, init_rank: int, r_max: int) -> tuple[fl
 
     try:
         for cls in originals:
-            setattr(cls, "from_dense", wrap(cls))
+            cls.from_dense = wrap(cls)
         t = time.perf_counter()
         report = factorize_(model, init_rank=init_rank, r_max=r_max)
         total = time.perf_counter() - t
     finally:
         for cls, orig in originals.items():
-            setattr(cls, "from_dense", orig)
+            cls.from_dense = orig
     return total, per_layer, report.to_dict()
 
 
@@ -88,16 +86,25 @@ def _accuracy(rank: int = 150) -> list[dict]:
         sigma = lam.flip(0).clamp_min(0).sqrt()
         optimal = float(sigma[rank:].norm())
         ad = a.double()
-        for method, fn in (("compressor (block Krylov)", lambda: Fn.top_singular(a, rank)),
-                           ("svd_lowrank q=r+20 niter=4", lambda: torch.svd_lowrank(a, q=rank + 20, niter=4))):
+        for method, fn in (
+            ("compressor (block Krylov)", lambda a=a: Fn.top_singular(a, rank)),
+            ("svd_lowrank q=r+20 niter=4", lambda a=a: torch.svd_lowrank(a, q=rank + 20, niter=4)),
+        ):
             t = time.perf_counter()
             uu, ss, _ = fn()
             secs = time.perf_counter() - t
             uu = uu[:, :rank].double()
             err = float(torch.linalg.matrix_norm(ad - uu @ (uu.mT @ ad)))
             rel_sv = float(((ss[:rank].double() - sigma[:rank]).abs() / sigma[:rank]).max())
-            rows.append({"matrix": name, "method": method, "seconds": secs, "error_over_optimal": err / optimal,
-                         "max_rel_sv_error": rel_sv})
+            rows.append(
+                {
+                    "matrix": name,
+                    "method": method,
+                    "seconds": secs,
+                    "error_over_optimal": err / optimal,
+                    "max_rel_sv_error": rel_sv,
+                }
+            )
     return rows
 
 
@@ -105,13 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="ResNet-18, 1 run (CI)")
     parser.add_argument("--accuracy", action="store_true", help="also compare the randomized SVD's accuracy")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on the shared 2-core box a second OpenMP thread "
-                             "competing with other jobs makes LAPACK calls several times slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on the shared 2-core box a second OpenMP thread "
+        "competing with other jobs makes LAPACK calls several times slower)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "factorize.json")
-    parser.add_argument("--benchmarks-md", type=Path, default=None,
-                        help="page whose 'factorize' section the tables replace (default: BENCHMARKS.md; "
-                             "--smoke: none)")
+    parser.add_argument(
+        "--benchmarks-md",
+        type=Path,
+        default=None,
+        help="page whose 'factorize' section the tables replace (default: BENCHMARKS.md; --smoke: none)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -130,19 +144,35 @@ def main(argv: list[str] | None = None) -> int:
     n_fact = sum(1 for d in report["layers"] if d["factorized"])
     result = {
         "model": f"torchvision {arch}, 10 classes, random init",
-        "init_rank": init_rank, "r_max": r_max, "runs": runs,
-        "seconds": totals, "median_seconds": median, "target_seconds": 15.0,
-        "factorized_layers": n_fact, "candidate_layers": len(report["layers"]),
+        "init_rank": init_rank,
+        "r_max": r_max,
+        "runs": runs,
+        "seconds": totals,
+        "median_seconds": median,
+        "target_seconds": 15.0,
+        "factorized_layers": n_fact,
+        "candidate_layers": len(report["layers"]),
         "per_layer_seconds_last_run": per_layer,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "machine": platform.machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
     }
-    lines = [f"## factorize_ — {arch}, init_rank {init_rank}, r_max {r_max}", "",
-             "| runs | median s | all runs s | factorized / candidates | target s | threads | load avg (1 min) before → after |",
-             "|---:|---:|---|---:|---:|---:|---|",
-             f"| {runs} | {median:.2f} | {', '.join(f'{t:.2f}' for t in totals)} | {n_fact} / {len(report['layers'])} | 15 | "
-             f"{torch.get_num_threads()} | {load_before[0]:.1f} → {os.getloadavg()[0]:.1f} |", "",
-             "| slowest layers (last run) | shape | ranks | s |", "|---|---|---|---:|"]
+    lines = [
+        f"## factorize_ — {arch}, init_rank {init_rank}, r_max {r_max}",
+        "",
+        "| runs | median s | all runs s | factorized / candidates | target s | threads "
+        "| load avg (1 min) before → after |",
+        "|---:|---:|---|---:|---:|---:|---|",
+        f"| {runs} | {median:.2f} | {', '.join(f'{t:.2f}' for t in totals)} | {n_fact} / {len(report['layers'])} "
+        "| 15 | "
+        f"{torch.get_num_threads()} | {load_before[0]:.1f} → {os.getloadavg()[0]:.1f} |",
+        "",
+        "| slowest layers (last run) | shape | ranks | s |",
+        "|---|---|---|---:|",
+    ]
     shapes = {d["name"]: (d["shape"], d["ranks"]) for d in report["layers"]}
     for name, secs in sorted(per_layer.items(), key=lambda kv: -kv[1])[:5]:
         shape, ranks = shapes.get(name, ([], []))
@@ -150,18 +180,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.accuracy:
         rows = _accuracy()
         result["accuracy"] = rows
-        lines += ["", "| 4096×25088, rank 150 | method | s | ‖A − UUᵀA‖ / optimal | max rel. σ error |",
-                  "|---|---|---:|---:|---:|"]
-        lines += [f"| {r['matrix']} | {r['method']} | {r['seconds']:.2f} | {r['error_over_optimal']:.5f} | "
-                  f"{r['max_rel_sv_error']:.1e} |" for r in rows]
+        lines += [
+            "",
+            "| 4096×25088, rank 150 | method | s | ‖A − UUᵀA‖ / optimal | max rel. σ error |",
+            "|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['matrix']} | {r['method']} | {r['seconds']:.2f} | {r['error_over_optimal']:.5f} | "
+            f"{r['max_rel_sv_error']:.1e} |"
+            for r in rows
+        ]
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(result, indent=2) + "\n")
     md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
-    benchmarks_md.update_section("factorize", "\n".join(lines), script="bench_factorize.py",
-                                 argv=list(sys.argv[1:] if argv is None else argv), path=md,
-                                 measured=f"wall time of factorize_ on torchvision {arch} (10 classes, random init; "
-                                          "the time does not depend on the weights' values), SVD/HOSVD init.")
+    benchmarks_md.update_section(
+        "factorize",
+        "\n".join(lines),
+        script="bench_factorize.py",
+        argv=list(sys.argv[1:] if argv is None else argv),
+        path=md,
+        measured=f"wall time of factorize_ on torchvision {arch} (10 classes, random init; "
+        "the time does not depend on the weights' values), SVD/HOSVD init.",
+    )
     return 0
 
 

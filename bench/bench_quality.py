@@ -5,18 +5,18 @@ torchvision VGG16 at 32×32 RGB, random init (no download is possible here). Per
 
 1. data: a random training subset (``--train-subset``, by seed) and an evaluation set
    (``--eval-split test``: a random ``--val-subset`` of the official 10,000 test images, as in
-   PEERS.md; ``val``: ``compressor.data.build_data``'s validation split, held out of the official
+   docs/peers.md; ``val``: ``compressor.data.build_data``'s validation split, held out of the official
    training file — the only choice for ``digits``);
 2. the dense baseline: ``compressor.train.Trainer`` with the recipe's ``baseline`` section
    (Adam 1e-4, batch 64, ``--dense-epochs``), then ``compressor.evaluate.evaluate``;
-3. for every β: a deep copy of the dense model, ``compressor.api.factorize_and_train`` (SVD /
+3. for every β: a deep copy of the dense model, ``compressor.stages.factorize_and_train`` (SVD /
    Tucker-2 with init_rank 150, r_max 200, then rank-adaptive RobustDLRT with τ = 0.1 for
    ``--epochs``), then the same evaluation (same images, same attack seeds).
 
 Attacks: ℓ2-FGSM ε ∈ {0.05, 0.1, 0.3}, Jitter ε ∈ {0.035, 0.045}, Mixup ε ∈ {0.025, 0.1, 0.75}
-in ``--eps-unit`` units (default ``normalized``, the reference code's unit, so the PEERS.md
+in ``--eps-unit`` units (default ``normalized``, the reference code's unit, so the docs/peers.md
 table compares like with like), and PGD ℓ∞ ε = 8/255 in pixel units, 10 steps. ℓ2-FGSM runs on
-``--fgsm-samples`` images (default: the whole evaluation set, like PEERS.md), the others on the
+``--fgsm-samples`` images (default: the whole evaluation set, like docs/peers.md), the others on the
 first ``--max-samples``.
 
 Outputs (``--out-dir``, default bench/results; ``--smoke`` adds "-smoke" to the names):
@@ -26,7 +26,7 @@ and quality_kappa.png (Fig. 2: κ of that layer's core over training, per β).
 
     python bench/bench_quality.py --smoke                    # < 1 min: digits, ResNet-18, CI
     python bench/bench_quality.py --checkpoint-dir bench/results/quality-ckpt   # the full run
-    python bench/bench_quality.py --seeds 0 --betas 0 0.075 --checkpoint-dir bench/results/quality-ckpt  # PEERS.md
+    python bench/bench_quality.py --seeds 0 --betas 0 0.075 --checkpoint-dir bench/results/quality-ckpt  # docs/peers.md
 
 With ``--checkpoint-dir`` every finished (seed, model) entry is saved at once, with the dense
 weights of the seed in progress; a rerun with the same settings skips what is finished, and
@@ -51,23 +51,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchmarks_md  # noqa: E402
 import torch
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-import benchmarks_md  # noqa: E402
-from compressor.api import factorize_and_train, layer_spectrum, layer_summary  # noqa: E402
+from compressor.atomic import write_text  # noqa: E402
 from compressor.cli import enable_huge_pages  # noqa: E402
-from compressor.data import (FASHION_MNIST_DEFAULT_ROOT, TensorImages, build_data, read_idx_images,  # noqa: E402
-                             read_idx_labels, set_epoch)
+from compressor.data import (
+    FASHION_MNIST_DEFAULT_ROOT,
+    TensorImages,
+    build_data,
+    read_idx_images,  # noqa: E402
+    read_idx_labels,
+    set_epoch,
+)
 from compressor.evaluate import evaluate  # noqa: E402
 from compressor.layers import low_rank_layers  # noqa: E402
 from compressor.models import create_model  # noqa: E402
 from compressor.recipe import Recipe, recipe_from_dict  # noqa: E402
 from compressor.report import plot_kappa, plot_spectra  # noqa: E402
-from compressor.train import Trainer, TrainerConfig, compression_stats  # noqa: E402
-from compressor.train.common import silent_progress  # noqa: E402
+from compressor.runtime import compression_stats, dumps, silent_progress  # noqa: E402
+from compressor.stages import factorize_and_train, layer_spectrum, layer_summary  # noqa: E402
+from compressor.train import Trainer  # noqa: E402
 
 log = logging.getLogger("bench_quality")
 
@@ -83,38 +88,83 @@ ATTACKS: list[tuple[str, list[float], dict[str, Any], str]] = [
 ATTACK_LABELS = {"l2_fgsm": "ℓ2-FGSM", "jitter": "Jitter", "mixup": "Mixup", "pgd": "PGD-ℓ∞"}
 
 # The reference implementation's figures, measured by a peer on this kind of machine and
-# published in /work/shared/PEERS.md ("Fashion-MNIST subset (real data), one seed": ScSteffen/
+# published in docs/peers.md ("Fashion-MNIST subset (real data), one seed": ScSteffen/
 # RobustDLRT release 1.0, torchvision VGG16 at 32×32, 5,000 train / 2,000 test images, dense
 # Adam 1e-4 batch 64 3 epochs, then 3 epochs of the reference DLRT, ℓ2-FGSM in normalized
 # units). They are the peer's measurements, not ours; copied here as data for the side-by-side.
 REFERENCE_PEERS = {
-    "source": "/work/shared/PEERS.md, section 'Fashion-MNIST subset (real data), one seed'",
+    "source": "docs/peers.md, section 'Fashion-MNIST subset (real data), one seed'",
     "rows": [
-        {"config": "dense", "label": "dense (3 epochs)", "compression_rate": 0.0, "clean": 75.9,
-         "l2_fgsm": {"0.05": 72.6, "0.1": 69.6, "0.3": 58.3}, "kappa_median": None, "train_s_per_epoch": 246},
-        {"config": "beta=0", "label": "reference DLRT, β = 0", "compression_rate": 93.73, "clean": 78.0,
-         "l2_fgsm": {"0.05": 74.7, "0.1": 71.5, "0.3": 58.6}, "kappa_median": 1.70, "train_s_per_epoch": 65},
-        {"config": "beta=0.075", "label": "reference RobustDLRT, β = 0.075", "compression_rate": 93.69,
-         "clean": 72.7, "l2_fgsm": {"0.05": 69.5, "0.1": 66.6, "0.3": 51.9}, "kappa_median": 1.68,
-         "train_s_per_epoch": 81},
+        {
+            "config": "dense",
+            "label": "dense (3 epochs)",
+            "compression_rate": 0.0,
+            "clean": 75.9,
+            "l2_fgsm": {"0.05": 72.6, "0.1": 69.6, "0.3": 58.3},
+            "kappa_median": None,
+            "train_s_per_epoch": 246,
+        },
+        {
+            "config": "beta=0",
+            "label": "reference DLRT, β = 0",
+            "compression_rate": 93.73,
+            "clean": 78.0,
+            "l2_fgsm": {"0.05": 74.7, "0.1": 71.5, "0.3": 58.6},
+            "kappa_median": 1.70,
+            "train_s_per_epoch": 65,
+        },
+        {
+            "config": "beta=0.075",
+            "label": "reference RobustDLRT, β = 0.075",
+            "compression_rate": 93.69,
+            "clean": 72.7,
+            "l2_fgsm": {"0.05": 69.5, "0.1": 66.6, "0.3": 51.9},
+            "kappa_median": 1.68,
+            "train_s_per_epoch": 81,
+        },
     ],
 }
 
 # settings that change the figures: a checkpoint made with other values is not reused
-_FINGERPRINT_KEYS = ("data", "model", "init", "train_subset", "val_subset", "eval_split", "dense_epochs", "epochs",
-                     "batch_size", "dense_lr", "optimizer", "lr", "grad_clip", "init_rank", "r_max", "tau",
-                     "coefficient_steps", "eps_unit", "max_samples", "fgsm_samples", "input_size", "attack_steps")
+_FINGERPRINT_KEYS = (
+    "data",
+    "model",
+    "init",
+    "train_subset",
+    "val_subset",
+    "eval_split",
+    "dense_epochs",
+    "epochs",
+    "batch_size",
+    "dense_lr",
+    "optimizer",
+    "lr",
+    "grad_clip",
+    "init_rank",
+    "r_max",
+    "tau",
+    "coefficient_steps",
+    "eps_unit",
+    "max_samples",
+    "fgsm_samples",
+    "input_size",
+    "attack_steps",
+)
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--smoke", action="store_true",
-                    help="< 1 min: digits, tv:resnet18, tiny subsets, 1 epoch each, 1 seed, β ∈ {0, 0.075}, "
-                         "16 attacked images; writes quality-smoke.*")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="< 1 min: digits, tv:resnet18, tiny subsets, 1 epoch each, 1 seed, β ∈ {0, 0.075}, "
+        "16 attacked images; writes quality-smoke.*",
+    )
     ap.add_argument("--data", default="fashion-mnist", help="compressor data set name")
     ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: default Debian package files)")
     ap.add_argument("--model", default="tv:vgg16")
@@ -123,44 +173,78 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.05, 0.075, 0.15])
     ap.add_argument("--train-subset", type=int, default=5000)
     ap.add_argument("--val-subset", type=int, default=2000, help="images in the evaluation set")
-    ap.add_argument("--eval-split", choices=["auto", "test", "val"], default="auto",
-                    help="test: official test file (fashion-mnist/mnist); val: held out of the training file; "
-                         "auto: test where there is one")
+    ap.add_argument(
+        "--eval-split",
+        choices=["auto", "test", "val"],
+        default="auto",
+        help="test: official test file (fashion-mnist/mnist); val: held out of the training file; "
+        "auto: test where there is one",
+    )
     ap.add_argument("--dense-epochs", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3, help="rank-adaptive (Robust)DLRT epochs")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--eval-batch-size", type=int, default=128)
     ap.add_argument("--dense-lr", type=float, default=1e-4, help="dense baseline: Adam, cosine")
-    ap.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adamw",
-                    help="DLRT optimizer (default: the reference code's AdamW 5e-4, clip 1.0)")
+    ap.add_argument(
+        "--optimizer",
+        choices=["adam", "adamw", "sgd"],
+        default="adamw",
+        help="DLRT optimizer (default: the reference code's AdamW 5e-4, clip 1.0)",
+    )
     ap.add_argument("--lr", type=float, default=5e-4, help="DLRT learning rate (cosine schedule)")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="DLRT gradient-norm clip (0: none)")
-    ap.add_argument("--init", choices=["activations", "svd"], default="activations",
-                    help="initial bases: activation-aware (the recipes' default) or SVD/HOSVD of the weights")
+    ap.add_argument(
+        "--init",
+        choices=["activations", "svd"],
+        default="activations",
+        help="initial bases: activation-aware (the recipes' default) or SVD/HOSVD of the weights",
+    )
     ap.add_argument("--init-rank", type=int, default=150)
     ap.add_argument("--r-max", type=int, default=200)
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--coefficient-steps", type=int, default=10)
-    ap.add_argument("--eps-unit", choices=["normalized", "pixel"], default="normalized",
-                    help="unit of the ℓ2-FGSM/Jitter/Mixup ε (PGD is always 8/255 pixel)")
+    ap.add_argument(
+        "--eps-unit",
+        choices=["normalized", "pixel"],
+        default="normalized",
+        help="unit of the ℓ2-FGSM/Jitter/Mixup ε (PGD is always 8/255 pixel)",
+    )
     ap.add_argument("--max-samples", type=int, default=250, help="images attacked by Jitter, Mixup and PGD")
     ap.add_argument("--fgsm-samples", type=int, default=None, help="images attacked by ℓ2-FGSM (default: all)")
-    ap.add_argument("--attack-steps", type=int, default=None,
-                    help="override the iterations of Jitter/Mixup/PGD (smoke runs); default: the attacks' own")
-    ap.add_argument("--spectrum-layer", default=None,
-                    help="layer of Fig. 1/2 (module name, e.g. net.features.14); default: the middle factorized one")
-    ap.add_argument("--threads", default="auto",
-                    help="torch CPU threads; auto: 1 when the 1-min load average is at least the core count (on a "
-                         "shared machine 2 spinning OpenMP threads ran 5-10x slower than 1 here), else torch's default")
+    ap.add_argument(
+        "--attack-steps",
+        type=int,
+        default=None,
+        help="override the iterations of Jitter/Mixup/PGD (smoke runs); default: the attacks' own",
+    )
+    ap.add_argument(
+        "--spectrum-layer",
+        default=None,
+        help="layer of Fig. 1/2 (module name, e.g. net.features.14); default: the middle factorized one",
+    )
+    ap.add_argument(
+        "--threads",
+        default="auto",
+        help="torch CPU threads; auto: 1 when the 1-min load average is at least the core count (on a "
+        "shared machine 2 spinning OpenMP threads ran 5-10x slower than 1 here), else torch's default",
+    )
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--tag", default=None, help="output names quality-<tag>.* (--smoke: tag smoke)")
-    ap.add_argument("--benchmarks-md", default=None,
-                    help="page whose 'quality[-tag]' section the tables replace (default: BENCHMARKS.md; "
-                         "--smoke: none)")
-    ap.add_argument("--report-only", action="store_true",
-                    help="compute nothing: aggregate and render the finished entries of --checkpoint-dir")
-    ap.add_argument("--checkpoint-dir", default=None,
-                    help="save finished (seed, model) entries here as they finish; a rerun skips them")
+    ap.add_argument(
+        "--benchmarks-md",
+        default=None,
+        help="page whose 'quality[-tag]' section the tables replace (default: BENCHMARKS.md; --smoke: none)",
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="compute nothing: aggregate and render the finished entries of --checkpoint-dir",
+    )
+    ap.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="save finished (seed, model) entries here as they finish; a rerun skips them",
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.data, args.model, args.seeds, args.betas = "digits", "tv:resnet18", [0], [0.0, 0.075]
@@ -197,18 +281,35 @@ def fingerprint(args: argparse.Namespace) -> dict[str, Any]:
 
 def recipe_for(args: argparse.Namespace, seed: int, beta: float) -> Recipe:
     """The library recipe of one (seed, β): the same sections the compress command reads."""
-    return recipe_from_dict({
-        "seed": seed,
-        "model": {"name": args.model, "input_size": args.input_size},
-        "data": {"name": args.data, "root": args.data_root, "train_subset": args.train_subset,
-                 "val_subset": args.val_subset, "batch_size": args.batch_size,
-                 "eval_batch_size": args.eval_batch_size},
-        "baseline": {"epochs": args.dense_epochs, "optimizer": "adam", "lr": args.dense_lr, "schedule": "cosine"},
-        "factorize": {"init": args.init, "init_rank": args.init_rank, "r_min": 2, "r_max": args.r_max},
-        "train": {"epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr, "schedule": "cosine",
-                  "grad_clip": args.grad_clip or None, "beta": beta, "tau": args.tau,
-                  "coefficient_steps": args.coefficient_steps, "device": "cpu", "checkpoint_every": 0},
-    }, source="bench_quality")
+    return recipe_from_dict(
+        {
+            "seed": seed,
+            "model": {"name": args.model, "input_size": args.input_size},
+            "data": {
+                "name": args.data,
+                "root": args.data_root,
+                "train_subset": args.train_subset,
+                "val_subset": args.val_subset,
+                "batch_size": args.batch_size,
+                "eval_batch_size": args.eval_batch_size,
+            },
+            "baseline": {"epochs": args.dense_epochs, "optimizer": "adam", "lr": args.dense_lr, "schedule": "cosine"},
+            "factorize": {"init": args.init, "init_rank": args.init_rank, "r_min": 2, "r_max": args.r_max},
+            "train": {
+                "epochs": args.epochs,
+                "optimizer": args.optimizer,
+                "lr": args.lr,
+                "schedule": "cosine",
+                "grad_clip": args.grad_clip or None,
+                "beta": beta,
+                "tau": args.tau,
+                "coefficient_steps": args.coefficient_steps,
+                "device": "cpu",
+                "checkpoint_every": 0,
+            },
+        },
+        source="bench_quality",
+    )
 
 
 # ----------------------------------------------------------------------------- data
@@ -247,8 +348,9 @@ def head_loader(loader: DataLoader, n: int | None, batch_size: int) -> DataLoade
 # ----------------------------------------------------------------------------- evaluation
 
 
-def run_attacks(model: torch.nn.Module, eval_loader: DataLoader, args: argparse.Namespace, std: list[float],
-                seed: int) -> dict[str, Any]:
+def run_attacks(
+    model: torch.nn.Module, eval_loader: DataLoader, args: argparse.Namespace, std: list[float], seed: int
+) -> dict[str, Any]:
     """Clean accuracy on the whole evaluation set and accuracy under every attack."""
     out: dict[str, Any] = {"adversarial_accuracy": {}, "sensitivity": {}, "attack_seconds": {}, "n_attacked": {}}
     clean = None
@@ -259,8 +361,16 @@ def run_attacks(model: torch.nn.Module, eval_loader: DataLoader, args: argparse.
         n = args.fgsm_samples if name == "l2_fgsm" else args.max_samples
         full = clean is None  # the first call scores every image (clean accuracy); the others only theirs
         loader = eval_loader if full else head_loader(eval_loader, n, args.eval_batch_size)
-        res = evaluate(model, loader, [{"name": name, "eps": eps, "options": opts}], max_samples=n,
-                       eps_unit=args.eps_unit if unit == "arg" else "pixel", std=std, seed=seed, device="cpu")
+        res = evaluate(
+            model,
+            loader,
+            [{"name": name, "eps": eps, "options": opts}],
+            max_samples=n,
+            eps_unit=args.eps_unit if unit == "arg" else "pixel",
+            std=std,
+            seed=seed,
+            device="cpu",
+        )
         if full:
             clean = res.clean_accuracy
             out["n_clean"] = res.n_clean
@@ -283,10 +393,14 @@ def kappa_stats(model: torch.nn.Module) -> dict[str, Any]:
     summary = layer_summary(model)
     ks = [d["condition_number"] if d["condition_number"] is not None else math.inf for d in summary.values()]
     finite = [k for k in ks if math.isfinite(k)]
-    return {"median": statistics.median(ks) if ks else None,
-            "mean": (statistics.fmean(ks) if len(finite) == len(ks) else math.inf) if ks else None,
-            "max": max(ks) if ks else None, "n_layers": len(ks), "n_infinite": len(ks) - len(finite),
-            "layers": summary}
+    return {
+        "median": statistics.median(ks) if ks else None,
+        "mean": (statistics.fmean(ks) if len(finite) == len(ks) else math.inf) if ks else None,
+        "max": max(ks) if ks else None,
+        "n_layers": len(ks),
+        "n_infinite": len(ks) - len(finite),
+        "layers": summary,
+    }
 
 
 def _rounded(values: list[float], digits: int = 6) -> list[float]:
@@ -296,7 +410,7 @@ def _rounded(values: list[float], digits: int = 6) -> list[float]:
 # ----------------------------------------------------------------------------- one seed
 
 
-def run_seed(args: argparse.Namespace, seed: int, state: "State") -> None:
+def run_seed(args: argparse.Namespace, seed: int, state: State) -> None:
     todo = [c for c in config_names(args) if not state.has(seed, c)]
     if not todo:
         log.info("seed %d: every entry already finished (checkpoint)", seed)
@@ -308,15 +422,25 @@ def run_seed(args: argparse.Namespace, seed: int, state: "State") -> None:
         eval_loader, n_eval = test_loader(args, seed, args.eval_batch_size)
     else:
         eval_loader, n_eval = data.val_loader, data.n_val
-    data_info = {"name": data.name, "n_train": data.n_train, "n_eval": n_eval, "eval_split": args.eval_split,
-                 "mean": data.mean, "std": data.std, "train_batches_per_epoch": len(data.train_loader)}
-    model, info = create_model(args.model, data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std,
-                               input_size=args.input_size)
+    data_info = {
+        "name": data.name,
+        "n_train": data.n_train,
+        "n_eval": n_eval,
+        "eval_split": args.eval_split,
+        "mean": data.mean,
+        "std": data.std,
+        "train_batches_per_epoch": len(data.train_loader),
+    }
+    model, info = create_model(
+        args.model, data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std, input_size=args.input_size
+    )
     std = info.std
     if args.spectrum_layer and args.spectrum_layer not in dict(model.named_modules()):
         conv_lin = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-        raise SystemExit(f"--spectrum-layer {args.spectrum_layer!r} is not a module of {args.model}; "
-                         f"its conv/linear layers: {', '.join(conv_lin)}")
+        raise SystemExit(
+            f"--spectrum-layer {args.spectrum_layer!r} is not a module of {args.model}; "
+            f"its conv/linear layers: {', '.join(conv_lin)}"
+        )
 
     dense_file = state.dense_weights_path(seed)
     if dense_file is not None and dense_file.is_file() and state.has(seed, "dense"):
@@ -328,18 +452,35 @@ def run_seed(args: argparse.Namespace, seed: int, state: "State") -> None:
         history: dict[str, Any] = {}
         if args.dense_epochs > 0:
             torch.manual_seed(seed + 1)
-            trainer = Trainer(model, data.train_loader, TrainerConfig.from_section(rec0.baseline, dense=True),
-                              val_loader=eval_loader, device="cpu", seed=seed, name="dense baseline",
-                              set_epoch=set_epoch)
+            trainer = Trainer(
+                model,
+                data.train_loader,
+                rec0.baseline,
+                val_loader=eval_loader,
+                device="cpu",
+                seed=seed,
+                name="dense baseline",
+                set_epoch=set_epoch,
+            )
             history = trainer.fit().to_dict()
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ev = run_attacks(model, eval_loader, args, std, seed)
-        entry = {"seed": seed, "config": "dense", "data": data_info, "model": info.to_dict(),
-                 "params": sum(p.numel() for p in model.parameters()), "compression_rate": 0.0, **ev,
-                 "kappa": None, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0,
-                 "train_seconds_per_epoch": _per_epoch(history), "history": _slim_history(history),
-                 "train_steps": args.dense_epochs * len(data.train_loader)}
+        entry = {
+            "seed": seed,
+            "config": "dense",
+            "data": data_info,
+            "model": info.to_dict(),
+            "params": sum(p.numel() for p in model.parameters()),
+            "compression_rate": 0.0,
+            **ev,
+            "kappa": None,
+            "train_seconds": train_s,
+            "eval_seconds": time.perf_counter() - t0,
+            "train_seconds_per_epoch": _per_epoch(history),
+            "history": _slim_history(history),
+            "train_steps": args.dense_epochs * len(data.train_loader),
+        }
         if dense_file is not None:
             torch.save(model.state_dict(), dense_file)
         if not state.has(seed, "dense"):  # (retrained only because its weights file was removed)
@@ -354,25 +495,46 @@ def run_seed(args: argparse.Namespace, seed: int, state: "State") -> None:
         work = copy.deepcopy(model)
         log.info("seed %d: %s: factorize + %d epochs", seed, config_label(config), args.epochs)
         kappa0: dict[str, float] = {}
-        fact, history, timings = factorize_and_train(work, data.train_loader, rec, val_loader=eval_loader,
-                                                     device=torch.device("cpu"), set_epoch=set_epoch,
-                                                     progress=_initial_kappa_probe(work, kappa0))
+        fact, history, timings = factorize_and_train(
+            work,
+            data.train_loader,
+            rec,
+            val_loader=eval_loader,
+            device=torch.device("cpu"),
+            set_epoch=set_epoch,
+            progress=_initial_kappa_probe(work, kappa0),
+        )
         factorized = [d.name for d in fact.factorized]
         layer = args.spectrum_layer or (factorized[len(factorized) // 2] if factorized else None)
         t0 = time.perf_counter()
         ev = run_attacks(work, eval_loader, args, std, seed)
         stats = compression_stats(work)
         hist = history.to_dict()
-        entry = {"seed": seed, "config": config, "beta": beta, "data": data_info, "params": stats.params,
-                 "params_dense": stats.params_dense, "compression_rate": stats.rate, **ev,
-                 "kappa": kappa_stats(work), "train_seconds": timings["train"],
-                 "factorize_seconds": timings["factorize"], "eval_seconds": time.perf_counter() - t0,
-                 "train_seconds_per_epoch": _per_epoch(hist), "history": _slim_history(hist),
-                 "train_steps": args.epochs * len(data.train_loader), "n_factorized": len(factorized),
-                 "figure_layer": layer}
+        entry = {
+            "seed": seed,
+            "config": config,
+            "beta": beta,
+            "data": data_info,
+            "params": stats.params,
+            "params_dense": stats.params_dense,
+            "compression_rate": stats.rate,
+            **ev,
+            "kappa": kappa_stats(work),
+            "train_seconds": timings["train"],
+            "factorize_seconds": timings["factorize"],
+            "eval_seconds": time.perf_counter() - t0,
+            "train_seconds_per_epoch": _per_epoch(hist),
+            "history": _slim_history(hist),
+            "train_steps": args.epochs * len(data.train_loader),
+            "n_factorized": len(factorized),
+            "figure_layer": layer,
+        }
         if layer is not None:
             entry["kappa_trace"] = ([[0, _finite({"k": kappa0.get(layer)})["k"]]] if layer in kappa0 else []) + [
-                [t["step"], _finite({"k": t["kappa"].get(layer)})["k"]] for t in hist["kappa_trace"] if layer in t["kappa"]]
+                [t["step"], _finite({"k": t["kappa"].get(layer)})["k"]]
+                for t in hist["kappa_trace"]
+                if layer in t["kappa"]
+            ]
             entry["kappa_initial"] = _finite({k: v for k, v in kappa0.items() if k})
             if seed == args.seeds[0]:  # Fig. 1: this layer's dense weight (the model every β starts from) and core
                 entry["spectrum"] = _rounded(layer_spectrum(dict(work.named_modules())[layer]))
@@ -390,12 +552,14 @@ def _initial_kappa_probe(model: torch.nn.Module, sink: dict[str, float]):
     The trainer asks for a progress bar at the start of every epoch; the first time is right
     after the factorization, before any step: κ at initialization, step 0 of Fig. 2.
     """
+
     def factory(total: int, desc: str):
         if not sink:
             with torch.no_grad():
                 sink.update({n: float(l.condition_number()) for n, l in low_rank_layers(model).items()})
             sink.setdefault("", math.nan)  # marks "recorded" even with no factorized layer
         return silent_progress(total, desc)
+
     return factory
 
 
@@ -405,17 +569,35 @@ def _per_epoch(history: dict[str, Any]) -> float | None:
 
 
 def _slim_history(history: dict[str, Any]) -> list[dict[str, Any]]:
-    keep = ("epoch", "phase", "train_loss", "train_accuracy", "regularizer", "val_accuracy", "compression_rate",
-            "seconds", "seconds_augment", "seconds_truncate", "nonfinite_steps_total")
+    keep = (
+        "epoch",
+        "phase",
+        "train_loss",
+        "train_accuracy",
+        "regularizer",
+        "val_accuracy",
+        "compression_rate",
+        "seconds",
+        "seconds_augment",
+        "seconds_truncate",
+        "nonfinite_steps_total",
+    )
     return [{k: e.get(k) for k in keep} for e in history.get("epochs", [])]
 
 
 def _log_entry(e: dict[str, Any]) -> None:
     acc = e["adversarial_accuracy"]
-    log.info("seed %d %s: c.r. %.2f%%, clean %.2f%%, ℓ2-FGSM(0.1) %.2f%%, PGD %.2f%%, train %.0f s, eval %.0f s",
-             e["seed"], e["config"], e["compression_rate"], 100 * e["clean_accuracy"],
-             100 * acc["l2_fgsm"]["0.1"], 100 * next(iter(acc["pgd"].values())), e["train_seconds"],
-             e["eval_seconds"])
+    log.info(
+        "seed %d %s: c.r. %.2f%%, clean %.2f%%, ℓ2-FGSM(0.1) %.2f%%, PGD %.2f%%, train %.0f s, eval %.0f s",
+        e["seed"],
+        e["config"],
+        e["compression_rate"],
+        100 * e["clean_accuracy"],
+        100 * acc["l2_fgsm"]["0.1"],
+        100 * next(iter(acc["pgd"].values())),
+        e["train_seconds"],
+        e["eval_seconds"],
+    )
 
 
 # ----------------------------------------------------------------------------- results on disk
@@ -437,8 +619,10 @@ class State:
             saved = json.loads(path.read_text())
             if saved.get("fingerprint") != self.fp:
                 diff = sorted(k for k in self.fp if saved.get("fingerprint", {}).get(k) != self.fp[k])
-                raise SystemExit(f"{path} was made with other settings ({', '.join(diff)}): "
-                                 "use another --checkpoint-dir or the same settings")
+                raise SystemExit(
+                    f"{path} was made with other settings ({', '.join(diff)}): "
+                    "use another --checkpoint-dir or the same settings"
+                )
             self.entries = saved["entries"]
             log.info("checkpoint: %d finished entries in %s", len(self.entries), path)
 
@@ -460,20 +644,8 @@ class State:
         return [e for e in self.entries if e["seed"] in self.args.seeds and e["config"] in configs]
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    return obj
-
-
 def write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, dumps(doc))  # non-finite numbers become null (read back as NaN by _num)
 
 
 def _num(v: Any) -> float:
@@ -491,12 +663,17 @@ def metric_rows(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
         ("compression_rate", "c.r. %", lambda e: e["compression_rate"]),
         ("clean", "clean", lambda e: 100 * e["clean_accuracy"]),
     ]
-    for name, eps, _, unit in ATTACKS:
+    for name, eps, _, _unit in ATTACKS:
         for x in eps:
             k = str(float(x))
             label = "8/255 px" if name == "pgd" else f"ε={x:g}"
-            rows.append((f"{name}@{k}", f"{ATTACK_LABELS[name]} {label}",
-                         lambda e, n=name, k=k: 100 * e["adversarial_accuracy"][n][k]))
+            rows.append(
+                (
+                    f"{name}@{k}",
+                    f"{ATTACK_LABELS[name]} {label}",
+                    lambda e, n=name, k=k: 100 * e["adversarial_accuracy"][n][k],
+                )
+            )
     rows += [
         ("kappa_median", "κ median", lambda e: _num(e["kappa"]["median"]) if e["kappa"] else None),
         ("kappa_mean", "κ mean", lambda e: _num(e["kappa"]["mean"]) if e["kappa"] else None),
@@ -521,9 +698,11 @@ def aggregate(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[s
                 agg[key] = None
                 continue
             finite = all(math.isfinite(v) for v in vals)
-            agg[key] = {"mean": statistics.fmean(vals) if finite else math.inf,
-                        "std": (statistics.stdev(vals) if len(vals) > 1 else 0.0) if finite else None,
-                        "values": vals}
+            agg[key] = {
+                "mean": statistics.fmean(vals) if finite else math.inf,
+                "std": (statistics.stdev(vals) if len(vals) > 1 else 0.0) if finite else None,
+                "values": vals,
+            }
         out[config] = agg
     return out
 
@@ -559,8 +738,14 @@ def machine() -> dict[str, Any]:
             vers[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             vers[pkg] = "not installed"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), **vers}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **vers,
+    }
 
 
 def _load() -> str:
@@ -575,8 +760,11 @@ def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") 
     rows = metric_rows(args)
     seeds = ", ".join(map(str, args.seeds))
     d0 = next((e["data"] for e in doc["entries"]), {})
-    eval_what = ("a random subset of the official test images" if args.eval_split == "test"
-                 else "held out of the official training images by compressor.data's stratified split")
+    eval_what = (
+        "a random subset of the official test images"
+        if args.eval_split == "test"
+        else "held out of the official training images by compressor.data's stratified split"
+    )
     when = sorted({e.get("measured_at", run["date"]) for e in doc["entries"]})
     loads = [str(e.get("load_avg", "?")).split(" / ")[0] for e in doc["entries"]]
     threads = sorted({e.get("torch_threads", m["torch_threads"]) for e in doc["entries"]})
@@ -587,7 +775,11 @@ def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") 
         f"load average when each entry finished: {', '.join(loads)} — the machine was shared, so the seconds are "
         f"upper bounds), torch {m['torch']}, torchvision {m['torchvision']}.",
         f"Command: `{run['command']}` (this invocation: {run['wall_seconds'] / 60:.1f} min"
-        + (f"; {doc['run']['from_checkpoint']} entries came from --checkpoint-dir" if doc['run'].get('from_checkpoint') else "")
+        + (
+            f"; {doc['run']['from_checkpoint']} entries came from --checkpoint-dir"
+            if doc["run"].get("from_checkpoint")
+            else ""
+        )
         + ").",
         "",
         f"Model `{args.model}` (random init) at {args.input_size}×{args.input_size} RGB on `{args.data}`: "
@@ -600,13 +792,22 @@ def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") 
         f"({args.optimizer} {args.lr:g}, cosine{f', grad clip {args.grad_clip:g}' if args.grad_clip else ''}, "
         f"τ = {args.tau:g}, s* = {args.coefficient_steps}). Seeds {seeds}: a seed draws the subsets, the "
         f"initialization, the batch order and the attacks' randomness; figures are mean ± std over seeds"
-        + ("" if len({a_["n_seeds"] for a_ in agg.values()}) <= 1 else
-           " (seeds per row: " + ", ".join(f"{config_label(c)} {', '.join(map(str, a_['seeds']))}"
-                                          for c, a_ in agg.items()) + ")") + ".",
+        + (
+            ""
+            if len({a_["n_seeds"] for a_ in agg.values()}) <= 1
+            else " (seeds per row: "
+            + ", ".join(f"{config_label(c)} {', '.join(map(str, a_['seeds']))}" for c, a_ in agg.items())
+            + ")"
+        )
+        + ".",
         "",
         f"Accuracies in %. ℓ2-FGSM, Jitter and Mixup ε in **{args.eps_unit}** units"
-        + (f" (the reference code's unit: a perturbation of ε in the normalized input is ε·std ≈ "
-           f"{statistics.fmean(d0.get('std', [1.0])):.3f}·ε in [0, 1] pixels)" if args.eps_unit == "normalized" else "")
+        + (
+            f" (the reference code's unit: a perturbation of ε in the normalized input is ε·std ≈ "
+            f"{statistics.fmean(d0.get('std', [1.0])):.3f}·ε in [0, 1] pixels)"
+            if args.eps_unit == "normalized"
+            else ""
+        )
         + f"; PGD ℓ∞ ε = 8/255 in pixel units, {args.attack_steps or 10} step(s). ℓ2-FGSM on "
         f"{_n_attacked(doc, 'l2_fgsm')} images, the other attacks on the first {_n_attacked(doc, 'pgd')}; same "
         "images and attack seeds for every model. c.r. = (1 − params/dense params) × 100. κ = condition number "
@@ -615,10 +816,18 @@ def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") 
     ]
     acc_rows = [r for r in rows if r[0] == "compression_rate" or r[0] == "clean" or "@" in r[0]]
     cost_rows = [r for r in rows if r[0].startswith("kappa") or r[0] in ("train_s_per_epoch", "eval_s")]
-    out = ["### Accuracy under attack (mean ± std over seeds)", "", *head, "",
-           _table(["model"] + [h for _, h, _ in acc_rows], agg, acc_rows), "",
-           "### Conditioning and cost", "",
-           _table(["model"] + [h for _, h, _ in cost_rows] + ["factorize s"], agg, cost_rows, doc), ""]
+    out = [
+        "### Accuracy under attack (mean ± std over seeds)",
+        "",
+        *head,
+        "",
+        _table(["model"] + [h for _, h, _ in acc_rows], agg, acc_rows),
+        "",
+        "### Conditioning and cost",
+        "",
+        _table(["model"] + [h for _, h, _ in cost_rows] + ["factorize s"], agg, cost_rows, doc),
+        "",
+    ]
     if args.data == "fashion-mnist" and args.model in ("vgg16", "tv:vgg16", "torchvision:vgg16"):
         out += render_peers(args, doc)
     figs = doc.get("figures", {})
@@ -628,11 +837,15 @@ def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") 
             out += [f"Written by the run into `{figure_dir}` (run outputs are not kept in git).", ""]
         at = f"{figure_dir}/" if figure_dir else ""
         if figs.get("spectra"):
-            out.append(f"![singular values of {figs['layer']}]({at}{figs['spectra']}) — Fig. 1: singular values of "
-                       f"`{figs['layer']}` (dense weight vs the trained cores), seed {args.seeds[0]}.")
+            out.append(
+                f"![singular values of {figs['layer']}]({at}{figs['spectra']}) — Fig. 1: singular values of "
+                f"`{figs['layer']}` (dense weight vs the trained cores), seed {args.seeds[0]}."
+            )
         if figs.get("kappa"):
-            out.append(f"![κ over training]({at}{figs['kappa']}) — Fig. 2: κ of `{figs['layer']}`'s core at "
-                       f"initialization (step 0) and after each truncation, per β, seed {args.seeds[0]}.")
+            out.append(
+                f"![κ over training]({at}{figs['kappa']}) — Fig. 2: κ of `{figs['layer']}`'s core at "
+                f"initialization (step 0) and after each truncation, per β, seed {args.seeds[0]}."
+            )
         out.append("")
     return "\n".join(out)
 
@@ -663,39 +876,58 @@ def _table(header: list[str], agg: dict[str, Any], rows: list, doc: dict[str, An
 
 
 def render_peers(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
-    """compressor's dense / β = 0 / β = 0.075 beside the reference's PEERS.md figures."""
+    """compressor's dense / β = 0 / β = 0.075 beside the reference's docs/peers.md figures."""
     ref = REFERENCE_PEERS["rows"]
     agg = doc["aggregate"]
     ours = [r for r in ref if r["config"] in agg]
     if not ours:
         return []
     d0 = next((e["data"] for e in doc["entries"]), {})
-    same = (d0.get("n_train"), d0.get("n_eval"), args.eval_split, args.dense_epochs, args.epochs, args.batch_size,
-            args.dense_lr, args.eps_unit) == (5000, 2000, "test", 3, 3, 64, 1e-4, "normalized")
-    lines = ["### PEERS.md setup: compressor beside the reference implementation", "",
-             "The reference rows are the peer's measurements copied from PEERS.md (ScSteffen/RobustDLRT 1.0, one "
-             "seed, 5,000 train / 2,000 test images, dense Adam 1e-4 batch 64 for 3 epochs, then 3 epochs of its "
-             "DLRT loop: AdamW 5e-4, cosine, clip 1.0, batch 64), not ours. "
-             f"The compressor rows are this run ({len(args.seeds)} seed(s), mean ± std): "
-             f"{d0.get('n_train')} train / {d0.get('n_eval')} {args.eval_split} images, dense {args.dense_epochs} "
-             f"epoch(s), DLRT {args.epochs} epoch(s) with {args.optimizer} {args.lr:g}, ε in {args.eps_unit} units, "
-             "the paper's ℓ2-FGSM; "
-             + ("the PEERS.md sizes and schedule. " if same else
-                "**not the PEERS.md sizes/schedule: these rows are not comparable to the reference's.** ")
-             + "The random subsets are not the same images and the dense baselines are trained separately. "
-             "Accuracies in %.", "",
-             "| model | c.r. % | clean | ℓ2-FGSM ε=0.05 | ε=0.1 | ε=0.3 | κ median | train s/epoch |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    same = (
+        d0.get("n_train"),
+        d0.get("n_eval"),
+        args.eval_split,
+        args.dense_epochs,
+        args.epochs,
+        args.batch_size,
+        args.dense_lr,
+        args.eps_unit,
+    ) == (5000, 2000, "test", 3, 3, 64, 1e-4, "normalized")
+    lines = [
+        "### docs/peers.md setup: compressor beside the reference implementation",
+        "",
+        "The reference rows are the peer's measurements copied from docs/peers.md (ScSteffen/RobustDLRT 1.0, one "
+        "seed, 5,000 train / 2,000 test images, dense Adam 1e-4 batch 64 for 3 epochs, then 3 epochs of its "
+        "DLRT loop: AdamW 5e-4, cosine, clip 1.0, batch 64), not ours. "
+        f"The compressor rows are this run ({len(args.seeds)} seed(s), mean ± std): "
+        f"{d0.get('n_train')} train / {d0.get('n_eval')} {args.eval_split} images, dense {args.dense_epochs} "
+        f"epoch(s), DLRT {args.epochs} epoch(s) with {args.optimizer} {args.lr:g}, ε in {args.eps_unit} units, "
+        "the paper's ℓ2-FGSM; "
+        + (
+            "the docs/peers.md sizes and schedule. "
+            if same
+            else "**not the docs/peers.md sizes/schedule: these rows are not comparable to the reference's.** "
+        )
+        + "The random subsets are not the same images and the dense baselines are trained separately. "
+        "Accuracies in %.",
+        "",
+        "| model | c.r. % | clean | ℓ2-FGSM ε=0.05 | ε=0.1 | ε=0.3 | κ median | train s/epoch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in ours:
         a = agg[r["config"]]
         f = r["l2_fgsm"]
         k = "—" if r["kappa_median"] is None else f"{r['kappa_median']:.2f}"
-        lines.append(f"| {r['label']} (PEERS.md) | {r['compression_rate']:.2f} | {r['clean']:.1f} | {f['0.05']:.1f} | "
-                     f"{f['0.1']:.1f} | {f['0.3']:.1f} | {k} | {r['train_s_per_epoch']} |")
-        lines.append(f"| compressor {config_label(r['config'])} | {_fmt(a['compression_rate'], 2)} | "
-                     f"{_fmt(a['clean'])} | {_fmt(a['l2_fgsm@0.05'])} | {_fmt(a['l2_fgsm@0.1'])} | "
-                     f"{_fmt(a['l2_fgsm@0.3'])} | {_fmt(a['kappa_median'], kappa=True)} | "
-                     f"{_fmt(a['train_s_per_epoch'], 0)} |")
+        lines.append(
+            f"| {r['label']} (docs/peers.md) | {r['compression_rate']:.2f} | {r['clean']:.1f} | {f['0.05']:.1f} | "
+            f"{f['0.1']:.1f} | {f['0.3']:.1f} | {k} | {r['train_s_per_epoch']} |"
+        )
+        lines.append(
+            f"| compressor {config_label(r['config'])} | {_fmt(a['compression_rate'], 2)} | "
+            f"{_fmt(a['clean'])} | {_fmt(a['l2_fgsm@0.05'])} | {_fmt(a['l2_fgsm@0.1'])} | "
+            f"{_fmt(a['l2_fgsm@0.3'])} | {_fmt(a['kappa_median'], kappa=True)} | "
+            f"{_fmt(a['train_s_per_epoch'], 0)} |"
+        )
     lines.append("")
     return lines
 
@@ -717,8 +949,9 @@ def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Pa
     for e in comp:
         if e.get("spectrum") and e.get("figure_layer") == layer:
             spectra[config_label(e["config"])] = e["spectrum"]
-    if plot_spectra(spectra, out_dir / f"{stem}_spectra.png",
-                    f"Singular values of {layer} ({args.model}, {args.data}, seed {seed})"):
+    if plot_spectra(
+        spectra, out_dir / f"{stem}_spectra.png", f"Singular values of {layer} ({args.model}, {args.data}, seed {seed})"
+    ):
         figs["spectra"] = f"{stem}_spectra.png"
     steps: dict[int, dict[str, float]] = {}
     for e in comp:
@@ -760,12 +993,21 @@ def main(argv: list[str] | None = None) -> int:
     entries = state.selected()
     doc: dict[str, Any] = {
         "what": "dense vs DLRT (β=0) vs RobustDLRT (β>0) on real data: accuracy, adversarial accuracy, "
-                "compression rate, κ of the cores, training time",
-        "run": {"command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
-                "date": date, "wall_seconds": time.perf_counter() - start, "load_start": load_start,
-                "load_end": _load(), "smoke": args.smoke, "from_checkpoint": n_restored},
+        "compression rate, κ of the cores, training time",
+        "run": {
+            "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
+            "date": date,
+            "wall_seconds": time.perf_counter() - start,
+            "load_start": load_start,
+            "load_end": _load(),
+            "smoke": args.smoke,
+            "from_checkpoint": n_restored,
+        },
         "machine": machine(),
-        "settings": {**vars(args), "attacks": [{"name": n, "eps": e, "options": o, "unit": u} for n, e, o, u in ATTACKS]},
+        "settings": {
+            **vars(args),
+            "attacks": [{"name": n, "eps": e, "options": o, "unit": u} for n, e, o, u in ATTACKS],
+        },
         "reference_peers": REFERENCE_PEERS,
         "aggregate": aggregate(args, entries),
         "entries": entries,
@@ -780,18 +1022,28 @@ def main(argv: list[str] | None = None) -> int:
     if page is not None:
         figure_dir = os.path.relpath(out_dir.resolve(), Path(page).resolve().parent)
         benchmarks_md.update_section(
-            stem, f"## Quality: {args.model} on {args.data}" + (f" ({tag})" if tag else "") + "\n\n"
-            + render(args, doc, figure_dir), script="bench_quality.py", argv=list(sys.argv[1:] if argv is None else argv),
-            path=page, measured="clean and adversarial accuracy, compression rate, κ of the cores and training time "
-                                "of dense vs DLRT vs RobustDLRT from the same dense weights, per seed, aggregated.")
+            stem,
+            f"## Quality: {args.model} on {args.data}"
+            + (f" ({tag})" if tag else "")
+            + "\n\n"
+            + render(args, doc, figure_dir),
+            script="bench_quality.py",
+            argv=list(sys.argv[1:] if argv is None else argv),
+            path=page,
+            measured="clean and adversarial accuracy, compression rate, κ of the cores and training time "
+            "of dense vs DLRT vs RobustDLRT from the same dense weights, per seed, aggregated.",
+        )
     if doc["projection"]:
         p = doc["projection"]
-        print(f"\nProjected full run ({p['setting']}): ≈ {p['hours']:.1f} h on this machine at this load "
-              f"({p['basis']}).")
+        print(
+            f"\nProjected full run ({p['setting']}): ≈ {p['hours']:.1f} h on this machine at this load ({p['basis']})."
+        )
     if args.smoke:
         check_smoke(args, doc, out_dir)
-    print(f"\nwrote {out_dir / (stem + '.json')}, {out_dir / (stem + '.md')}"
-          + "".join(f", {out_dir / v}" for k, v in doc["figures"].items() if k in ("spectra", "kappa")))
+    print(
+        f"\nwrote {out_dir / (stem + '.json')}, {out_dir / (stem + '.md')}"
+        + "".join(f", {out_dir / v}" for k, v in doc["figures"].items() if k in ("spectra", "kappa"))
+    )
     return 0
 
 
@@ -849,13 +1101,20 @@ def projection(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[
     # per-epoch validation passes (clean, all eval images) ≈ the clean-pass time
     val_d = statistics.fmean(e["clean_seconds"] / max(1, e["n_clean"]) for e in dense) * full["eval"]
     val_c = statistics.fmean(e["clean_seconds"] / max(1, e["n_clean"]) for e in comp) * full["eval"]
-    per_seed = (full["dense_epochs"] * (steps_per_epoch * d_step + val_d) + eval_s(dense)
-                + full["betas"] * (fact + full["epochs"] * (steps_per_epoch * c_step + val_c) + eval_s(comp)))
+    per_seed = (
+        full["dense_epochs"] * (steps_per_epoch * d_step + val_d)
+        + eval_s(dense)
+        + full["betas"] * (fact + full["epochs"] * (steps_per_epoch * c_step + val_c) + eval_s(comp))
+    )
     total = full["seeds"] * per_seed
-    return {"setting": f"{args.model}, 3 seeds × (dense + 4 β), 5000/2000 images, 3+3 epochs, batch "
-                       f"{args.batch_size}, {full['max']} attacked images",
-            "seconds": total, "hours": total / 3600, "per_seed_seconds": per_seed,
-            "basis": f"measured here: dense step {d_step:.2f} s, DLRT step {c_step:.2f} s, factorize {fact:.0f} s"}
+    return {
+        "setting": f"{args.model}, 3 seeds × (dense + 4 β), 5000/2000 images, 3+3 epochs, batch "
+        f"{args.batch_size}, {full['max']} attacked images",
+        "seconds": total,
+        "hours": total / 3600,
+        "per_seed_seconds": per_seed,
+        "basis": f"measured here: dense step {d_step:.2f} s, DLRT step {c_step:.2f} s, factorize {fact:.0f} s",
+    }
 
 
 if __name__ == "__main__":

@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import benchmarks_md  # noqa: E402
 from bench_dlrt import build_model, digits_batches  # noqa: E402
+
 from compressor.atomic import write_text  # noqa: E402
 from compressor.cli import enable_huge_pages  # noqa: E402
-from compressor.train import Trainer, TrainerConfig  # noqa: E402
+from compressor.recipe import TrainSection  # noqa: E402
+from compressor.train import Trainer  # noqa: E402
 from compressor.train.common import guarded_step  # noqa: E402
 
 
@@ -55,8 +55,17 @@ def _orthonormality_error(trainer: Trainer) -> float:
 def measure_model(name: str, args) -> dict:
     model = build_model("lowrank_reference_ranks" if name == "reference_ranks" else "lowrank", args)[0]
     batches = digits_batches(args.s_star, args.batch_size, size=args.size)
-    cfg = TrainerConfig(adaptive_epochs=1, optimizer="adamw", lr=5e-4, grad_clip=1.0, beta=0.075, tau=args.tau,
-                        coefficient_steps=args.s_star, amp="off", checkpoint_every=0)
+    cfg = TrainSection(
+        epochs=1,
+        optimizer="adamw",
+        lr=5e-4,
+        grad_clip=1.0,
+        beta=0.075,
+        tau=args.tau,
+        coefficient_steps=args.s_star,
+        amp="off",
+        checkpoint_every=0,
+    )
     trainer = Trainer(model, batches, cfg, set_epoch=lambda loader, epoch: None)
     model.train()
     for i, (x, y) in enumerate(batches):  # one cycle up to its truncation
@@ -81,26 +90,36 @@ def measure_model(name: str, args) -> dict:
             error[form] = _orthonormality_error(trainer)
             ranks[form] = [list(l.ranks) for l in trainer.layers.values()]
     med = {k: statistics.median(v) for k, v in seconds.items()}
-    return {"layers": len(trainer.layers), "seconds": seconds, "median": med,
-            "rotated_over_refactored": med["rotated"] / med["refactored"],
-            "run_mean": (7 * med["rotated"] + med["refactored"]) / 8,
-            "run_mean_over_refactored": (7 * med["rotated"] + med["refactored"]) / 8 / med["refactored"],
-            "orthonormality_error": error, "same_ranks": ranks["rotated"] == ranks["refactored"]}
+    return {
+        "layers": len(trainer.layers),
+        "seconds": seconds,
+        "median": med,
+        "rotated_over_refactored": med["rotated"] / med["refactored"],
+        "run_mean": (7 * med["rotated"] + med["refactored"]) / 8,
+        "run_mean_over_refactored": (7 * med["rotated"] + med["refactored"]) / 8 / med["refactored"],
+        "orthonormality_error": error,
+        "same_ranks": ranks["rotated"] == ranks["refactored"],
+    }
 
 
 def markdown(res: dict, args) -> str:
-    lines = [f"Truncation (every layer's truncate_ + the optimizer state's map) of torchvision {args.model} at "
-             f"{args.size}×{args.size}, after one cycle (s* = {args.s_star}, τ = {args.tau}), {args.repeats} "
-             "repeats of each form, alternating, on copies of the same state.", "",
-             "| model | layers | refactored, median | rotated, median | rotated / refactored | trainer's mean per "
-             "truncation (7 rotated + 1 refactored) / refactored | ‖UᵀU − I‖ after refactored / rotated | same ranks |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"Truncation (every layer's truncate_ + the optimizer state's map) of torchvision {args.model} at "
+        f"{args.size}×{args.size}, after one cycle (s* = {args.s_star}, τ = {args.tau}), {args.repeats} "
+        "repeats of each form, alternating, on copies of the same state.",
+        "",
+        "| model | layers | refactored, median | rotated, median | rotated / refactored | trainer's mean per "
+        "truncation (7 rotated + 1 refactored) / refactored | ‖UᵀU − I‖ after refactored / rotated | same ranks |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for name, r in res["models"].items():
         e = r["orthonormality_error"]
-        lines.append(f"| {name} | {r['layers']} | {r['median']['refactored'] * 1e3:.0f} ms | "
-                     f"{r['median']['rotated'] * 1e3:.0f} ms | {r['rotated_over_refactored']:.2f} | "
-                     f"{r['run_mean_over_refactored']:.2f} | {e['refactored']:.1e} / {e['rotated']:.1e} | "
-                     f"{r['same_ranks']} |")
+        lines.append(
+            f"| {name} | {r['layers']} | {r['median']['refactored'] * 1e3:.0f} ms | "
+            f"{r['median']['rotated'] * 1e3:.0f} ms | {r['rotated_over_refactored']:.2f} | "
+            f"{r['run_mean_over_refactored']:.2f} | {e['refactored']:.1e} / {e['rotated']:.1e} | "
+            f"{r['same_ranks']} |"
+        )
     lines += ["", f"Load average before / after: {res['load_before']} / {res['load_after']} on {os.cpu_count()} cores."]
     return "\n".join(lines)
 
@@ -117,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--benchmarks-md", type=Path, default=None,
-                    help="page whose 'truncation' section the table replaces (default: BENCHMARKS.md; --smoke: none)")
+    ap.add_argument(
+        "--benchmarks-md",
+        type=Path,
+        default=None,
+        help="page whose 'truncation' section the table replaces (default: BENCHMARKS.md; --smoke: none)",
+    )
     args = ap.parse_args(argv)
     args.size = 32
     if args.smoke:
@@ -127,21 +150,33 @@ def main(argv: list[str] | None = None) -> int:
     enable_huge_pages()
     load_before = [round(x, 2) for x in os.getloadavg()]
     models = {name: measure_model(name, args) for name in ("ours", "reference_ranks")}
-    res = {"args": vars(args), "models": models, "load_before": load_before,
-           "load_after": [round(x, 2) for x in os.getloadavg()],
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        "truncation-smoke.json" if args.smoke else "truncation.json")
+    res = {
+        "args": vars(args),
+        "models": models,
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "results" / ("truncation-smoke.json" if args.smoke else "truncation.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps(res, indent=2, default=str) + "\n")
     text = markdown(res, args)
     print(text)
     md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
     benchmarks_md.update_section(
-        "truncation", text, script="bench_truncation.py", argv=list(sys.argv[1:] if argv is None else argv), path=md,
+        "truncation",
+        text,
+        script="bench_truncation.py",
+        argv=list(sys.argv[1:] if argv is None else argv),
+        path=md,
         measured="seconds of one DLRT truncation with the tall bases re-factored (Cholesky QR of U·P) and without "
-                 "(U·P, P orthonormal to float64 round-off), alternating on copies of one training state; "
-                 "orthonormality of the bases after each.")
+        "(U·P, P orthonormal to float64 round-off), alternating on copies of one training state; "
+        "orthonormality of the bases after each.",
+    )
     return 0
 
 

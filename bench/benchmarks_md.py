@@ -13,12 +13,10 @@ import os
 import platform
 import re
 import shlex
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PATH = ROOT / "BENCHMARKS.md"
-sys.path.insert(0, str(ROOT))
 
 from compressor.atomic import write_text  # noqa: E402
 
@@ -44,16 +42,19 @@ def machine_line() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} torch "
-            f"thread(s); load average {load} at the end")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} torch "
+        f"thread(s); load average {load} at the end"
+    )
 
 
 def command_line(script: str, argv: list[str]) -> str:
     return shlex.join(["python", f"bench/{script}", *argv])
 
 
-def update_section(name: str, body: str, *, script: str, argv: list[str], measured: str,
-                   path: Path | str | None = DEFAULT_PATH) -> Path | None:
+def update_section(
+    name: str, body: str, *, script: str, argv: list[str], measured: str, path: Path | str | None = DEFAULT_PATH
+) -> Path | None:
     """Replace section ``name`` of ``path`` (created with the page intro if missing) by ``body``.
 
     ``measured`` says in a sentence what the table measures. ``path=None`` writes nothing.
@@ -62,14 +63,15 @@ def update_section(name: str, body: str, *, script: str, argv: list[str], measur
         return None
     path = Path(path)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = "\n".join([
-        f"<!-- bench:{name} -->",
-        body.strip(),
-        "",
-        f"*Measured {stamp} on {machine_line()}. What: {measured} "
-        f"Reproduce: `{command_line(script, argv)}`.*",
-        f"<!-- /bench:{name} -->",
-    ])
+    section = "\n".join(
+        [
+            f"<!-- bench:{name} -->",
+            body.strip(),
+            "",
+            f"*Measured {stamp} on {machine_line()}. What: {measured} Reproduce: `{command_line(script, argv)}`.*",
+            f"<!-- /bench:{name} -->",
+        ]
+    )
     text = path.read_text(encoding="utf-8") if path.is_file() else _INTRO
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
     if pattern.search(text):

@@ -1,10 +1,12 @@
 """compressor: make trained vision networks small and robust.
 
-Pipeline (one module per stage): models → data → factorize → train (RobustDLRT) → evaluate
-(attacks) → export (safetensors, ONNX).
+The package follows the pipeline: models → data → factorize → train (RobustDLRT) → evaluate
+(attacks) → export (safetensors, ONNX). Entry points on top (``cli``, ``api``, ``pipeline``,
+sharing ``stages``), run-time services at the bottom (``runtime``).
 
-    from compressor import compress
+    from compressor import compress, export_model
     result = compress(model, loader, beta=0.075)
+    export_model(result.model, "out/", input_size=32, model_info=...)
 """
 
 from .api import CompressionResult, compress
@@ -21,4 +23,19 @@ def load_compressed(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["CompressionResult", "LowRankLinear", "TuckerConv2d", "compress", "factorize_", "load_compressed"]
+def export_model(model, out_dir, **kwargs):
+    """Export a compressed model: safetensors, ONNX, checks (see compressor.export.export_model)."""
+    from .export import export_model as _export
+
+    return _export(model, out_dir, **kwargs)
+
+
+__all__ = [
+    "CompressionResult",
+    "LowRankLinear",
+    "TuckerConv2d",
+    "compress",
+    "export_model",
+    "factorize_",
+    "load_compressed",
+]

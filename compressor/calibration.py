@@ -5,7 +5,7 @@ well-trained weights, whose spectra decay; weights still close to their random i
 (a dense baseline trained for a few epochs, as offline runs here must use) have flat spectra, and
 a rank-150 truncation of a 512-channel conv then throws away more than half of every layer's
 weight energy. Compounded over VGG16's layers, this leaves a chance-level network that DLRT
-has to retrain from scratch (measured: 94 % → 10 % on digits; BENCHMARKS.md).
+has to retrain from scratch (BENCHMARKS.md, initialization).
 
 Activations are far lower-rank than such weights (VGG16 on digits: the top 50 of 512 channel
 directions hold ≥ 95 % of every layer's activation energy). So we choose the bases in the
@@ -43,8 +43,11 @@ from .errors import DataError
 from .functional import augment_basis, fix_signs, gram64, principal_subspace, top_left_singular, truncation_rank, unfold
 from .layers.conv import tucker_rank_caps
 from .layers.rank import resolve_rank
+from .runtime import DistContext
+from .runtime.batches import split_batch
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class LinearBases:
@@ -63,25 +66,18 @@ class ConvBases:
 
 
 def _images(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        x = batch.get("image", batch.get("images"))
-    elif isinstance(batch, (list, tuple)) and batch:
-        x = batch[0]
-    else:
-        x = None
-    if not isinstance(x, Tensor):
-        raise DataError("calibration batches must be image tensors or (images, labels) pairs")
-    return x
+    try:
+        return split_batch(batch, labels=False)[0]
+    except DataError:
+        raise DataError("calibration batches must be image tensors or (images, labels) pairs") from None
 
 
 class SecondMoment:
     """Accumulates the uncentered second moment Σ xxᵀ of d-dimensional rows.
 
     While fewer rows than d have arrived it keeps the rows themselves (a linear layer's 4096
-    outputs over 256 calibration images: 256×4096 instead of a 4096×4096 Gram whose
-    eigendecomposition alone takes ~10 s on 2 cores); beyond that, the d×d Gram in float64,
+    outputs over 256 calibration images: 256×4096 instead of a 4096×4096 Gram, whose
+    eigendecomposition costs far more than the thin SVD of the rows); beyond that, the d×d Gram in float64,
     accumulated over row chunks (no float64 copy of a large batch).
     """
 
@@ -101,15 +97,14 @@ class SecondMoment:
         self.gram += gram64(rows.mT)
 
     def _fold_rows(self) -> None:
-        self.gram = torch.zeros(self.d, self.d, dtype=torch.float64,
-                                device=self.rows[0].device if self.rows else None)
+        self.gram = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.rows[0].device if self.rows else None)
         for kept in self.rows:
             self.gram.addmm_(kept.mT, kept)
         self.rows = []
 
-    def gather(self, dist: Any) -> None:
+    def gather(self, dist: DistContext | None) -> None:
         """Make this the moment of every process's rows together (under torch.distributed)."""
-        if dist is None or not getattr(dist, "enabled", False):
+        if dist is None or not dist.enabled:
             return
         device = self.gram.device if self.gram is not None else self.rows[0].device
         info = torch.zeros(dist.world_size + 1, dtype=torch.float64, device=device)
@@ -166,10 +161,19 @@ def _run(model: nn.Module, batches: list[Tensor], hooks: dict[nn.Module, Callabl
             h.remove()
 
 
-def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibration: Iterable[Any], *,
-                     init_rank: int | float | None, init_tol: float | None, r_min: int,
-                     r_max: int | Mapping[str, int], max_batches: int = 8, dist: Any = None,
-                     seed: int = 0) -> dict[str, LinearBases | ConvBases]:
+def activation_bases(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calibration: Iterable[Any],
+    *,
+    init_rank: int | float | None,
+    init_tol: float | None,
+    r_min: int,
+    r_max: int | Mapping[str, int],
+    max_batches: int = 8,
+    dist: DistContext | None = None,
+    seed: int = 0,
+) -> dict[str, LinearBases | ConvBases]:
     """Initial bases for ``layers`` (name → nn.Linear / nn.Conv2d of ``model``), see the module doc.
 
     Runs at most ``max_batches`` of ``calibration`` through ``model`` twice (inputs, then the
@@ -204,10 +208,14 @@ def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibrat
             def hook(m, inp, out):
                 y = out if m.bias is None else out - m.bias
                 first[name].add(y.reshape(-1, y.shape[-1]))
+
             return hook
 
-        _run(model, batches, {**{m: conv_in(n) for n, m in convs.items()},
-                              **{m: linear_out(n) for n, m in linears.items()}})
+        _run(
+            model,
+            batches,
+            {**{m: conv_in(n) for n, m in convs.items()}, **{m: linear_out(n) for n, m in linears.items()}},
+        )
         unused = sorted(n for n in sorted(first) if _any_process(dist, first[n].n == 0))
         if unused:  # never called in forward (an auxiliary head, say): SVD of the weights instead
             log.info("no activations reached %s: their initial bases come from the weights' SVD", ", ".join(unused))
@@ -219,8 +227,10 @@ def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibrat
         out: dict[str, LinearBases | ConvBases] = {}
         for name, lin in linears.items():
             out[name] = _linear_bases(lin, first[name], init_rank, init_tol, r_min, caps[name], seed)
-        u_in = {name: _mode_basis(conv, 1, first[name], init_rank, init_tol, r_min, caps[name], seed)
-                for name, conv in convs.items()}
+        u_in = {
+            name: _mode_basis(conv, 1, first[name], init_rank, init_tol, r_min, caps[name], seed)
+            for name, conv in convs.items()
+        }
 
         # pass 2: output-channel moments of each conv applied to its projected input
         second = {n: SecondMoment() for n in convs}
@@ -233,6 +243,7 @@ def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibrat
                 z = torch.einsum("nchw,cr->nrhw", inp[0], u.to(inp[0].dtype))  # U_inᵀ x
                 y = F.conv2d(z, w_in, None, m.stride, m.padding, m.dilation)  # W ∗ (U_in U_inᵀ x)
                 second[name].add(_channel_rows(y))
+
             return hook
 
         if convs:
@@ -240,8 +251,9 @@ def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibrat
             for name in sorted(second):
                 second[name].gather(dist)
         for name, conv in convs.items():
-            out[name] = ConvBases(_mode_basis(conv, 0, second[name], init_rank, init_tol, r_min, caps[name], seed),
-                                  u_in[name])
+            out[name] = ConvBases(
+                _mode_basis(conv, 0, second[name], init_rank, init_tol, r_min, caps[name], seed), u_in[name]
+            )
     finally:
         for m, training in modes:
             m.training = training
@@ -249,13 +261,14 @@ def activation_bases(model: nn.Module, layers: Mapping[str, nn.Module], calibrat
     return out
 
 
-def _any_process(dist: Any, flag: bool) -> bool:
+def _any_process(dist: DistContext | None, flag: bool) -> bool:
     """``flag`` on any process (under torch.distributed every process takes the same branch)."""
     return dist.any(flag) if dist is not None else flag
 
 
-def _rank(spectrum: Tensor, full: int, cap: int, init_rank: int | float | None, init_tol: float | None,
-          r_min: int) -> int:
+def _rank(
+    spectrum: Tensor, full: int, cap: int, init_rank: int | float | None, init_tol: float | None, r_min: int
+) -> int:
     r = resolve_rank(init_rank, full, r_min, cap)  # with init_tol: the most the energy rule may keep
     if init_tol is not None:
         r = truncation_rank(spectrum.clamp_min(0).sqrt(), init_tol, r_min, r)
@@ -269,8 +282,9 @@ def _range_sketch(matrix: Tensor, k: int, seed: int) -> Tensor:
     return matrix @ omega
 
 
-def _linear_bases(linear: nn.Linear, moment: SecondMoment, init_rank, init_tol, r_min: int, r_max: int,
-                  seed: int) -> LinearBases:
+def _linear_bases(
+    linear: nn.Linear, moment: SecondMoment, init_rank, init_tol, r_min: int, r_max: int, seed: int
+) -> LinearBases:
     w = linear.weight.detach()
     full = min(w.shape)
     cap = min(r_max, full)
@@ -281,8 +295,9 @@ def _linear_bases(linear: nn.Linear, moment: SecondMoment, init_rank, init_tol, 
     return LinearBases(u[:, :r].to(w.dtype), r)
 
 
-def _mode_basis(conv: nn.Conv2d, mode: int, moment: SecondMoment, init_rank, init_tol, r_min: int, r_max: int,
-                seed: int) -> Tensor:
+def _mode_basis(
+    conv: nn.Conv2d, mode: int, moment: SecondMoment, init_rank, init_tol, r_min: int, r_max: int, seed: int
+) -> Tensor:
     """Top eigenvectors of a channel moment (mode 0: output, 1: input channels); at the mode's
     algebraic cap the kernel's own singular vectors, so that full rank stays exact."""
     w = conv.weight.detach()

@@ -32,51 +32,88 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=(
-        "Compress a vision classifier: factorize its layers (SVD / Tucker-2), fine-tune with RobustDLRT "
-        "(rank-adaptive low-rank training + spectral regularizer), evaluate clean and adversarial accuracy "
-        "dense vs compressed, export safetensors + ONNX into OUTPUT_DIR/RUN_NAME. "
-        "Other commands: 'compress export PATH' and 'compress list models|attacks|datasets'."),
+    p = _Parser(
+        prog=PROG,
+        description=(
+            "Compress a vision classifier: factorize its layers (SVD / Tucker-2), fine-tune with RobustDLRT "
+            "(rank-adaptive low-rank training + spectral regularizer), evaluate clean and adversarial accuracy "
+            "dense vs compressed, export safetensors + ONNX into OUTPUT_DIR/RUN_NAME. "
+            "Other commands: 'compress export PATH' and 'compress list models|attacks|datasets'."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=("examples:\n"
-                "  compress --model vgg16 --recipe recipes/robust.yaml\n"
-                "  compress --model tv:resnet18 --recipe recipes/dlrt.yaml --set train.epochs=5 --run-name r18\n"
-                "  compress --model vgg16 --data fashion-mnist --set data.train_subset=5000\n"
-                "  torchrun --nproc_per_node 2 -m compressor.cli --model vgg16 --recipe recipes/robust.yaml\n"
-                "Recipe keys are documented in docs/recipes.md."))
-    p.add_argument("--model", help="model name: vgg16, resnet18, vit_b_16, ... (bare names: torchvision first, "
-                                   "then timm) or prefixed tv:NAME / timm:NAME; overrides model.name")
+        epilog=(
+            "examples:\n"
+            "  compress --model vgg16 --recipe recipes/robust.yaml\n"
+            "  compress --model tv:resnet18 --recipe recipes/dlrt.yaml --set train.epochs=5 --run-name r18\n"
+            "  compress --model vgg16 --data fashion-mnist --set data.train_subset=5000\n"
+            "  torchrun --nproc_per_node 2 -m compressor.cli --model vgg16 --recipe recipes/robust.yaml\n"
+            "Recipe keys are documented in docs/recipes.md."
+        ),
+    )
+    p.add_argument(
+        "--model",
+        help="model name: vgg16, resnet18, vit_b_16, ... (bare names: torchvision first, "
+        "then timm) or prefixed tv:NAME / timm:NAME; overrides model.name",
+    )
     p.add_argument("--recipe", type=Path, help="recipe YAML (e.g. recipes/robust.yaml); default: built-in defaults")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any recipe key, e.g. --set train.beta=0.1 (repeatable; value read as YAML)")
-    p.add_argument("--data", help="data set: digits (embedded default), fashion-mnist, mnist, cifar10, cifar100, "
-                                  "imagefolder; overrides data.name")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any recipe key, e.g. --set train.beta=0.1 (repeatable; value read as YAML)",
+    )
+    p.add_argument(
+        "--data",
+        help="data set: digits (embedded default), fashion-mnist, mnist, cifar10, cifar100, "
+        "imagefolder; overrides data.name",
+    )
     p.add_argument("--data-root", help="folder of the data set; overrides data.root")
-    p.add_argument("--weights", help="local weight file (.safetensors, or .pth/.pt read with weights_only=True); "
-                                     "overrides model.weights")
+    p.add_argument(
+        "--weights",
+        help="local weight file (.safetensors, or .pth/.pt read with weights_only=True); overrides model.weights",
+    )
     p.add_argument("--run-name", help="name of the run folder; overrides run_name")
     p.add_argument("--output-dir", help="where run folders go (default: exported); overrides output_dir")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N; overrides train.device")
     p.add_argument("--seed", type=int, help="random seed; overrides seed")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run of the same run name and recipe from its last checkpoint")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing run folder of the same name (or discard an interrupted one)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run of the same run name and recipe from its last checkpoint",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing run folder of the same name (or discard an interrupted one)",
+    )
     p.add_argument("--quiet", action="store_true", help="no logs and no progress bars; only the summary and errors")
     p.add_argument("--debug", action="store_true", help="debug logs, and a traceback on internal errors")
     return p
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"{PROG} export", description=(
-        "Export a compressed model saved as safetensors (model.safetensors of a run) to ONNX without retraining: "
-        "structure and parity checks, onnxruntime latency, optional INT8. Writes model.onnx and export.json."))
+    p = _Parser(
+        prog=f"{PROG} export",
+        description=(
+            "Export a compressed model saved as safetensors (model.safetensors of a run) to ONNX without retraining: "
+            "structure and parity checks, onnxruntime latency, optional INT8. Writes model.onnx and export.json."
+        ),
+    )
     p.add_argument("path", type=Path, help="model.safetensors written by a compress run")
     p.add_argument("--out", type=Path, help="output folder (default: the file's folder)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
-    p.add_argument("--int8", action="store_true", help="also write a static-QDQ INT8 model (calibrated on random "
-                                                      "images unless --calibration is given)")
-    p.add_argument("--calibration", type=Path, help="a .safetensors file with an 'images' tensor (N,C,H,W in [0,1]) for INT8 calibration")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write a static-QDQ INT8 model (calibrated on random images unless --calibration is given)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        help="a .safetensors file with an 'images' tensor (N,C,H,W in [0,1]) for INT8 calibration",
+    )
     p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
     p.add_argument("--quiet", action="store_true", help="no logs")
     p.add_argument("--debug", action="store_true", help="debug logs, and a traceback on internal errors")
@@ -126,8 +163,13 @@ _holder: _HoldLogs | None = None
 def _setup_logging(quiet: bool, debug: bool) -> None:
     global _holder
     level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
     logging.captureWarnings(True)  # library warnings go through the log (and its holding back)
     for noisy in ("matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -155,9 +197,15 @@ def _cmd_run(argv: list[str]) -> int:
     from .recipe import load_recipe
 
     overrides: list[str] = []
-    for flag, key in (("model", "model.name"), ("data", "data.name"), ("data_root", "data.root"),
-                      ("weights", "model.weights"), ("run_name", "run_name"), ("output_dir", "output_dir"),
-                      ("device", "train.device")):
+    for flag, key in (
+        ("model", "model.name"),
+        ("data", "data.name"),
+        ("data_root", "data.root"),
+        ("weights", "model.weights"),
+        ("run_name", "run_name"),
+        ("output_dir", "output_dir"),
+        ("device", "train.device"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={_yaml_str(value)}")
@@ -168,13 +216,17 @@ def _cmd_run(argv: list[str]) -> int:
 
     from .pipeline import run
     from .report import summary_table
-    from .train import init_from_env
-    from .train.distributed import shutdown
+    from .runtime import init_from_env, shutdown
 
     dist = init_from_env(device=recipe.train.device)  # under torchrun: gloo on CPUs, NCCL for CUDA
     try:
-        result = run(recipe, resume=args.resume, force=args.force,
-                     progress=_tqdm_factory(not args.quiet and dist.is_main), dist=dist)
+        result = run(
+            recipe,
+            resume=args.resume,
+            force=args.force,
+            progress=_tqdm_factory(not args.quiet and dist.is_main),
+            dist=dist,
+        )
     finally:
         shutdown()
     if dist.is_main:
@@ -194,26 +246,39 @@ def _cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     _setup_logging(args.quiet, args.debug)
     if args.path.suffix.lower() == ".onnx":
-        raise CompressorError(f"{args.path}: compress export reads the model.safetensors of a run (it writes the ONNX "
-                              f"file); give e.g. {args.path.with_suffix('.safetensors')}")
+        raise CompressorError(
+            f"{args.path}: compress export reads the model.safetensors of a run (it writes the ONNX "
+            f"file); give e.g. {args.path.with_suffix('.safetensors')}"
+        )
     if not 17 <= args.opset <= 23:
         raise CompressorError(f"--opset {args.opset}: use an ONNX opset from 17 to 23 (default 18)")
-    from .export import export_checkpoint
+    from .export import export_saved
+    from .export.bundle import ONNX_NAME, SUMMARY_NAME
 
-    calibration = None
-    if args.int8 and args.calibration is not None:
-        from .models import read_state_dict
-
-        tensors = read_state_dict(args.calibration)
-        if "images" not in tensors:
-            raise CompressorError(f"{args.calibration}: no 'images' tensor (save one with safetensors)")
-        calibration = tensors["images"]
     out = args.out or args.path.parent
-    result = export_checkpoint(args.path, out, int8=args.int8, calibration=calibration,
-                               latency=not args.no_latency, opset=args.opset)
-    import json
+    calibration, source = None, ""
+    if args.int8:
+        if args.calibration is not None:
+            from .models import read_state_dict
 
-    print(json.dumps(result, indent=2, default=str))
+            tensors = read_state_dict(args.calibration)
+            if "images" not in tensors:
+                raise CompressorError(f"{args.calibration}: no 'images' tensor (save one with safetensors)")
+            calibration, source = tensors["images"], str(args.calibration)
+    result = export_saved(
+        args.path,
+        out,
+        int8=args.int8,
+        calibration=calibration,
+        calibration_source=source,
+        random_calibration=args.int8 and calibration is None,
+        latency=not args.no_latency,
+        opset=args.opset,
+    )
+    from .report import export_table
+
+    print(export_table(result.to_dict()))
+    print(f"\noutputs: {out}/ ({ONNX_NAME}{', model.int8.onnx' if args.int8 else ''}, {SUMMARY_NAME})")
     return 0
 
 
@@ -239,8 +304,8 @@ def enable_huge_pages() -> None:
     """Let PyTorch's CPU allocator back large tensors with transparent huge pages.
 
     ``THP_MEM_ALLOC_ENABLE`` (PyTorch ≥ 2.2) makes the allocator ``madvise`` buffers of 2 MB
-    and more. A dense VGG16 step allocates ~0.5 GB of fresh gradients; on 4 KB pages that is
-    ~130k page faults a step (measured here: 0.1–0.25 s of a ~1.8 s CPU step). PyTorch reads the
+    and more. A training step of a model with a large dense layer allocates its gradients afresh
+    each step, hundreds of MB that would otherwise fault in 4 KB page by page. PyTorch reads the
     variable once, at its first CPU allocation, so this runs before any tensor exists; an
     explicit ``THP_MEM_ALLOC_ENABLE=0`` wins. Set by the command only: the library leaves the
     process environment alone.
@@ -276,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         else:
-            sys.stderr.write(f"{PROG}: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                             f"(rerun with --debug for the traceback; please report it)\n")
+            sys.stderr.write(
+                f"{PROG}: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                f"(rerun with --debug for the traceback; please report it)\n"
+            )
         return 1
     finally:
         _release_logs()

@@ -9,9 +9,12 @@ Data sets (:func:`list_datasets`):
 
 - ``digits``: scikit-learn's 1,797 real 8×8 digits, shipped with scikit-learn (no files needed).
 - ``fashion-mnist`` / ``mnist``: the IDX files (``train-images-idx3-ubyte[.gz]``,
-  ``train-labels-idx1-ubyte[.gz]``) read directly, gzip or not, from ``root``,
-  ``root/FashionMNIST/raw`` (``root/MNIST/raw``) or, for Fashion-MNIST, by default from
-  :data:`FASHION_MNIST_DEFAULT_ROOT` (Debian package ``dataset-fashion-mnist``).
+  ``train-labels-idx1-ubyte[.gz]``), gzip or not, from ``root``, ``root/FashionMNIST/raw``
+  (``root/MNIST/raw``) or, for Fashion-MNIST, by default from
+  :data:`FASHION_MNIST_DEFAULT_ROOT` (Debian package ``dataset-fashion-mnist``), parsed by
+  torchvision's MNIST file reader. torchvision's ``FashionMNIST`` class itself is not used: it
+  wants decompressed train *and* test files under ``root/FashionMNIST/raw``, and the Debian
+  package ships gzip files only.
 - ``cifar10`` / ``cifar100``: torchvision's classes (``download`` only if ``data.download``).
 - ``imagefolder``: ``root/<class>/<image>``; or ``root/train/<class>`` with ``root/val/<class>``
   (then ``val`` is the validation split and ``val_fraction`` is not used).
@@ -45,7 +48,9 @@ from __future__ import annotations
 
 import gzip
 import logging
-import struct
+import shutil
+import tempfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +89,6 @@ STATS_SAMPLE = 1024
 """Images sampled (by seed) to estimate mean/std of file-backed sets (imagefolder)."""
 
 _PRECOMPUTE_BUDGET_BYTES = 512 * 2**20  # resize tensor sets once if the result fits in this
-_IDX_IMAGES_MAGIC = 2051
-_IDX_LABELS_MAGIC = 2049
 _U64 = (1 << 64) - 1
 
 
@@ -298,11 +301,15 @@ class GlobalBatchShardSampler(Sampler[int]):
 
     def __init__(self, n: int, seed: int, rank: int, world_size: int, global_batch: int):
         if global_batch % world_size:
-            raise ConfigError(f"data.batch_size {global_batch} is the global batch and must be divisible by the "
-                              f"number of processes ({world_size}); use a multiple of {world_size}")
+            raise ConfigError(
+                f"data.batch_size {global_batch} is the global batch and must be divisible by the "
+                f"number of processes ({world_size}); use a multiple of {world_size}"
+            )
         if n < global_batch:
-            raise DataError(f"the training split has {n} images, fewer than one global batch "
-                            f"(data.batch_size {global_batch}): lower data.batch_size or use more images")
+            raise DataError(
+                f"the training split has {n} images, fewer than one global batch "
+                f"(data.batch_size {global_batch}): lower data.batch_size or use more images"
+            )
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.global_batch, self.local_batch = global_batch, global_batch // world_size
         self.epoch = 0
@@ -416,50 +423,62 @@ def _load_digits(section: DataSection, size: int) -> _Source:
     return _Source(TensorImages(images, targets, size), targets, list(DIGIT_CLASSES), flip=False)
 
 
-def _open_maybe_gzip(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise DataError(f"cannot read {path} ({type(err).__name__}: {err}): the file is corrupt; replace it") from None
+def _read_idx(path: str | Path, ndim: int, kind: str) -> torch.Tensor:
+    """One uint8 IDX file (gzip or plain) parsed by torchvision's MNIST reader.
+
+    torchvision's reader opens the path as a plain file, and Debian's ``dataset-fashion-mnist``
+    ships only gzip files in a read-only folder: a ``.gz`` file is therefore decompressed into a
+    private temporary folder first, read, and the folder removed (nothing is written next to the
+    data, and concurrent processes never see each other's half-written copy).
+    """
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
+    p = Path(path)
+    with tempfile.TemporaryDirectory(prefix="compressor-idx-") as tmp:
+        plain = p
+        if p.suffix == ".gz":
+            plain = Path(tmp) / p.stem
+            try:
+                with gzip.open(p, "rb") as src, plain.open("wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+                raise DataError(
+                    f"cannot read {p} ({type(err).__name__}: {err}): the file is corrupt; replace it"
+                ) from None
+            except OSError as err:
+                raise DataError(
+                    f"cannot decompress {p} into {tmp} ({type(err).__name__}: {err}): check that the file is "
+                    "readable and that the temporary folder (TMPDIR) is writable with room for it"
+                ) from None
+        try:
+            x = read_sn3_pascalvincent_tensor(str(plain), strict=False)
+        except OSError as err:
+            raise DataError(
+                f"cannot read {p} ({type(err).__name__}: {err}): check the path and its permissions"
+            ) from None
+        except Exception as err:  # its header checks are asserts, its size check a failed view
+            text = str(err).strip().splitlines()[0][:160] if str(err).strip() else "bad header"
+            raise DataError(
+                f"{p} is not a complete IDX {kind} file, the file is truncated or corrupt "
+                f"(torchvision: {type(err).__name__}: {text}); replace it"
+            ) from None
+    if x.dtype != torch.uint8 or x.ndim != ndim:
+        dtype = str(x.dtype).removeprefix("torch.")
+        raise DataError(
+            f"{p} is not an IDX {kind} file (it holds {x.ndim}-D {dtype} data, expected {ndim}-D uint8): "
+            "check the file name"
+        )
+    return x
 
 
 def read_idx_images(path: str | Path) -> torch.Tensor:
     """IDX3 image file (gzip or plain) → uint8 tensor (N, 1, rows, cols)."""
-    p = Path(path)
-    raw = _open_maybe_gzip(p)
-    if len(raw) < 16:
-        raise DataError(f"{p} is too short for an IDX image file (16-byte header): the file is truncated or wrong")
-    magic, n, rows, cols = struct.unpack(">IIII", raw[:16])
-    if magic != _IDX_IMAGES_MAGIC:
-        raise DataError(
-            f"{p} is not an IDX image file (magic {magic}, expected {_IDX_IMAGES_MAGIC}): check the file name"
-        )
-    expected = n * rows * cols
-    if len(raw) - 16 != expected:
-        raise DataError(
-            f"{p}: header says {n} images of {rows}x{cols} ({expected} bytes) but holds {len(raw) - 16}: "
-            "file truncated?"
-        )
-    return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, 1, rows, cols)
+    return _read_idx(path, 3, "image").unsqueeze(1)
 
 
 def read_idx_labels(path: str | Path) -> torch.Tensor:
     """IDX1 label file (gzip or plain) → int64 tensor (N,)."""
-    p = Path(path)
-    raw = _open_maybe_gzip(p)
-    if len(raw) < 8:
-        raise DataError(f"{p} is too short for an IDX label file (8-byte header): the file is truncated or wrong")
-    magic, n = struct.unpack(">II", raw[:8])
-    if magic != _IDX_LABELS_MAGIC:
-        raise DataError(
-            f"{p} is not an IDX label file (magic {magic}, expected {_IDX_LABELS_MAGIC}): check the file name"
-        )
-    if len(raw) - 8 != n:
-        raise DataError(f"{p}: header says {n} labels but holds {len(raw) - 8}: file truncated?")
-    return torch.frombuffer(bytearray(raw[8:]), dtype=torch.uint8).long()
+    return _read_idx(path, 1, "label").long()
 
 
 def _find_idx(dirs: list[Path], stem: str) -> Path | None:
@@ -763,8 +782,9 @@ def build_data(section: DataSection, *, input_size: int, seed: int, rank: int = 
         input_size,
         [round(m, 4) for m in mean],
         [round(s, 4) for s in std],
-        f", rank {rank}/{world_size}, {section.batch_size // world_size} of each global batch of "
-        f"{section.batch_size}" if world_size > 1 else "",
+        f", rank {rank}/{world_size}, {section.batch_size // world_size} of each global batch of {section.batch_size}"
+        if world_size > 1
+        else "",
     )
     return DataBundle(
         train_loader=train_loader,

@@ -48,5 +48,5 @@ def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UnknownNameError
 
 INPUTS_CHECKED = "compressor_inputs_checked"
 """Attribute of the log record (``log.info(..., extra={INPUTS_CHECKED: True})``) by which the
-pipeline and ``export_checkpoint`` say that every input was checked and the long work begins.
+pipeline and ``export_saved`` say that every input was checked and the long work begins.
 The CLI holds log records back until then, so that bad input ends in exactly one line on stderr."""

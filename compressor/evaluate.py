@@ -36,7 +36,6 @@ Attack keys are the attack names; a name given twice gets ``#2``, ``#3``... appe
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -48,21 +47,13 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import Attack, create_attack, list_attacks
-from .errors import ConfigError, DataError, OutputError, WeightsError, unknown_name
+from .errors import ConfigError, DataError, unknown_name
+from .runtime import DistContext, jsonable, ort_session
+from .runtime.batches import split_batch
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "OnnxEvalResult", "evaluate", "evaluate_onnx", "plot_accuracy_vs_eps"]
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
+__all__ = ["EvalResult", "OnnxEvalResult", "evaluate", "evaluate_onnx"]
 
 
 @dataclass
@@ -84,7 +75,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (non-finite numbers become None; no image tensors)."""
-        return _json_safe({f.name: getattr(self, f.name) for f in fields(self) if f.name != "adversarial"})
+        return jsonable({f.name: getattr(self, f.name) for f in fields(self) if f.name != "adversarial"})
 
 
 @dataclass
@@ -110,7 +101,7 @@ class OnnxEvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (non-finite numbers become None)."""
-        return _json_safe(asdict(self))
+        return jsonable(asdict(self))
 
 
 # ----------------------------------------------------------------------------- shared parts
@@ -131,7 +122,11 @@ def _spec_fields(spec: Any) -> tuple[str, list[float], dict[str, Any]]:
             raise ConfigError(f"attack spec: unknown key {sorted(extra)[0]!r} (valid: name, eps, options)")
         name, eps, options = spec.get("name"), spec.get("eps"), spec.get("options") or {}
     else:
-        name, eps, options = getattr(spec, "name", None), getattr(spec, "eps", None), getattr(spec, "options", None) or {}
+        name, eps, options = (
+            getattr(spec, "name", None),
+            getattr(spec, "eps", None),
+            getattr(spec, "options", None) or {},
+        )
     if not isinstance(name, str):
         raise ConfigError(f"attack spec needs a 'name' (one of {', '.join(list_attacks())}), got {name!r}")
     if isinstance(eps, (int, float)):
@@ -143,8 +138,9 @@ def _spec_fields(spec: Any) -> tuple[str, list[float], dict[str, Any]]:
     return name, list(dict.fromkeys(float(e) for e in eps)), dict(options)  # dedupe, keep order
 
 
-def _build_attacks(model: nn.Module, attacks: Iterable[Any], *, eps_unit: str, std: Sequence[float] | None,
-                   round_8bit: bool, seed: int) -> tuple[list[_Built], list[dict[str, Any]]]:
+def _build_attacks(
+    model: nn.Module, attacks: Iterable[Any], *, eps_unit: str, std: Sequence[float] | None, round_8bit: bool, seed: int
+) -> tuple[list[_Built], list[dict[str, Any]]]:
     """Create every (attack, ε) up front so a bad name or option fails before any work."""
     built, described, seen = [], [], {}
     for spec in attacks:
@@ -169,14 +165,7 @@ def check_attacks(attacks: Iterable[Any], *, eps_unit: str = "pixel", round_8bit
 
 
 def _unpack(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, Mapping):
-        x, y = batch.get("image", batch.get("images")), batch.get("label", batch.get("labels"))
-    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        x, y = batch[0], batch[1]
-    else:
-        x = y = None
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise DataError("the loader must yield (images, labels) tensor pairs")
+    x, y = split_batch(batch)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
 
 
@@ -192,14 +181,16 @@ def _check_max_samples(max_samples: int | None) -> None:
         raise ConfigError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
 
 
-def _shard_layout(loader: Any, dist: Any) -> tuple[list[int], int] | None:
+def _shard_layout(loader: Any, dist: DistContext | None) -> tuple[list[int], int] | None:
     """(global batch index of each local batch, global batch size) under several processes."""
-    if dist is None or not getattr(dist, "enabled", False) or getattr(dist, "world_size", 1) <= 1:
+    if dist is None or not dist.enabled or dist.world_size <= 1:
         return None
     sampler = getattr(loader, "batch_sampler", None)
     if not hasattr(sampler, "global_batches") or not hasattr(sampler, "batch_size"):
-        raise ConfigError("evaluate(dist=...) with several processes needs this process's validation loader from "
-                          "compressor.data.build_data(rank=, world_size=) (batches sharded by ShardBatchSampler)")
+        raise ConfigError(
+            "evaluate(dist=...) with several processes needs this process's validation loader from "
+            "compressor.data.build_data(rank=, world_size=) (batches sharded by ShardBatchSampler)"
+        )
     return list(sampler.global_batches), int(sampler.batch_size)
 
 
@@ -227,7 +218,7 @@ def evaluate(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Callable[[int], Any] | None = None,
-    dist: Any = None,
+    dist: DistContext | None = None,
     keep_adversarial: bool = False,
 ) -> EvalResult:
     """Clean and adversarial accuracy, worst case and sensitivity of ``model``.
@@ -242,7 +233,7 @@ def evaluate(
         seed: base seed of the attacks' generators (batch b uses ``seed + b``).
         device: where batches go (default: the model's device).
         progress: called with the number of samples of each finished batch.
-        dist: a :class:`~compressor.train.DistContext`; with several processes, ``loader``
+        dist: a :class:`~compressor.runtime.DistContext`; with several processes, ``loader``
             must be this process's validation loader from ``build_data(rank=, world_size=)``
             and the results are those of the whole set (see the module docstring).
         keep_adversarial: return the adversarial images (``EvalResult.adversarial``; this
@@ -327,14 +318,19 @@ def evaluate(
         sums = dist.all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=dev)).cpu().tolist()
     n_clean, n_correct, n_attacked, n_clean_att = (int(round(v)) for v in sums[:4])
     k = len(pairs)
-    ok_sum = dict(zip(pairs, sums[4:4 + k]))
-    sens_sum = dict(zip(pairs, zip(sums[4 + k:4 + 2 * k], sums[4 + 2 * k:4 + 3 * k])))
-    worst_sum = sums[4 + 3 * k:]
+    ok_sum = dict(zip(pairs, sums[4 : 4 + k]))
+    sens_sum = dict(zip(pairs, zip(sums[4 + k : 4 + 2 * k], sums[4 + 2 * k : 4 + 3 * k])))
+    worst_sum = sums[4 + 3 * k :]
     if n_clean == 0:
         raise DataError("the loader yielded no samples")
 
-    _log.info("evaluated %d samples (%d attacked, %d attack settings) in %.1f s",
-              n_clean, n_attacked, len(built), time.perf_counter() - t_start)
+    _log.info(
+        "evaluated %d samples (%d attacked, %d attack settings) in %.1f s",
+        n_clean,
+        n_attacked,
+        len(built),
+        time.perf_counter() - t_start,
+    )
     adv_acc: dict[str, dict[str, float]] = {}
     sensitivity: dict[str, dict[str, float | None]] = {}
     attack_secs: dict[str, dict[str, float]] = {}
@@ -353,26 +349,24 @@ def evaluate(
         adversarial_accuracy=adv_acc,
         worst_case_accuracy=worst,
         sensitivity=sensitivity,
-        timing={"clean_seconds": t_clean, "attack_seconds": attack_secs, "total_seconds": time.perf_counter() - t_start},
-        settings={"eps_unit": eps_unit, "std": list(std) if std is not None else None, "round_8bit": round_8bit,
-                  "seed": seed, "max_samples": max_samples, "attacks": described},
+        timing={
+            "clean_seconds": t_clean,
+            "attack_seconds": attack_secs,
+            "total_seconds": time.perf_counter() - t_start,
+        },
+        settings={
+            "eps_unit": eps_unit,
+            "std": list(std) if std is not None else None,
+            "round_8bit": round_8bit,
+            "seed": seed,
+            "max_samples": max_samples,
+            "attacks": described,
+        },
         adversarial={p: torch.cat(v) for p, v in kept.items() if v},
     )
 
 
 # ----------------------------------------------------------------------------- ONNX
-
-
-def _onnx_session(onnx_path: str | Path):
-    import onnxruntime as ort
-
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise WeightsError(f"ONNX file not found: {path}")
-    try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own exception types
-        raise WeightsError(f"cannot load ONNX model {path}: {err}") from None
 
 
 def _onnx_logits(session, x: Tensor) -> Tensor:
@@ -395,15 +389,16 @@ def _onnx_logits(session, x: Tensor) -> Tensor:
     return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
 
-def _precomputed(adversarial: Mapping[tuple[str, float], Tensor], key: tuple[str, float], start: int,
-                 n: int) -> Tensor:
+def _precomputed(adversarial: Mapping[tuple[str, float], Tensor], key: tuple[str, float], start: int, n: int) -> Tensor:
     images = adversarial.get(key)
     if images is None or images.shape[0] < start + n:
         have = "none" if images is None else f"{images.shape[0]}"
-        raise ConfigError(f"evaluate_onnx: the precomputed adversarial images lack {key[0]} eps={key[1]} samples "
-                          f"{start}..{start + n - 1} (have {have}); pass the EvalResult.adversarial of evaluate() "
-                          "run with the same loader, attacks and max_samples")
-    return images[start:start + n]
+        raise ConfigError(
+            f"evaluate_onnx: the precomputed adversarial images lack {key[0]} eps={key[1]} samples "
+            f"{start}..{start + n - 1} (have {have}); pass the EvalResult.adversarial of evaluate() "
+            "run with the same loader, attacks and max_samples"
+        )
+    return images[start : start + n]
 
 
 def evaluate_onnx(
@@ -434,14 +429,15 @@ def evaluate_onnx(
     _check_max_samples(max_samples)
     if attacks and torch_model is None:
         raise ConfigError("evaluate_onnx: attacks need torch_model (the examples are crafted against it)")
-    session = _onnx_session(onnx_path)
+    session = ort_session(onnx_path)
     built, described = [], []
     dev = torch.device("cpu")
     if torch_model is not None:
         dev = _model_device(torch_model, device)
         if attacks:
-            built, described = _build_attacks(torch_model, attacks, eps_unit=eps_unit, std=std,
-                                              round_8bit=round_8bit, seed=seed)
+            built, described = _build_attacks(
+                torch_model, attacks, eps_unit=eps_unit, std=std, round_8bit=round_8bit, seed=seed
+            )
     pairs = [(b.key, b.eps) for b in built]
     onnx_ok = {p: [] for p in pairs}
     torch_ok = {p: [] for p in pairs}
@@ -510,58 +506,13 @@ def evaluate_onnx(
         torch_adversarial_accuracy=table(torch_ok),
         agreement_adversarial=table(agree),
         timing={"total_seconds": time.perf_counter() - t_start},
-        settings={"onnx_path": str(onnx_path), "eps_unit": eps_unit, "std": list(std) if std is not None else None,
-                  "round_8bit": round_8bit, "seed": seed, "max_samples": max_samples, "attacks": described},
+        settings={
+            "onnx_path": str(onnx_path),
+            "eps_unit": eps_unit,
+            "std": list(std) if std is not None else None,
+            "round_8bit": round_8bit,
+            "seed": seed,
+            "max_samples": max_samples,
+            "attacks": described,
+        },
     )
-
-
-# ----------------------------------------------------------------------------- plot
-
-
-def plot_accuracy_vs_eps(results: Mapping[str, EvalResult | Mapping[str, Any]], path: str | Path) -> Path:
-    """Write a PNG of accuracy vs ε: one colour per attack, one line style per model.
-
-    ``results`` maps a model label (e.g. ``"dense"``, ``"compressed"``) to an
-    :class:`EvalResult` or its ``to_dict()``. Each curve starts at ε = 0 with the clean
-    accuracy on the attacked samples. Uses the Agg canvas directly (no pyplot state).
-    """
-    from matplotlib import rcParams
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    def get(r: Any, name: str) -> Any:
-        return r[name] if isinstance(r, Mapping) else getattr(r, name)
-
-    if not results:
-        raise ConfigError("plot_accuracy_vs_eps needs at least one result")
-    attack_keys = sorted({k for r in results.values() for k in get(r, "adversarial_accuracy")})
-    colors = rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
-    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D"]
-    fig = Figure(figsize=(7.0, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for mi, (label, r) in enumerate(results.items()):
-        for ai, key in enumerate(attack_keys):
-            accs = get(r, "adversarial_accuracy").get(key)
-            if not accs:
-                continue
-            pts = sorted((float(e), a) for e, a in accs.items())
-            clean = get(r, "clean_accuracy_attacked")
-            if pts[0][0] > 0 and clean is not None and math.isfinite(clean):
-                pts.insert(0, (0.0, clean))
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], linestyle=styles[mi % 4], marker=markers[mi % 4],
-                    color=colors[ai % len(colors)], label=f"{label}: {key}")
-    unit = (get(next(iter(results.values())), "settings") or {}).get("eps_unit", "pixel")
-    ax.set_xlabel(f"ε ({unit} units)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
-    except OSError as err:
-        raise OutputError(f"cannot write the plot {out}: {err}") from None
-    return out

@@ -32,8 +32,11 @@ from typing import Any
 from torch import nn
 
 from .calibration import ConvBases, LinearBases, activation_bases
+from .errors import ConfigError
 from .layers import LowRankLayer, LowRankLinear, TuckerConv2d
 from .layers.conv import tucker_rank_caps
+from .recipe import FactorizeSection
+from .runtime import DistContext, conv_costs, linear_costs
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +80,17 @@ class FactorizationReport:
         for d in self.layers:
             params = f"{d.params_dense:,} -> {d.params_factorized:,}" if d.factorized else f"{d.params_dense:,}"
             reason = f"{d.reason} ({d.init} init)" if d.factorized and d.init else d.reason
-            rows.append((d.name, d.kind, "x".join(map(str, d.shape)), "factorized" if d.factorized else "dense",
-                         ",".join(map(str, d.ranks)) or "-", params, reason))
+            rows.append(
+                (
+                    d.name,
+                    d.kind,
+                    "x".join(map(str, d.shape)),
+                    "factorized" if d.factorized else "dense",
+                    ",".join(map(str, d.ranks)) or "-",
+                    params,
+                    reason,
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -93,29 +105,17 @@ def _is_plain(module: nn.Module, base: type) -> bool:
     return all(getattr(cls, h) is getattr(base, h) for h in hooks)
 
 
-def _linear_cost(out_f: int, in_f: int, r: int) -> tuple[int, int]:
-    params = (out_f + in_f) * r + r * r
-    return params, params  # multiply-adds per token equal parameter count
-
-
-def _conv_cost(conv: nn.Conv2d, r_out: int, r_in: int) -> tuple[int, int, int, int]:
-    """(params dense, params factorized, MACs dense, MACs factorized) per output pixel."""
-    c_out, c_in, kh, kw = conv.weight.shape
-    sh, sw = conv.stride
-    dense = c_out * c_in * kh * kw
-    fact = c_out * r_out + r_out * r_in * kh * kw + r_in * c_in
-    # the 1×1 C_in→r_in conv runs at the input resolution: stride² more pixels than the output
-    macs_fact = sh * sw * c_in * r_in + r_out * r_in * kh * kw + c_out * r_out
-    return dense, fact, dense, macs_fact
-
-
 def _saves(module: nn.Module, r: int) -> bool:
     """Whether the factorized form at rank r (both channel modes, capped) is smaller *and* cheaper."""
     if isinstance(module, nn.Linear):
         out_f, in_f = module.weight.shape
-        return _linear_cost(out_f, in_f, r)[0] < out_f * in_f
+        costs = linear_costs(in_f, out_f, r)
+        return costs["unmerged"][0] < costs["dense"][0]
     cap_o, cap_i = tucker_rank_caps(module.out_channels, module.in_channels, module.kernel_size, r)
-    p_dense, p_fact, m_dense, m_fact = _conv_cost(module, cap_o, cap_i)
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    costs = conv_costs(module.in_channels, module.out_channels, kh * kw, cap_o, cap_i, stride_area=sh * sw)
+    (p_fact, m_fact), (p_dense, m_dense) = costs["tucker3"], costs["dense"]
     return p_fact < p_dense and m_fact < m_dense
 
 
@@ -143,51 +143,58 @@ def _matches(name: str, patterns: list[str]) -> bool:
 
 def factorize_(
     model: nn.Module,
+    config: FactorizeSection | None = None,
     *,
-    init_rank: int | float | None = 150,
-    init_tol: float | None = None,
-    r_min: int = 2,
-    r_max: int = 200,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    keep_first_conv: bool = True,
-    keep_classifier: bool = True,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     require_saving: bool = True,
     calibration: Iterable[Any] | None = None,
-    calibration_batches: int = 8,
-    dist: Any = None,
+    dist: DistContext | None = None,
     seed: int = 0,
     channels_last: bool = True,
+    **options: Any,
 ) -> FactorizationReport:
     """Replace eligible layers of ``model`` in place; return what was replaced and what was not.
 
-    ``init_rank``: int rank, or float fraction of each layer's full rank (None: the cap);
-    ``init_tol``: choose each initial rank by energy, the smallest r with ‖σ[r:]‖ < init_tol‖σ‖,
-    at most ``init_rank``. Ranks are clipped to [r_min, cap], cap = min(r_max, full rank,
-    break-even rank). Initialization is the
-    truncated SVD (Linear) or HOSVD of the channel modes (Conv2d) of the current weights.
+    ``config``: the recipe's ``factorize`` section (default: its defaults); ``options`` are
+    keyword shortcuts for its keys (``factorize_(model, init_rank=8, r_max=16)``), validated
+    like a recipe. ``init_rank``: int rank, or float fraction of each layer's full rank (None:
+    the cap); ``init_tol``: choose each initial rank by energy, the smallest r with
+    ‖σ[r:]‖ < init_tol‖σ‖, at most ``init_rank``. Ranks are clipped to [r_min, cap],
+    cap = min(r_max, full rank, break-even rank). Initialization is the truncated SVD (Linear)
+    or HOSVD of the channel modes (Conv2d) of the current weights.
 
     ``require_saving=False`` drops the cost rule (cap = min(r_max, full rank)) and factorizes
     every layer the other rules allow (the reference code's policy; also how a full-rank
     factorization is checked to be exact, since at full rank no layer saves anything).
 
-    ``calibration``: batches of training images (a DataLoader, or tensors). If given, the
-    initial bases are activation-aware (:mod:`compressor.calibration`): chosen in the metric of
-    the activations the first ``calibration_batches`` batches produce, and ``init_tol`` measures
-    activation energy. Without it: SVD / HOSVD of the weights. ``dist`` (a
-    :class:`~compressor.train.DistContext`) pools the statistics of all processes.
+    ``calibration``: batches of training images (a DataLoader, or tensors), used when
+    ``config.init`` is ``activations`` (the default): the initial bases are then chosen in the
+    metric of the activations the first ``calibration_batches`` batches produce
+    (:mod:`compressor.calibration`), and ``init_tol`` measures activation energy. Without
+    batches: SVD / HOSVD of the weights. ``dist`` pools the statistics of all processes.
 
     ``channels_last=False`` makes the Tucker convs hand their outputs on in NCHW (see
     :class:`~compressor.layers.TuckerConv2d`), for models that ``view`` conv outputs.
     """
+    cfg = _resolve_config(config, options)
+    init_rank, init_tol, r_min, r_max = cfg.init_rank, cfg.init_tol, cfg.r_min, cfg.r_max
+    include, exclude = cfg.include, cfg.exclude
+    keep_first_conv, keep_classifier = cfg.keep_first_conv, cfg.keep_classifier
+    if cfg.init != "activations":
+        calibration = None
     start = time.perf_counter()
-    include, exclude = include or [], exclude or []
     modules = dict(model.named_modules())
-    mha_children = {f"{n}.{c}" if n else c for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)
-                    for c, _ in m.named_children()}
-    candidates = [(n, m) for n, m in modules.items()
-                  if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, LowRankLayer) and n]
+    mha_children = {
+        f"{n}.{c}" if n else c
+        for n, m in modules.items()
+        if isinstance(m, nn.MultiheadAttention)
+        for c, _ in m.named_children()
+    }
+    candidates = [
+        (n, m)
+        for n, m in modules.items()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, LowRankLayer) and n
+    ]
     first_conv = next((n for n, m in candidates if isinstance(m, nn.Conv2d)), None)
     classifier = candidates[-1][0] if candidates else None
 
@@ -235,9 +242,18 @@ def factorize_(
 
     bases = {}
     if calibration is not None and chosen:
-        bases = activation_bases(model, {n: m for n, (_, m, _) in chosen.items()}, calibration, init_rank=init_rank,
-                                 init_tol=init_tol, r_min=r_min, r_max={n: d.r_max for n, (_, _, d) in chosen.items()},
-                                 max_batches=calibration_batches, dist=dist, seed=seed)
+        bases = activation_bases(
+            model,
+            {n: m for n, (_, m, _) in chosen.items()},
+            calibration,
+            init_rank=init_rank,
+            init_tol=init_tol,
+            r_min=r_min,
+            r_max={n: d.r_max for n, (_, _, d) in chosen.items()},
+            max_batches=cfg.calibration_batches,
+            dist=dist,
+            seed=seed,
+        )
     for name, (index, module, decision) in chosen.items():
         layer_seed = seed * 1000 + index
         basis, cap = bases.get(name), decision.r_max
@@ -269,3 +285,16 @@ def factorize_(
     log.info("factorized %d of %d candidate layers in %.1fs", len(report.factorized), len(decisions), report.seconds)
     return report
 
+
+def _resolve_config(config: FactorizeSection | None, options: dict[str, Any]) -> FactorizeSection:
+    """The section with the keyword shortcuts applied, validated as a recipe key would be."""
+    from .recipe import recipe_from_dict
+
+    if config is not None and not isinstance(config, FactorizeSection):
+        raise ConfigError(
+            f"config must be a FactorizeSection (a recipe's factorize section), got {type(config).__name__}"
+        )
+    if not options:
+        return config or FactorizeSection()
+    base = config.model_dump() if config is not None else {}
+    return recipe_from_dict({"factorize": {**base, **options}}, source="factorize_").factorize

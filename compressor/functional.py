@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 # From this many entries a rank-r factorization whose Krylov space (2r + 100 columns) is at most
-# half the short side uses a randomized (block Krylov) SVD, which reads the matrix 8 times:
-# VGG16's 4096×25088 classifier costs ~10 s as a reduced SVD on 2 cores; a ViT-B MLP
-# (3072×768) at rank 8 ~1 s exact, ~0.05 s randomized. Full rank always takes the exact path.
+# half the short side uses a randomized (block Krylov) SVD, which reads the matrix 8 times in
+# narrow blocks, O(m·n·r) work instead of the O(m·n·min(m, n)) of a reduced SVD: it pays off for
+# large matrices at a rank well below full (VGG16's 4096×25088 classifier, a ViT-B MLP at a low
+# rank). Full rank always takes the exact path.
 _RANDOMIZED_MIN_ENTRIES = 1_000_000
 # left_singular(tol=τ) uses the Gram eigendecomposition when τ² ≥ this × m × ε (float32, m = 200:
 # τ ≥ 0.05; the recipes' τ = 0.1 qualifies up to m ≈ 690; float64: nearly any τ > 0).
@@ -26,20 +27,23 @@ _GRAM_TOL_FACTOR = 100.0
 _GRAM_KAPPA_FACTOR = 1000.0
 # Krylov depth of the randomized SVD (blocks A Ω, (AAᵀ)AΩ, …): with block size r/2 + 25, depth 4
 # reads A 8 times in (r/2 + 25)-column blocks. On decaying spectra it is as accurate as
-# torch.svd_lowrank(q=r+20, niter=4), which reads A 10 times in (r+20)-column blocks (measured:
-# bench/bench_factorize.py --accuracy).
+# torch.svd_lowrank(q=r+20, niter=4), which reads A 10 times in (r+20)-column blocks: the Krylov
+# space keeps every power (AAᵀ)^i AΩ that the power iteration discards, so it needs fewer and
+# narrower passes (Musco & Musco 2015); bench/bench_factorize.py --accuracy compares the two.
 _KRYLOV_DEPTH = 4
 # Gram matrices are accumulated in float64 over column chunks of at most this many entries, so a
 # 512×200704 unfolding (timm VGG16's 7×7 ConvMlp) needs no float64 copy of itself.
 _GRAM_CHUNK_ENTRIES = 4_000_000
 # The augmentation's first orthonormalization takes Cholesky QR for blocks of at least this many
-# rows and columns (smaller, Householder QR is as fast or faster: measured on 2 cores, 512 to
-# 25088 rows; 4096 × 52: 1.4 against 2.1 ms, 25088 × 8: 1.0–1.4 against 0.5–0.6 ms).
+# rows and columns. Cholesky QR turns Householder's panel-by-panel factorization into two GEMMs,
+# which only pays once the block is tall and wide enough for them to outweigh its fixed cost
+# (a float64 copy, the Gram, a triangular inverse); a smaller block keeps Householder QR.
 _CHOLESKY_FIRST_PASS_MIN_ROWS = 4096
 _CHOLESKY_FIRST_PASS_MIN_COLUMNS = 32
-# tall_matmul pads the narrow factor's columns to a multiple of 8 from this many rows and
-# columns (at 4096 rows, or for the 52 columns of an augmentation's block, the padded product
-# and its copy are no faster: 25088 × 52 · 52 × 52 2.2 ms plain, 2.3 ms padded).
+# tall_matmul pads the narrow factor's columns to a multiple of 8 only from this many rows and
+# columns: below them the ragged last column block is a small share of the product, and the
+# padded product's extra copy out cancels what padding saves (an augmentation's 52-column
+# block stays unpadded).
 _PADDED_PRODUCT_MIN_ROWS = 8192
 _PADDED_PRODUCT_MIN_COLUMNS = 64
 
@@ -95,10 +99,11 @@ def top_left_singular(matrix: Tensor, rank: int, *, seed: int = 0) -> tuple[Tens
     """Leading ``rank`` left singular vectors U (m×rank, orthonormal) and values σ (rank).
 
     For one-sided factors (HOSVD of conv unfoldings) an eigendecomposition of the Gram matrix,
-    accumulated in float64, is several times cheaper than an SVD (VGG16's 512×4608 unfoldings:
-    ~0.2 s vs ~0.6 s for a float32 SVD, one thread) and more accurate than a float32 SVD unless
-    σ₁/σ_r > 10⁸ (its subspace error grows like ε₆₄κ², the SVD's like ε₃₂κ). At full rank U is
-    square and orthonormal, so U Uᵀ A = A exactly, whatever the accuracy of single vectors.
+    accumulated in float64, is cheaper than an SVD (one m×m Gram product and a symmetric
+    eigendecomposition of it, instead of bidiagonalizing the whole m×n matrix) and more
+    accurate than a float32 SVD unless σ₁/σ_r > 10⁸ (its subspace error grows like ε₆₄κ², the
+    SVD's like ε₃₂κ). At full rank U is square and orthonormal, so U Uᵀ A = A exactly, whatever
+    the accuracy of single vectors.
     Large matrices at a rank well below full use the randomized SVD instead.
     """
     m, n = matrix.shape
@@ -148,7 +153,7 @@ def _randomized_svd(a: Tensor, rank: int, *, seed: int, right: bool) -> tuple[Te
         # below float32 round-off, and Gram–Schmidt alone then returns a block that is far from
         # orthogonal to them (‖QᵀQ − I‖ ~ 0.1, Ritz values above the true σ); the trailing
         # columns of a Householder Q are orthonormal to the earlier ones whatever y holds
-        q = torch.linalg.qr(torch.cat([basis, y], dim=1))[0][:, basis.shape[1]:]
+        q = torch.linalg.qr(torch.cat([basis, y], dim=1))[0][:, basis.shape[1] :]
         blocks.append(q)
     products.append(a.mT @ q)
     basis, at_q = torch.cat(blocks, dim=1), torch.cat(products, dim=1)  # Q (m×db), AᵀQ (n×db)
@@ -242,16 +247,21 @@ def qr_positive(a: Tensor) -> tuple[Tensor, Tensor]:
 def tall_matmul(basis: Tensor, small: Tensor) -> Tensor:
     """basis @ small for a tall basis (n×r) and a small r×k factor, contiguous.
 
-    On the CPU, float32 GEMMs of this shape run ~1.1–2× faster when k is a multiple of 8
-    (measured on 2 cores, n = 8192 and 25088: VGG16's classifier basis times a truncation's
-    P, 200×147, 32 ms as is, 25 ms padded to 152 columns with the copy out); so from
+    CPU GEMM kernels compute the output in blocks of a multiple of 8 float32 columns (the lanes
+    of a vector register); a k that is not a multiple of 8 leaves a ragged last block computed
+    with partly empty registers, and for a tall basis (VGG16's classifier basis times a
+    truncation's P) that block runs over every one of its n rows. So from
     ``_PADDED_PRODUCT_MIN_ROWS`` rows and ``_PADDED_PRODUCT_MIN_COLUMNS`` columns k is padded
     with zero columns and the product sliced.
     """
     k = small.shape[1]
     pad = -k % 8
-    if (pad == 0 or basis.device.type != "cpu" or basis.shape[0] < _PADDED_PRODUCT_MIN_ROWS
-            or k < _PADDED_PRODUCT_MIN_COLUMNS):
+    if (
+        pad == 0
+        or basis.device.type != "cpu"
+        or basis.shape[0] < _PADDED_PRODUCT_MIN_ROWS
+        or k < _PADDED_PRODUCT_MIN_COLUMNS
+    ):
         return basis @ small
     return (basis @ torch.nn.functional.pad(small, (0, pad)))[:, :k].contiguous()
 
@@ -263,9 +273,9 @@ def reorthonormalize(basis: Tensor) -> tuple[Tensor, Tensor]:
     Repeated products Û·P in float32 let orthonormality drift by round-off every cycle;
     re-factoring after each truncation (and folding R into the core) stops the drift without
     changing W. Cholesky QR (R = chol(BᵀB), Q = B R⁻¹) does it with one Gram matrix and one
-    triangular solve: half the flops of Householder QR and all of it BLAS-3 (VGG16's
-    25088×150 V: 34 ms instead of 63 ms on 2 cores). Its error grows like ε·κ(B)², harmless at
-    κ(B) ≈ 1; a basis that is not (Cholesky fails) takes Householder QR.
+    triangular solve: half the flops of Householder QR and all of it BLAS-3 (matrix-matrix
+    products, where Householder QR works panel by panel). Its error grows like ε·κ(B)²,
+    harmless at κ(B) ≈ 1; a basis that is not (Cholesky fails) takes Householder QR.
     """
     gram = basis.mT @ basis
     lower, info = torch.linalg.cholesky_ex(gram)
@@ -283,13 +293,14 @@ def orthonormal_columns(p: Tensor) -> Tensor:
     before the final rounding to P's dtype (so ‖QᵀQ − I‖ ≈ 1e-8 in float32). Same span as P.
 
     float32 eigen/singular vectors are orthonormal only to ~1e-6, and U·P inherits that error
-    at every truncation. With P corrected first, the float32 product U·P adds only ~1e-8 a
-    cycle to ‖UᵀU − I‖ (measured: tests/test_layers.py, and ~2e-8 for a 25088×200 basis), so
-    the tall basis need not be re-orthonormalized after every truncation (see
-    TuckerConv2d.truncate_). The correction is one step of the polar iteration,
-    Q = P (I − E/2) with E = PᵀP − I taken in float64: QᵀQ = I + O(‖E‖²), ~0.6 ms for a
-    200×150 P against ~2 ms for a float64 Cholesky QR; a P further from orthonormal
-    (‖E‖ > 1e-3) takes the Cholesky QR.
+    at every truncation. With P corrected first, the float32 product U·P adds only its own
+    rounding, ~1e-8 a cycle, to ‖UᵀU − I‖ (tests/test_layers.py checks the drift), so the tall
+    basis need not be re-orthonormalized after every truncation (see TuckerConv2d.truncate_).
+    The correction is one step of the polar iteration, Q = P (I − E/2) with E = PᵀP − I taken
+    in float64: QᵀQ = I + O(‖E‖²). It needs only the small Gram E and one product in P's
+    precision, where a Cholesky QR adds a factorization and a triangular inverse in float64;
+    a P further from orthonormal (‖E‖ > 1e-3), where O(‖E‖²) would not be round-off, takes the
+    Cholesky QR.
     """
     if p.shape[1] == 0:
         return p
@@ -323,9 +334,7 @@ def mode_product(core: Tensor, left: Tensor, right: Tensor) -> Tensor:
     return torch.tensordot(right, out, dims=([0], [1])).transpose(0, 1)  # (a, b, h, w)
 
 
-def hosvd_channel_factors(
-    kernel: Tensor, r_out: int, r_in: int, *, seed: int = 0
-) -> tuple[Tensor, Tensor, Tensor]:
+def hosvd_channel_factors(kernel: Tensor, r_out: int, r_in: int, *, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Tucker-2 HOSVD of a conv kernel on its channel modes.
 
     Returns (U_out: C_out×r_out, U_in: C_in×r_in, core: r_out×r_in×kh×kw) with
@@ -345,10 +354,11 @@ def regularizing_noise(n: int, k: int, *, generator: torch.Generator, dtype: tor
     down the n rows, every row with a random sign.
 
     The augmentation's noise only has to make its columns linearly independent of each other
-    and of the basis, and well-conditioned once the basis is projected off; these are (κ ≈ 1.2
-    for 25088×54 against 1.02 for i.i.d. normals: the columns are √(n/m)·Z with Z Gaussian
-    m×k). Drawing n·k normals took ~9 ms of every augmentation of VGG16's 25088-wide classifier
-    basis, ~2 % of a DLRT cycle's augment + truncate at the reference's ranks; this takes ~1.5 ms.
+    and of the basis, and well-conditioned once the basis is projected off. These are: the row
+    signs cancel in their Gram, which is about (n/m)·ZᵀZ for the Gaussian m×k block Z, so for
+    m < n their κ is about that of Z, (1 + √(k/m))/(1 − √(k/m)) < 3 as k/m < 1/4. For a wide
+    basis (VGG16's 25088-wide classifier) n·k normals would be the noise's main cost; m·k
+    normals and n signs keep it small next to the augmentation's products.
     """
     m = min(n, 4 * k + 64)
     block = torch.randn(m, k, generator=generator, dtype=dtype)
@@ -383,9 +393,9 @@ def orthonormal_complement(basis: Tensor, directions: Tensor, k: int, *, seed: i
     g[:, :take] += d[:, :take]  # [G | 0] + noise in one pass, without copying the strided slice
     # Classical Gram–Schmidt twice = numerically orthogonal to basis; each projection
     # g − B(Bᵀg) is one GEMM that accumulates into g. After the first pass the block is
-    # orthonormal and the second removes only round-off, so Cholesky QR suffices there (VGG16's
-    # 25088×52 block: 4.6 instead of 13 ms); a tall block's first pass takes it too, see
-    # _orthonormalize_first_pass (~9.5 instead of ~12.5 ms).
+    # orthonormal and the second removes only round-off, so Cholesky QR suffices there (its
+    # ε·κ² error is harmless at κ ≈ 1, and it is two GEMMs instead of a panel-by-panel
+    # Householder QR); a tall block's first pass takes it too, see _orthonormalize_first_pass.
     g.addmm_(b, b.mT @ g, alpha=-1.0)
     g = _orthonormalize_first_pass(g)
     g.addmm_(b, b.mT @ g, alpha=-1.0)
@@ -399,10 +409,12 @@ def _orthonormalize_first_pass(g: Tensor) -> Tensor:
     A tall block takes Cholesky QR with the Gram and its factor in float64 and the product
     Q = G R⁻¹ in G's precision: Q is orthonormal up to ~κ(G)·ε, and the second pass, which
     expects only round-off, repairs anything below ~0.5. The regularizing noise keeps κ(G) below
-    ~1.5e4 (it bounds σ_min(G) at ~1e-3/√r of ‖G‖; measured for a rank-one gradient), so in
-    float32 Q is orthonormal to ~2e-3 before the second pass. Cheaper than Householder QR for
-    VGG16's 25088×52 classifier block; a small or narrow block, or one whose float64 Cholesky
-    fails or whose R has a diagonal spanning more than 1e5 (κ(G) > 1e5), takes Householder QR.
+    ~1.5e4: it bounds σ_min(G) from below at ~1e-3/√r of ‖G‖ even for a rank-one gradient, the
+    worst case as ‖G‖ is largest next to G's RMS entry there, so in float32 Q is orthonormal to
+    ~2e-3 before the second pass. For a tall block (VGG16's 25088×52 classifier block) a Gram
+    and one GEMM cost less than Householder's panel-by-panel QR; a small or narrow block, or one
+    whose float64 Cholesky fails or whose R has a diagonal spanning more than 1e5 (κ(G) > 1e5),
+    takes Householder QR.
     """
     if g.shape[0] < _CHOLESKY_FIRST_PASS_MIN_ROWS or g.shape[1] < _CHOLESKY_FIRST_PASS_MIN_COLUMNS:
         return torch.linalg.qr(g)[0]
@@ -451,8 +463,8 @@ class _SpectralRegularizer(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> Tensor:  # type: ignore[override]
         a, dev, r = ctx.saved_tensors
         # R = 0 means A is a multiple of a row-orthonormal matrix: a minimum, gradient 0. The
-        # scalar factor goes onto the small m×m dev, not the m×n result (one GEMM, no passes
-        # over a 200×1800 unfolding: ~4 ms of a VGG16 step at the reference's ranks).
+        # scalar factor goes onto the small m×m dev, not the m×n result (one GEMM and no extra
+        # elementwise pass over the m×n unfolding).
         scale = torch.where(r > 0, 2.0 * grad_out / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r))
         return (dev * scale) @ a
 
@@ -486,7 +498,8 @@ def left_singular(a: Tensor, *, tol: float | None = None) -> tuple[Tensor, Tenso
 
     A wide A (a conv core's unfolding, r × r·kh·kw) is first reduced by QR, Aᵀ = Q R, so
     A = Rᵀ Qᵀ and P, σ come from the SVD of the m×m Rᵀ: backward stable like the SVD of A,
-    without forming its m×n right factor (a 200×1800 unfolding: ~14 ms instead of ~80 ms).
+    without forming its m×n right factor (the R-only QR of the n×m Aᵀ is O(n·m²), and the SVD
+    then works on an m×m matrix).
 
     ``tol``: σ is only needed to choose a rank by relative tolerance ``tol`` (truncation). The
     eigendecomposition of the Gram A Aᵀ in A's precision is then accurate enough whenever
@@ -494,9 +507,9 @@ def left_singular(a: Tensor, *, tol: float | None = None) -> tuple[Tensor, Tenso
     energy ‖σ[r:]‖² that the rule compares with tol²‖σ‖² moves by a negligible share of it,
     and its eigenvectors are orthonormal to round-off (the subspace kept is that of the SVD up
     to the conditioning of the gap at the cut, which no float32 method resolves better). It is
-    ~2.5× cheaper: a 192×1692 float32 unfolding 2.7 ms instead of 7.0 ms (2 threads), ~0.1 s
-    of every VGG16 truncation. Single σ below ~√ε·σ₁ lose their accuracy, so κ is never taken
-    from these values.
+    cheaper than the QR + SVD path: one Gram product and a symmetric eigendecomposition, which
+    a truncation runs on every mode of every core. Single σ below ~√ε·σ₁ lose their accuracy,
+    so κ is never taken from these values.
     """
     m, n = a.shape
     if gram_suffices(tol, min(m, n), a.dtype):
@@ -519,7 +532,8 @@ def condition_number(a: Tensor, *, precise: bool = True) -> float:
     (``precise=False``: to ~0.1 %, for the κ trace the trainer records at every truncation).
 
     A non-square A is reduced by QR first (its singular values are those of the small square
-    R): backward stable and ~4× faster than svdvals of a 200×1800 conv-core unfolding.
+    R): backward stable, and svdvals then works on a min(m, n)-square matrix instead of the
+    whole unfolding (a conv core's C₍₀₎ is r_out × r_in·kh·kw).
     ``precise=False`` takes κ from the eigenvalues of A's float64 Gram matrix whenever they
     resolve it (:func:`_gram_condition_number`), else computes as above in the core's precision
     (at least float32; σ_min accurate to ~1e-7·σ_max).
@@ -545,14 +559,19 @@ def _gram_condition_number(a: Tensor) -> float | None:
 
     The Gram's eigenvalues are off by ≲ k·ε₆₄·λ_max (k the inner dimension), so σ_min² = λ_min
     is accurate to 0.1 % while λ_min ≥ :data:`_GRAM_KAPPA_FACTOR`·k·ε₆₄·λ_max: κ up to ~5e4 for
-    a 200×1800 conv-core unfolding, far beyond the cores' usual κ. It is cheap: a 200×1800
-    float32 unfolding 2.8 ms instead of 17 ms for QR + svdvals (2 threads; MKL's threaded QR
-    is slow for ~1600–3000 rows), ~0.1 s of every truncation's κ trace on VGG16.
+    a 200×1800 conv-core unfolding, far beyond the cores' usual κ. A float64 Gram
+    eigendecomposition replaces QR + svdvals here because it is cheaper for the unfoldings'
+    tall, narrow shape (one GEMM and the eigenvalues of the small Gram, where Householder QR of
+    the tall side works panel by panel), and the trainer records κ at every truncation.
     """
     wide = a.shape[0] <= a.shape[1]
     lam = torch.linalg.eigvalsh(gram64(a if wide else a.mT))
     lmin, lmax = float(lam[0]), float(lam[-1])
     inner = max(a.shape)
-    if not math.isfinite(lmax) or lmax <= 0 or lmin < _GRAM_KAPPA_FACTOR * inner * torch.finfo(torch.float64).eps * lmax:
+    if (
+        not math.isfinite(lmax)
+        or lmax <= 0
+        or lmin < _GRAM_KAPPA_FACTOR * inner * torch.finfo(torch.float64).eps * lmax
+    ):
         return None
     return math.sqrt(lmax / lmin)

@@ -9,11 +9,16 @@ torchvision first and, only if torchvision has no classification model of that n
 ``tv:vgg16`` (or ``torchvision:vgg16``) and ``timm:vgg16`` pick the library explicitly; timm
 names may carry a pretrained tag (``timm:resnet18.a1_in1k``).
 
-Weights: random init by default. ``pretrained=True`` asks the library for its weights; offline
-that fails quickly (a cache lookup and a 3 s connection probe, never the hub's minute of
-retries), is logged as a warning that names the local-file alternative, and the model stays at
-random init. ``weights=path`` loads a local ``.safetensors`` or ``.pth``/``.pt``/``.bin`` state
-dict (``torch.load(weights_only=True)``, never arbitrary pickles).
+Weights: random init by default. ``pretrained=True`` asks the library (torchvision, or timm
+with its Hugging Face hub) for its weights, which it takes from its cache when it has them.
+When they cannot be had (no network and no cached copy, a refused download), the library's
+error is logged as a warning that names the local-file alternative, and the model stays at
+random init. ``HF_HUB_OFFLINE=1`` means: never download, use cached copies only. huggingface_hub
+obeys it for timm's hub weights, and this module applies it to torchvision's and timm's URL
+weights, which go through torch.hub and have no such switch. Set it on machines without network:
+without it the hub keeps retrying a lost connection before it gives up. ``weights=path`` loads a
+local ``.safetensors`` or ``.pth``/``.pt``/``.bin`` state dict (``torch.load(weights_only=True)``,
+never arbitrary pickles).
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import functools
 import logging
 import os
 import re
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +55,6 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin")
 
-_NETWORK_PROBE_TIMEOUT_S = 3.0
 # keys a checkpoint dict may nest its state dict under (tried in this order)
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict")
 # prefixes added by DistributedDataParallel / torch.compile; stripped before matching
@@ -211,7 +214,7 @@ def find_head(net: nn.Module) -> tuple[str, nn.Module]:
         return convs[-1]
     raise ConfigError(
         f"cannot find a classifier head (Linear or 1x1 Conv2d) in {type(net).__name__}: "
-        "use a classification model (see `compress models`)"
+        "use a classification model (see `compress list models`)"
     )
 
 
@@ -253,18 +256,16 @@ class _PretrainedUnavailable(Exception):
     """Internal: the library's pretrained weights could not be had (reason in the message)."""
 
 
-def _reachable(url_or_host: str) -> bool:
-    """Can we open a TCP connection to the host? Short timeout, so offline runs never hang."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # a proxy may work where a direct connection does not: let the library try
-    host = urlparse(url_or_host).hostname if "://" in url_or_host else url_or_host
-    if not host:
-        return False
-    try:
-        with socket.create_connection((host, 443), timeout=_NETWORK_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub read it, so torchvision and timm obey one switch."""
+    from huggingface_hub import constants  # installed with timm
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _torch_hub_file(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps the download of ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
 def _short(err: BaseException) -> str:
@@ -281,9 +282,10 @@ def _tv_pretrained(
         weights = tvm.get_model_weights(name).DEFAULT
     except Exception as err:  # no weights enum for this model
         raise _PretrainedUnavailable(f"torchvision has no pretrained weights for {name} ({_short(err)})") from None
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-    if not cached.is_file() and not _reachable(weights.url):
-        raise _PretrainedUnavailable(f"offline: {urlparse(weights.url).hostname} unreachable and {cached} not cached")
+    cached = _torch_hub_file(weights.url)
+    if _hub_offline() and not cached.is_file():
+        # torchvision has no offline switch of its own: it would try the download
+        raise _PretrainedUnavailable(f"offline (HF_HUB_OFFLINE=1) and {cached} not cached")
     try:
         if name.startswith("vit_") and "image_size" in extra and extra["image_size"] != weights.meta["min_size"][0]:
             # ImageNet weights are for 224 px: interpolate the position embeddings to our size
@@ -295,7 +297,7 @@ def _tv_pretrained(
             net.load_state_dict(state)
         else:
             net = tvm.get_model(name, weights=weights)
-    except Exception as err:
+    except Exception as err:  # no network, a refused or corrupt download: all end in random init
         raise _PretrainedUnavailable(_short(err)) from None
     tf = weights.transforms()
     mean = [float(v) for v in getattr(tf, "mean", IMAGENET_MEAN)]
@@ -305,53 +307,29 @@ def _tv_pretrained(
     return net, mean, std, f"pretrained (torchvision {weights})"
 
 
-def _timm_cached_file(cfg: Any) -> str | None:
-    """A local copy of timm's pretrained file (explicit file, HF cache, torch hub cache), if any."""
-    if getattr(cfg, "file", None) and Path(cfg.file).is_file():
-        return str(cfg.file)
-    hub_id = getattr(cfg, "hf_hub_id", None)
-    if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, _, revision = hub_id.partition("@")
-        filenames = [getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"]
-        for fn in filter(None, filenames):
-            try:
-                found = try_to_load_from_cache(repo, fn, revision=revision or None)
-            except Exception:  # malformed ids or cache layouts: treat as not cached
-                found = None
-            if isinstance(found, str) and Path(found).is_file():
-                return found
-    url = getattr(cfg, "url", None)
-    if url:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-        if cached.is_file():
-            return str(cached)
-    return None
-
-
 def _timm_pretrained(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, list[float], list[float], str]:
+    """timm's own loader: its Hugging Face hub download obeys ``HF_HUB_OFFLINE`` and uses the
+    hub cache; its URL weights go through torch.hub, which has no offline switch, so that case is
+    checked here."""
     import timm
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name)
     if cfg is None:
         raise _PretrainedUnavailable(f"timm has no pretrained weights for {name}")
-    local = _timm_cached_file(cfg)
-    if local is None:
-        where = "huggingface.co" if getattr(cfg, "hf_hub_id", None) else (getattr(cfg, "url", None) or "")
-        if not where:
-            raise _PretrainedUnavailable(f"timm lists no weight source for {name}")
-        if not _reachable(where):
-            host = where if "://" not in where else urlparse(where).hostname
-            raise _PretrainedUnavailable(f"offline: {host} unreachable and no cached copy")
-        overlay: dict[str, Any] = {}
-    else:
-        # load the cached file directly: no hub round trips (which retry for ~1 min offline)
-        overlay = {"pretrained_cfg_overlay": {"file": local}}
+    hub_id, url, file = getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None), getattr(cfg, "file", None)
+    if not (hub_id or url or file):
+        # timm would log a warning and hand back random init labelled as pretrained
+        raise _PretrainedUnavailable(f"timm lists no weight source for {name}")
+    if _hub_offline() and url and not (hub_id or file) and not _torch_hub_file(url).is_file():
+        raise _PretrainedUnavailable(f"offline (HF_HUB_OFFLINE=1) and {_torch_hub_file(url)} not cached")
     try:
-        net = _timm_create(timm, name, pretrained=True, **kwargs, **overlay)
-    except Exception as err:
+        net = _timm_create(timm, name, pretrained=True, **kwargs)
+    except Exception as err:  # no network, no cached copy, a corrupt download: all end in random init
+        from huggingface_hub.utils import LocalEntryNotFoundError
+
+        if _hub_offline() and isinstance(err, LocalEntryNotFoundError):  # its text blames the connection
+            raise _PretrainedUnavailable(f"offline (HF_HUB_OFFLINE=1) and {hub_id} not cached") from None
         raise _PretrainedUnavailable(_short(err)) from None
     pcfg = getattr(net, "pretrained_cfg", {}) or {}
     mean = [float(v) for v in pcfg.get("mean", IMAGENET_MEAN)]
@@ -398,8 +376,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         hint = "re-save it with torch.save(model.state_dict(), path) or safetensors.torch.save_file"
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             # torch's own text is long and styled; the point is that nothing in it was run
-            raise WeightsError(f"cannot read weights file {p}: it holds Python objects, not only tensors (refused: "
-                               f"unpickling them could run code); {hint}") from None
+            raise WeightsError(
+                f"cannot read weights file {p}: it holds Python objects, not only tensors (refused: "
+                f"unpickling them could run code); {hint}"
+            ) from None
         raise WeightsError(f"cannot read weights file {p} (corrupt or truncated? {_short(err)}): {hint}") from None
     if isinstance(obj, dict):
         for key in _NESTED_KEYS:
@@ -629,10 +609,13 @@ def create_model(
             log.warning(
                 "pretrained weights for %s:%s unavailable (%s); continuing from random init. "
                 "To start from trained weights offline, give a local file: model.weights=<path.safetensors|.pth> "
-                "(CLI --weights), or train the dense baseline first (baseline.epochs > 0)",
+                "(CLI --weights), or train the dense baseline first (baseline.epochs > 0)%s",
                 source,
                 canonical,
                 err,
+                ""
+                if _hub_offline()
+                else "; on a machine without network, HF_HUB_OFFLINE=1 skips the download attempts",
             )
             desc = f"random-init (pretrained unavailable: {err})"
 

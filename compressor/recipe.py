@@ -27,8 +27,9 @@ class _Section(BaseModel):
     # strict: unknown keys raise, and no type juggling: a YAML true is not the number 1, "0.1" is
     # not a float, 2.5 is not an int (ints are still accepted where a float is expected);
     # NaN and infinities are refused everywhere
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, strict=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, strict=True, allow_inf_nan=False
+    )
 
 
 class ModelSection(_Section):
@@ -44,16 +45,16 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     name: str = "digits"
-    """digits (embedded), fashion-mnist, mnist, cifar10, cifar100, imagefolder."""
+    """digits (embedded), fashion-mnist, mnist, cifar10, cifar100, imagefolder (case and `_`/`-` do not matter)."""
     root: str | None = None
     """Folder of the data set (fashion-mnist defaults to the Debian package's files)."""
     download: bool = False
     """Let torchvision download mnist/cifar into root (needs network)."""
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Share of the training images held out for validation (deterministic by seed)."""
-    train_subset: int | None = Field(None, ge=1)
+    train_subset: int | None = Field(None, ge=1, le=10**9)
     """Use at most this many training images (random, by seed)."""
-    val_subset: int | None = Field(None, ge=1)
+    val_subset: int | None = Field(None, ge=1, le=10**9)
     """Use at most this many validation images."""
     batch_size: int = Field(32, ge=1, le=65536)
     """Global training batch: under torchrun each of W processes loads batch_size / W (must divide), so one recipe gives the same optimization on any number of processes."""
@@ -63,6 +64,11 @@ class DataSection(_Section):
     """DataLoader worker processes."""
     augment: bool = False
     """Random crop + horizontal flip on the training split."""
+
+    @field_validator("name")
+    @classmethod
+    def _canonical_name(cls, v: str) -> str:
+        return v.strip().lower().replace("_", "-")
 
 
 class OptimSection(_Section):
@@ -80,9 +86,15 @@ class OptimSection(_Section):
     """Clip the global gradient norm to this value (None: no clipping)."""
     val_every: int = Field(1, ge=0, le=10000)
     """Score the validation set after every N-th epoch and after the last (0: never); the history shows null for the others."""
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    """bf16 autocast: auto = on CUDA only."""
+    checkpoint_every: int = Field(1, ge=0, le=10000)
+    """Checkpoint every N epochs (0: never) when the run has a checkpoint file; a checkpoint is also written at the end."""
 
 
 class BaselineSection(OptimSection):
+    lr: float = Field(1e-4, gt=0.0, le=10.0)
+    """Learning rate (smaller than RobustDLRT's: the dense weights are only fine-tuned)."""
     epochs: int = Field(0, ge=0, le=10000)
     """Dense fine-tuning epochs before compression (0: take the model as it is)."""
 
@@ -92,13 +104,13 @@ class FactorizeSection(_Section):
     """Initial bases: `activations` = chosen in the metric of the layers' activations on `calibration_batches` training batches (keeps briefly trained, flat-spectrum weights accurate; see compressor/calibration.py); `svd` = SVD / HOSVD of the weights alone."""
     calibration_batches: int = Field(8, ge=1, le=100000)
     """Training batches run through the dense model for `init: activations`."""
-    init_rank: int | float = 150
-    """Initial rank: an int, or a float in (0, 1] = that fraction of each layer's full rank."""
+    init_rank: int | float | None = 150
+    """Initial rank: an int, a float in (0, 1] = that fraction of each layer's full rank, or null = each layer's cap."""
     init_tol: float | None = Field(None, gt=0.0, lt=1.0)
     """If set, initial rank by energy: the smallest r with ‖σ[r:]‖ < init_tol·‖σ‖, at most init_rank (null: r_max); σ² = the activation spectrum for `init: activations`, the weight's squared singular values for `svd`."""
-    r_min: int = Field(2, ge=1)
+    r_min: int = Field(2, ge=1, le=10**6)
     """Smallest rank truncation may choose."""
-    r_max: int = Field(200, ge=1)
+    r_max: int = Field(200, ge=1, le=10**6)
     """Largest rank (augmentation stops here). Each layer is further capped at its break-even rank (the largest rank at which it is still smaller and cheaper than dense); a layer that saves nothing even at r_min stays dense."""
     include: list[str] = Field(default_factory=list)
     """Glob patterns on module names to factorize (empty: every eligible layer)."""
@@ -111,17 +123,19 @@ class FactorizeSection(_Section):
 
     @field_validator("init_rank")
     @classmethod
-    def _check_init_rank(cls, v: int | float) -> int | float:
+    def _check_init_rank(cls, v: int | float | None) -> int | float | None:
+        if v is None:
+            return v
         if isinstance(v, bool):
             raise ValueError("must be an int rank or a float fraction in (0, 1]")
-        if isinstance(v, int) and v < 1:
-            raise ValueError("an int rank must be >= 1")
+        if isinstance(v, int) and not 1 <= v <= 10**6:
+            raise ValueError("an int rank must be in [1, 1000000]")
         if isinstance(v, float) and not 0.0 < v <= 1.0:
             raise ValueError("a float fraction must be in (0, 1]")
         return v
 
     @model_validator(mode="after")
-    def _check_bounds(self) -> "FactorizeSection":
+    def _check_bounds(self) -> FactorizeSection:
         if self.r_min > self.r_max:
             raise ValueError(f"r_min ({self.r_min}) must be <= r_max ({self.r_max})")
         return self
@@ -146,12 +160,8 @@ class TrainSection(OptimSection):
     """Relative truncation tolerance τ."""
     coefficient_steps: int = Field(10, ge=2, le=100000)
     """Batches per DLRT cycle s*: augment on the first, truncate after the last."""
-    amp: Literal["auto", "off", "bf16"] = "auto"
-    """bf16 autocast: auto = on CUDA only."""
     device: str = "auto"
-    """auto, cpu, cuda, cuda:N."""
-    checkpoint_every: int = Field(1, ge=0)
-    """Checkpoint every N epochs (0: never). A checkpoint is also written at the end."""
+    """auto, cpu, cuda, cuda:N (the device of the whole run)."""
 
 
 class AttackSpec(_Section):
@@ -173,8 +183,10 @@ class AttackSpec(_Section):
 
         for key, value in v.items():
             if not plain(value):
-                raise ValueError(f"option {key!r}: give a number, string, boolean, null or a list of them, "
-                                 f"not {type(value).__name__}")
+                raise ValueError(
+                    f"option {key!r}: give a number, string, boolean, null or a list of them, "
+                    f"not {type(value).__name__}"
+                )
         return v
 
     @field_validator("eps")
@@ -201,7 +213,7 @@ class EvaluateSection(_Section):
     """pixel: ε on [0,1] images (standard). normalized: ε in normalized units (the paper's code)."""
     round_8bit: bool = False
     """Round adversarial images to 8 bits before scoring (the paper scored saved PNGs)."""
-    max_samples: int | None = Field(512, ge=1)
+    max_samples: int | None = Field(512, ge=1, le=10**9)
     """Attack at most this many validation images (clean accuracy uses all)."""
     seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the attacks' randomness (random starts, noise)."""
@@ -234,7 +246,7 @@ class Recipe(_Section):
     """Seed of everything random: split, init, batch order, attacks."""
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
-    baseline: BaselineSection = Field(default_factory=lambda: BaselineSection(lr=1e-4))
+    baseline: BaselineSection = Field(default_factory=BaselineSection)
     factorize: FactorizeSection = Field(default_factory=FactorizeSection)
     train: TrainSection = Field(default_factory=TrainSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
@@ -273,8 +285,11 @@ _UNION_TAGS = frozenset({"int", "float", "str", "bool", "none", "list", "dict"})
 def _key_path(loc: tuple[Any, ...]) -> str:
     """The dotted recipe key of a pydantic error location, without pydantic's union-member tags
     (``factorize.init_rank.int`` → ``factorize.init_rank``)."""
-    parts = [p if isinstance(p, str) and p.isprintable() else str(p) if isinstance(p, int) else repr(p)
-             for p in loc if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
+    parts = [
+        p if isinstance(p, str) and p.isprintable() else str(p) if isinstance(p, int) else repr(p)
+        for p in loc
+        if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))
+    ]
     return ".".join(parts) or "<root>"
 
 
@@ -288,7 +303,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     else:
         msgs = list(dict.fromkeys(e["msg"] for e in same))
         lead = "Input should be "
-        msg = " or ".join([msgs[0]] + [m[len(lead):] if m.startswith(lead) else m for m in msgs[1:]])
+        msg = " or ".join([msgs[0]] + [m[len(lead) :] if m.startswith(lead) else m for m in msgs[1:]])
         value = errors[0].get("input")
         if value is None or isinstance(value, (bool, int, float, str)):
             shown = repr(value)
@@ -401,9 +416,13 @@ def recipe_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def reference_markdown() -> str:
     """docs/recipes.md: every recipe key with its type, default and meaning (from the schema)."""
-    lines = ["# Recipe reference", "",
-             "Generated from `compressor/recipe.py` (`python -m compressor.recipe > docs/recipes.md`).",
-             "Unknown keys and wrong types are refused with the key's path; `--set key=value` overrides any key.", ""]
+    lines = [
+        "# Recipe reference",
+        "",
+        "Generated from `compressor/recipe.py` (`python -m compressor.recipe > docs/recipes.md`).",
+        "Unknown keys and wrong types are refused with the key's path; `--set key=value` overrides any key.",
+        "",
+    ]
 
     def section(model: type[BaseModel], prefix: str) -> None:
         rows = []
@@ -421,16 +440,27 @@ def reference_markdown() -> str:
             doc = (f.description or "").replace("\n", " ")
             rows.append(f"| `{prefix}{name}` | `{typ}` | `{default!r}` | {doc} |")
         if rows:
-            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| key | type | default | meaning |",
-                          "|---|---|---|---|", *rows, ""])
+            lines.extend(
+                [
+                    f"## `{prefix.rstrip('.') or 'top level'}`",
+                    "",
+                    "| key | type | default | meaning |",
+                    "|---|---|---|---|",
+                    *rows,
+                    "",
+                ]
+            )
         for name, f in model.model_fields.items():
             ann = f.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 section(ann, f"{prefix}{name}.")
 
     section(Recipe, "")
-    lines += ["Attack entries (`evaluate.attacks`): `{name, eps: [..], options: {..}}`; `compress list attacks` "
-              "shows the names; unknown options are refused.", ""]
+    lines += [
+        "Attack entries (`evaluate.attacks`): `{name, eps: [..], options: {..}}`; `compress list attacks` "
+        "shows the names; unknown options are refused.",
+        "",
+    ]
     return "\n".join(lines)
 
 

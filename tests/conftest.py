@@ -12,7 +12,19 @@ import pytest
 import torch
 from hypothesis import settings
 
-torch.set_num_threads(1)
+# One thread by default (CI has 2 cores and some tests start subprocesses); set
+# COMPRESSOR_TEST_THREADS=2 to check that trained figures hold with another thread count.
+torch.set_num_threads(int(os.environ.get("COMPRESSOR_TEST_THREADS", "1")))
+
+
+def train_config(adaptive_epochs: int = 3, fixed_epochs: int = 0, **keys):
+    """The recipe's ``train`` section for a Trainer, with the defaults these tests were written
+    for (Adam 1e-3, no clipping, β = 0) instead of the recipe's RobustDLRT ones."""
+    from compressor.recipe import TrainSection
+
+    keys = {"optimizer": "adam", "lr": 1e-3, "grad_clip": None, "beta": 0.0, **keys}
+    return TrainSection(epochs=adaptive_epochs, finetune_epochs=fixed_epochs, **keys)
+
 
 # Property tests draw the same examples on every run (CI must not pass or fail by luck); a
 # local search for new counterexamples: HYPOTHESIS_PROFILE=explore pytest ...

@@ -35,9 +35,16 @@ class TinyNet(nn.Module):
         self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
         self.register_buffer("std", torch.full((1, 3, 1, 1), 0.25))
         self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Dropout(0.2), nn.Linear(16, k),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(0.2),
+            nn.Linear(16, k),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,8 +252,13 @@ class _Fixed(Attack):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), eps=st.floats(0.0, 0.2), norm=st.sampled_from(["linf", "l2"]),
-       grid=st.booleans(), normalized=st.booleans())
+@given(
+    seed=st.integers(0, 10_000),
+    eps=st.floats(0.0, 0.2),
+    norm=st.sampled_from(["linf", "l2"]),
+    grid=st.booleans(),
+    normalized=st.booleans(),
+)
 def test_round_8bit_property(seed, eps, norm, grid, normalized):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(3, 3, 4, 4, generator=g)
@@ -345,9 +357,15 @@ def test_unknown_attack_lists_valid_names(model):
     assert "'pgd'" in msg and all(n in msg for n in ATTACKS)
 
 
-@pytest.mark.parametrize("options, word", [
-    ({"stepz": 3}, "stepz"), ({"norm": "l3"}, "norm"), ({"steps": 0}, "steps"), ({"eps_unit": "mm"}, "eps_unit"),
-])
+@pytest.mark.parametrize(
+    "options, word",
+    [
+        ({"stepz": 3}, "stepz"),
+        ({"norm": "l3"}, "norm"),
+        ({"steps": 0}, "steps"),
+        ({"eps_unit": "mm"}, "eps_unit"),
+    ],
+)
 def test_bad_options_raise_config_error(model, options, word):
     with pytest.raises(ConfigError, match=word):
         create_attack("pgd", model, eps=0.1, **options)
@@ -362,8 +380,11 @@ def test_negative_eps_raises(model):
 def test_input_checks(model, batch, bad):
     x, y = batch
     args = {
-        "int_images": ((x * 255).to(torch.uint8), y), "range": (x * 2 - 0.5, y), "3d": (x[0], y),
-        "float_labels": (x, y.float()), "batch": (x, y[:-1]),
+        "int_images": ((x * 255).to(torch.uint8), y),
+        "range": (x * 2 - 0.5, y),
+        "3d": (x[0], y),
+        "float_labels": (x, y.float()),
+        "batch": (x, y[:-1]),
     }[bad]
     with pytest.raises(ValueError):
         create_attack("fgsm", model, eps=0.1)(*args)

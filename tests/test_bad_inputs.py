@@ -108,10 +108,18 @@ CASES = [
     ("unknown model prefix", ["--model", "hub:resnet18"], "unknown model prefix", None),
     ("unknown data set", ["--data", "nodata"], "unknown data set 'nodata'", None),
     ("unknown attack", ["--set", "evaluate.attacks=[{name: nope, eps: [0.1]}]"], "unknown attack 'nope'", None),
-    ("unknown attack option", ["--set", "evaluate.attacks=[{name: pgd, eps: [0.1], options: {stepz: 2}}]"],
-     "stepz", None),
-    ("bad attack option value", ["--set", "evaluate.attacks=[{name: pgd, eps: [0.1], options: {steps: 0}}]"],
-     "steps", None),
+    (
+        "unknown attack option",
+        ["--set", "evaluate.attacks=[{name: pgd, eps: [0.1], options: {stepz: 2}}]"],
+        "stepz",
+        None,
+    ),
+    (
+        "bad attack option value",
+        ["--set", "evaluate.attacks=[{name: pgd, eps: [0.1], options: {steps: 0}}]"],
+        "steps",
+        None,
+    ),
     ("malformed yaml", ["--recipe", "{f}/malformed.yaml"], "not valid YAML at line", None),
     ("list yaml", ["--recipe", "{f}/list.yaml"], "must be a YAML mapping", None),
     ("scalar yaml", ["--recipe", "{f}/scalar.yaml"], "must be a YAML mapping", None),
@@ -124,8 +132,12 @@ CASES = [
     ("tau out of range", ["--set", "train.tau=1.0"], "'train.tau'", None),
     ("nan", ["--set", "train.lr=.nan"], "'train.lr'", None),
     ("eps out of range", ["--set", "evaluate.attacks=[{name: fgsm, eps: [1.5]}]"], "eps", None),
-    ("r_min > r_max", ["--set", "factorize.r_min=20", "--set", "factorize.r_max=4"], "r_min (20) must be <= r_max (4)",
-     None),
+    (
+        "r_min > r_max",
+        ["--set", "factorize.r_min=20", "--set", "factorize.r_max=4"],
+        "r_min (20) must be <= r_max (4)",
+        None,
+    ),
     ("rank zero", ["--set", "factorize.init_rank=0"], "'factorize.init_rank'", None),
     ("negative seed", ["--seed", "-1"], "'seed'", None),
     ("missing recipe file", ["--recipe", "{f}/nope.yaml"], "recipe file not found", None),
@@ -145,8 +157,12 @@ CASES = [
     ("interrupted run without --resume", [], "--resume", _setup_interrupted_run),
     ("resume with nothing to resume", ["--resume"], "no interrupted run", None),
     ("resume a finished run", ["--resume"], "nothing to resume", _setup_existing_run),
-    ("resume with another recipe", ["--resume", "--set", "train.beta=0.2", "--seed", "5"],
-     "differs from the interrupted run's", _setup_staged_recipe),
+    (
+        "resume with another recipe",
+        ["--resume", "--set", "train.beta=0.2", "--seed", "5"],
+        "differs from the interrupted run's",
+        _setup_staged_recipe,
+    ),
     ("run name escapes", ["--run-name", "../escape"], "'run_name'", None),
     ("run name hidden", ["--run-name", ".hidden"], "'run_name'", None),
     ("set without =", ["--set", "train.beta"], "expected key=value", None),
@@ -232,8 +248,8 @@ def test_unwritable_output_folder(files: Path, tmp_path: Path, capsys) -> None:
 
 def test_unsafe_files_run_nothing(files: Path) -> None:
     """The exploit files really are exploits: plain pickle / yaml.unsafe_load would run them."""
-    from compressor.models import read_state_dict
     from compressor.errors import WeightsError
+    from compressor.models import read_state_dict
 
     with pytest.raises(WeightsError, match="Python objects"):
         read_state_dict(files / "exploit.pth")
@@ -255,17 +271,27 @@ def test_corrupt_onnx_is_refused(files: Path) -> None:
             check(files / "model.onnx", torch.nn.Identity())
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--recipe", "{f}/malformed.yaml", "--output-dir", "{o}"], "not valid YAML"),
-    (["--recipe", "{r}", "--weights", "{f}/garbage.safetensors", "--output-dir", "{o}"], "garbage.safetensors"),
-    (["export", "{f}/truncated.safetensors"], "truncated"),
-], ids=["malformed recipe", "corrupt weights", "export truncated file"])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--recipe", "{f}/malformed.yaml", "--output-dir", "{o}"], "not valid YAML"),
+        (["--recipe", "{r}", "--weights", "{f}/garbage.safetensors", "--output-dir", "{o}"], "garbage.safetensors"),
+        (["export", "{f}/truncated.safetensors"], "truncated"),
+    ],
+    ids=["malformed recipe", "corrupt weights", "export truncated file"],
+)
 def test_a_real_process_exits_2_with_one_line(args, fragment, files: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     before = _listing(tmp_path, files)
-    proc = subprocess.run([sys.executable, "-m", "compressor.cli", *_fill(args, files, out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compressor.cli", *_fill(args, files, out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     _check_refused(proc.returncode, proc.stderr, fragment)
     assert proc.stdout == ""
     assert _listing(tmp_path, files) == before

@@ -30,8 +30,13 @@ def test_smoke_run_writes_results_and_its_section(script: str, tmp_path: Path) -
     page = tmp_path / "BENCHMARKS.md"
     page.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
     target = tmp_path / result if flag == "--out" else tmp_path
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", flag, str(target),
-                           "--benchmarks-md", str(page)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--smoke", flag, str(target), "--benchmarks-md", str(page)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / result).read_text())
     assert data, result
@@ -59,13 +64,29 @@ def test_update_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     assert benchmarks_md.update_section("c", "x", script="s.py", argv=[], measured="m.", path=None) is None
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--device", "tpu"], "--device 'tpu' is not a device"),
-    (["--device", "cpu", "--profile", "2", "--amp", "maybe"], "invalid choice"),
-] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "on a machine with a CUDA GPU")]))
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--device", "tpu"], "--device 'tpu' is not a device"),
+        (["--device", "cpu", "--profile", "2", "--amp", "maybe"], "invalid choice"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "on a machine with a CUDA GPU")]),
+)
 def test_bench_dlrt_refuses_a_device_it_cannot_run_on(argv: list[str], message: str, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dlrt.py"), *argv,
-                           "--out", str(tmp_path / "x.json"), "--benchmarks-md", str(tmp_path / "B.md")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_dlrt.py"),
+            *argv,
+            "--out",
+            str(tmp_path / "x.json"),
+            "--benchmarks-md",
+            str(tmp_path / "B.md"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "B.md").exists()  # nothing half-done

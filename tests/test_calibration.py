@@ -26,7 +26,8 @@ def _low_rank_inputs(n: int, d: int, k: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0]
     return torch.randn(n, k, generator=g, dtype=torch.float64) @ basis.mT + 1e-3 * torch.randn(
-        n, d, generator=g, dtype=torch.float64)
+        n, d, generator=g, dtype=torch.float64
+    )
 
 
 def test_second_moment_rows_and_gram_agree() -> None:
@@ -90,8 +91,15 @@ def test_full_rank_stays_exact_whatever_the_data(shape) -> None:
     dense = copy.deepcopy(model)
     x = torch.zeros(4, c_in, 6, 6, dtype=torch.float64)
     x[:, 0] = torch.rand(4, 6, 6, dtype=torch.float64)  # only one input channel carries signal
-    report = factorize_(model, init_rank=None, r_max=10_000, require_saving=False, keep_first_conv=False,
-                        keep_classifier=False, calibration=[x])
+    report = factorize_(
+        model,
+        init_rank=None,
+        r_max=10_000,
+        require_saving=False,
+        keep_first_conv=False,
+        keep_classifier=False,
+        calibration=[x],
+    )
     # the linear at full rank takes the (exact) SVD; the conv's modes at their caps the kernel's bases
     assert {d.name: d.init for d in report.factorized} == {"0": "activations", "4": "svd"}
     probe = torch.randn(3, c_in, 6, 6, dtype=torch.float64)  # other data than the calibration's
@@ -122,22 +130,37 @@ def test_init_tol_reads_the_activation_spectrum() -> None:
     torch.manual_seed(3)
     lin = nn.Linear(40, 40).double()
     x = _low_rank_inputs(400, 40, 5)  # outputs W x span 5 directions (plus noise)
-    report = factorize_(nn.Sequential(lin, nn.ReLU(), nn.Linear(40, 2).double()), init_rank=None, init_tol=0.01,
-                        r_min=2, r_max=100, calibration=[x])
+    report = factorize_(
+        nn.Sequential(lin, nn.ReLU(), nn.Linear(40, 2).double()),
+        init_rank=None,
+        init_tol=0.01,
+        r_min=2,
+        r_max=100,
+        calibration=[x],
+    )
     assert report.factorized[0].ranks == [5]  # the weight SVD would keep ~all of a random 40×40
     assert report.factorized[0].init == "activations"
 
 
 def test_calibration_restores_modes_and_leaves_the_model_unchanged() -> None:
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout(0.5),
-                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 64),
-                          nn.Linear(64, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 64),
+        nn.Linear(64, 5),
+    )
     model.train()
     model[1].eval()
     before = copy.deepcopy(model.state_dict())
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(40, 3, 4, 4),
-                                                                        torch.zeros(40).long()), batch_size=8)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.rand(40, 3, 4, 4), torch.zeros(40).long()), batch_size=8
+    )
     report = factorize_(model, init_rank=4, r_max=16, calibration=loader, calibration_batches=2)
     assert {d.name for d in report.factorized} == {"4", "7"}
     assert model.training and not model[1].training and model[3].training
@@ -200,7 +223,7 @@ def test_gather_pools_the_rows_of_both_processes(rows_each: int, d: int) -> None
     shared = {"slots": [None, None], "barrier": threading.Barrier(2)}
     moments = [SecondMoment(), SecondMoment()]
     for rank, moment in enumerate(moments):
-        moment.add(x[rank * rows_each:(rank + 1) * rows_each])
+        moment.add(x[rank * rows_each : (rank + 1) * rows_each])
     threads = [threading.Thread(target=m.gather, args=(_TwoProcesses(r, shared),)) for r, m in enumerate(moments)]
     for t in threads:
         t.start()
@@ -218,8 +241,14 @@ def test_gather_pools_the_rows_of_both_processes(rows_each: int, d: int) -> None
 
 def test_init_tol_rank_respects_r_min_with_few_calibration_rows() -> None:
     lin = nn.Linear(64, 64)
-    report = factorize_(nn.Sequential(lin, nn.Linear(64, 2)), init_rank=None, init_tol=0.1, r_min=8, r_max=32,
-                        calibration=[torch.randn(3, 64)])  # 3 rows: only 3 directions carry data
+    report = factorize_(
+        nn.Sequential(lin, nn.Linear(64, 2)),
+        init_rank=None,
+        init_tol=0.1,
+        r_min=8,
+        r_max=32,
+        calibration=[torch.randn(3, 64)],
+    )  # 3 rows: only 3 directions carry data
     ranks = report.factorized[0].ranks
     assert ranks == [8], ranks
     layer = report.factorized[0]

@@ -161,8 +161,9 @@ def test_global_batch_must_divide_and_fit():
     with pytest.raises(ConfigError, match="divisible"):
         build_data(DataSection(name="digits", batch_size=15), input_size=8, seed=0, rank=0, world_size=2)
     with pytest.raises(DataError, match="global batch"):
-        build_data(DataSection(name="digits", train_subset=20, batch_size=32), input_size=8, seed=0, rank=0,
-                   world_size=2)
+        build_data(
+            DataSection(name="digits", train_subset=20, batch_size=32), input_size=8, seed=0, rank=0, world_size=2
+        )
 
 
 def test_single_process_order_equals_one_replica_distributed_order():
@@ -280,6 +281,33 @@ def test_idx_reader_rejects_truncated_and_wrong_files(tmp_path):
     bad_gz.write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match="corrupt"):
         read_idx_labels(bad_gz)
+    bad_stream = tmp_path / "y.gz"  # a gzip header followed by a broken deflate stream
+    bad_stream.write_bytes(gzip.compress(b"x" * 100)[:10] + b"\xff" * 20)
+    with pytest.raises(DataError, match="corrupt"):
+        read_idx_labels(bad_stream)
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\xff" * 64)
+    with pytest.raises(DataError, match="truncated or corrupt") as err:
+        read_idx_images(junk)
+    assert "\n" not in str(err.value)
+
+
+def test_gzip_idx_is_decompressed_to_a_private_temporary_folder_and_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    images, labels = _tiny_idx()
+    data = tmp_path / "data"
+    _write_idx(data, images, labels)
+    data.chmod(0o555)  # like the Debian package folder: nothing may be written next to the files
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    try:
+        assert torch.equal(read_idx_images(data / "train-images-idx3-ubyte.gz")[:, 0], images)
+    finally:
+        data.chmod(0o755)
+    assert sorted(p.name for p in data.iterdir()) == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    assert not any(scratch.iterdir())
 
 
 def test_idx_missing_root_or_files(tmp_path):

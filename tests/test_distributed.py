@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import train_config
 from torch import nn
 
 from compressor.data import build_data, set_epoch
@@ -33,7 +34,8 @@ from compressor.factorize import factorize_
 from compressor.layers import LowRankLinear, low_rank_layers
 from compressor.layers.conv import TuckerConv2d
 from compressor.recipe import DataSection
-from compressor.train import DistContext, Trainer, TrainerConfig
+from compressor.runtime import DistContext
+from compressor.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 16
@@ -70,22 +72,53 @@ def _set_epoch(loader, epoch: int) -> None:
 def _net() -> nn.Module:
     """A small CNN without BatchNorm or dropout, float64, with a Tucker conv and a low-rank linear."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(48, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
     factorize_(net, init_rank=4, r_min=2, r_max=8, seed=0)
     assert {type(m).__name__ for m in low_rank_layers(net).values()} == {"TuckerConv2d", "LowRankLinear"}
     return net.double()
 
 
 def _train(rank: int, world: int, epochs: int, ckpt: Path | None = None, resume: bool = False):
-    data = build_data(DataSection(name="digits", train_subset=96, val_subset=40, batch_size=GLOBAL_BATCH,
-                                  eval_batch_size=16), input_size=8, seed=0, rank=rank, world_size=world)
+    data = build_data(
+        DataSection(name="digits", train_subset=96, val_subset=40, batch_size=GLOBAL_BATCH, eval_batch_size=16),
+        input_size=8,
+        seed=0,
+        rank=rank,
+        world_size=world,
+    )
     model = _net()
-    cfg = TrainerConfig(adaptive_epochs=epochs, fixed_epochs=0, lr=3e-2, schedule="constant", beta=0.05, tau=0.3,
-                        coefficient_steps=3, amp="off", checkpoint_every=1)
+    cfg = train_config(
+        adaptive_epochs=epochs,
+        fixed_epochs=0,
+        lr=3e-2,
+        schedule="constant",
+        beta=0.05,
+        tau=0.3,
+        coefficient_steps=3,
+        amp="off",
+        checkpoint_every=1,
+    )
     torch.manual_seed(1)
-    trainer = Trainer(model, _Double(data.train_loader), cfg, val_loader=_Double(data.val_loader), seed=0,
-                      dist=DistContext(), checkpoint_path=ckpt, set_epoch=_set_epoch)
+    trainer = Trainer(
+        model,
+        _Double(data.train_loader),
+        cfg,
+        val_loader=_Double(data.val_loader),
+        seed=0,
+        dist=DistContext(),
+        checkpoint_path=ckpt,
+        set_epoch=_set_epoch,
+    )
     history = trainer.fit(resume=resume)
     return model, history, _Double(data.val_loader)
 
@@ -93,11 +126,15 @@ def _train(rank: int, world: int, epochs: int, ckpt: Path | None = None, resume:
 def _summary(model: nn.Module, history, val_loader) -> dict:
     ev = evaluate(model, val_loader, ATTACKS, max_samples=24, dist=DistContext()).to_dict()
     ev.pop("timing")
-    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
-            "ranks": {n: l.ranks for n, l in low_rank_layers(model).items()},
-            "history": [{k: e[k] for k in ("train_loss", "train_accuracy", "val_accuracy", "regularizer", "layers")}
-                        for e in history.epochs],
-            "eval": ev}
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "ranks": {n: l.ranks for n, l in low_rank_layers(model).items()},
+        "history": [
+            {k: e[k] for k in ("train_loss", "train_accuracy", "val_accuracy", "regularizer", "layers")}
+            for e in history.epochs
+        ],
+        "eval": ev,
+    }
 
 
 # ----------------------------------------------------------------------------- the 2-process worker
@@ -118,8 +155,10 @@ def _collectives(ctx: DistContext, rank: int) -> dict:
 
     # sync_low_rank: rank 1 deliberately holds other ranks, other factors and other Adam state
     torch.manual_seed(10 + rank)
-    model = nn.Sequential(LowRankLinear(12, 10, rank=4 if rank == 0 else 3, r_max=8),
-                          TuckerConv2d(6, 5, (3, 3), (3, 2) if rank == 0 else (2, 4), r_max=5))
+    model = nn.Sequential(
+        LowRankLinear(12, 10, rank=4 if rank == 0 else 3, r_max=8),
+        TuckerConv2d(6, 5, (3, 3), (3, 2) if rank == 0 else (2, 4), r_max=5),
+    )
     for p in model.parameters():
         nn.init.normal_(p)
     layers = list(low_rank_layers(model).values())
@@ -129,10 +168,18 @@ def _collectives(ctx: DistContext, rank: int) -> dict:
     opt.step()
     ctx.sync_low_rank(model, opt)
     out["ranks"] = [layer.ranks for layer in layers]
-    out["low_rank"] = {k: v.clone() for layer in layers for k, v in
-                       [*((f"{type(layer).__name__}.{i}", p.data) for i, p in enumerate([*layer.bases(), layer.core])),
-                        *((f"{type(layer).__name__}.{k}", v) for k, v in opt.state[layer.core].items()
-                          if torch.is_tensor(v) and v.dim())]}
+    out["low_rank"] = {
+        k: v.clone()
+        for layer in layers
+        for k, v in [
+            *((f"{type(layer).__name__}.{i}", p.data) for i, p in enumerate([*layer.bases(), layer.core])),
+            *(
+                (f"{type(layer).__name__}.{k}", v)
+                for k, v in opt.state[layer.core].items()
+                if torch.is_tensor(v) and v.dim()
+            ),
+        ]
+    }
     # the synced optimizer still steps (state shapes follow the new ranks)
     x = torch.randn(4, 12, dtype=torch.float32)
     model[0](x).sum().backward()
@@ -179,10 +226,18 @@ def dist_run(tmp_path_factory) -> dict:
     single = _summary(model, history, val)
     # forkserver: one clean server process imports the heavy modules once (torch, sklearn, dynamo:
     # ~15 s) and forks both workers from it (plain fork is unsafe once autograd threads exist)
-    mp.set_forkserver_preload(["torch", "torch._dynamo", "sklearn.datasets", "compressor.data",
-                               "compressor.evaluate", "compressor.train", __name__])
-    mp.start_processes(_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True,
-                       start_method="forkserver")
+    mp.set_forkserver_preload(
+        [
+            "torch",
+            "torch._dynamo",
+            "sklearn.datasets",
+            "compressor.data",
+            "compressor.evaluate",
+            "compressor.train",
+            __name__,
+        ]
+    )
+    mp.start_processes(_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True, start_method="forkserver")
     return {"ranks": [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)], "single": single}
 
 
@@ -287,9 +342,24 @@ def cli_runs(tmp_path_factory) -> tuple[Path, Path]:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun, "torchrun not found next to the interpreter"
     args = ["--recipe", str(recipe), "--quiet"]
-    two = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "compressor.cli", *args,
-                            "--output-dir", str(tmp / "two")],
-                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    two = subprocess.Popen(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "compressor.cli",
+            *args,
+            "--output-dir",
+            str(tmp / "two"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # meanwhile the one-process reference, in this process (its imports are done already)
         from compressor.cli import main
@@ -324,16 +394,25 @@ def test_torchrun_cli_matches_one_process(cli_runs) -> None:
     a, b = (json.loads((d / "report.json").read_text()) for d in (one, two))
     assert a["data"] == b["data"]
     for side in ("dense", "compressed"):
-        for key in ("clean_accuracy", "n_clean", "n_attacked", "clean_accuracy_attacked", "adversarial_accuracy",
-                    "worst_case_accuracy"):
+        for key in (
+            "clean_accuracy",
+            "n_clean",
+            "n_attacked",
+            "clean_accuracy_attacked",
+            "adversarial_accuracy",
+            "worst_case_accuracy",
+        ):
             assert a[side][key] == b[side][key], (side, key)
         assert a[side]["n_clean"] == 40 and a[side]["n_attacked"] == 24
         _close(b[side]["sensitivity"], a[side]["sensitivity"], 2e-3)
-    assert {n: l["ranks"] for n, l in a["compressed"]["layers"].items()} == \
-           {n: l["ranks"] for n, l in b["compressed"]["layers"].items()}
+    assert {n: l["ranks"] for n, l in a["compressed"]["layers"].items()} == {
+        n: l["ranks"] for n, l in b["compressed"]["layers"].items()
+    }
     assert a["compressed"]["params"] == b["compressed"]["params"]
-    for ea, eb in zip(a["history"]["epochs"] + a["dense"]["baseline_history"]["epochs"],
-                      b["history"]["epochs"] + b["dense"]["baseline_history"]["epochs"]):
+    for ea, eb in zip(
+        a["history"]["epochs"] + a["dense"]["baseline_history"]["epochs"],
+        b["history"]["epochs"] + b["dense"]["baseline_history"]["epochs"],
+    ):
         assert ea["val_accuracy"] == eb["val_accuracy"]
         assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-5)
         # the training batches' argmax may flip for one image whose two top logits tie to float32

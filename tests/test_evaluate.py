@@ -1,4 +1,4 @@
-"""evaluate(), evaluate_onnx() and plot_accuracy_vs_eps() on a tiny CNN and a synthetic task."""
+"""evaluate(), evaluate_onnx() and report.plot_accuracy_vs_eps() on a tiny CNN and a synthetic task."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from compressor.attacks import list_attacks
 from compressor.errors import ConfigError, DataError, UnknownNameError, WeightsError
-from compressor.evaluate import EvalResult, evaluate, evaluate_onnx, plot_accuracy_vs_eps
+from compressor.evaluate import EvalResult, evaluate, evaluate_onnx
 from compressor.recipe import AttackSpec
+from compressor.report import plot_accuracy_vs_eps
 
 FAST = {"pgd": {"steps": 3}, "apgd": {"steps": 4}, "jitter": {"steps": 2}, "mixup": {"steps": 1}}
 
@@ -28,8 +29,15 @@ def synthetic(n: int, seed: int, k: int = 4) -> tuple[torch.Tensor, torch.Tensor
 
 def tiny_cnn(k: int = 4) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, k),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, k),
     )
 
 
@@ -89,8 +97,10 @@ def test_worst_case_is_below_every_attack_and_monotone(model, loader):
 
 def test_result_is_json_deterministic_and_reports_progress(model, loader):
     seen: list[int] = []
-    attacks = [AttackSpec(name="pgd", eps=[0.05], options={"steps": 2}), {"name": "pgd", "eps": [0.5],
-               "options": {"norm": "l2", "steps": 2}}]
+    attacks = [
+        AttackSpec(name="pgd", eps=[0.05], options={"steps": 2}),
+        {"name": "pgd", "eps": [0.5], "options": {"norm": "l2", "steps": 2}},
+    ]
     a = evaluate(model, loader, attacks, max_samples=40, seed=3, progress=seen.append)
     b = evaluate(model, loader, attacks, max_samples=40, seed=3)
     assert sum(seen) == 150
@@ -131,7 +141,9 @@ def test_empty_loader_raises(model):
 
 def test_plot_accuracy_vs_eps(model, loader, tmp_path):
     r = evaluate(model, loader, [{"name": "fgsm", "eps": [0.02, 0.1]}], max_samples=32)
-    out = plot_accuracy_vs_eps({"dense": r, "compressed": EvalResult(**r.__dict__).to_dict()}, tmp_path / "p" / "acc.png")
+    out = plot_accuracy_vs_eps(
+        {"dense": r, "compressed": EvalResult(**r.__dict__).to_dict()}, tmp_path / "p" / "acc.png"
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -182,14 +194,16 @@ def test_fgsm_family_shares_one_clean_gradient_across_eps(model, loader, name, o
     figures and adversarial images as one evaluation per ε, with one gradient pass per batch."""
     eps = [0.02, 0.05, 0.1]
     counted = _CountingForward(model)
-    together = evaluate(counted, loader, [{"name": name, "eps": eps, "options": options}], max_samples=64,
-                        keep_adversarial=True)
+    together = evaluate(
+        counted, loader, [{"name": name, "eps": eps, "options": options}], max_samples=64, keep_adversarial=True
+    )
     steps = options.get("steps", 1)
     n_batches = 2  # 64 attacked samples in batches of 32
     assert counted.grad_passes == n_batches * (1 + (steps - 1) * len(eps))
     for e in eps:
-        alone = evaluate(model, loader, [{"name": name, "eps": [e], "options": options}], max_samples=64,
-                         keep_adversarial=True)
+        alone = evaluate(
+            model, loader, [{"name": name, "eps": [e], "options": options}], max_samples=64, keep_adversarial=True
+        )
         assert torch.equal(together.adversarial[(name, e)], alone.adversarial[(name, e)])
         assert together.adversarial_accuracy[name][str(e)] == alone.adversarial_accuracy[name][str(e)]
 
@@ -198,8 +212,12 @@ def test_clean_gradient_is_not_shared_across_settings_or_outside_evaluate(model,
     """Two settings of one attack (other options) keep their own gradients; a direct call never
     reads a memo (another batch must not see this one's gradient)."""
     counted = _CountingForward(model)
-    evaluate(counted, loader, [{"name": "l2_fgsm", "eps": [0.05, 0.1]},
-                               {"name": "l2_fgsm", "eps": [0.05], "options": {"alpha": 0.02}}], max_samples=32)
+    evaluate(
+        counted,
+        loader,
+        [{"name": "l2_fgsm", "eps": [0.05, 0.1]}, {"name": "l2_fgsm", "eps": [0.05], "options": {"alpha": 0.02}}],
+        max_samples=32,
+    )
     assert counted.grad_passes == 2  # one per setting on the single attacked batch
     from compressor.attacks import create_attack
 

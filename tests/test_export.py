@@ -1,6 +1,6 @@
 """Export: exact safetensors round trip, ONNX == PyTorch with the factorized structure, INT8, latency, MACs.
 
-One ONNX export of a tiny CNN (via export_checkpoint) is shared by the ONNX tests: the dynamo
+One ONNX export of a tiny CNN (via export_saved, as `compress export` runs it) is shared by the ONNX tests: the dynamo
 exporter costs seconds per model on a small CPU.
 """
 
@@ -23,9 +23,8 @@ from compressor import models as M
 from compressor.errors import ConfigError, WeightsError
 from compressor.export import (
     build_low_rank_like,
-    count_macs,
-    export_checkpoint,
     export_onnx,
+    export_saved,
     load_compressed,
     onnx_latencies,
     onnx_latency,
@@ -40,6 +39,7 @@ from compressor.export import onnx_export as OE
 from compressor.factorize import factorize_
 from compressor.layers import LowRankLinear, TuckerConv2d, low_rank_layers
 from compressor.models import ModelInfo, NormalizedClassifier, create_model
+from compressor.runtime import count_macs
 
 
 @pytest.fixture(autouse=True)
@@ -56,16 +56,26 @@ def _one_thread():
 def _tiny_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),  # BN: the exporter may fold it
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-        nn.Linear(512, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),  # BN: the exporter may fold it
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(512, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
-def _tiny_create_model(name, num_classes, *, in_chans=3, weights=None, pretrained=False, mean=None, std=None,
-                       input_size=32):
+def _tiny_create_model(
+    name, num_classes, *, in_chans=3, weights=None, pretrained=False, mean=None, std=None, input_size=32
+):
     """Stand-in for create_model that knows one architecture, "tiny" (timm/torchvision are too big here)."""
     assert name == "tiny" and num_classes == 10 and in_chans == 3
     mean, std = list(mean or [0.5] * 3), list(std or [0.5] * 3)
@@ -88,13 +98,15 @@ def _tiny_compressed() -> tuple[NormalizedClassifier, ModelInfo]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The tiny compressed CNN saved, then exported by export_checkpoint (ONNX + INT8 + latency)."""
+    """The tiny compressed CNN saved, then exported by export_saved (ONNX + INT8 + latency)."""
     folder = tmp_path_factory.mktemp("export")
     model, info = _tiny_compressed()
     save_compressed(model, folder / "model.safetensors", model_info=info.to_dict(), recipe={"train": {"beta": 0.0}})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(M, "create_model", _tiny_create_model)
-        result = export_checkpoint(folder / "model.safetensors", folder, int8=True, calibration=torch.rand(32, 3, 32, 32))
+        result = export_saved(
+            folder / "model.safetensors", folder, int8=True, calibration=torch.rand(32, 3, 32, 32)
+        ).to_dict()
     return folder, model, result
 
 
@@ -167,7 +179,7 @@ def _corrupt_header_length(path, data):
 
 def _corrupt_header_json(path, data):
     n = struct.unpack("<Q", data[:8])[0]
-    path.write_bytes(data[:8] + b"[" + data[9:8 + n] + data[8 + n:])
+    path.write_bytes(data[:8] + b"[" + data[9 : 8 + n] + data[8 + n :])
 
 
 def _no_manifest(path, data):
@@ -191,15 +203,18 @@ def _manifest_ranks_lie(path, data):
     save_file(tensors, str(path), metadata={**meta, "manifest": json.dumps(manifest)})
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (_corrupt_random, "header length field"),
-    (_corrupt_truncate, "truncated"),
-    (_corrupt_header_length, "header length field says"),
-    (_corrupt_header_json, "header is not JSON"),
-    (_no_manifest, "no compressor manifest"),
-    (_bad_manifest, "manifest .* not valid JSON"),
-    (_manifest_ranks_lie, "not rank .* as the manifest says"),
-])
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (_corrupt_random, "header length field"),
+        (_corrupt_truncate, "truncated"),
+        (_corrupt_header_length, "header length field says"),
+        (_corrupt_header_json, "header is not JSON"),
+        (_no_manifest, "no compressor manifest"),
+        (_bad_manifest, "manifest .* not valid JSON"),
+        (_manifest_ranks_lie, "not rank .* as the manifest says"),
+    ],
+)
 def test_bad_files_raise_weights_error(saved_file, tmp_path, corrupt, message):
     path = tmp_path / "bad.safetensors"
     data = saved_file.read_bytes()
@@ -218,7 +233,7 @@ def test_missing_file_raises_weights_error(tmp_path):
 # ----------------------------------------------------------------------------- ONNX
 
 
-def test_export_checkpoint_writes_checked_artifacts(exported):
+def test_export_saved_writes_checked_artifacts(exported):
     folder, _, result = exported
     assert (folder / "model.onnx").is_file() and (folder / "model.int8.onnx").is_file()
     written = json.loads((folder / "export.json").read_text())
@@ -322,7 +337,7 @@ def test_latency_numbers_are_sane(exported):
     lat = onnx_latency(folder / "model.onnx", batch_sizes=(1, 4), threads=1, warmup=1, repeats=3, input_size=32)
     for b in (1, 4):
         assert math.isfinite(lat[b]["median_ms"]) and 0 < lat[b]["median_ms"] <= lat[b]["p90_ms"]
-    assert set(result["latency"]["fp32"]) == {1, 32} and set(result["latency"]["int8"]) == {1, 32}
+    assert set(result["latency"]["compressed"]) == {"1", "32"} == set(result["latency"]["int8"])
 
 
 def test_latencies_interleave_models_in_blocks(monkeypatch):
@@ -343,11 +358,14 @@ def test_latencies_interleave_models_in_blocks(monkeypatch):
             calls.append((self.name, feed["input"].shape[0]))
 
     monkeypatch.setattr(L, "_LEAD_IN_S", 0.0)  # lead-in by count only: 3 runs
-    monkeypatch.setattr(L, "_load", lambda path, opts: FakeSession(str(path)))
+    monkeypatch.setattr(L, "ort_session", lambda path, threads: FakeSession(str(path)))
     lat = onnx_latencies({"a": "a", "b": "b"}, batch_sizes=(1, 4), warmup=2, repeats=7, block=3, input_size=8)
     assert set(lat) == {"a", "b"} and all(set(v) == {1, 4} for v in lat.values())
-    assert all(lat[m][b]["repeats"] == 7 and lat[m][b]["min_ms"] <= lat[m][b]["median_ms"] <= lat[m][b]["p90_ms"]
-               for m in lat for b in (1, 4))
+    assert all(
+        lat[m][b]["repeats"] == 7 and lat[m][b]["min_ms"] <= lat[m][b]["median_ms"] <= lat[m][b]["p90_ms"]
+        for m in lat
+        for b in (1, 4)
+    )
     one = [n for n, b in calls if b == 1]
     # warm-up 2 each, then (3 lead-in + block) per turn, blocks of 3, 3, 1 timed runs, a/b alternating
     assert one == ["a"] * 2 + ["b"] * 2 + (["a"] * 6 + ["b"] * 6) * 2 + ["a"] * 4 + ["b"] * 4

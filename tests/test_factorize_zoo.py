@@ -52,8 +52,9 @@ ZOO: dict[str, Zoo] = {
     "tv:mobilenet_v3_small": Zoo(lambda: tvm.mobilenet_v3_small(num_classes=10)),
     "tv:efficientnet_b0": Zoo(lambda: tvm.efficientnet_b0(num_classes=10)),
     "tv:convnext_tiny": Zoo(lambda: tvm.convnext_tiny(num_classes=10)),
-    "tv:vit_b_16": Zoo(lambda: tvm.vit_b_16(num_classes=10, image_size=32),
-                       full_rank_include=["encoder.layers.encoder_layer_11.mlp.*"]),
+    "tv:vit_b_16": Zoo(
+        lambda: tvm.vit_b_16(num_classes=10, image_size=32), full_rank_include=["encoder.layers.encoder_layer_11.mlp.*"]
+    ),
     "timm:vgg16": Zoo(lambda: timm.create_model("vgg16", num_classes=10)),
     "timm:resnet18": Zoo(lambda: timm.create_model("resnet18", num_classes=10)),
     "timm:efficientnet_b0": Zoo(lambda: timm.create_model("efficientnet_b0", num_classes=10)),
@@ -197,8 +198,14 @@ def _model_specific(name: str, model: nn.Module, report) -> None:
     if name == "tv:vit_b_16":
         assert "MultiheadAttention" in reasons["encoder.layers.encoder_layer_0.self_attention.out_proj"]
         assert isinstance(model.encoder.layers[0].mlp[0], LowRankLinear)
-    if name in ("tv:mobilenet_v3_small", "tv:efficientnet_b0", "timm:efficientnet_b0", "tv:convnext_tiny",
-                "timm:convnext_atto", "timm:mobilenetv3_small_100"):
+    if name in (
+        "tv:mobilenet_v3_small",
+        "tv:efficientnet_b0",
+        "timm:efficientnet_b0",
+        "tv:convnext_tiny",
+        "timm:convnext_atto",
+        "timm:mobilenetv3_small_100",
+    ):
         assert any(r == "grouped/depthwise conv" for r in reasons.values())
         for n, m in model.named_modules():
             if isinstance(m, nn.Conv2d) and m.groups > 1:
@@ -225,9 +232,12 @@ class _Toy(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 32, 3, padding=1)
         self.body = nn.Sequential(
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1, groups=4), nn.ReLU(),  # grouped
-            nn.Conv2d(64, 64, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1, groups=4),
+            nn.ReLU(),  # grouped
+            nn.Conv2d(64, 64, 3, padding=1, padding_mode="reflect"),
+            nn.ReLU(),
             _OwnForward(64, 64, 3, padding=1),
             _OwnConvForward(64, 64, 3, padding=1),
             nn.Conv2d(64, 64, 1),  # 1×1 64→64: no saving at r_max ≥ 22

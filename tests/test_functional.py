@@ -60,12 +60,17 @@ def _far_from_ties(sigma: list[float], tol: float) -> bool:
 
 
 spectra = st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1e3)), min_size=0, max_size=40).map(
-    lambda xs: sorted(xs, reverse=True))
+    lambda xs: sorted(xs, reverse=True)
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(sigma=spectra, tol=st.one_of(st.just(0.0), st.floats(0.0, 1.0)), r_min=st.integers(1, 5),
-       r_max=st.one_of(st.none(), st.integers(1, 45)))
+@given(
+    sigma=spectra,
+    tol=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+    r_min=st.integers(1, 5),
+    r_max=st.one_of(st.none(), st.integers(1, 45)),
+)
 def test_truncation_rank_matches_naive_loop(sigma, tol, r_min, r_max):
     assume(tol == 0.0 or _far_from_ties(sigma, tol))
     got = Fn.truncation_rank(torch.tensor(sigma, dtype=torch.float64), tol, r_min, r_max)
@@ -252,8 +257,15 @@ def test_hosvd_truncated_matches_svd_subspaces():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5), st.integers(1, 5), st.integers(1, 3),
-       st.integers(1, 3), st.booleans())
+@given(
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.booleans(),
+)
 def test_mode_product_matches_einsum(a, b, a2, b2, kh, kw, four_d):
     g = torch.Generator().manual_seed(a * 1000 + b * 100 + a2 * 10 + b2)
     left = torch.randn(a, a2, generator=g, dtype=torch.float64)

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from compressor import functional as Fn
-from compressor.layers import BasisChange, LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
 from compressor.factorize import factorize_
+from compressor.layers import BasisChange, LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
 from compressor.layers.conv import tucker_rank_caps
 
 LINEAR_CONFIGS = {
@@ -374,8 +374,10 @@ def test_float32_linear_truncation_from_gram_eigenvectors_is_the_svds():
     _assert_orthonormal(layer, 1e-5)
 
 
-@pytest.mark.parametrize("kind, name", [("linear", "wide"), ("linear", "tall"), ("conv", "k3"), ("conv", "stride2"),
-                                        ("conv", "first_conv_like")])
+@pytest.mark.parametrize(
+    "kind, name",
+    [("linear", "wide"), ("linear", "tall"), ("conv", "k3"), ("conv", "stride2"), ("conv", "first_conv_like")],
+)
 def test_many_cycles_stay_orthonormal_and_bounded(kind, name):
     """float32 DLRT cycles: augment with random gradients, perturb the core, truncate."""
     dense = _dense(kind, _cfg(kind, name), torch.float32)
@@ -526,7 +528,11 @@ def test_tucker_memory_format_choice():
     class ViewsFeatures(nn.Module):  # the pattern that needs NCHW outputs
         def __init__(self):
             super().__init__()
-            self.stem, self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16 * 64, 4)
+            self.stem, self.conv, self.head = (
+                nn.Conv2d(3, 16, 3, padding=1),
+                nn.Conv2d(16, 16, 3, padding=1),
+                nn.Linear(16 * 64, 4),
+            )
 
         def forward(self, x):
             h = self.conv(torch.relu(self.stem(x)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from urllib.error import URLError
 
 import pytest
 import torch
@@ -33,9 +34,16 @@ def _one_thread():
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
-    """No test may reach the network or a real weight cache."""
+    """No test may reach the network or a real weight cache: empty caches, HF_HUB_OFFLINE on."""
+    import huggingface_hub.constants as hf
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(M, "_reachable", lambda *_: False)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)  # read once at import; this is what the hub consults
+
+
+def _no_download(*_a, **_k):
+    raise AssertionError("a download was attempted")
 
 
 def _resnet(num_classes=5, **kw):
@@ -119,7 +127,7 @@ def test_create_model_replaces_head(spec, source, head):
 
 def test_vit_is_built_for_the_input_size():
     model, info = create_model("timm:vit_tiny_patch16_224", 3, input_size=32)
-    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 3)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
     with pytest.raises(ConfigError, match="divisible by its patch size 16"):
         create_model("vit_b_16", 3, input_size=40)
 
@@ -264,14 +272,41 @@ def test_missing_corrupt_truncated_and_non_tensor_files(tmp_path):
 # ----------------------------------------------------------------------------- pretrained
 
 
-def test_pretrained_offline_falls_back_to_random_init(caplog):
+def test_pretrained_offline_falls_back_to_random_init(caplog, monkeypatch):
+    from torchvision.models._api import WeightsEnum
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", _no_download)  # HF_HUB_OFFLINE: not even tried
     with caplog.at_level(logging.WARNING, logger="compressor.models"):
         model, info = create_model("resnet18", 3, pretrained=True)
         _, info_timm = create_model("timm:resnet18", 3, pretrained=True)
     assert info.weights.startswith("random-init (pretrained unavailable: offline")
     assert info_timm.weights.startswith("random-init (pretrained unavailable: offline")
+    assert "timm/resnet18.a1_in1k not cached" in info_timm.weights
     assert info.mean == [0.5, 0.5, 0.5]  # no pretrained weights were loaded
     assert any("model.weights" in r.message for r in caplog.records)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_timm_url_weights_obey_offline_switch(monkeypatch):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
+    _, info = create_model("timm:legacy_seresnet18.in1k", 3, pretrained=True)
+    assert info.weights.startswith("random-init (pretrained unavailable: offline (HF_HUB_OFFLINE=1)")
+
+
+def test_library_error_without_offline_switch_becomes_the_warning(monkeypatch, caplog):
+    import huggingface_hub.constants as hf
+    from torchvision.models._api import WeightsEnum
+
+    def no_network(*_a, **_k):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", no_network)  # what torchvision raises without network
+    with caplog.at_level(logging.WARNING, logger="compressor.models"):
+        model, info = create_model("resnet18", 3, pretrained=True)
+    assert info.weights.startswith("random-init (pretrained unavailable: URLError")
+    assert "name resolution" in info.weights and "\n" not in info.weights
+    assert any("continuing from random init" in r.message and "model.weights" in r.message for r in caplog.records)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
 
 
@@ -279,18 +314,19 @@ def test_timm_pretrained_from_local_cache_without_network(tmp_path, monkeypatch)
     import timm
     from timm.models import get_pretrained_cfg
 
-    def no_network(*_):
-        raise AssertionError("must not probe the network when a cached copy exists")
-
-    monkeypatch.setattr(M, "_reachable", no_network)
+    # the Hugging Face cache layout: refs/main names the snapshot that holds the file
     cfg = get_pretrained_cfg("resnet18")
-    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / cfg.url.rsplit("/", 1)[-1]
-    cached.parent.mkdir(parents=True)
+    commit = "0" * 40
+    repo = tmp_path / "hf_cache" / ("models--" + cfg.hf_hub_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
     torch.manual_seed(3)
     ref = timm.create_model("resnet18", pretrained=False)  # 1000 ImageNet classes
-    torch.save(ref.state_dict(), cached)
+    save_file(ref.state_dict(), str(repo / "snapshots" / commit / "model.safetensors"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
     model, info = create_model("timm:resnet18", 6, pretrained=True)
-    assert info.weights.startswith("pretrained")
+    assert info.weights == f"pretrained (timm {cfg.hf_hub_id})"
     torch.testing.assert_close(model.net.conv1.weight, ref.conv1.weight)
     assert model.net.fc.out_features == 6
     assert info.mean == pytest.approx(list(cfg.mean)) and info.std == pytest.approx(list(cfg.std))
@@ -303,7 +339,7 @@ def test_torchvision_pretrained_from_local_cache(tmp_path, monkeypatch):
     weights = tvm.get_model_weights("resnet18").DEFAULT
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
     cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"")  # present in the cache: no network probe
+    cached.write_bytes(b"")  # in torch's hub cache: allowed under HF_HUB_OFFLINE
     torch.manual_seed(4)
     ref = tvm.resnet18().state_dict()
     monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: ref)

@@ -23,8 +23,13 @@ TINY = ROOT / "recipes" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    proc = subprocess.run([sys.executable, "-m", "compressor.cli", "--recipe", str(TINY), "--output-dir", str(out),
-                           "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compressor.cli", "--recipe", str(TINY), "--output-dir", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "compression rate" in proc.stdout  # the summary table
     return out / "tiny"
@@ -53,7 +58,9 @@ def test_report_has_the_promised_keys(tiny_run: Path) -> None:
     for layer in comp["layers"].values():
         assert {"rank", "condition_number"} <= set(layer)
     assert report["export"]["parity"]["passed"] is True
-    assert {"data", "baseline", "factorize", "train", "evaluate_dense", "evaluate_compressed", "export"} <= set(report["timings"])
+    assert {"data", "baseline", "factorize", "train", "evaluate_dense", "evaluate_compressed", "export"} <= set(
+        report["timings"]
+    )
     assert report["versions"]["torch"] and report["device"]["device"]
     assert report["history"]["epochs"], "training history missing"
 
@@ -75,9 +82,19 @@ def test_existing_run_folder_is_not_overwritten(tiny_run: Path, capsys) -> None:
 
 
 def _tiny_cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 48, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(192, 96), nn.ReLU(), nn.Linear(96, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 48, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(48, 48, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(192, 96),
+        nn.ReLU(),
+        nn.Linear(96, 4),
+    )
 
 
 def test_compress_api_three_positional_arguments() -> None:
@@ -114,13 +131,21 @@ def test_the_command_backs_large_tensors_with_huge_pages() -> None:
     mode, rollup = Path("/sys/kernel/mm/transparent_hugepage/enabled"), Path("/proc/self/smaps_rollup")
     if not rollup.exists() or not mode.exists() or "[madvise]" not in mode.read_text():
         pytest.skip("needs Linux transparent huge pages in madvise mode")
-    code = ("import sys, compressor.cli as cli\n"
-            "if sys.argv[1] == 'on': cli.enable_huge_pages()\n"
-            "import torch\n"
-            "t = torch.ones(16 << 20)\n"  # 64 MB, touched
-            "kb = [l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')]\n"
-            "print(kb[0])")
+    code = (
+        "import sys, compressor.cli as cli\n"
+        "if sys.argv[1] == 'on': cli.enable_huge_pages()\n"
+        "import torch\n"
+        "t = torch.ones(16 << 20)\n"  # 64 MB, touched
+        "kb = [l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')]\n"
+        "print(kb[0])"
+    )
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    kb = {arg: int(subprocess.run([sys.executable, "-c", code, arg], env=env, capture_output=True, text=True,
-                                  check=True).stdout.strip()) for arg in ("on", "off")}
+    kb = {
+        arg: int(
+            subprocess.run(
+                [sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        )
+        for arg in ("on", "off")
+    }
     assert kb["on"] - kb["off"] >= 32 * 1024, kb

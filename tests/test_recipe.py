@@ -15,8 +15,18 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from compressor.errors import ConfigError
-from compressor.recipe import (Recipe, _SafeDumper, apply_overrides, load_recipe, load_recipe_dict,
-                               parse_override, recipe_differences, recipe_from_dict, recipe_to_yaml, reference_markdown)
+from compressor.recipe import (
+    Recipe,
+    _SafeDumper,
+    apply_overrides,
+    load_recipe,
+    load_recipe_dict,
+    parse_override,
+    recipe_differences,
+    recipe_from_dict,
+    recipe_to_yaml,
+    reference_markdown,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -40,14 +50,40 @@ def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
 BASE_PATHS = _paths(BASE)
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-3, max_value=300),
-    st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=-1.5, max_value=1.5),
-    st.text(max_size=12), st.sampled_from(["vgg16", "cpu", "cuda", "auto", "adam", "cosine", "pgd", "pixel", "1e-3",
-                                           "yes", "~", "../x", "run", "digits", "0.1"]),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-3, max_value=300),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-1.5, max_value=1.5),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "vgg16",
+            "cpu",
+            "cuda",
+            "auto",
+            "adam",
+            "cosine",
+            "pgd",
+            "pixel",
+            "1e-3",
+            "yes",
+            "~",
+            "../x",
+            "run",
+            "digits",
+            "0.1",
+        ]
+    ),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(st.one_of(st.text(max_size=6), st.integers()),
-                                                                        inner, max_size=3)), max_leaves=6)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.text(max_size=6), st.integers()), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 keys = st.one_of(st.sampled_from(sorted({str(p[-1]) for p in BASE_PATHS})), st.text(max_size=8))
 
 
@@ -162,8 +198,19 @@ def test_default_training_is_the_main_recipes() -> None:
     assert {k: getattr(default, k) for k in keys} == {k: getattr(robust, k) for k in keys}
 
 
-@pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("5E-4", 0.0005), ("-2.5e+1", -25.0), (".5e1", 5.0),
-                                         ("1.0e-3", 0.001), ("1e", "1e"), ("e3", "e3"), ("0x1f", 31)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1e-3", 0.001),
+        ("5E-4", 0.0005),
+        ("-2.5e+1", -25.0),
+        (".5e1", 5.0),
+        ("1.0e-3", 0.001),
+        ("1e", "1e"),
+        ("e3", "e3"),
+        ("0x1f", 31),
+    ],
+)
 def test_exponent_floats_read_as_numbers(text: str, value, tmp_path) -> None:
     """PyYAML (YAML 1.1) reads 1e-3 as a string; recipes read it as the number everyone means."""
     assert parse_override(f"train.lr={text}")[1] == value
@@ -174,23 +221,33 @@ def test_exponent_floats_read_as_numbers(text: str, value, tmp_path) -> None:
     assert (recipe.train.lr, recipe.train.beta, recipe.baseline.lr) == (0.001, 0.075, 0.0002)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("train.beta", "expected key=value"), ("=1", "empty key"), ("train..beta=1", "empty key"),
-    ("train.=1", "empty key"), ("train.beta=[0.1", "not valid YAML"), ("train.beta={a", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("train.beta", "expected key=value"),
+        ("=1", "empty key"),
+        ("train..beta=1", "empty key"),
+        ("train.=1", "empty key"),
+        ("train.beta=[0.1", "not valid YAML"),
+        ("train.beta={a", "not valid YAML"),
+    ],
+)
 def test_malformed_set_is_a_clean_error(text: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         parse_override(text)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["train.beta=0.1", "train.beta.x=1"], "'beta' is not a section"),
-    (["train.betta=0.1"], "'train.betta': unknown key"),
-    (["train.epochs=true"], "'train.epochs': Input should be a valid integer (got True)"),
-    (["factorize.init_rank=2.0"], "'factorize.init_rank'"),
-    (["evaluate.attacks.0=1"], "'evaluate.attacks'"),
-    (["seed=4294967296"], "'seed'"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.beta=0.1", "train.beta.x=1"], "'beta' is not a section"),
+        (["train.betta=0.1"], "'train.betta': unknown key"),
+        (["train.epochs=true"], "'train.epochs': Input should be a valid integer (got True)"),
+        (["factorize.init_rank=2.0"], "'factorize.init_rank'"),
+        (["evaluate.attacks.0=1"], "'evaluate.attacks'"),
+        (["seed=4294967296"], "'seed'"),
+    ],
+)
 def test_bad_overrides_name_the_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_recipe(None, overrides)

@@ -77,7 +77,9 @@ CASES = {
     "random_square": lambda: torch.randn(7, 7, generator=_gen(1), dtype=D),
     "diagonal": lambda: torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5, 0.25], dtype=D)),
     "diagonal_negative": lambda: torch.diag(torch.tensor([-2.0, 1.0, 0.1], dtype=D)),
-    "rank_deficient": lambda: torch.randn(6, 2, generator=_gen(2), dtype=D) @ torch.randn(2, 6, generator=_gen(3), dtype=D),
+    "rank_deficient": lambda: (
+        torch.randn(6, 2, generator=_gen(2), dtype=D) @ torch.randn(2, 6, generator=_gen(3), dtype=D)
+    ),
     "zero_row": lambda: torch.cat([torch.randn(3, 4, generator=_gen(4), dtype=D), torch.zeros(1, 4, dtype=D)]),
     "ill_conditioned": lambda: with_singular_values([1.0, 1e-1, 1e-3, 1e-6], seed=5),
     "near_orthogonal": lambda: orthonormal(6, 6, 6) * 2.0 + 1e-3 * torch.randn(6, 6, generator=_gen(7), dtype=D),
@@ -107,8 +109,9 @@ def test_closed_form_gradient_matches_autograd(name):
     torch.testing.assert_close(g_closed, g_ref, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["random_square", "diagonal", "rank_deficient", "conv_unfolding_3x3",
-                                  "conv_unfolding_1x1_tall", "wide"])
+@pytest.mark.parametrize(
+    "name", ["random_square", "diagonal", "rank_deficient", "conv_unfolding_3x3", "conv_unfolding_1x1_tall", "wide"]
+)
 def test_closed_form_gradient_passes_gradcheck(name):
     a = CASES[name]().requires_grad_(True)
     assert torch.autograd.gradcheck(spectral_regularizer, (a,), eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -158,8 +161,7 @@ def test_variance_identity(name):
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(1, 9), n=st.integers(1, 9), seed=st.integers(0, 2**31 - 1),
-       log_scale=st.floats(-3, 3))
+@given(m=st.integers(1, 9), n=st.integers(1, 9), seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-3, 3))
 def test_variance_identity_property(m, n, seed, log_scale):
     a = torch.randn(m, n, generator=_gen(seed), dtype=D) * 10.0**log_scale
     sigma = torch.linalg.svdvals(a)
@@ -195,8 +197,9 @@ def test_unitary_invariance_with_orthonormal_bases(name):
     lifted = torch.linalg.matrix_norm(w.mT @ w - alpha2 * (v @ v.mT))
     torch.testing.assert_close(lifted, spectral_regularizer(s), rtol=1e-10, atol=1e-12)
     lead = torch.linalg.svdvals(w)[:r]
-    torch.testing.assert_close(torch.sqrt(r * ((lead**4).mean() - (lead**2).mean() ** 2)), spectral_regularizer(s),
-                               rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(
+        torch.sqrt(r * ((lead**4).mean() - (lead**2).mean() ** 2)), spectral_regularizer(s), rtol=1e-7, atol=1e-10
+    )
     # with n as the normalization the value differs (unless R is 0): state it, so no one relies on it
     assert not torch.isclose(spectral_regularizer(w), spectral_regularizer(s), rtol=1e-3)
 
@@ -283,9 +286,17 @@ def test_fast_condition_number_matches_the_precise_one(shape, kappa):
 # ----------------------------------------------------------------------------- R = 0
 
 
-@pytest.mark.parametrize("s", [2.5 * torch.eye(4, dtype=D), hadamard(8), -hadamard(4)[[2, 0, 3, 1]],
-                               torch.zeros(3, 3, dtype=D), torch.eye(3, 5, dtype=D) * 0.5],
-                         ids=["scaled_identity", "hadamard", "signed_permuted_hadamard", "zero", "wide_row_orthogonal"])
+@pytest.mark.parametrize(
+    "s",
+    [
+        2.5 * torch.eye(4, dtype=D),
+        hadamard(8),
+        -hadamard(4)[[2, 0, 3, 1]],
+        torch.zeros(3, 3, dtype=D),
+        torch.eye(3, 5, dtype=D) * 0.5,
+    ],
+    ids=["scaled_identity", "hadamard", "signed_permuted_hadamard", "zero", "wide_row_orthogonal"],
+)
 def test_exact_minimum_has_zero_gradient_and_no_nan(s):
     """S a multiple of an (row-)orthogonal matrix, exactly representable: R = 0, ∇R = 0, no NaN."""
     for dtype in (torch.float64, torch.float32):

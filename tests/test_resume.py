@@ -41,18 +41,35 @@ RECIPE = {
     "baseline": {"epochs": 2, "lr": 1e-3},
     "factorize": {"init_rank": 8, "r_min": 2, "r_max": 16},
     "train": {"epochs": 3, "finetune_epochs": 1, "lr": 1e-3, "coefficient_steps": 2, "tau": 0.2, "device": "cpu"},
-    "evaluate": {"max_samples": 16, "attacks": [{"name": "fgsm", "eps": [0.03]},
-                                                {"name": "pgd", "eps": [0.03], "options": {"steps": 2}}]},
+    "evaluate": {
+        "max_samples": 16,
+        "attacks": [{"name": "fgsm", "eps": [0.03]}, {"name": "pgd", "eps": [0.03], "options": {"steps": 2}}],
+    },
     "export": {"onnx": False, "latency": False},
 }
 CHECKPOINTS = ("baseline.ckpt", "dense_stage.ckpt", "train.ckpt")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
-       "PYTHONHASHSEED": "0"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "MPLBACKEND": "Agg",
+    "PYTHONHASHSEED": "0",
+}
 
 
 def _command(recipe: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "compressor.cli", "--recipe", str(recipe), "--output-dir", str(out), "--quiet",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "compressor.cli",
+        "--recipe",
+        str(recipe),
+        "--output-dir",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def _outcome(folder: Path) -> dict:
@@ -60,8 +77,11 @@ def _outcome(folder: Path) -> dict:
     return {
         "ranks": {n: l["ranks"] for n, l in report["compressed"]["layers"].items()},
         "params": report["compressed"]["params"],
-        **{f"{side}.{key}": report[side][key] for side in ("dense", "compressed")
-           for key in ("clean_accuracy", "adversarial_accuracy", "worst_case_accuracy", "nonfinite_steps")},
+        **{
+            f"{side}.{key}": report[side][key]
+            for side in ("dense", "compressed")
+            for key in ("clean_accuracy", "adversarial_accuracy", "worst_case_accuracy", "nonfinite_steps")
+        },
         "val_accuracy_per_epoch": [e["val_accuracy"] for e in report["history"]["epochs"]],
         "baseline_val_accuracy": [e["val_accuracy"] for e in report["dense"]["baseline_history"]["epochs"]],
     }
@@ -97,14 +117,17 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     seed = int(os.environ.get("COMPRESSOR_KILL_SEED", random.SystemRandom().randrange(10**6)))
     rng = random.Random(seed)
     first, delays = rng.choice(CHECKPOINTS[:2]), (rng.uniform(0.0, 0.25), rng.uniform(0.0, 0.25))
-    print(f"kill seed {seed}: SIGKILL {delays[0]:.3f} s after {first} appears, then {delays[1]:.3f} s after "
-          f"the resumed run writes train.ckpt")
+    print(
+        f"kill seed {seed}: SIGKILL {delays[0]:.3f} s after {first} appears, then {delays[1]:.3f} s after "
+        f"the resumed run writes train.ckpt"
+    )
     run_dir = tmp_path / "run"
     staging = run_dir / ".resume.partial"
 
     # the uninterrupted reference runs alongside the one that gets killed
-    ref = subprocess.Popen(_command(recipe, tmp_path / "ref"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    ref = subprocess.Popen(
+        _command(recipe, tmp_path / "ref"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     quiet = dict(cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _kill_when(subprocess.Popen(_command(recipe, run_dir), **quiet), (staging / first).is_file, delays[0], first)
     assert not (run_dir / "resume").exists()
@@ -115,8 +138,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     assert code == 2 and staging.is_dir()
 
     before = _mtime(staging / "train.ckpt")
-    _kill_when(subprocess.Popen(_command(recipe, run_dir, "--resume"), **quiet),
-               lambda: _mtime(staging / "train.ckpt") not in (None, before), delays[1], "a new train.ckpt")
+    _kill_when(
+        subprocess.Popen(_command(recipe, run_dir, "--resume"), **quiet),
+        lambda: _mtime(staging / "train.ckpt") not in (None, before),
+        delays[1],
+        "a new train.ckpt",
+    )
 
     command = [c for c in _command(recipe, run_dir, "--resume") if c != "--quiet"]  # the log says what resumed
     resumed = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -166,22 +193,34 @@ def _loader(n: int = 48, batch: int = 8, nan_batch: int | None = None):
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 48), nn.ReLU(), nn.Linear(48, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 48),
+        nn.ReLU(),
+        nn.Linear(48, 4),
+    )
 
 
 @pytest.mark.parametrize("poison", ["loss", "input"])
 def test_nonfinite_steps_are_skipped_and_leave_the_model_finite(poison: str, caplog) -> None:
+    from conftest import train_config
+
     from compressor.factorize import factorize_
-    from compressor.train import Trainer, TrainerConfig
+    from compressor.train import Trainer
 
     caplog.set_level(logging.WARNING, logger="compressor.train.dlrt")
     model = _net()
     factorize_(model, init_rank=4, r_min=2, r_max=16, keep_first_conv=False, keep_classifier=True)
     layers = low_rank_layers(model)
     assert layers
-    cfg = TrainerConfig(adaptive_epochs=2, fixed_epochs=1, lr=1e-2, beta=0.1, coefficient_steps=3)
+    cfg = train_config(adaptive_epochs=2, fixed_epochs=1, lr=1e-2, beta=0.1, coefficient_steps=3)
     if poison == "loss":  # steps 1 (an augmentation step) and 5 of 18
         loss_fn, count = _nan_on_calls(1, 5)
         trainer = Trainer(model, _loader(), cfg, loss_fn=loss_fn, set_epoch=lambda loader, epoch: None)
@@ -194,8 +233,9 @@ def test_nonfinite_steps_are_skipped_and_leave_the_model_finite(poison: str, cap
     assert history.nonfinite_steps == expected
     assert history.epochs[-1]["nonfinite_steps_total"] == expected
     assert sum("non-finite" in r.getMessage() for r in caplog.records) == expected
-    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()), \
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()), (
         "a skipped step left NaN/Inf in the model (factors or BatchNorm statistics)"
+    )
     for layer in layers.values():  # the bases are still orthonormal
         for basis in layer.bases():
             eye = torch.eye(basis.shape[1])
@@ -214,9 +254,15 @@ def test_report_counts_nonfinite_steps(tmp_path: Path, monkeypatch) -> None:
 
     loss_fn, count = _nan_on_calls(2, 8)  # baseline: 4 steps (calls 1-4); RobustDLRT: calls 5-20
     monkeypatch.setattr(dlrt, "F", SimpleNamespace(cross_entropy=loss_fn))
-    recipe = recipe_from_dict({**RECIPE, "output_dir": str(tmp_path), "baseline": {"epochs": 1, "lr": 1e-3},
-                               "evaluate": {"max_samples": 8, "attacks": [{"name": "fgsm", "eps": [0.03]}]},
-                               "export": {"onnx": False, "latency": False, "safetensors": False}})
+    recipe = recipe_from_dict(
+        {
+            **RECIPE,
+            "output_dir": str(tmp_path),
+            "baseline": {"epochs": 1, "lr": 1e-3},
+            "evaluate": {"max_samples": 8, "attacks": [{"name": "fgsm", "eps": [0.03]}]},
+            "export": {"onnx": False, "latency": False, "safetensors": False},
+        }
+    )
     result = run(recipe)
     assert count["n"] == 4 + 4 * 4
     report = json.loads((result.folder / "report.json").read_text())

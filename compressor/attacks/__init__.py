@@ -38,7 +38,9 @@ def attack_options(name: str) -> dict[str, Any]:
         if init is None or not issubclass(klass, Attack):
             continue
         for p in inspect.signature(init).parameters.values():
-            if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "model", "eps")):
+            if p.kind is p.KEYWORD_ONLY or (
+                p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "model", "eps")
+            ):
                 opts[p.name] = p.default
     return opts
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, _require, register_attack
+from .base import MAX_STEPS, Attack, check_float, check_int, register_attack
 
 
 def _bcast(mask: Tensor) -> Tensor:
@@ -24,14 +24,25 @@ def _bcast(mask: Tensor) -> Tensor:
 
 @register_attack("apgd")
 class APGD(Attack):
-    """Args: steps (default 20), rho (default 0.75), momentum (default 0.75), random_start."""
+    """Args: steps (default 20, in [1, MAX_STEPS]), rho (default 0.75, in (0, 1]), momentum
+    (default 0.75, in (0, 1]; 0 would take no gradient step after the first), random_start."""
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, *, steps: int = 20, rho: float = 0.75,
-                 momentum: float = 0.75, random_start: bool = True, **common) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8 / 255,
+        *,
+        steps: int = 20,
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        random_start: bool = True,
+        **common,
+    ) -> None:
         super().__init__(model, eps, **common)
-        _require(isinstance(steps, int) and steps >= 1, f"apgd: steps must be an integer >= 1, got {steps!r}")
-        _require(0 < float(rho) <= 1 and 0 < float(momentum) <= 1, "apgd: rho and momentum must be in (0, 1]")
-        self.steps, self.rho, self.momentum, self.random_start = steps, float(rho), float(momentum), bool(random_start)
+        self.steps = check_int(self.name, "steps", steps, 1, MAX_STEPS)
+        self.rho = check_float(self.name, "rho", rho, 0.0, 1.0, lo_open=True)
+        self.momentum = check_float(self.name, "momentum", momentum, 0.0, 1.0, lo_open=True)
+        self.random_start = bool(random_start)
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         # images: (N, C, H, W) in [0, 1]; labels: (N,)
@@ -48,7 +59,11 @@ class APGD(Attack):
         loss, z, grad = self._step_info(x_adv, ce)
         x_max, g_max, loss_max = x_adv.clone(), grad.clone(), loss.clone()
         eta = torch.full_like(loss, 2 * self.eps).view(-1, 1, 1, 1)
-        period, p_min, p_decr = max(int(0.22 * self.steps), 1), max(int(0.06 * self.steps), 1), max(int(0.03 * self.steps), 1)
+        period, p_min, p_decr = (
+            max(int(0.22 * self.steps), 1),
+            max(int(0.06 * self.steps), 1),
+            max(int(0.03 * self.steps), 1),
+        )
         n_up, since, loss_prev = torch.zeros_like(loss), 0, loss
         loss_max_ckpt, halved_ckpt = loss_max.clone(), torch.ones_like(loss, dtype=torch.bool)
         x_prev = x_adv

@@ -1,6 +1,6 @@
 """The shared work of every attack, so that an attack file writes only ``forward``.
 
-Conventions (paper Appendix B.1; docs in ALGORITHM.md §4):
+Conventions (Schotthöfer et al., arXiv 2505.08022, Appendix B.1):
 
 * Images are float NCHW tensors in [0, 1] (pixel space); the model normalizes inside itself
   and returns logits ``(N, K)``.
@@ -21,12 +21,19 @@ Conventions (paper Appendix B.1; docs in ALGORITHM.md §4):
   unrounded value rather than leave the ball.
 * Randomness comes from a local ``torch.Generator`` seeded with ``seed`` at every call, so a
   call is a pure function of (model, images, labels, options); the global RNG is untouched.
+* Every numeric option is checked at construction against a range (:func:`check_int`,
+  :func:`check_float`), so that a recipe with an absurd value (``steps: 1000000000``, a
+  negative or infinite step size) is refused before any work: ``steps`` in [1, MAX_STEPS];
+  ℓ∞ step sizes ``alpha`` in (0, 1] eps units (in pixel units a larger step crosses the whole
+  [0, 1] range); momenta and fractions in [0, 1]; ``seed`` in [0, MAX_SEED]. A derived default
+  (``alpha = eps``) is not checked: ε has its own check.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -39,6 +46,12 @@ _log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type[Attack]] = {}
 _GRID_TOL = 1e-4  # slack, in 1/255 steps, when finding grid points at the ε-box edge
+
+MAX_STEPS = 10_000
+"""Most iterations an attack accepts: far above the tens of steps of a PGD or APGD evaluation,
+while a value that would never finish on a validation set is refused."""
+MAX_SEED = 2**32 - 1
+"""Largest attack seed: the recipe's seed range (``compressor.recipe.MAX_SEED``)."""
 
 
 def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
@@ -59,6 +72,29 @@ def _require(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _interval(lo: float, hi: float, lo_open: bool) -> str:
+    return f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+
+def check_int(owner: str, name: str, value: object, lo: int, hi: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) in [lo, hi], else ConfigError.
+
+    The message is one line naming the attack (``owner``), the option, the value and the range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+        raise ConfigError(f"{owner}: {name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+def check_float(owner: str, name: str, value: object, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) in [lo, hi] (``lo_open``:
+    (lo, hi]), else ConfigError with a one-line message like :func:`check_int`'s."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+    if not ok or not (lo < float(value) if lo_open else lo <= float(value)) or not float(value) <= hi:
+        raise ConfigError(f"{owner}: {name} must be a number in {_interval(lo, hi, lo_open)}, got {value!r}")
+    return float(value)
+
+
 class Attack:
     """Base class: eval mode, mode restoring, input checks, units, projection, rounding, RNG.
 
@@ -68,7 +104,8 @@ class Attack:
         eps_unit: ``"pixel"`` or ``"normalized"`` (needs ``std``); see the module docstring.
         std: per-channel std of the model's input normalization.
         round_8bit: round the output to the k/255 grid, staying inside the ball.
-        seed: seed of the attack's private random generator (reseeded at every call).
+        seed: seed of the attack's private random generator (reseeded at every call), an
+            integer in [0, MAX_SEED].
     """
 
     name: str = "attack"
@@ -97,10 +134,18 @@ class Attack:
         _require(eps_unit in ("pixel", "normalized"), f"eps_unit must be 'pixel' or 'normalized', got {eps_unit!r}")
         if std is not None:
             std = tuple(float(s) for s in std)
-            _require(len(std) > 0 and all(s > 0 for s in std), f"std must be positive per-channel values, got {std}")
-        _require(eps_unit == "pixel" or std is not None, "eps_unit='normalized' needs the per-channel std of the model's input normalization (std=...)")
+            # no upper bound: std comes from the model, and evaluation must accept what the
+            # model accepted (compressor.models only requires it positive)
+            _require(
+                len(std) > 0 and all(math.isfinite(s) and s > 0 for s in std),
+                f"std must be finite positive per-channel values, got {std}",
+            )
+        _require(
+            eps_unit == "pixel" or std is not None,
+            "eps_unit='normalized' needs the per-channel std of the model's input normalization (std=...)",
+        )
         self.model, self.eps, self.eps_unit, self.std = model, eps, eps_unit, std
-        self.round_8bit, self.seed = bool(round_8bit), int(seed)
+        self.round_8bit, self.seed = bool(round_8bit), check_int(self.name, "seed", seed, 0, MAX_SEED)
         self._scale: Tensor | None = None  # (1, C, 1, 1) pixel size of one eps unit; None = 1
         self._gen: torch.Generator | None = None
         self._x: Tensor | None = None  # the clean images of the running call
@@ -148,7 +193,8 @@ class Attack:
         if images.numel() and (images.min() < 0 or images.max() > 1):
             raise ValueError("images must lie in [0, 1] (pixel space; put the normalization inside the model)")
         if not isinstance(labels, Tensor) or labels.dtype != torch.long or labels.dim() != 1:
-            raise ValueError(f"labels must be a 1-D long tensor, got {getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
+            got = f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}"
+            raise ValueError(f"labels must be a 1-D long tensor, got {got}")
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f"labels ({labels.shape[0]}) and images ({images.shape[0]}) differ in batch size")
 

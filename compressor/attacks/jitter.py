@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, _require, register_attack
+from .base import MAX_STEPS, Attack, _require, check_float, check_int, register_attack
 
 
 @register_attack("jitter")
@@ -24,23 +24,37 @@ class Jitter(Attack):
     """Noisy-softmax MSE ascent with a perturbation-size normalization.
 
     Args:
-        steps: iterations (default 5).
-        alpha: step size in eps units (default ``eps``).
-        scale: softmax temperature s of eq. 13 (default 10).
-        sigma: std of the output noise of eq. 14 (default 0.1; 0 disables it).
+        steps: iterations (default 5; in [1, MAX_STEPS]).
+        alpha: step size in eps units (default ``eps``; in (0, 1]).
+        scale: softmax temperature s of eq. 13 (default 10; in (0, 100]: s·z/‖z‖∞ spans
+            [−s, s], and a larger s only saturates the softmax further, e^(−2s) underflowing
+            in float32 already from s ≈ 52, and with it the gradient).
+        sigma: std of the output noise of eq. 14 (default 0.1; 0 disables it; in [0, 1]: the
+            noise is added to probabilities in [0, 1], which a larger σ drowns).
         step: ``"normalized"`` (eq. 16, default) or ``"sign"`` (torchattacks).
         random_start: start uniformly in the ε-box (default False, as in the paper).
     """
 
-    def __init__(self, model: nn.Module, eps: float = 0.035, *, steps: int = 5, alpha: float | None = None,
-                 scale: float = 10.0, sigma: float = 0.1, step: str = "normalized",
-                 random_start: bool = False, **common) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 0.035,
+        *,
+        steps: int = 5,
+        alpha: float | None = None,
+        scale: float = 10.0,
+        sigma: float = 0.1,
+        step: str = "normalized",
+        random_start: bool = False,
+        **common,
+    ) -> None:
         super().__init__(model, eps, **common)
-        _require(isinstance(steps, int) and steps >= 1, f"jitter: steps must be an integer >= 1, got {steps!r}")
+        steps = check_int(self.name, "steps", steps, 1, MAX_STEPS)
         _require(step in ("normalized", "sign"), f"jitter: step must be 'normalized' or 'sign', got {step!r}")
-        _require(float(sigma) >= 0 and float(scale) > 0, "jitter: sigma must be >= 0 and scale > 0")
-        self.steps, self.scale, self.sigma, self.step, self.random_start = steps, float(scale), float(sigma), step, bool(random_start)
-        self.alpha = self.eps if alpha is None else float(alpha)
+        sigma = check_float(self.name, "sigma", sigma, 0.0, 1.0)
+        scale = check_float(self.name, "scale", scale, 0.0, 100.0, lo_open=True)
+        self.steps, self.scale, self.sigma, self.step, self.random_start = steps, scale, sigma, step, bool(random_start)
+        self.alpha = self.eps if alpha is None else check_float(self.name, "alpha", alpha, 0.0, 1.0, lo_open=True)
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         # images: (N, C, H, W) in [0, 1]; labels: (N,)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, _require, register_attack
+from .base import Attack, _require, check_float, register_attack
 
 
 @register_attack("l1_fgsm")
@@ -25,22 +25,36 @@ class L1FGSM(Attack):
     """Sign step divided by the per-channel data std, clamped to the ε-box.
 
     Args:
-        data_std: per-channel std Σ of the training data (default: ``std``, else 1).
-        alpha: step size in eps units (default ``eps``, the paper's choice).
+        data_std: per-channel std Σ of the training data (default: ``std``, else 1). Given
+            explicitly, each value in [0.001, 10]: the std of [0, 1] data is at most 0.5, 10
+            leaves room for a plain per-channel weighting and refuses values on the 0-255
+            scale; below 0.001 the step α/Σ overshoots the box 1000-fold anyway (sign-FGSM),
+            and a Σ that rounds to 0 in float32 would divide by zero.
+        alpha: step size in eps units (default ``eps``, the paper's choice; in (0, 1]).
     """
 
     clean_gradient_shareable = True  # one cross-entropy gradient at x, scaled by ε afterwards
 
-    def __init__(self, model: nn.Module, eps: float = 0.1, *, data_std: Sequence[float] | None = None,
-                 alpha: float | None = None, **common) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 0.1,
+        *,
+        data_std: Sequence[float] | None = None,
+        alpha: float | None = None,
+        **common,
+    ) -> None:
         super().__init__(model, eps, **common)
-        data_std = data_std if data_std is not None else self.std
         if data_std is not None:
-            data_std = tuple(float(s) for s in data_std)
-            _require(len(data_std) > 0 and all(s > 0 for s in data_std), f"l1_fgsm: data_std must be positive, got {data_std}")
-        _require(alpha is None or float(alpha) >= 0, f"l1_fgsm: alpha must be >= 0, got {alpha!r}")
+            _require(
+                isinstance(data_std, Sequence) and not isinstance(data_std, str) and len(data_std) > 0,
+                f"l1_fgsm: data_std must be a non-empty list of per-channel values in [0.001, 10], got {data_std!r}",
+            )
+            data_std = tuple(check_float(self.name, "data_std", s, 0.001, 10.0) for s in data_std)
+        else:  # the model's std, already checked finite and positive by the base class
+            data_std = self.std
         self.data_std = data_std
-        self.alpha = self.eps if alpha is None else float(alpha)
+        self.alpha = self.eps if alpha is None else check_float(self.name, "alpha", alpha, 0.0, 1.0, lo_open=True)
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         # images: (N, C, H, W) in [0, 1]; labels: (N,)

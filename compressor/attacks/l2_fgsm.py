@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, _require, register_attack
+from .base import MAX_STEPS, Attack, check_float, check_int, register_attack
 
 
 @register_attack("l2_fgsm")
@@ -19,19 +19,18 @@ class L2FGSM(Attack):
     """ℓ∞-normalized gradient ascent with a clamp to the ε-box.
 
     Args:
-        steps: number of iterations (default 1).
-        alpha: step size in eps units (default ``eps``, the paper's choice).
+        steps: number of iterations (default 1; in [1, MAX_STEPS]).
+        alpha: step size in eps units (default ``eps``, the paper's choice; in (0, 1]).
     """
 
     clean_gradient_shareable = True  # one cross-entropy gradient at x, scaled by ε afterwards
 
-    def __init__(self, model: nn.Module, eps: float = 0.1, *, steps: int = 1,
-                 alpha: float | None = None, **common) -> None:
+    def __init__(
+        self, model: nn.Module, eps: float = 0.1, *, steps: int = 1, alpha: float | None = None, **common
+    ) -> None:
         super().__init__(model, eps, **common)
-        _require(isinstance(steps, int) and steps >= 1, f"l2_fgsm: steps must be an integer >= 1, got {steps!r}")
-        _require(alpha is None or float(alpha) >= 0, f"l2_fgsm: alpha must be >= 0, got {alpha!r}")
-        self.steps = steps
-        self.alpha = self.eps if alpha is None else float(alpha)
+        self.steps = check_int(self.name, "steps", steps, 1, MAX_STEPS)
+        self.alpha = self.eps if alpha is None else check_float(self.name, "alpha", alpha, 0.0, 1.0, lo_open=True)
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         # images: (N, C, H, W) in [0, 1]; labels: (N,)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, _require, register_attack
+from .base import MAX_STEPS, Attack, _require, check_float, check_int, register_attack
 
 
 def _l_norm(t: Tensor, p: float) -> Tensor:
@@ -41,21 +41,44 @@ class Mixup(Attack):
     """Scale-invariant CE + output alignment to a mixing sample, with momentum (see module doc).
 
     Args:
-        steps: iterations (default 5). alpha: step size in eps units (default 1).
-        beta: weight of the CE term (default 1e-3). decay: momentum μ (default 1).
-        scale_exponents: the k of x/2^k (default 0..4). lam_beta: Beta parameter of eq. 21 or None.
+        steps: iterations (default 5; in [1, MAX_STEPS]). alpha: step size in eps units
+            (default 1; in (0, 1]).
+        beta: weight of the CE term (default 1e-3; in [0, 1000], where CE already outweighs the
+            alignment term). decay: momentum μ (default 1; in [0, 1]).
+        scale_exponents: the k of x/2^k (default 0..4): 1 to 9 integers in [0, 8]; x/2^8 already
+            maps every pixel below one 8-bit step, and each k costs a forward and backward.
+        lam_beta: Beta parameter of eq. 21 or None; in (0, 1000]: Beta(1000, 1000) already
+            puts λ at 1/2 to within ~0.01 (one standard deviation).
     """
 
-    def __init__(self, model: nn.Module, eps: float = 0.025, *, steps: int = 5, alpha: float = 1.0,
-                 beta: float = 1e-3, decay: float = 1.0, scale_exponents: Sequence[int] = (0, 1, 2, 3, 4),
-                 lam_beta: float | None = None, **common) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 0.025,
+        *,
+        steps: int = 5,
+        alpha: float = 1.0,
+        beta: float = 1e-3,
+        decay: float = 1.0,
+        scale_exponents: Sequence[int] = (0, 1, 2, 3, 4),
+        lam_beta: float | None = None,
+        **common,
+    ) -> None:
         super().__init__(model, eps, **common)
-        _require(isinstance(steps, int) and steps >= 1, f"mixup: steps must be an integer >= 1, got {steps!r}")
-        _require(len(scale_exponents) > 0, "mixup: scale_exponents must not be empty")
-        _require(lam_beta is None or float(lam_beta) > 0, f"mixup: lam_beta must be > 0 or None, got {lam_beta!r}")
-        self.steps, self.alpha, self.beta, self.decay = steps, float(alpha), float(beta), float(decay)
-        self.scale_exponents = tuple(int(k) for k in scale_exponents)
-        self.lam_beta = None if lam_beta is None else float(lam_beta)
+        self.steps = check_int(self.name, "steps", steps, 1, MAX_STEPS)
+        self.alpha = check_float(self.name, "alpha", alpha, 0.0, 1.0, lo_open=True)
+        self.beta = check_float(self.name, "beta", beta, 0.0, 1000.0)
+        self.decay = check_float(self.name, "decay", decay, 0.0, 1.0)
+        _require(
+            isinstance(scale_exponents, Sequence)
+            and not isinstance(scale_exponents, str)
+            and 1 <= len(scale_exponents) <= 9,
+            f"mixup: scale_exponents must be a list of 1 to 9 integers in [0, 8], got {scale_exponents!r}",
+        )
+        self.scale_exponents = tuple(check_int(self.name, "scale_exponents entry", k, 0, 8) for k in scale_exponents)
+        self.lam_beta = (
+            None if lam_beta is None else check_float(self.name, "lam_beta", lam_beta, 0.0, 1000.0, lo_open=True)
+        )
 
     def _mixing_partner(self, labels: Tensor) -> Tensor:
         n = labels.shape[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, _require, register_attack
+from .base import MAX_STEPS, Attack, _require, check_float, check_int, register_attack
 
 
 @register_attack("pgd")
@@ -19,19 +19,31 @@ class PGD(Attack):
 
     Args:
         norm: ``"linf"`` (sign steps) or ``"l2"`` (ℓ2-normalized steps, ℓ2 ball of radius eps).
-        steps: number of steps (default 10).
-        alpha: step size in eps units (default ``2.5 * eps / steps``, Madry et al.).
+        steps: number of steps (default 10; in [1, MAX_STEPS]).
+        alpha: step size in eps units (default ``2.5 * eps / steps``, Madry et al.): in (0, 1]
+            for ``"linf"``, where in pixel units a larger sign step crosses the whole [0, 1]
+            range; in (0, 100] for ``"l2"``, whose ball grows with the image size.
         random_start: start uniformly in the ℓ∞ box / uniformly in radius in the ℓ2 ball.
     """
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, *, norm: str = "linf", steps: int = 10,
-                 alpha: float | None = None, random_start: bool = True, **common) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8 / 255,
+        *,
+        norm: str = "linf",
+        steps: int = 10,
+        alpha: float | None = None,
+        random_start: bool = True,
+        **common,
+    ) -> None:
         super().__init__(model, eps, **common)
         _require(norm in ("linf", "l2"), f"pgd: norm must be 'linf' or 'l2', got {norm!r}")
-        _require(isinstance(steps, int) and steps >= 1, f"pgd: steps must be an integer >= 1, got {steps!r}")
-        _require(alpha is None or float(alpha) >= 0, f"pgd: alpha must be >= 0, got {alpha!r}")
+        steps = check_int(self.name, "steps", steps, 1, MAX_STEPS)
+        if alpha is not None:
+            alpha = check_float(self.name, "alpha", alpha, 0.0, 1.0 if norm == "linf" else 100.0, lo_open=True)
         self.norm, self.steps, self.random_start = norm, steps, bool(random_start)
-        self.alpha = 2.5 * self.eps / steps if alpha is None else float(alpha)
+        self.alpha = 2.5 * self.eps / steps if alpha is None else alpha
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         # images: (N, C, H, W) in [0, 1]; labels: (N,)

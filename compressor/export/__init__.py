@@ -1,14 +1,15 @@
-"""Export: compressed safetensors with a manifest, plain-op ONNX, INT8, latency and MACs.
+"""Export: compressed safetensors with a manifest, plain-op ONNX, INT8, latency.
 
-    save_compressed(model, path, model_info=info.to_dict())   # exact-size factors + manifest
-    model, manifest = load_compressed(path)                   # rebuilt from the file alone
-    info = export_onnx(model, "model.onnx", input_size=32)    # Conv/MatMul/Gemm, dynamic batch
-    structure_check("model.onnx", model); parity_check("model.onnx", model)
-    export_checkpoint(path, out_dir)                          # all of it, for `compress export`
+    result = export_model(model, "out/", input_size=32, model_info=info.to_dict())  # everything, checked
+    model, manifest = load_compressed("out/model.safetensors")                        # rebuilt from the file
+    export_saved("out/model.safetensors", "out/")                                     # `compress export`
+
+The pieces: save_compressed / load_compressed (safetensors), export_onnx / parity_check /
+structure_check (ONNX), quantize_int8, onnx_latencies.
 """
 
-from .artifact import export_checkpoint
-from .latency import count_macs, macs_by_layer, onnx_latencies, onnx_latency
+from .bundle import ExportResult, export_model, export_saved
+from .latency import onnx_latencies, onnx_latency
 from .onnx_export import (
     PARITY_TOLERANCE,
     LayerForm,
@@ -20,11 +21,34 @@ from .onnx_export import (
     structure_check,
 )
 from .quantize import quantize_int8
-from .safetensors_io import FORMAT_VERSION, build_low_rank_like, build_manifest, load_compressed, read_header, save_compressed
+from .safetensors_io import (
+    FORMAT_VERSION,
+    build_low_rank_like,
+    build_manifest,
+    load_compressed,
+    read_header,
+    save_compressed,
+)
 
 __all__ = [
-    "FORMAT_VERSION", "PARITY_TOLERANCE", "LayerForm", "OnnxExportInfo", "build_low_rank_like", "build_manifest",
-    "count_macs", "export_checkpoint", "macs_by_layer", "export_onnx", "load_compressed", "onnx_latencies",
-    "onnx_latency", "parity_check",
-    "plain_model", "plan_export", "quantize_int8", "read_header", "save_compressed", "structure_check",
+    "FORMAT_VERSION",
+    "PARITY_TOLERANCE",
+    "ExportResult",
+    "LayerForm",
+    "OnnxExportInfo",
+    "build_low_rank_like",
+    "build_manifest",
+    "export_model",
+    "export_onnx",
+    "export_saved",
+    "load_compressed",
+    "onnx_latencies",
+    "onnx_latency",
+    "parity_check",
+    "plain_model",
+    "plan_export",
+    "quantize_int8",
+    "read_header",
+    "save_compressed",
+    "structure_check",
 ]

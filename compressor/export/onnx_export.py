@@ -40,6 +40,8 @@ from torch import Tensor, nn
 from ..atomic import atomic_path
 from ..errors import ConfigError, OutputError, WeightsError
 from ..layers import LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
+from ..runtime import ort_session
+from ..runtime.costs import CONV_FORMS, layer_costs
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ WEIGHT_BYTES_TOLERANCE = 0.05
 
 _TWO_GB = 2**31 - 1
 _FLOAT_ONNX_TYPES = {1: 4, 10: 2, 11: 8, 16: 2}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 → bytes per element
-_FORMS = {"linear": ("merged", "dense"), "conv": ("tucker3", "fold_out", "fold_in", "dense")}
+_FORMS = {"linear": ("merged", "dense"), "conv": CONV_FORMS}
 
 
 # ----------------------------------------------------------------------------- plan
@@ -68,27 +70,6 @@ class LayerForm:
     macs: int  # multiply-adds per output token/pixel
 
 
-def _linear_costs(layer: LowRankLinear) -> dict[str, tuple[int, int]]:
-    n_in, n_out, (r,) = layer.in_features, layer.out_features, layer.ranks
-    b = n_out if layer.bias is not None else 0
-    return {"unmerged": ((n_in + n_out) * r + r * r + b, (n_in + n_out) * r + r * r),
-            "merged": ((n_in + n_out) * r + b, (n_in + n_out) * r),
-            "dense": (n_in * n_out + b, n_in * n_out)}
-
-
-def _conv_costs(layer: TuckerConv2d) -> dict[str, tuple[int, int]]:
-    c_in, c_out = layer.in_channels, layer.out_channels
-    r_out, r_in = layer.ranks
-    k = layer.kernel_size[0] * layer.kernel_size[1]
-    stride = layer.stride if isinstance(layer.stride, tuple) else (layer.stride, layer.stride)
-    s = stride[0] * stride[1]  # a 1×1 conv before a strided one runs on s× more pixels
-    b = c_out if layer.bias is not None else 0
-    return {"tucker3": (c_in * r_in + r_out * r_in * k + c_out * r_out + b, s * c_in * r_in + r_out * r_in * k + c_out * r_out),
-            "fold_out": (c_in * r_in + c_out * r_in * k + b, s * c_in * r_in + c_out * r_in * k),
-            "fold_in": (r_out * c_in * k + c_out * r_out + b, r_out * c_in * k + c_out * r_out),
-            "dense": (c_out * c_in * k + b, c_out * c_in * k)}
-
-
 def plan_export(model: nn.Module, fold: str = "auto") -> dict[str, LayerForm]:
     """Layer name → the form it is exported in (see the module docstring)."""
     if fold not in ("auto", "none"):
@@ -96,9 +77,9 @@ def plan_export(model: nn.Module, fold: str = "auto") -> dict[str, LayerForm]:
     plan = {}
     for name, layer in low_rank_layers(model).items():
         if isinstance(layer, LowRankLinear):
-            kind, costs, base = "linear", _linear_costs(layer), "unmerged"
+            kind, costs, base = "linear", layer_costs(layer), "unmerged"
         elif isinstance(layer, TuckerConv2d):
-            kind, costs, base = "conv", _conv_costs(layer), "tucker3"
+            kind, costs, base = "conv", layer_costs(layer), "tucker3"
         else:  # a LowRankLayer subclass this exporter does not know: export its own forward
             continue
         if fold == "none":
@@ -149,9 +130,13 @@ def _plain_layer(layer: LowRankLayer, form: str) -> nn.Module:
     if form == "tucker3":
         return nn.Sequential(_conv(first, None), _conv(core.to(f32), None, **spatial), _conv(last, bias))
     if form == "fold_out":
-        return nn.Sequential(_conv(first, None), _conv(torch.einsum("oa,aihw->oihw", u_out, core).to(f32), bias, **spatial))
+        return nn.Sequential(
+            _conv(first, None), _conv(torch.einsum("oa,aihw->oihw", u_out, core).to(f32), bias, **spatial)
+        )
     if form == "fold_in":
-        return nn.Sequential(_conv(torch.einsum("abhw,cb->achw", core, u_in).to(f32), None, **spatial), _conv(last, bias))
+        return nn.Sequential(
+            _conv(torch.einsum("abhw,cb->achw", core, u_in).to(f32), None, **spatial), _conv(last, bias)
+        )
     return _conv(torch.einsum("oa,abhw,cb->ochw", u_out, core, u_in).to(f32), bias, **spatial)
 
 
@@ -194,8 +179,9 @@ def _canonical(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def _expectation(model: nn.Module, plain: nn.Module, plan: dict[str, LayerForm], in_chans: int,
-                 input_size: int) -> _Expectation:
+def _expectation(
+    model: nn.Module, plain: nn.Module, plan: dict[str, LayerForm], in_chans: int, input_size: int
+) -> _Expectation:
     calls = Counter()
 
     def hook(module, _inp, _out):
@@ -209,17 +195,26 @@ def _expectation(model: nn.Module, plain: nn.Module, plan: dict[str, LayerForm],
             h.remove()
     shapes = []
     for name in plan:
-        shapes += [_canonical(tuple(m.weight.shape)) for m in plain.get_submodule(name).modules()
-                   if type(m) in (nn.Conv2d, nn.Linear)]
+        shapes += [
+            _canonical(tuple(m.weight.shape))
+            for m in plain.get_submodule(name).modules()
+            if type(m) in (nn.Conv2d, nn.Linear)
+        ]
     seen, nbytes = set(), 0
     for t in plain.state_dict().values():
         if t.is_floating_point() and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             nbytes += t.numel() * 4  # exported as float32
-    foldable = sum(t.numel() * 4 for m in plain.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                   for t in m.state_dict().values() if t.is_floating_point())
-    return _Expectation(calls["conv"], calls["linear"], shapes, nbytes, foldable,
-                        sum(p.numel() for p in model.parameters()))
+    foldable = sum(
+        t.numel() * 4
+        for m in plain.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for t in m.state_dict().values()
+        if t.is_floating_point()
+    )
+    return _Expectation(
+        calls["conv"], calls["linear"], shapes, nbytes, foldable, sum(p.numel() for p in model.parameters())
+    )
 
 
 def _graph_nodes(graph) -> list:
@@ -265,14 +260,21 @@ def _structure(proto, exp: _Expectation) -> dict[str, Any]:
     low = (exp.weight_bytes - exp.foldable_bytes) * (1 - WEIGHT_BYTES_TOLERANCE)
     bytes_ok = low <= weight_bytes <= exp.weight_bytes * (1 + WEIGHT_BYTES_TOLERANCE)
     result = {
-        "conv_nodes": n_conv, "matmul_nodes": ops.get("MatMul", 0), "gemm_nodes": ops.get("Gemm", 0),
-        "expected_conv_nodes": exp.conv_calls, "expected_matmul_gemm_nodes": exp.linear_calls,
-        "weight_bytes": weight_bytes, "expected_weight_bytes": exp.weight_bytes,
-        "foldable_norm_bytes": exp.foldable_bytes, "batchnorm_nodes": ops.get("BatchNormalization", 0),
-        "compressed_params": exp.compressed_params, "compressed_param_bytes": param_bytes,
+        "conv_nodes": n_conv,
+        "matmul_nodes": ops.get("MatMul", 0),
+        "gemm_nodes": ops.get("Gemm", 0),
+        "expected_conv_nodes": exp.conv_calls,
+        "expected_matmul_gemm_nodes": exp.linear_calls,
+        "weight_bytes": weight_bytes,
+        "expected_weight_bytes": exp.weight_bytes,
+        "foldable_norm_bytes": exp.foldable_bytes,
+        "batchnorm_nodes": ops.get("BatchNormalization", 0),
+        "compressed_params": exp.compressed_params,
+        "compressed_param_bytes": param_bytes,
         "weight_bytes_ratio": ratio,
         "weight_bytes_within_5pct": bool(abs(ratio - 1) <= WEIGHT_BYTES_TOLERANCE),
-        "factors_found": sum(want.values()) - sum(missing.values()), "factors_expected": sum(want.values()),
+        "factors_found": sum(want.values()) - sum(missing.values()),
+        "factors_expected": sum(want.values()),
         "missing_factor_shapes": [list(s) for s in sorted(missing.elements())][:10],
         "op_counts": dict(sorted(ops.items())),
     }
@@ -313,7 +315,7 @@ def _stored_plan(proto, model: nn.Module) -> dict[str, LayerForm]:
         layer = layers.get(name)
         if not isinstance(layer, (LowRankLinear, TuckerConv2d)):
             raise WeightsError(f"the ONNX model was exported from another model: no factorized layer {name!r} here")
-        kind, costs = ("linear", _linear_costs(layer)) if isinstance(layer, LowRankLinear) else ("conv", _conv_costs(layer))
+        kind, costs = ("linear" if isinstance(layer, LowRankLinear) else "conv"), layer_costs(layer)
         if form not in costs:
             raise WeightsError(f"the ONNX model's metadata names an unknown form {form!r} for layer {name!r}")
         plan[name] = LayerForm(kind, form, *costs[form])
@@ -347,29 +349,20 @@ def structure_check(onnx_path: str | Path, model: nn.Module) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- parity
 
 
-def _session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime's own exception types
-        raise WeightsError(f"onnxruntime cannot load {path}: {str(err).strip().splitlines()[0][:200]}") from None
-
-
 @torch.no_grad()
-def parity_check(onnx_path: str | Path, model: nn.Module, input_size: int | None = None,
-                 batches: tuple[int, ...] = (1, 8), seed: int = 0) -> dict[str, Any]:
+def parity_check(
+    onnx_path: str | Path,
+    model: nn.Module,
+    input_size: int | None = None,
+    batches: tuple[int, ...] = (1, 8),
+    seed: int = 0,
+) -> dict[str, Any]:
     """Run the same random images (uniform in [0,1]) through onnxruntime and ``model``.
 
     Reports per batch size the max |ONNX − PyTorch| logit difference and that relative to
     max |logit|; passes if the relative difference is ≤ 1e-4 at every batch size.
     """
-    sess = _session(onnx_path, threads=1)
+    sess = ort_session(onnx_path, threads=1)
     inp = sess.get_inputs()[0]
     in_chans, onnx_size = inp.shape[1], inp.shape[2]
     size = input_size or onnx_size
@@ -387,13 +380,17 @@ def parity_check(onnx_path: str | Path, model: nn.Module, input_size: int | None
             ref = model(x.to(device, dtype)).float().cpu()
             got = torch.from_numpy(sess.run(None, {inp.name: x.numpy()})[0]).float()
             if got.shape != ref.shape:
-                raise WeightsError(f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(ref.shape)} "
-                                   f"at batch {b}")
+                raise WeightsError(
+                    f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(ref.shape)} at batch {b}"
+                )
             diff = float((got - ref).abs().max())
             scale = float(ref.abs().max())
-            out["batches"][b] = {"max_abs_diff": diff, "max_abs_logit": scale,
-                                 "rel_diff": diff / max(scale, 1e-12),
-                                 "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean())}
+            out["batches"][b] = {
+                "max_abs_diff": diff,
+                "max_abs_logit": scale,
+                "rel_diff": diff / max(scale, 1e-12),
+                "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean()),
+            }
     finally:
         model.train(was)
     per = out["batches"].values()
@@ -443,9 +440,19 @@ def _export_dynamo(plain: nn.Module, example: Tensor, opset: int, dynamic_batch:
     dyn = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},) if dynamic_batch else None
     with tempfile.TemporaryDirectory() as artifacts, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(plain, (example,), None, dynamo=True, verbose=False, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], opset_version=opset, dynamic_shapes=dyn,
-                                    optimize=True, artifacts_dir=artifacts)
+        program = torch.onnx.export(
+            plain,
+            (example,),
+            None,
+            dynamo=True,
+            verbose=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_shapes=dyn,
+            optimize=True,
+            artifacts_dir=artifacts,
+        )
     return program.model_proto
 
 
@@ -456,8 +463,17 @@ def _export_legacy(plain: nn.Module, example: Tensor, opset: int, dynamic_batch:
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(plain, (example,), buf, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          opset_version=opset, dynamic_axes=axes, do_constant_folding=True)
+        torch.onnx.export(
+            plain,
+            (example,),
+            buf,
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -484,14 +500,29 @@ def _write(proto, path: Path) -> int:
         return path.stat().st_size
     # over protobuf's 2 GB limit: weights go to <name>.data beside the graph
     with atomic_path(path) as tmp:
-        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            proto,
+            str(tmp),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
     return path.stat().st_size + (path.parent / (path.name + ".data")).stat().st_size
 
 
-def export_onnx(model: nn.Module, path: str | Path, *, input_size: int, in_chans: int = 3, opset: int = 18,
-                dynamic_batch: bool = True, fold: str = "auto", simplify: bool = True,
-                check: bool = True) -> OnnxExportInfo:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    input_size: int,
+    in_chans: int = 3,
+    opset: int = 18,
+    dynamic_batch: bool = True,
+    fold: str = "auto",
+    simplify: bool = True,
+    check: bool = True,
+) -> OnnxExportInfo:
     """Export ``model`` (images in [0,1] → logits) to ONNX at ``path``, written atomically.
 
     Factorized layers become plain Conv/MatMul/Gemm ops in the form chosen by
@@ -516,8 +547,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int, in_chans
     was = model.training
     try:
         plain = plain_model(model, plan)
-        example = torch.rand(2 if dynamic_batch else 1, in_chans, input_size, input_size,
-                             generator=torch.Generator().manual_seed(0))
+        example = torch.rand(
+            2 if dynamic_batch else 1, in_chans, input_size, input_size, generator=torch.Generator().manual_seed(0)
+        )
         exp = _expectation(model, plain, plan, in_chans, input_size)
         exporter, reason = "dynamo", None
         try:
@@ -529,7 +561,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int, in_chans
             try:
                 proto = _export_legacy(plain, example, opset, dynamic_batch)
             except Exception as err2:
-                raise OutputError(f"ONNX export failed with both exporters: dynamo: {reason}; legacy: {_short(err2)}") from None
+                raise OutputError(
+                    f"ONNX export failed with both exporters: dynamo: {reason}; legacy: {_short(err2)}"
+                ) from None
     finally:
         model.train(was)
 
@@ -548,21 +582,51 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int, in_chans
             raise OutputError(f"the exported ONNX model fails onnx.checker: {_short(err)}") from None
     structure = _structure(proto, exp)
     if not structure["matches"]:
-        log.warning("ONNX graph does not match the factorized structure: %s", {k: structure[k] for k in (
-            "conv_nodes", "expected_conv_nodes", "matmul_nodes", "gemm_nodes", "expected_matmul_gemm_nodes",
-            "weight_bytes", "expected_weight_bytes", "missing_factor_shapes")})
+        log.warning(
+            "ONNX graph does not match the factorized structure: %s",
+            {
+                k: structure[k]
+                for k in (
+                    "conv_nodes",
+                    "expected_conv_nodes",
+                    "matmul_nodes",
+                    "gemm_nodes",
+                    "expected_matmul_gemm_nodes",
+                    "weight_bytes",
+                    "expected_weight_bytes",
+                    "missing_factor_shapes",
+                )
+            },
+        )
     size_bytes = _write(proto, path)
     if check and proto.ByteSize() >= _TWO_GB:
         onnx.checker.check_model(str(path))
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in dims]
     structure["plan"] = plan_forms
-    info = OnnxExportInfo(path=str(path), exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
-                          input_name=proto.graph.input[0].name, output_name=proto.graph.output[0].name,
-                          input_shape=shape, size_bytes=size_bytes, seconds=time.perf_counter() - start,
-                          plan=plan_forms, structure=structure, fallback_reason=reason, simplified=simplified,
-                          simplify_note=note)
-    log.info("exported %s with the %s exporter in %.1fs (%d Conv, %d MatMul/Gemm, %.2f MB weights)", path, exporter,
-             info.seconds, structure["conv_nodes"], structure["matmul_nodes"] + structure["gemm_nodes"],
-             structure["weight_bytes"] / 1e6)
+    info = OnnxExportInfo(
+        path=str(path),
+        exporter=exporter,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        input_name=proto.graph.input[0].name,
+        output_name=proto.graph.output[0].name,
+        input_shape=shape,
+        size_bytes=size_bytes,
+        seconds=time.perf_counter() - start,
+        plan=plan_forms,
+        structure=structure,
+        fallback_reason=reason,
+        simplified=simplified,
+        simplify_note=note,
+    )
+    log.info(
+        "exported %s with the %s exporter in %.1fs (%d Conv, %d MatMul/Gemm, %.2f MB weights)",
+        path,
+        exporter,
+        info.seconds,
+        structure["conv_nodes"],
+        structure["matmul_nodes"] + structure["gemm_nodes"],
+        structure["weight_bytes"] / 1e6,
+    )
     return info

@@ -19,6 +19,7 @@ import numpy as np
 from torch import Tensor
 
 from ..errors import ConfigError, OutputError, WeightsError
+from ..runtime import ort_session
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _reader(name: str, images: np.ndarray, batch_size: int):
 
         def _batches(self) -> Iterator[dict[str, np.ndarray]]:
             for i in range(0, len(images), batch_size):
-                yield {name: images[i:i + batch_size]}
+                yield {name: images[i : i + batch_size]}
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
@@ -45,8 +46,15 @@ def _reader(name: str, images: np.ndarray, batch_size: int):
     return _Batches()
 
 
-def quantize_int8(onnx_path: str | Path, out_path: str | Path, calibration_images: Tensor, *,
-                  batch_size: int = 32, per_channel: bool = True, preprocess: bool = True) -> dict[str, Any]:
+def quantize_int8(
+    onnx_path: str | Path,
+    out_path: str | Path,
+    calibration_images: Tensor,
+    *,
+    batch_size: int = 32,
+    per_channel: bool = True,
+    preprocess: bool = True,
+) -> dict[str, Any]:
     """Write a static QDQ INT8 version of ``onnx_path`` to ``out_path`` (atomically).
 
     ``calibration_images``: (N, C, H, W) in [0, 1], the model's input space (a few hundred
@@ -54,7 +62,6 @@ def quantize_int8(onnx_path: str | Path, out_path: str | Path, calibration_image
     ``quant_pre_process`` (shape inference + graph optimization) when that succeeds.
     Returns {path, size_bytes, fp32_size_bytes, size_ratio, preprocessed, ...}.
     """
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -63,7 +70,7 @@ def quantize_int8(onnx_path: str | Path, out_path: str | Path, calibration_image
         raise WeightsError(f"ONNX file not found: {src}")
     if not isinstance(calibration_images, Tensor) or calibration_images.dim() != 4 or len(calibration_images) == 0:
         raise ConfigError("calibration_images must be a non-empty (N, C, H, W) tensor of images in [0, 1]")
-    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    sess = ort_session(src)
     inp = sess.get_inputs()[0]
     want = [d if isinstance(d, int) else None for d in inp.shape[1:]]
     got = list(calibration_images.shape[1:])
@@ -87,19 +94,39 @@ def quantize_int8(onnx_path: str | Path, out_path: str | Path, calibration_image
                 quant_pre_process(str(src), str(pre))
                 model_in, preprocessed = pre, True
             except Exception as err:  # symbolic shape inference fails on some graphs: quantize as is
-                log.warning("quant_pre_process failed (%s: %s); quantizing the model as exported",
-                            type(err).__name__, str(err).strip().splitlines()[0][:200] if str(err).strip() else "")
+                log.warning(
+                    "quant_pre_process failed (%s: %s); quantizing the model as exported",
+                    type(err).__name__,
+                    str(err).strip().splitlines()[0][:200] if str(err).strip() else "",
+                )
         tmp_out = Path(tmp) / "int8.onnx"
         try:
-            quantize_static(str(model_in), str(tmp_out), _reader(inp.name, images, bs), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+            quantize_static(
+                str(model_in),
+                str(tmp_out),
+                _reader(inp.name, images, bs),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
         except Exception as err:
             raise OutputError(f"INT8 quantization of {src} failed: {type(err).__name__}: {str(err)[:300]}") from None
         os.replace(tmp_out, out)  # same folder as out: atomic
     size, fp32 = out.stat().st_size, src.stat().st_size
-    info = {"path": str(out), "size_bytes": size, "fp32_size_bytes": fp32, "size_ratio": fp32 / size if size else None,
-            "format": "QDQ", "activation_type": "int8", "weight_type": "int8", "per_channel": per_channel,
-            "calibrate_method": "MinMax", "calibration_images": int(len(images)), "preprocessed": preprocessed}
+    info = {
+        "path": str(out),
+        "size_bytes": size,
+        "fp32_size_bytes": fp32,
+        "size_ratio": fp32 / size if size else None,
+        "format": "QDQ",
+        "activation_type": "int8",
+        "weight_type": "int8",
+        "per_channel": per_channel,
+        "calibrate_method": "MinMax",
+        "calibration_images": int(len(images)),
+        "preprocessed": preprocessed,
+    }
     log.info("INT8 model %s: %.2f MB (fp32 %.2f MB)", out, size / 1e6, fp32 / 1e6)
     return info

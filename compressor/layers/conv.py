@@ -11,14 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import (augment_basis, hosvd_channel_factors, left_singular, mode_product, rank_spectrum,
-                          truncation_rank, unfold)
+from ..functional import (
+    augment_basis,
+    hosvd_channel_factors,
+    left_singular,
+    mode_product,
+    rank_spectrum,
+    truncation_rank,
+    unfold,
+)
 from .base import BasisChange, LowRankLayer
 from .rank import resolve_rank
 
 
-def tucker_rank_caps(out_channels: int, in_channels: int, kernel_size: tuple[int, int],
-                     r_max: int | None = None) -> tuple[int, int]:
+def tucker_rank_caps(
+    out_channels: int, in_channels: int, kernel_size: tuple[int, int], r_max: int | None = None
+) -> tuple[int, int]:
     """Largest useful (r_out, r_in): a mode's rank is bounded by its channels, by the other
     unfolding dimension (the mode-0 unfolding is C_out × C_in·kh·kw, so a 3→64 3×3 conv has
     Tucker rank ≤ 27 on mode 0) and by the user's ``r_max``."""
@@ -46,14 +54,28 @@ class TuckerConv2d(LowRankLayer):
     ``channels_last`` (default True): run the three convs in NHWC and hand the output on in
     that layout, as torch's own convs do for a channels-last input. Set it to False (or
     ``factorize_(..., channels_last=False)``) for a model that calls ``x.view(n, -1)`` on conv
-    outputs instead of ``flatten``/``reshape``: NCHW in, NCHW out, somewhat slower on the CPU.
+    outputs instead of ``flatten``/``reshape``: NCHW in, NCHW out, at the price of the layout
+    reorders that NHWC avoids.
     """
 
     channels_last: bool = True
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
-                 ranks: tuple[int, int], *, stride=1, padding=0, dilation=1, bias: bool = True,
-                 r_min: int = 1, r_max: int | None = None, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        ranks: tuple[int, int],
+        *,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        r_min: int = 1,
+        r_max: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -73,9 +95,16 @@ class TuckerConv2d(LowRankLayer):
         self.register_buffer("rank_bounds", torch.tensor([self.r_min, self.r_max], dtype=torch.long))
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, rank: int | float | tuple[int, int] | None = None, *,
-                   tol: float | None = None, r_min: int = 1, r_max: int | None = None,
-                   seed: int = 0) -> "TuckerConv2d":
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        rank: int | float | tuple[int, int] | None = None,
+        *,
+        tol: float | None = None,
+        r_min: int = 1,
+        r_max: int | None = None,
+        seed: int = 0,
+    ) -> TuckerConv2d:
         """HOSVD on modes 0 and 1 (reduced SVDs of the unfoldings), core = W ×₀ U_outᵀ ×₁ U_inᵀ."""
         if conv.groups != 1:
             raise ValueError("grouped/depthwise convolutions are not factorized (leave them dense)")
@@ -94,8 +123,9 @@ class TuckerConv2d(LowRankLayer):
         return cls._from_factors(conv, u_out, core, u_in, r_min=r_min, r_max=r_max)
 
     @classmethod
-    def from_bases(cls, conv: nn.Conv2d, u_out: Tensor, u_in: Tensor, *, r_min: int = 1,
-                   r_max: int | None = None) -> "TuckerConv2d":
+    def from_bases(
+        cls, conv: nn.Conv2d, u_out: Tensor, u_in: Tensor, *, r_min: int = 1, r_max: int | None = None
+    ) -> TuckerConv2d:
         """Given orthonormal channel bases U_out (C_out×r_out), U_in (C_in×r_in): core = W ×₀ U_outᵀ ×₁ U_inᵀ.
 
         Used with activation-aware bases (:mod:`compressor.calibration`); exact when both bases
@@ -108,12 +138,24 @@ class TuckerConv2d(LowRankLayer):
         return cls._from_factors(conv, u_out, mode_product(w, u_out, u_in), u_in, r_min=r_min, r_max=r_max)
 
     @classmethod
-    def _from_factors(cls, conv: nn.Conv2d, u_out: Tensor, core: Tensor, u_in: Tensor, *, r_min: int,
-                      r_max: int | None) -> "TuckerConv2d":
+    def _from_factors(
+        cls, conv: nn.Conv2d, u_out: Tensor, core: Tensor, u_in: Tensor, *, r_min: int, r_max: int | None
+    ) -> TuckerConv2d:
         w = conv.weight
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, (core.shape[0], core.shape[1]),
-                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-                    r_min=r_min, r_max=r_max, device=w.device, dtype=w.dtype)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            (core.shape[0], core.shape[1]),
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            r_min=r_min,
+            r_max=r_max,
+            device=w.device,
+            dtype=w.dtype,
+        )
         with torch.no_grad():
             layer.U_out.copy_(u_out)
             layer.U_in.copy_(u_in)
@@ -125,10 +167,10 @@ class TuckerConv2d(LowRankLayer):
     # x: (N, C_in, H, W) → (N, r_in, H, W) → (N, r_out, H', W') → (N, C_out, H', W')
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
-            # In NHWC the 1×1s are plain GEMMs and oneDNN skips its layout reorders (a VGG16
-            # DLRT step 0.30 s → 0.20 s on 2 CPU cores, bench/bench_dlrt.py). The output stays
-            # channels-last: converting it back costs ~25 % of a VGG16 forward + backward
-            # (measured), and the next factorized layer would only convert it again.
+            # In NHWC the 1×1s are plain GEMMs over the contiguous channel axis and oneDNN
+            # skips its layout reorders. The output stays channels-last: converting it back
+            # would copy every activation (and its gradient in the backward), and the next
+            # factorized layer would only convert it again.
             x = to_channels_last(x)
         h = F.conv2d(x, self.U_in.mT[:, :, None, None])
         h = F.conv2d(h, self.C, None, self.stride, self.padding, self.dilation)
@@ -154,7 +196,9 @@ class TuckerConv2d(LowRankLayer):
     def augment_(self, *, seed: int = 0) -> BasisChange:
         """Augment both channel bases with their gradients; the core is zero-padded (W unchanged)."""
         if self.U_out.grad is None or self.U_in.grad is None:
-            raise RuntimeError("augment_ needs U_out.grad and U_in.grad: call set_bases_trainable(True) before backward")
+            raise RuntimeError(
+                "augment_ needs U_out.grad and U_in.grad: call set_bases_trainable(True) before backward"
+            )
         r_out, r_in = self.ranks
         n_out, n_in = min(2 * r_out, self.r_max_out), min(2 * r_in, self.r_max_in)
         with torch.no_grad():
@@ -170,9 +214,9 @@ class TuckerConv2d(LowRankLayer):
         The new bases are U·P with P the kept singular vectors, corrected to orthonormal in
         float64 (``orthonormal_columns``). ``reorthonormalize_bases`` also re-factors the tall
         U·P (Cholesky QR, its R folded into the core), clearing the round-off U has gathered,
-        ~1e-8 a cycle; the trainer does it at every 8th truncation of a run and saves it
-        otherwise (VGG16 at the reference's ranks: a truncation 0.75× as long,
-        bench/bench_truncation.py).
+        ~1e-8 a cycle; the trainer does it at every 8th truncation of a run and skips it
+        otherwise: eight cycles of drift stay far below float32's ~1e-6 orthonormality, while
+        each re-factorization is a Gram and a product over the tall bases.
         """
         with torch.no_grad():
             work = torch.float64 if self.C.dtype == torch.float64 else torch.float32
@@ -182,17 +226,20 @@ class TuckerConv2d(LowRankLayer):
             p1, s1 = left_singular(unfold(core, 1), tol=tau)
             r0 = truncation_rank(s0, tau, self.r_min, self.r_max_out)
             r1 = truncation_rank(s1, tau, self.r_min, self.r_max_in)
-            change, u_out, u_in = BasisChange.truncation(self.U_out.to(work), self.U_in.to(work), p0[:, :r0],
-                                                         p1[:, :r1], refactor=reorthonormalize_bases)
+            change, u_out, u_in = BasisChange.truncation(
+                self.U_out.to(work), self.U_in.to(work), p0[:, :r0], p1[:, :r1], refactor=reorthonormalize_bases
+            )
             dt = self.C.dtype
             self._set(u_out.to(dt), change.apply(core).to(dt), u_in.to(dt))
         return change
 
     def set_ranks_(self, ranks: tuple[int, ...]) -> None:
         r_out, r_in = ranks
-        self._set(self.U_out.new_zeros(self.out_channels, r_out),
-                  self.C.new_zeros(r_out, r_in, *self.kernel_size),
-                  self.U_in.new_zeros(self.in_channels, r_in))
+        self._set(
+            self.U_out.new_zeros(self.out_channels, r_out),
+            self.C.new_zeros(r_out, r_in, *self.kernel_size),
+            self.U_in.new_zeros(self.in_channels, r_in),
+        )
 
     def _set(self, u_out: Tensor, core: Tensor, u_in: Tensor) -> None:
         for p, val in ((self.U_out, u_out), (self.C, core), (self.U_in, u_in)):
@@ -203,9 +250,17 @@ class TuckerConv2d(LowRankLayer):
         self._store_ranks()
 
     def to_dense(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                         padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
-                         device=self.C.device, dtype=self.C.dtype)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=self.bias is not None,
+            device=self.C.device,
+            dtype=self.C.dtype,
+        )
         with torch.no_grad():
             conv.weight.copy_(mode_product(self.C, self.U_out.mT, self.U_in.mT))
             if self.bias is not None:
@@ -217,6 +272,8 @@ class TuckerConv2d(LowRankLayer):
         return self.out_channels * self.in_channels * kh * kw + (self.out_channels if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"r_min={self.r_min}, r_max={self.r_max}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"r_min={self.r_min}, r_max={self.r_max}, bias={self.bias is not None}"
+        )

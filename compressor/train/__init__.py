@@ -1,8 +1,7 @@
-"""Training: the dense baseline and RobustDLRT share one loop (dlrt.Trainer)."""
+"""Training: the dense baseline and RobustDLRT share one loop (dlrt.Trainer), configured by the
+recipe's ``baseline`` or ``train`` section."""
 
-from .common import CompressionStats, clean_accuracy, compression_stats, resolve_device
-from .distributed import DistContext, init_from_env
-from .dlrt import Trainer, TrainerConfig, TrainingHistory
+from .common import clean_accuracy
+from .dlrt import Trainer, TrainingHistory, TrainingSection
 
-__all__ = ["CompressionStats", "DistContext", "Trainer", "TrainerConfig", "TrainingHistory", "clean_accuracy",
-           "compression_stats", "init_from_env", "resolve_device"]
+__all__ = ["Trainer", "TrainingHistory", "TrainingSection", "clean_accuracy"]

@@ -56,7 +56,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise WeightsError(f"checkpoint {path} cannot be read safely ({reason}); delete it to start over") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise WeightsError(f"checkpoint {path} is not a compressor checkpoint (format {FORMAT}); delete it to start over")
+        raise WeightsError(
+            f"checkpoint {path} is not a compressor checkpoint (format {FORMAT}); delete it to start over"
+        )
     return payload
 
 
@@ -74,8 +76,8 @@ def _detached_copy(value: Any) -> Any:
 class CheckpointWriter:
     """Writes checkpoints in a background thread, so that training goes on meanwhile.
 
-    VGG16's dense-baseline checkpoint (weights and Adam moments) is 1.6 GB: 3–6 s of disk
-    time per epoch on the 2-core machine, which the next epoch's compute now hides. The payload
+    A dense-baseline checkpoint holds the weights and both Adam moments (1.6 GB for VGG16), and
+    writing it would otherwise stall training once an epoch; the next epoch's compute hides it. The payload
     is copied to CPU memory before :meth:`submit` returns, so what is written is the state at
     the call. One write at a time (a submit waits for the previous one); a write that failed is
     raised by the next :meth:`submit` or :meth:`wait`. Each file is written as by

@@ -1,73 +1,20 @@
-"""What the dense baseline and the RobustDLRT trainer share: devices, optimizers, schedules,
-the guarded optimizer step, clean accuracy, progress reporting and the compression count."""
+"""What the dense baseline and the RobustDLRT trainer share: optimizers, schedules, the
+optimizer state's remapping through basis changes, the guarded optimizer step, clean accuracy."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..layers import LowRankLayer, low_rank_layers
+from ..layers import low_rank_layers
+from ..runtime import DistContext, autocast_context
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class Progress(Protocol):
-    def update(self, n: int = 1) -> Any: ...
-    def set_postfix(self, values: dict[str, Any]) -> Any: ...
-    def close(self) -> Any: ...
-
-
-ProgressFactory = Callable[[int, str], Progress]
-
-
-class _Silent:
-    def update(self, n: int = 1) -> None: ...
-    def set_postfix(self, values: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
-
-
-def silent_progress(total: int, desc: str) -> Progress:
-    """Default progress factory: library code reports nothing; the CLI passes tqdm."""
-    return _Silent()
-
-
-# ----------------------------------------------------------------------------- device
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"train.device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):  # meta, mps, xpu, ...: not what training runs on here
-        raise ConfigError(f"train.device {spec!r}: {device.type} devices are not supported; "
-                          f"use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device {spec!r}: CUDA is not available here; use auto or cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"train.device {spec!r}: there are only {torch.cuda.device_count()} CUDA devices "
-                          f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
-    return device
-
-
-def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA ('auto' or 'bf16'); plain float32 on the CPU unless 'bf16' is asked."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -83,14 +30,14 @@ def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.
     return cores, dense
 
 
-def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: list[dict], name: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError("the model has no trainable parameters")
-    # The fused Adam kernels are ~6x faster than the default foreach path on the CPU for
-    # VGG16's 120M-parameter classifier (measured: 0.45 s vs 2.8 s a step); they need all
-    # parameters floating point on one CPU/CUDA device.
+    # Fused Adam kernels make one pass over each parameter instead of several (what matters for
+    # a classifier with 10⁸ weights); they need all parameters floating point on one CPU/CUDA device.
     params = [p for g in groups for p in g["params"]]
     devices = {p.device.type for p in params}
     fused = len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
@@ -107,7 +54,9 @@ def build_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int
     """Per-step schedule: constant, or cosine from lr to 0 over ``total_steps``."""
     total = max(1, total_steps)
     if kind == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
@@ -159,24 +108,16 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter,
 # ----------------------------------------------------------------------------- steps
 
 
-@dataclass
-class StepOutcome:
-    loss: float
-    correct: int
-    count: int
-    finite: bool
-
-
-def guarded_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None,
-                 loss: Tensor) -> bool:
+def guarded_step(
+    params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None, loss: Tensor
+) -> bool:
     """Clip, check for NaN/Inf, step. A non-finite loss or gradient skips the step (no update).
 
     Returns whether the step was taken. One device sync per step (the norm).
     """
     with_grad = [p for p in params if p.grad is not None]
     # Without a clip the gradients are only read (the norm): clip_grad_norm_(inf) would also
-    # rescale every one by 1 (a read and a write: ~40 ms a step for VGG16's 120M-parameter
-    # classifier on the CPU).
+    # rescale every one by 1, a needless write over every gradient.
     norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
     if not (torch.isfinite(loss) and torch.isfinite(norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -188,8 +129,9 @@ def guarded_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, g
 
 
 @torch.no_grad()
-def clean_accuracy(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "off",
-                   dist=None) -> float:
+def clean_accuracy(
+    model: nn.Module, loader: Iterable, device: torch.device, amp: str = "off", dist: DistContext | None = None
+) -> float:
     """Top-1 accuracy over a loader (summed across processes under torch.distributed).
 
     The global RNG is left as it was: a DataLoader without its own generator draws its base
@@ -214,24 +156,3 @@ def clean_accuracy(model: nn.Module, loader: Iterable, device: torch.device, amp
     if dist is not None:
         correct, count = dist.all_reduce_sum(correct), dist.all_reduce_sum(count)
     return float(correct) / max(1, int(count))
-
-
-# ----------------------------------------------------------------------------- size
-
-
-@dataclass
-class CompressionStats:
-    params: int
-    params_dense: int
-
-    @property
-    def rate(self) -> float:
-        """The paper's c.r. = (1 − #params low-rank / #params dense) × 100, at current ranks."""
-        return (1.0 - self.params / self.params_dense) * 100.0 if self.params_dense else 0.0
-
-
-def compression_stats(model: nn.Module) -> CompressionStats:
-    layers: dict[str, LowRankLayer] = low_rank_layers(model)
-    params = sum(p.numel() for p in model.parameters())
-    dense = params - sum(l.num_parameters() for l in layers.values()) + sum(l.dense_num_parameters() for l in layers.values())
-    return CompressionStats(params, dense)

@@ -12,7 +12,9 @@ Optimizer state follows every basis change; an epoch never ends augmented (the l
 truncates). After the rank-adaptive epochs, optional fixed-rank epochs train the cores only.
 With no factorized layers and β = 0 the same loop is plain training: the dense baseline uses it.
 
-Under torchrun (``dist``, a :class:`~compressor.train.distributed.DistContext`) every step
+Configuration: the recipe's sections themselves (:data:`TrainingSection`), with their defaults.
+
+Under torchrun (``dist``, a :class:`~compressor.runtime.DistContext`) every step
 all-reduces the gradients with the step's loss and correct count, every basis change ends with
 rank 0's ranks, factors, cores and core optimizer state on all processes, buffers are averaged
 at epoch ends, and only rank 0 writes checkpoints (see docs/distributed.md).
@@ -35,47 +37,29 @@ from torch import Tensor, nn
 
 from ..layers import LowRankLayer, TuckerConv2d, low_rank_layers
 from ..layers.conv import to_channels_last
+from ..recipe import BaselineSection, TrainSection
+from ..runtime import DistContext, ProgressFactory, autocast_context, compression_stats, silent_progress
 from .checkpoint import CheckpointWriter, load_checkpoint, rng_state, set_rng_state
-from .common import (ProgressFactory, autocast_context, build_optimizer, build_schedule, clean_accuracy,
-                     compression_stats, guarded_step, remap_optimizer_state, silent_progress, trainable_parameters)
-from .distributed import DistContext
+from .common import (
+    build_optimizer,
+    build_schedule,
+    clean_accuracy,
+    guarded_step,
+    remap_optimizer_state,
+    trainable_parameters,
+)
 
 log = logging.getLogger(__name__)
 
 # Every this many truncations of a run, the truncation also re-factors the tall bases U·P by
 # Cholesky QR (see TuckerConv2d.truncate_); in between they drift from orthonormality by only
-# ~1e-8 a truncation (tests/test_layers.py: < 2e-6 after 60 truncations without it).
+# float rounding (tests/test_layers.py bounds the drift over 60 truncations without it).
 REORTHONORMALIZE_EVERY = 8
 
 
-@dataclass
-class TrainerConfig:
-    adaptive_epochs: int = 3
-    fixed_epochs: int = 0
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    grad_clip: float | None = None
-    beta: float = 0.0
-    tau: float = 0.1
-    coefficient_steps: int = 10
-    amp: str = "auto"
-    checkpoint_every: int = 1
-    val_every: int = 1  # validation after every N-th epoch and the last (0: never)
-
-    @classmethod
-    def from_section(cls, section: Any, *, dense: bool = False) -> "TrainerConfig":
-        """From a recipe's ``train`` section, or (dense=True) its ``baseline`` section."""
-        common = dict(optimizer=section.optimizer, lr=section.lr, momentum=section.momentum,
-                      weight_decay=section.weight_decay, schedule=section.schedule, grad_clip=section.grad_clip,
-                      val_every=section.val_every)
-        if dense:
-            return cls(adaptive_epochs=0, fixed_epochs=section.epochs, beta=0.0, checkpoint_every=0, **common)
-        return cls(adaptive_epochs=section.epochs, fixed_epochs=section.finetune_epochs, beta=section.beta,
-                   tau=section.tau, coefficient_steps=section.coefficient_steps, amp=section.amp,
-                   checkpoint_every=section.checkpoint_every, **common)
+TrainingSection = TrainSection | BaselineSection
+"""What a Trainer is configured by: the recipe's ``train`` section (rank-adaptive RobustDLRT, then
+fixed-rank epochs) or its ``baseline`` section (dense fine-tuning: fixed-rank epochs only, β = 0)."""
 
 
 @dataclass
@@ -88,7 +72,7 @@ class TrainingHistory:
         return {"epochs": self.epochs, "kappa_trace": self.kappa_trace, "nonfinite_steps": self.nonfinite_steps}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainingHistory":
+    def from_dict(cls, d: dict[str, Any]) -> TrainingHistory:
         return cls(list(d.get("epochs", [])), list(d.get("kappa_trace", [])), int(d.get("nonfinite_steps", 0)))
 
 
@@ -101,16 +85,32 @@ def _default_set_epoch(loader: Iterable, epoch: int) -> None:
 class Trainer:
     """Trains ``model`` in place; ``fit()`` returns the history. See the module docstring."""
 
-    def __init__(self, model: nn.Module, train_loader: Iterable, config: TrainerConfig, *,
-                 val_loader: Iterable | None = None, device: torch.device | str = "cpu", seed: int = 0,
-                 dist: DistContext | None = None, checkpoint_path: str | Path | None = None,
-                 progress: ProgressFactory = silent_progress, name: str = "dlrt",
-                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 set_epoch: Callable[[Iterable, int], None] | None = None,
-                 checkpoint_writer: CheckpointWriter | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: Iterable,
+        config: TrainingSection,
+        *,
+        val_loader: Iterable | None = None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        dist: DistContext | None = None,
+        checkpoint_path: str | Path | None = None,
+        progress: ProgressFactory = silent_progress,
+        name: str = "dlrt",
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        set_epoch: Callable[[Iterable, int], None] | None = None,
+        checkpoint_writer: CheckpointWriter | None = None,
+    ) -> None:
         self.model = model
         self.train_loader, self.val_loader = train_loader, val_loader
+        if not isinstance(config, (TrainSection, BaselineSection)):
+            raise TypeError(f"config must be a recipe's TrainSection or BaselineSection, got {type(config).__name__}")
         self.cfg = config
+        dense = isinstance(config, BaselineSection)
+        self.adaptive_epochs = 0 if dense else config.epochs
+        self.fixed_epochs = config.epochs if dense else config.finetune_epochs
+        self.beta = 0.0 if dense else config.beta
         self.device = torch.device(device)
         self.seed = seed
         self.dist = dist or DistContext()
@@ -122,20 +122,21 @@ class Trainer:
         # Factorized convs run NHWC (TuckerConv2d.channels_last). Fed NHWC from the start, the
         # layers before the first of them (a dense first conv, its ReLU) run in that layout too;
         # fed NCHW, the first factorized conv converts its input, and in the backward the
-        # ReLUs before it meet an NHWC gradient with NCHW activations, a slow mixed-layout path
-        # (VGG16 at the reference's ranks: ~2 % of a step, measured side by side).
-        self.channels_last_input = any(isinstance(layer, TuckerConv2d) and layer.channels_last
-                                       for layer in self.layers.values())
+        # ReLUs before it meet an NHWC gradient with NCHW activations, a slow mixed-layout path.
+        self.channels_last_input = any(
+            isinstance(layer, TuckerConv2d) and layer.channels_last for layer in self.layers.values()
+        )
         self.dist.sync_model(model)  # rank 0's ranks, weights and buffers everywhere (no-op when single)
-        if self.cfg.adaptive_epochs and not self.layers:
+        if self.adaptive_epochs and not self.layers:
             log.warning("%s: the model has no factorized layers; rank-adaptive epochs train it densely", name)
         cores, dense = trainable_parameters(model)
         self.params = cores + dense
         # U and V are not in the optimizer: QR/SVD set them; a step or weight decay would
         # break their orthonormality.
-        self.optimizer = build_optimizer([{"params": cores}, {"params": dense}], config.optimizer, config.lr,
-                                         config.momentum, config.weight_decay)
-        self.total_epochs = config.adaptive_epochs + config.fixed_epochs
+        self.optimizer = build_optimizer(
+            [{"params": cores}, {"params": dense}], config.optimizer, config.lr, config.momentum, config.weight_decay
+        )
+        self.total_epochs = self.adaptive_epochs + self.fixed_epochs
         self.scheduler = build_schedule(self.optimizer, config.schedule, self.total_epochs * len(train_loader))
         self.history = TrainingHistory()
         self.global_step = 0
@@ -158,9 +159,9 @@ class Trainer:
 
     def _fit(self, resume: bool) -> None:
         start_epoch = self._restore() if resume else 0
-        s_star = self.cfg.coefficient_steps
+        s_star = self.cfg.coefficient_steps if self.adaptive_epochs else 1
         for epoch in range(start_epoch, self.total_epochs):
-            adaptive = epoch < self.cfg.adaptive_epochs and bool(self.layers)
+            adaptive = epoch < self.adaptive_epochs and bool(self.layers)
             self.set_epoch(self.train_loader, epoch)
             self.model.train()
             n_batches = len(self.train_loader)
@@ -192,8 +193,11 @@ class Trainer:
                     if took and self._bases_grads_finite():  # NaN directions would poison the bases
                         self._augment()
                     elif took:
-                        log.warning("%s: non-finite basis gradient at step %d: augmentation skipped", self.name,
-                                    self.global_step)
+                        log.warning(
+                            "%s: non-finite basis gradient at step %d: augmentation skipped",
+                            self.name,
+                            self.global_step,
+                        )
                     self._set_bases_trainable(False)
                     tally["t_aug"] += time.perf_counter() - t
                 if truncate_now:
@@ -228,10 +232,10 @@ class Trainer:
         # the loss in float32 at least (bf16 autocast logits), in float64 for a float64 model
         loss = self.loss_fn(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, y)
         reg = torch.zeros((), device=self.device)
-        if self.cfg.beta > 0 and self.layers:
+        if self.beta > 0 and self.layers:
             # R acts on the cores only (never on U, V), in float32 even under autocast
             reg = torch.stack([layer.regularizer() for layer in self.layers.values()]).sum()
-        (loss + self.cfg.beta * reg).backward()
+        (loss + self.beta * reg).backward()
         correct = int((logits.detach().argmax(1) == y).sum())
         return loss.detach(), reg.detach(), correct
 
@@ -257,8 +261,8 @@ class Trainer:
                 buffer.copy_(saved)
 
     def _bases_grads_finite(self) -> bool:
-        # one fused norm instead of an isfinite pass per tensor (VGG16: ~5 ms instead of ~26 ms);
-        # a norm that overflows to inf (entries > ~1e19) also means an unusable direction
+        # one fused norm instead of an isfinite pass per tensor; a norm that overflows to inf
+        # (entries > ~1e19) also means an unusable direction
         grads = [p.grad for p in self._bases() if p.grad is not None]
         return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
@@ -284,13 +288,19 @@ class Trainer:
         self.dist.sync_low_rank(self.model, self.optimizer)
 
     def _trace_kappa(self) -> None:
-        self.history.kappa_trace.append({"step": self.global_step,
-                                         # float32 κ: the trace runs at every truncation (the report's final κ is float64)
-                                         "kappa": {n: l.condition_number(precise=False) for n, l in self.layers.items()}})
+        self.history.kappa_trace.append(
+            {
+                "step": self.global_step,
+                # float32 κ: the trace runs at every truncation (the report's final κ is float64)
+                "kappa": {n: l.condition_number(precise=False) for n, l in self.layers.items()},
+            }
+        )
 
     def _postfix(self, tally: dict[str, float]) -> dict[str, Any]:
-        post = {"loss": f"{tally['loss'] / max(1, tally['count']):.3f}",
-                "acc": f"{tally['correct'] / max(1, tally['count']):.3f}"}
+        post = {
+            "loss": f"{tally['loss'] / max(1, tally['count']):.3f}",
+            "acc": f"{tally['correct'] / max(1, tally['count']):.3f}",
+        }
         if self.layers:
             post["c.r."] = f"{compression_stats(self.model).rate:.1f}%"
         return post
@@ -300,16 +310,18 @@ class Trainer:
         stats = compression_stats(self.model)
         count = max(1, tally["count"])
         last = epoch + 1 == self.total_epochs
-        validate = (self.val_loader is not None and self.cfg.val_every > 0
-                    and ((epoch + 1) % self.cfg.val_every == 0 or last))
+        validate = (
+            self.val_loader is not None and self.cfg.val_every > 0 and ((epoch + 1) % self.cfg.val_every == 0 or last)
+        )
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "phase": "rank-adaptive" if adaptive else ("fixed-rank" if self.layers else "dense"),
             "train_loss": tally["loss"] / count,
             "train_accuracy": tally["correct"] / count,
             "regularizer": tally["reg"] / count,
-            "val_accuracy": (clean_accuracy(self.model, self.val_loader, self.device, self.cfg.amp, self.dist)
-                             if validate else None),
+            "val_accuracy": (
+                clean_accuracy(self.model, self.val_loader, self.device, self.cfg.amp, self.dist) if validate else None
+            ),
             "params": stats.params,
             "compression_rate": stats.rate,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -317,14 +329,27 @@ class Trainer:
             "seconds_augment": tally["t_aug"],
             "seconds_truncate": tally["t_trunc"],
             "nonfinite_steps_total": self.history.nonfinite_steps,
-            "layers": {n: {"ranks": list(l.ranks), "condition_number": _finite_or_none(l.condition_number()),
-                           "regularizer": _no_grad_float(l.regularizer)} for n, l in self.layers.items()},
+            "layers": {
+                n: {
+                    "ranks": list(l.ranks),
+                    "condition_number": _finite_or_none(l.condition_number()),
+                    "regularizer": _no_grad_float(l.regularizer),
+                }
+                for n, l in self.layers.items()
+            },
         }
         self.history.epochs.append(record)
         val = record["val_accuracy"]
-        log.info("%s epoch %d: loss %.4f, train acc %.4f, val acc %s, c.r. %.2f%%, %.1fs", self.name, epoch + 1,
-                 record["train_loss"], record["train_accuracy"], "not scored" if val is None else f"{val:.4f}",
-                 stats.rate, seconds)
+        log.info(
+            "%s epoch %d: loss %.4f, train acc %.4f, val acc %s, c.r. %.2f%%, %.1fs",
+            self.name,
+            epoch + 1,
+            record["train_loss"],
+            record["train_accuracy"],
+            "not scored" if val is None else f"{val:.4f}",
+            stats.rate,
+            seconds,
+        )
         every = self.cfg.checkpoint_every
         if self.checkpoint_path is not None and every and ((epoch + 1) % every == 0 or last):
             self._save(epoch + 1)
@@ -332,16 +357,19 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _save(self, next_epoch: int) -> None:
         if self.dist.is_main:  # written in the background while the next epoch trains
-            self._writer.submit(self.checkpoint_path, {
-                "name": self.name,
-                "epoch": next_epoch,
-                "global_step": self.global_step,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(),
-                "history": self.history.to_dict(),
-            })
+            self._writer.submit(
+                self.checkpoint_path,
+                {
+                    "name": self.name,
+                    "epoch": next_epoch,
+                    "global_step": self.global_step,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "history": self.history.to_dict(),
+                },
+            )
         self.dist.barrier()
 
     def _restore(self) -> int:

@@ -81,7 +81,7 @@ class DistContext:
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()
-            p.grad = (flat[offset:offset + n] / self.world_size).view_as(p).to(p.dtype).clone()
+            p.grad = (flat[offset : offset + n] / self.world_size).view_as(p).to(p.dtype).clone()
             offset += n
         if stats is None:
             return None
@@ -106,20 +106,28 @@ class DistContext:
         offset = 0
         for layer in layers:
             n = len(layer.ranks)
-            want = tuple(int(r) for r in ranks[offset:offset + n])
+            want = tuple(int(r) for r in ranks[offset : offset + n])
             offset += n
             state = optimizer.state.get(layer.core, {}) if optimizer is not None else {}
             if want != layer.ranks:
-                log.debug("rank %d: %s has ranks %s, rank 0 has %s: resizing", self.rank, type(layer).__name__,
-                          layer.ranks, want)
+                log.debug(
+                    "rank %d: %s has ranks %s, rank 0 has %s: resizing",
+                    self.rank,
+                    type(layer).__name__,
+                    layer.ranks,
+                    want,
+                )
                 old_shape = tuple(layer.core.shape)
                 layer.set_ranks_(want)
                 for key, value in list(state.items()):  # contents arrive from rank 0 below
                     if torch.is_tensor(value) and tuple(value.shape) == old_shape:
                         state[key] = torch.zeros_like(layer.core)
             tensors += [*layer.bases(), layer.core]
-            tensors += [state[k] for k in sorted(state)
-                        if torch.is_tensor(state[k]) and state[k].dim() > 0 and state[k].shape == layer.core.shape]
+            tensors += [
+                state[k]
+                for k in sorted(state)
+                if torch.is_tensor(state[k]) and state[k].dim() > 0 and state[k].shape == layer.core.shape
+            ]
         self._broadcast_flat([t.data if isinstance(t, nn.Parameter) else t for t in tensors])
 
     def sync_model(self, model: nn.Module) -> None:
@@ -127,8 +135,9 @@ class DistContext:
         if not self.enabled:
             return
         self.sync_low_rank(model)
-        self._broadcast_flat([t.data for t in model.state_dict(keep_vars=True).values()
-                              if torch.is_tensor(t) and t.numel()])
+        self._broadcast_flat(
+            [t.data for t in model.state_dict(keep_vars=True).values() if torch.is_tensor(t) and t.numel()]
+        )
 
     def average_buffers(self, model: nn.Module) -> None:
         """Average floating-point buffers (BatchNorm running mean/var) over processes.
@@ -151,7 +160,7 @@ class DistContext:
             offset = 0
             with torch.no_grad():
                 for b in bufs:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    b.copy_(flat[offset : offset + b.numel()].view_as(b))
                     offset += b.numel()
 
     def _broadcast_flat(self, tensors: list[Tensor]) -> None:
@@ -165,7 +174,7 @@ class DistContext:
             offset = 0
             with torch.no_grad():
                 for t in group:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
                     offset += t.numel()
 
     def any(self, flag: bool) -> bool:
@@ -214,8 +223,10 @@ def init_from_env(backend: str | None = None, device: str = "auto") -> DistConte
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", 0))
             if local >= torch.cuda.device_count():
-                raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) visible: "
-                                  f"use --nproc_per_node <= {torch.cuda.device_count()}")
+                raise ConfigError(
+                    f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) visible: "
+                    f"use --nproc_per_node <= {torch.cuda.device_count()}"
+                )
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
         log.info("joined process group: rank %s of %s (%s)", dist.get_rank(), dist.get_world_size(), backend)

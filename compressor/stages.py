@@ -1,0 +1,139 @@
+"""The stages both entry points run — the ``compress`` command (:mod:`compressor.pipeline`) and
+``compress()`` (:mod:`compressor.api`): factorize + RobustDLRT, the per-layer summary and spectra,
+and the report's common part. Neither entry point imports the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .factorize import FactorizationReport, factorize_
+from .functional import singular_values, unfold
+from .layers import low_rank_layers
+from .recipe import Recipe
+from .runtime import DistContext, ProgressFactory, compression_stats, silent_progress
+from .train import Trainer, TrainingHistory
+from .train.checkpoint import CheckpointWriter
+
+log = logging.getLogger(__name__)
+
+
+def default_set_epoch(loader: Iterable, epoch: int) -> None:
+    """For user loaders: DistributedSampler.set_epoch if there is one; nothing otherwise."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def factorize_and_train(
+    model: nn.Module,
+    train_loader: Iterable,
+    recipe: Recipe,
+    *,
+    device: torch.device,
+    val_loader: Iterable | None = None,
+    dist: DistContext | None = None,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    progress: ProgressFactory = silent_progress,
+    set_epoch: Callable[[Iterable, int], None] = default_set_epoch,
+    checkpoint_writer: CheckpointWriter | None = None,
+) -> tuple[FactorizationReport, TrainingHistory, dict[str, float]]:
+    """Factorize ``model`` in place (``recipe.factorize``), then RobustDLRT (``recipe.train``).
+
+    ``checkpoint_writer``: share the caller's background writer, so that its earlier
+    checkpoints are on disk before the first RobustDLRT one. Returns the factorization report,
+    the training history and the seconds of both stages.
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    torch.manual_seed(recipe.seed + 2)  # stage-local seeding: a resumed run sees the same RNG here
+    model.to(device)  # calibration runs the model; SVDs and QRs run where the training will
+    calibration = None
+    if recipe.factorize.init == "activations":
+        set_epoch(train_loader, 0)  # the first batches of epoch 0, on every process
+        calibration = train_loader
+    fact = factorize_(model, recipe.factorize, calibration=calibration, dist=dist, seed=recipe.seed)
+    timings["factorize"] = time.perf_counter() - t
+    if not fact.factorized:
+        log.warning("no layer was factorized (see the factorization table); training continues densely")
+    t = time.perf_counter()
+    trainer = Trainer(
+        model,
+        train_loader,
+        recipe.train,
+        val_loader=val_loader,
+        device=device,
+        seed=recipe.seed,
+        dist=dist,
+        checkpoint_path=checkpoint_path,
+        progress=progress,
+        name="RobustDLRT" if recipe.train.beta > 0 else "DLRT",
+        set_epoch=set_epoch,
+        checkpoint_writer=checkpoint_writer,
+    )
+    history = trainer.fit(resume=resume)
+    timings["train"] = time.perf_counter() - t
+    return fact, history, timings
+
+
+def layer_spectrum(module: nn.Module) -> list[float]:
+    """Singular values of a layer's weight (conv: mode-0 unfolding), dense or factorized."""
+    if hasattr(module, "core_matrix"):
+        return singular_values(module.core_matrix().float()).tolist()
+    w = module.weight.detach().float()
+    return singular_values(w if w.dim() == 2 else unfold(w, 0)).tolist()
+
+
+def layer_summary(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """{layer: {rank, ranks, kind, condition_number, regularizer}} at the current state."""
+    out = {}
+    with torch.no_grad():
+        for name, layer in low_rank_layers(model).items():
+            kappa = layer.condition_number()
+            out[name] = {
+                "rank": layer.ranks[0] if len(layer.ranks) == 1 else list(layer.ranks),
+                "ranks": list(layer.ranks),
+                "kind": "linear" if len(layer.ranks) == 1 else "conv",
+                "condition_number": kappa if kappa != float("inf") else None,
+                "regularizer": float(layer.regularizer()),
+            }
+    return out
+
+
+def compression_report(
+    model: nn.Module,
+    fact: FactorizationReport,
+    history: TrainingHistory,
+    recipe: Recipe,
+    *,
+    dense: dict[str, Any],
+    compressed: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The report's common part: dense vs compressed (``dense`` / ``compressed`` hold the
+    evaluation figures each side has), the factorization, the training history, timings and the
+    resolved recipe. The pipeline adds data, export, plots and machine details to it."""
+    stats = compression_stats(model)
+    return {
+        "dense": dense,
+        # nonfinite_steps: steps skipped for a NaN/Inf loss or gradient (the factors were left as they were)
+        "compressed": {
+            "params": stats.params,
+            "compression_rate": stats.rate,
+            **compressed,
+            "layers": layer_summary(model),
+            "nonfinite_steps": history.nonfinite_steps,
+        },
+        "factorization": fact.to_dict(),
+        "history": history.to_dict(),
+        "timings": timings,
+        "recipe": recipe.model_dump(mode="json"),
+    }
