@@ -79,6 +79,12 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N; overrides train.device")
     p.add_argument("--seed", type=int, help="random seed; overrides seed")
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="factorize only: print every layer's initial ranks, parameters and multiply-adds dense vs factorized "
+        "(no training, nothing written)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run of the same run name and recipe from its last checkpoint",
@@ -107,12 +113,19 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int8",
         action="store_true",
-        help="also write a static-QDQ INT8 model (calibrated on random images unless --calibration is given)",
+        help="also write a static-QDQ INT8 model, calibrated on training images of the data the model was trained "
+        "on (or --data) and checked against FP32 on its validation split",
     )
     p.add_argument(
+        "--data",
+        help="data set for validation and INT8 calibration (default: the one in the model's recipe); "
+        "see 'compress list datasets'",
+    )
+    p.add_argument("--data-root", help="folder of that data set")
+    p.add_argument(
         "--calibration",
-        type=Path,
-        help="a .safetensors file with an 'images' tensor (N,C,H,W in [0,1]) for INT8 calibration",
+        help="INT8 calibration images instead of training images: a .safetensors file with an 'images' tensor "
+        "(N,C,H,W in [0,1]), or 'random' for uniform noise (costs accuracy; only when nothing else exists)",
     )
     p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
     p.add_argument("--quiet", action="store_true", help="no logs")
@@ -214,6 +227,13 @@ def _cmd_run(argv: list[str]) -> int:
     overrides += args.overrides  # explicit --set wins over the shorthand flags
     recipe = load_recipe(args.recipe, overrides)
 
+    if args.dry_run:
+        from .checks import validate_inputs
+        from .stages import dry_run
+
+        validate_inputs(recipe)
+        print(dry_run(recipe).summary())
+        return 0
     from .pipeline import run
     from .report import summary_table
     from .runtime import init_from_env, shutdown
@@ -256,28 +276,31 @@ def _cmd_export(argv: list[str]) -> int:
     from .export.bundle import ONNX_NAME, SUMMARY_NAME
 
     out = args.out or args.path.parent
-    calibration, source = None, ""
-    if args.int8:
-        if args.calibration is not None:
-            from .models import read_state_dict
+    calibration, source = None, "given images"
+    if args.calibration is not None and args.calibration != "random":
+        from .models import read_state_dict
 
-            tensors = read_state_dict(args.calibration)
-            if "images" not in tensors:
-                raise CompressorError(f"{args.calibration}: no 'images' tensor (save one with safetensors)")
-            calibration, source = tensors["images"], str(args.calibration)
+        tensors = read_state_dict(args.calibration)
+        if "images" not in tensors:
+            raise CompressorError(f"{args.calibration}: no 'images' tensor (save one with safetensors)")
+        calibration, source = tensors["images"], str(args.calibration)
+    data = {k: v for k, v in (("name", args.data), ("root", args.data_root)) if v is not None} or None
     result = export_saved(
         args.path,
         out,
         int8=args.int8,
         calibration=calibration,
         calibration_source=source,
-        random_calibration=args.int8 and calibration is None,
+        data=data,
+        random_calibration=args.calibration == "random",
         latency=not args.no_latency,
         opset=args.opset,
     )
     from .report import export_table
 
     print(export_table(result.to_dict()))
+    if warning := (result.int8 or {}).get("warning"):
+        print(f"\nWARNING: {warning}")
     print(f"\noutputs: {out}/ ({ONNX_NAME}{', model.int8.onnx' if args.int8 else ''}, {SUMMARY_NAME})")
     return 0
 

@@ -115,6 +115,9 @@ class DataBundle:
     train_dataset: Dataset
     val_dataset: Dataset
     input_size: int = 32
+    preprocess: dict[str, Any] | None = None
+    """How an image file of this data set becomes a model input (see :func:`preprocess_spec`);
+    recorded in the exported artifacts for deployers."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able summary (no loaders)."""
@@ -128,7 +131,33 @@ class DataBundle:
             "mean": self.mean,
             "std": self.std,
             "class_names": self.class_names,
+            "preprocess": self.preprocess,
         }
+
+
+GRAY_SETS = ("digits", "mnist", "fashion-mnist")
+"""Data sets of grayscale images: one gray channel, repeated to the model's three."""
+
+
+def preprocess_spec(name: str, input_size: int) -> dict[str, Any]:
+    """How an image becomes this data set's model input, in words a deployer can implement
+    without torch: colour conversion, resize, value range, layout. Normalization is not part
+    of it: the model applies its mean/std itself."""
+    gray = name in GRAY_SETS
+    return {
+        "color": "gray, repeated to 3 channels" if gray else "RGB",
+        "resize": {
+            "size": [input_size, input_size],
+            "method": "bilinear",
+            "align_corners": False,
+            "antialias": "when shrinking",
+            "keeps_aspect": False,
+        },
+        "value_range": [0.0, 1.0],
+        "scale": "8-bit pixels / 255" if name != "digits" else "scikit-learn digit levels 0-16 / 16",
+        "layout": "NCHW float32",
+        "normalization": "inside the model (its mean/std); feed [0, 1] pixels",
+    }
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -800,4 +829,5 @@ def build_data(section: DataSection, *, input_size: int, seed: int, rank: int = 
         train_dataset=train_ds,
         val_dataset=val_ds,
         input_size=input_size,
+        preprocess=preprocess_spec(key, input_size),
     )

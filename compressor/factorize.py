@@ -74,12 +74,18 @@ class FactorizationReport:
     def to_dict(self) -> dict:
         return {"seconds": self.seconds, "layers": [asdict(d) for d in self.layers]}
 
-    def table(self) -> str:
-        """A plain-text table users can read: every candidate layer, what happened and why."""
-        rows = [("layer", "kind", "shape", "action", "ranks", "params", "reason")]
+    def table(self, macs: dict[str, tuple[int, int]] | None = None) -> str:
+        """A plain-text table users can read: every candidate layer, what happened and why;
+        with ``macs`` ({layer: (dense, now)} per image) a multiply-add column too."""
+        head = ("layer", "kind", "shape", "action", "ranks", "params", *(("MACs",) if macs else ()), "reason")
+        rows = [head]
         for d in self.layers:
             params = f"{d.params_dense:,} -> {d.params_factorized:,}" if d.factorized else f"{d.params_dense:,}"
             reason = f"{d.reason} ({d.init} init)" if d.factorized and d.init else d.reason
+            cost = ()
+            if macs:
+                dense, now = macs.get(d.name, (0, 0))
+                cost = (f"{dense / 1e6:,.1f}M -> {now / 1e6:,.1f}M" if d.factorized else f"{dense / 1e6:,.1f}M",)
             rows.append(
                 (
                     d.name,
@@ -88,6 +94,7 @@ class FactorizationReport:
                     "factorized" if d.factorized else "dense",
                     ",".join(map(str, d.ranks)) or "-",
                     params,
+                    *cost,
                     reason,
                 )
             )

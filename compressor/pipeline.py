@@ -45,9 +45,6 @@ KEEP_ADVERSARIAL_MAX_BYTES = 1 << 30
 """The compressed model's adversarial images are kept for the ONNX evaluation (scored there
 instead of crafted a second time) only while they fit in this many bytes."""
 
-CALIBRATION_IMAGES = 256
-"""Training images the INT8 model is calibrated on."""
-
 
 @dataclass
 class RunResult:
@@ -266,7 +263,7 @@ def _export(
     adversarial: dict | None,
 ) -> dict[str, Any]:
     """safetensors + ONNX + checks (+ INT8, latency) into the staging folder, by the one export path."""
-    from .export import export_model
+    from .export import CALIBRATION_IMAGES, export_model
 
     e = recipe.export
     calibration = None
@@ -286,6 +283,8 @@ def _export(
         input_size=recipe.model.input_size,
         in_chans=data.in_chans,
         model_info=info.to_dict(),
+        class_names=data.class_names,
+        preprocess=data.preprocess,
         recipe=recipe.model_dump(mode="json"),
         safetensors=e.safetensors,
         onnx=e.onnx,

@@ -8,8 +8,9 @@ The pieces: save_compressed / load_compressed (safetensors), export_onnx / parit
 structure_check (ONNX), quantize_int8, onnx_latencies.
 """
 
-from .bundle import ExportResult, export_model, export_saved
+from .bundle import CALIBRATION_IMAGES, INT8_MAX_DROP, ExportResult, export_model, export_saved
 from .latency import onnx_latencies, onnx_latency
+from .metadata import DEPLOYMENT_KEY, deployment_metadata
 from .onnx_export import (
     PARITY_TOLERANCE,
     LayerForm,
@@ -31,6 +32,10 @@ from .safetensors_io import (
 )
 
 __all__ = [
+    "CALIBRATION_IMAGES",
+    "DEPLOYMENT_KEY",
+    "INT8_MAX_DROP",
+    "deployment_metadata",
     "FORMAT_VERSION",
     "PARITY_TOLERANCE",
     "ExportResult",

@@ -30,6 +30,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -522,6 +523,7 @@ def export_onnx(
     fold: str = "auto",
     simplify: bool = True,
     check: bool = True,
+    metadata: Mapping[str, str] | None = None,
 ) -> OnnxExportInfo:
     """Export ``model`` (images in [0,1] → logits) to ONNX at ``path``, written atomically.
 
@@ -533,6 +535,7 @@ def export_onnx(
     dynamic unless ``dynamic_batch=False``. With ``simplify`` and onnxslim installed, the
     simplified graph is kept only if the structure check still holds. ``check=False`` skips
     ``onnx.checker`` (for a throwaway graph that is only timed; the structure check still runs).
+    ``metadata``: extra ``metadata_props`` entries (e.g. the deployment document).
     """
     import onnx
 
@@ -572,7 +575,8 @@ def export_onnx(
         proto, simplified, note = _try_simplify(proto, exp)
     plan_forms = {n: f.form for n, f in plan.items()}
     meta = {p.key: p for p in proto.metadata_props}
-    for key, value in ((PLAN_KEY, json.dumps(plan_forms, sort_keys=True)), ("compressor.exporter", exporter)):
+    props = {PLAN_KEY: json.dumps(plan_forms, sort_keys=True), "compressor.exporter": exporter, **(metadata or {})}
+    for key, value in props.items():
         entry = meta.get(key) or proto.metadata_props.add()
         entry.key, entry.value = key, value
     if check and proto.ByteSize() < _TWO_GB:

@@ -25,6 +25,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..errors import ConfigError, WeightsError
 from ..layers import LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
+from ..runtime import compression_stats
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ FORMAT_VERSION = 1
 """Manifest version written by :func:`save_compressed`; files with a newer version are refused."""
 
 _TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+CUSTOM_SOURCE = "custom"
+"""``model.source`` of a module not built by create_model: reloaded into a skeleton the user passes."""
+REBUILDABLE_SOURCES = ("torchvision", "timm")
 _MODEL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "source": str,
     "name": str,
@@ -66,27 +70,37 @@ def _versions() -> dict[str, str]:
 
 def _layer_entry(layer: LowRankLayer) -> dict[str, Any]:
     kind = "linear" if isinstance(layer, LowRankLinear) else "conv"
-    return {"kind": kind, "ranks": [int(r) for r in layer.ranks], "r_min": int(layer.r_min), "r_max": int(layer.r_max)}
+    entry = {"kind": kind, "ranks": [int(r) for r in layer.ranks], "r_min": int(layer.r_min), "r_max": int(layer.r_max)}
+    if isinstance(layer, TuckerConv2d):
+        entry["channels_last"] = bool(layer.channels_last)
+    return entry
 
 
 def build_manifest(
     model: nn.Module,
-    model_info: Mapping[str, Any],
+    model_info: Mapping[str, Any] | None = None,
     recipe: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    deployment: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest :func:`save_compressed` writes (also useful on its own for reports)."""
-    missing = [k for k in _MODEL_FIELDS if k not in model_info]
-    if missing:
-        raise ConfigError(f"model_info lacks {', '.join(missing)}: pass ModelInfo.to_dict() from create_model")
-    layers = low_rank_layers(model)
-    params = sum(p.numel() for p in model.parameters())
-    dense = (
-        params
-        - sum(l.num_parameters() for l in layers.values())
-        + sum(l.dense_num_parameters() for l in layers.values())
-    )
+    """The manifest :func:`save_compressed` writes (also useful on its own for reports).
+
+    ``model_info``: :meth:`compressor.models.ModelInfo.to_dict` for a model built by
+    ``create_model`` (then the file alone rebuilds it); for any other module the manifest
+    records its class, and :func:`load_compressed` needs a skeleton of it.
+    """
+    if model_info is None:
+        model_info = {
+            "source": CUSTOM_SOURCE,
+            "name": type(model).__qualname__,
+            "spec": f"{type(model).__module__}.{type(model).__qualname__}",
+        }
     info = dict(model_info)
+    if info.get("source") in REBUILDABLE_SOURCES:
+        missing = [k for k in _MODEL_FIELDS if k not in info]
+        if missing:
+            raise ConfigError(f"model_info lacks {', '.join(missing)}: pass ModelInfo.to_dict() from create_model")
+    stats = compression_stats(model)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -105,46 +119,33 @@ def build_manifest(
                 "head",
             )
         },
-        "layers": {name: _layer_entry(layer) for name, layer in layers.items()},
-        "params": {
-            "compressed": params,
-            "dense": dense,
-            "compression_rate": (1 - params / dense) * 100 if dense else 0.0,
-        },
+        "layers": {name: _layer_entry(layer) for name, layer in low_rank_layers(model).items()},
+        "params": {"compressed": stats.params, "dense": stats.params_dense, "compression_rate": stats.rate},
         "recipe": dict(recipe) if recipe is not None else None,
         "extra": dict(extra) if extra is not None else None,
+        "deployment": dict(deployment) if deployment is not None else None,
         "versions": _versions(),
     }
-
-
-def _is_wrapper(model: nn.Module) -> bool:
-    return (
-        isinstance(getattr(model, "net", None), nn.Module)
-        and isinstance(getattr(model, "mean", None), torch.Tensor)
-        and isinstance(getattr(model, "std", None), torch.Tensor)
-    )
 
 
 def save_compressed(
     model: nn.Module,
     path: str | Path,
     *,
-    model_info: Mapping[str, Any],
+    model_info: Mapping[str, Any] | None = None,
     recipe: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    deployment: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``model`` (a NormalizedClassifier from create_model, factorized or not) to ``path``.
+    """Write ``model`` (any module, factorized or not) to ``path``.
 
     Tensors are written at their current (exact) ranks, contiguous, on the CPU; the manifest
-    goes into the safetensors metadata under ``"manifest"`` as JSON. The file is written
-    atomically. Returns the manifest.
+    (:func:`build_manifest`) goes into the safetensors metadata under ``"manifest"`` as JSON.
+    The file is written atomically. Returns the manifest.
     """
-    if not _is_wrapper(model):
-        raise ConfigError(
-            f"save_compressed expects the NormalizedClassifier returned by create_model "
-            f"(with .net, .mean, .std), got {type(model).__name__}"
-        )
-    manifest = build_manifest(model, model_info, recipe, extra)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"save_compressed expects a torch.nn.Module, got {type(model).__name__}")
+    manifest = build_manifest(model, model_info, recipe, extra, deployment)
     tensors: dict[str, torch.Tensor] = {}
     seen_storage: set[int] = set()
     for key, value in model.state_dict().items():
@@ -242,12 +243,15 @@ def _parse_manifest(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
     model = manifest.get("model")
     if not isinstance(model, dict):
         raise WeightsError(f"{where}: no 'model' section")
-    for key, typ in _MODEL_FIELDS.items():
-        if not isinstance(model.get(key), typ) or isinstance(model.get(key), bool):
-            raise WeightsError(f"{where}: model.{key} missing or not a {typ.__name__}")
-    for key in ("mean", "std"):
-        if len(model[key]) != model["in_chans"] or not all(isinstance(v, (int, float)) for v in model[key]):
-            raise WeightsError(f"{where}: model.{key} must hold {model['in_chans']} numbers")
+    if not isinstance(model.get("source"), str) or not isinstance(model.get("name"), str):
+        raise WeightsError(f"{where}: model.source and model.name must be strings")
+    if model["source"] in REBUILDABLE_SOURCES:
+        for key, typ in _MODEL_FIELDS.items():
+            if not isinstance(model.get(key), typ) or isinstance(model.get(key), bool):
+                raise WeightsError(f"{where}: model.{key} missing or not a {typ.__name__}")
+        for key in ("mean", "std"):
+            if len(model[key]) != model["in_chans"] or not all(isinstance(v, (int, float)) for v in model[key]):
+                raise WeightsError(f"{where}: model.{key} must hold {model['in_chans']} numbers")
     layers = manifest.get("layers")
     if not isinstance(layers, dict):
         raise WeightsError(f"{where}: no 'layers' section")
@@ -358,29 +362,42 @@ def _model_spec(model: Mapping[str, Any]) -> str:
     return f"{prefix}:{model['name']}" if prefix else model.get("spec") or model["name"]
 
 
-def load_compressed(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_compressed(
+    path: str | Path, *, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model saved by :func:`save_compressed`; return (model in eval mode, manifest).
 
-    Only the file and the model name are needed: the architecture comes from create_model,
-    the factorized layers from the manifest, every tensor from the file (strict load).
-    Raises WeightsError for a missing, corrupt, truncated or foreign file, a missing or
-    malformed manifest, or tensors that do not match the manifest or the architecture.
+    For a model built by create_model the file alone suffices: the architecture comes from
+    create_model by name. For any other module pass ``model``, a freshly built (dense) instance
+    of the same architecture: its layers listed in the manifest are replaced by factorized ones
+    in place. Then every tensor comes from the file (strict load). Raises WeightsError for a
+    missing, corrupt, truncated or foreign file, a missing or malformed manifest, or tensors
+    that do not match the manifest or the architecture.
     """
     p = Path(path)
     header, metadata = read_header(p)
     manifest = _parse_manifest(p, metadata)
     _check_factor_shapes(p, header, manifest["layers"])
 
-    from ..models import create_model
-
     m = manifest["model"]
     spec = _model_spec(m)
-    try:
-        model, _ = create_model(
-            spec, m["num_classes"], in_chans=m["in_chans"], input_size=m["input_size"], mean=m["mean"], std=m["std"]
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module (a skeleton of {spec}), got {type(model).__name__}")
+    elif m["source"] not in REBUILDABLE_SOURCES:
+        raise WeightsError(
+            f"{p} holds a {m['name']} (a model not built by create_model): pass load_compressed(path, "
+            f"model=<a new {m['name']}>) so that its weights have an architecture to go into"
         )
-    except ConfigError as err:
-        raise WeightsError(f"{p}: cannot rebuild its model {spec!r}: {err}") from None
+    else:
+        from ..models import create_model
+
+        try:
+            model, _ = create_model(
+                spec, m["num_classes"], in_chans=m["in_chans"], input_size=m["input_size"], mean=m["mean"], std=m["std"]
+            )
+        except ConfigError as err:
+            raise WeightsError(f"{p}: cannot rebuild its model {spec!r}: {err}") from None
 
     for name, entry in manifest["layers"].items():
         try:
@@ -391,9 +408,15 @@ def load_compressed(path: str | Path, *, map_location: str | torch.device = "cpu
                 "(saved from another architecture or library version?)"
             ) from None
         try:
-            layer = build_low_rank_like(dense, entry["kind"], entry["ranks"], entry["r_min"], entry["r_max"])
-        except (WeightsError, ValueError) as err:
+            if isinstance(dense, LowRankLayer):  # a skeleton that is factorized already
+                dense.set_ranks_(tuple(entry["ranks"]))
+                layer = dense
+            else:
+                layer = build_low_rank_like(dense, entry["kind"], entry["ranks"], entry["r_min"], entry["r_max"])
+        except (WeightsError, ValueError, RuntimeError) as err:
             raise WeightsError(f"{p}: layer {name!r}: {err}") from None
+        if isinstance(layer, TuckerConv2d) and "channels_last" in entry:
+            layer.channels_last = bool(entry["channels_last"])
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
 
