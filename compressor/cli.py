@@ -235,7 +235,7 @@ def _cmd_run(argv: list[str]) -> int:
         print(dry_run(recipe).summary())
         return 0
     from .pipeline import run
-    from .report import summary_table
+    from .report import export_table, summary_table
     from .runtime import init_from_env, shutdown
 
     dist = init_from_env(device=recipe.train.device)  # under torchrun: gloo on CPUs, NCCL for CUDA
@@ -251,7 +251,13 @@ def _cmd_run(argv: list[str]) -> int:
         shutdown()
     if dist.is_main:
         print(summary_table(result.report))
-        print(f"\noutputs: {result.folder}/ (report.md, report.json, model.safetensors, model.onnx, recipe.yaml)")
+        export = result.report.get("export") or {}
+        if export.get("parity") is not None:
+            print("\n" + export_table(export))
+        if warning := (export.get("int8") or {}).get("warning"):
+            print(f"\nWARNING: {warning}")
+        files = ", ".join(["report.md", "report.json", *(export.get("files") or {}).values(), "recipe.yaml"])
+        print(f"\noutputs: {result.folder}/ ({files})")
     return 0
 
 

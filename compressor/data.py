@@ -146,12 +146,15 @@ def preprocess_spec(name: str, input_size: int) -> dict[str, Any]:
     gray = name in GRAY_SETS
     return {
         "color": "gray, repeated to 3 channels" if gray else "RGB",
+        "source_channels": 1 if gray else 3,
         "resize": {
             "size": [input_size, input_size],
+            "size_order": "height, width",
             "method": "bilinear",
             "align_corners": False,
             "antialias": "when shrinking",
             "keeps_aspect": False,
+            "rounded_to_8bit_after_resize": name != "digits",
         },
         "value_range": [0.0, 1.0],
         "scale": "8-bit pixels / 255" if name != "digits" else "scikit-learn digit levels 0-16 / 16",

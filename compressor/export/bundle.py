@@ -34,7 +34,7 @@ from .latency import onnx_latencies
 from .metadata import deployment_metadata, onnx_metadata
 from .onnx_export import export_onnx, parity_check
 from .quantize import quantize_int8
-from .safetensors_io import REBUILDABLE_SOURCES, load_compressed, save_compressed
+from .safetensors_io import CUSTOM_SOURCE, load_compressed, save_compressed
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def export_saved(
         out,
         input_size=size,
         in_chans=chans,
-        model_info=m if m.get("source") in REBUILDABLE_SOURCES else None,
+        model_info=m if m.get("source") != CUSTOM_SOURCE else None,
         class_names=deployment.get("class_names") or (bundle.class_names if bundle is not None else None),
         preprocess=deployment.get("preprocess") or (bundle.preprocess if bundle is not None else None),
         safetensors=False,

@@ -36,7 +36,6 @@ FORMAT_VERSION = 1
 _TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CUSTOM_SOURCE = "custom"
 """``model.source`` of a module not built by create_model: reloaded into a skeleton the user passes."""
-REBUILDABLE_SOURCES = ("torchvision", "timm")
 _MODEL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "source": str,
     "name": str,
@@ -96,7 +95,7 @@ def build_manifest(
             "spec": f"{type(model).__module__}.{type(model).__qualname__}",
         }
     info = dict(model_info)
-    if info.get("source") in REBUILDABLE_SOURCES:
+    if info.get("source") != CUSTOM_SOURCE:
         missing = [k for k in _MODEL_FIELDS if k not in info]
         if missing:
             raise ConfigError(f"model_info lacks {', '.join(missing)}: pass ModelInfo.to_dict() from create_model")
@@ -245,7 +244,7 @@ def _parse_manifest(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
         raise WeightsError(f"{where}: no 'model' section")
     if not isinstance(model.get("source"), str) or not isinstance(model.get("name"), str):
         raise WeightsError(f"{where}: model.source and model.name must be strings")
-    if model["source"] in REBUILDABLE_SOURCES:
+    if model["source"] != CUSTOM_SOURCE:
         for key, typ in _MODEL_FIELDS.items():
             if not isinstance(model.get(key), typ) or isinstance(model.get(key), bool):
                 raise WeightsError(f"{where}: model.{key} missing or not a {typ.__name__}")
@@ -384,7 +383,7 @@ def load_compressed(
     if model is not None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module (a skeleton of {spec}), got {type(model).__name__}")
-    elif m["source"] not in REBUILDABLE_SOURCES:
+    elif m["source"] == CUSTOM_SOURCE:
         raise WeightsError(
             f"{p} holds a {m['name']} (a model not built by create_model): pass load_compressed(path, "
             f"model=<a new {m['name']}>) so that its weights have an architecture to go into"
