@@ -141,6 +141,29 @@ class FactorizeSection(_Section):
         return self
 
 
+class TargetSection(_Section):
+    params: float | None = Field(None, gt=0.0, le=1.0)
+    """Budget: the compressed model's parameters as a fraction of the dense model's (e.g. 0.05). At most one of params and macs."""
+    macs: float | None = Field(None, gt=0.0, le=1.0)
+    """Budget: multiply-adds per image at model.input_size as a fraction of the dense model's (e.g. 0.2)."""
+    ramp: float = Field(0.5, gt=0.0, le=1.0)
+    """Share of the rank-adaptive truncations over which the budget is reached, from the factorized model's cost (gradually, so that accuracy can follow)."""
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TargetSection:
+        if self.params is not None and self.macs is not None:
+            raise ValueError("give either params or macs, not both")
+        return self
+
+    @property
+    def kind(self) -> str | None:
+        return "params" if self.params is not None else ("macs" if self.macs is not None else None)
+
+    @property
+    def fraction(self) -> float | None:
+        return self.params if self.params is not None else self.macs
+
+
 class TrainSection(OptimSection):
     # RobustDLRT's defaults are the reference code's (and recipes/robust.yaml's): AdamW 5e-4,
     # clipped at 1.0, so that compress(model, loader, beta) without a recipe trains as tested
@@ -160,6 +183,8 @@ class TrainSection(OptimSection):
     """Relative truncation tolerance τ."""
     coefficient_steps: int = Field(10, ge=2, le=100000)
     """Batches per DLRT cycle s*: augment on the first, truncate after the last."""
+    target: TargetSection = Field(default_factory=TargetSection)
+    """A budget the truncations choose all layers' ranks together for (see docs/dlrt.md); τ still truncates, the budget caps."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N (the device of the whole run)."""
 

@@ -178,6 +178,25 @@ def export_table(export: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
+def budget_table(budget: Mapping[str, Any]) -> str:
+    """The budget asked for and reached, then where the multiply-adds went, layer by layer."""
+    t, got = budget["target"], budget["reached"]
+    lines = [
+        f"Asked: {t['kind']} ≤ {t['fraction']:.3g} of the dense model's. Reached: parameters "
+        f"{got['params_fraction']:.4f} (c.r. {got['compression_rate']:.2f} %), "
+        f"multiply-adds {got['macs_fraction']:.4f} "
+        f"({got['macs_dense'] / 1e6:.1f} M → {got['macs'] / 1e6:.1f} M per image).",
+        "",
+        "| layer | ranks | MACs dense → compressed (M) |",
+        "|---|---|---:|",
+    ]
+    for name, d in budget["layers"].items():
+        lines.append(
+            f"| {name} | {','.join(map(str, d['ranks']))} | {d['macs_dense'] / 1e6:.2f} → {d['macs'] / 1e6:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     r = report
     train = r.get("recipe", {}).get("train", {})
@@ -203,6 +222,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"ε in {r.get('eps_unit', 'pixel')} units.",
             "",
         ]
+    if budget := r.get("budget"):
+        parts += ["## Budget", "", budget_table(budget), ""]
     exp = r.get("export") or {}
     if exp:
         parts += ["## Export", "", export_table(exp), ""]

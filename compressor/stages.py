@@ -201,3 +201,33 @@ def dry_run(recipe: Recipe) -> DryRun:
         (count_macs(model, size, dense_equivalent=True), count_macs(model, size)),
         per_layer,
     )
+
+
+def budget_report(model: nn.Module, recipe: Recipe, *, in_chans: int, dense_params: int) -> dict[str, Any] | None:
+    """``train.target`` asked for and what was reached: parameters, multiply-adds (at the
+    recipe's input size), c.r., and every factorized layer's ranks and multiply-adds."""
+    target = recipe.train.target
+    if target.kind is None:
+        return None
+    from .runtime import macs_by_layer
+
+    size = recipe.model.input_size
+    now, dense = (
+        macs_by_layer(model, size, in_chans=in_chans),
+        macs_by_layer(model, size, in_chans=in_chans, dense_equivalent=True),
+    )
+    stats = compression_stats(model)
+    return {
+        "target": {"kind": target.kind, "fraction": target.fraction, "ramp": target.ramp},
+        "reached": {
+            "params_fraction": stats.params / dense_params,
+            "macs_fraction": sum(now.values()) / max(1, sum(dense.values())),
+            "compression_rate": stats.rate,
+            "macs": sum(now.values()),
+            "macs_dense": sum(dense.values()),
+        },
+        "layers": {
+            name: {"ranks": list(layer.ranks), "macs": now.get(name, 0), "macs_dense": dense.get(name, 0)}
+            for name, layer in low_rank_layers(model).items()
+        },
+    }

@@ -97,7 +97,9 @@ class LowRankLayer(nn.Module):
     def augment_(self, *, seed: int = 0) -> BasisChange:
         raise NotImplementedError
 
-    def truncate_(self, tau: float, *, reorthonormalize_bases: bool = True) -> BasisChange:
+    def truncate_(
+        self, tau: float, *, reorthonormalize_bases: bool = True, rank_cap: tuple[int, ...] | None = None
+    ) -> BasisChange:
         raise NotImplementedError
 
     def set_ranks_(self, ranks: tuple[int, ...]) -> None:

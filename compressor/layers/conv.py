@@ -208,8 +208,11 @@ class TuckerConv2d(LowRankLayer):
             self._set(u_out, change.apply(self.C), u_in)
         return change
 
-    def truncate_(self, tau: float, *, reorthonormalize_bases: bool = True) -> BasisChange:
-        """Per channel mode: SVD of that mode's unfolding of the core, keep by τ, project the core.
+    def truncate_(
+        self, tau: float, *, reorthonormalize_bases: bool = True, rank_cap: tuple[int, ...] | None = None
+    ) -> BasisChange:
+        """Per channel mode: SVD of that mode's unfolding of the core, keep by τ (at most
+        ``rank_cap``, a budget's choice of (r_out, r_in)), project the core.
 
         The new bases are U·P with P the kept singular vectors, corrected to orthonormal in
         float64 (``orthonormal_columns``). ``reorthonormalize_bases`` also re-factors the tall
@@ -226,6 +229,8 @@ class TuckerConv2d(LowRankLayer):
             p1, s1 = left_singular(unfold(core, 1), tol=tau)
             r0 = truncation_rank(s0, tau, self.r_min, self.r_max_out)
             r1 = truncation_rank(s1, tau, self.r_min, self.r_max_in)
+            if rank_cap is not None:
+                r0, r1 = max(self.r_min, min(r0, int(rank_cap[0]))), max(self.r_min, min(r1, int(rank_cap[1])))
             change, u_out, u_in = BasisChange.truncation(
                 self.U_out.to(work), self.U_in.to(work), p0[:, :r0], p1[:, :r1], refactor=reorthonormalize_bases
             )

@@ -151,8 +151,11 @@ class LowRankLinear(LowRankLayer):
             self._set(u_hat, s_hat, v_hat)
         return change
 
-    def truncate_(self, tau: float, *, reorthonormalize_bases: bool = True) -> BasisChange:
-        """SVD Ŝ = P Σ Qᵀ; keep the smallest r₁ with ‖σ[r₁:]‖ < τ‖σ‖, r₁ ∈ [r_min, r_max].
+    def truncate_(
+        self, tau: float, *, reorthonormalize_bases: bool = True, rank_cap: tuple[int, ...] | None = None
+    ) -> BasisChange:
+        """SVD Ŝ = P Σ Qᵀ; keep the smallest r₁ with ‖σ[r₁:]‖ < τ‖σ‖, r₁ ∈ [r_min, r_max], at most
+        ``rank_cap`` (a budget's choice, :mod:`compressor.train.budget`).
 
         New bases U·P₁, V·Q₁ (P₁, Q₁ corrected to orthonormal in float64); ``reorthonormalize_bases``
         as in :meth:`TuckerConv2d.truncate_`. Where τ allows it (``gram_suffices``), P and Q come
@@ -168,6 +171,8 @@ class LowRankLinear(LowRankLayer):
                 p, sigma, qh = torch.linalg.svd(s_work)
                 q = qh.mT
             r1 = truncation_rank(sigma, tau, self.r_min, self.r_max)
+            if rank_cap is not None:
+                r1 = max(self.r_min, min(r1, int(rank_cap[0])))
             change, u, v = BasisChange.truncation(
                 self.U.to(work), self.V.to(work), p[:, :r1], q[:, :r1], refactor=reorthonormalize_bases
             )

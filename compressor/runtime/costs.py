@@ -66,7 +66,8 @@ def conv_costs(
     }
 
 
-def _area(pair: int | tuple[int, ...]) -> int:
+def area2d(pair: int | tuple[int, ...]) -> int:
+    """kh·kw of a kernel size (or sh·sw of a stride) given as an int or a pair."""
     if isinstance(pair, int):
         return pair * pair
     return int(pair[0]) * int(pair[1])
@@ -82,10 +83,10 @@ def layer_costs(layer: LowRankLayer) -> dict[str, Cost]:
         return conv_costs(
             layer.in_channels,
             layer.out_channels,
-            _area(layer.kernel_size),
+            area2d(layer.kernel_size),
             r_out,
             r_in,
-            stride_area=_area(layer.stride),
+            stride_area=area2d(layer.stride),
             bias=layer.bias is not None,
         )
     raise TypeError(f"no cost model for {type(layer).__name__}")
@@ -155,7 +156,7 @@ def macs_by_layer(
             costs = conv_costs(
                 module.in_channels,
                 module.out_channels,
-                _area(module.kernel_size),
+                area2d(module.kernel_size),
                 r_out,
                 r_in,
                 out_px=output.shape[-2] * output.shape[-1],
@@ -167,7 +168,7 @@ def macs_by_layer(
             tokens = output.numel() // output.shape[-1]
             return linear_costs(module.in_features, module.out_features, r, tokens=tokens)[form or "unmerged"][1]
         if isinstance(module, nn.Conv2d):
-            return output.numel() * (module.in_channels // module.groups) * _area(module.kernel_size)
+            return output.numel() * (module.in_channels // module.groups) * area2d(module.kernel_size)
         return output.numel() * module.in_features  # nn.Linear
 
     def hook(name: str):

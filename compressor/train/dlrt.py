@@ -138,6 +138,9 @@ class Trainer:
         )
         self.total_epochs = self.adaptive_epochs + self.fixed_epochs
         self.scheduler = build_schedule(self.optimizer, config.schedule, self.total_epochs * len(train_loader))
+        self.budget = None  # train.target's Budget, built at the first truncation
+        self._budget_start: float | None = None
+        self._initial_ranks = {n: tuple(layer.ranks) for n, layer in self.layers.items()}
         self.history = TrainingHistory()
         self.global_step = 0
         # checkpoints are written in the background; a writer shared with the pipeline keeps
@@ -204,7 +207,12 @@ class Trainer:
                     t = time.perf_counter()
                     # counted from (epoch, batch): a resumed run re-factors where an uninterrupted one does
                     index = epoch * truncations_per_epoch + i // s_star
-                    self._truncate(exact=index % REORTHONORMALIZE_EVERY == REORTHONORMALIZE_EVERY - 1)
+                    self._truncate(
+                        exact=index % REORTHONORMALIZE_EVERY == REORTHONORMALIZE_EVERY - 1,
+                        index=index,
+                        ramp=max(1, round(self._target_ramp() * self.adaptive_epochs * truncations_per_epoch)),
+                        input_shape=tuple(x.shape[1:]),
+                    )
                     tally["t_trunc"] += time.perf_counter() - t
                     self._trace_kappa()
                 self._schedule_step(took)
@@ -280,12 +288,42 @@ class Trainer:
             remap_optimizer_state(self.optimizer, layer.core, change, old_shape)
         self.dist.sync_low_rank(self.model, self.optimizer)
 
-    def _truncate(self, exact: bool = True) -> None:
-        for layer in self.layers.values():
+    def _target_ramp(self) -> float:
+        target = getattr(self.cfg, "target", None)
+        return target.ramp if target is not None and target.kind is not None else 1.0
+
+    def _truncate(self, exact: bool = True, index: int = 0, ramp: int = 1, input_shape: tuple[int, ...] = ()) -> None:
+        caps = self._budget_caps(index, ramp, input_shape)
+        for name, layer in self.layers.items():
             old_shape = layer.core.shape
-            change = layer.truncate_(self.cfg.tau, reorthonormalize_bases=exact)
+            change = layer.truncate_(self.cfg.tau, reorthonormalize_bases=exact, rank_cap=caps.get(name))
             remap_optimizer_state(self.optimizer, layer.core, change, old_shape)
         self.dist.sync_low_rank(self.model, self.optimizer)
+
+    def _budget_caps(self, index: int, ramp: int, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Every layer's rank cap from the budget (``train.target``), none without one. The
+        budget is built at the first truncation (it needs the input size) from the cost the
+        model had when training started, which a checkpoint keeps for a resumed run."""
+        target = getattr(self.cfg, "target", None)
+        if target is None or target.kind is None:
+            return {}
+        if self.budget is None:
+            from .budget import Budget
+
+            self.budget = Budget(
+                self.model,
+                target.kind,
+                target.fraction,
+                input_size=input_shape[-1],
+                in_chans=input_shape[0],
+                ramp_truncations=ramp,
+                start=self._budget_start,
+                start_ranks=self._initial_ranks,
+            )
+            self._budget_start = self.budget.start
+        self.budget.ramp = ramp
+        self.budget.truncations = index
+        return self.budget.caps(self.cfg.tau)
 
     def _trace_kappa(self) -> None:
         self.history.kappa_trace.append(
@@ -338,6 +376,8 @@ class Trainer:
                 for n, l in self.layers.items()
             },
         }
+        if self.budget is not None:
+            record["budget"] = self.budget.summary()
         self.history.epochs.append(record)
         val = record["val_accuracy"]
         log.info(
@@ -368,6 +408,7 @@ class Trainer:
                     "scheduler": self.scheduler.state_dict(),
                     "rng": rng_state(),
                     "history": self.history.to_dict(),
+                    "budget_start": self._budget_start,
                 },
             )
         self.dist.barrier()
@@ -383,6 +424,7 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         set_rng_state(payload["rng"])
         self.history = TrainingHistory.from_dict(payload["history"])
+        self._budget_start = payload.get("budget_start")
         self.global_step = int(payload["global_step"])
         log.info("%s: resumed from %s at epoch %d", self.name, self.checkpoint_path, payload["epoch"] + 1)
         return int(payload["epoch"])

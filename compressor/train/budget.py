@@ -1,0 +1,248 @@
+"""Compress to a budget: choose every layer's ranks together at each truncation.
+
+A budget is a fraction of the dense model's parameters or multiply-adds (``train.target``).
+At a truncation every factorized layer offers its singular values per low-rank mode (one mode
+for a linear core, two channel modes for a Tucker core). Starting from the ranks the tolerance
+τ would keep, :func:`allocate_ranks` drops, one at a time, the singular value that is worth the
+least for what it costs: its normalized energy σᵢ² / Σσ² (the share of that mode's spectrum it
+carries) divided by the parameters or multiply-adds its removal saves, which differ per layer
+and per Tucker mode (a Tucker mode's saving depends on the other mode's rank, so savings are
+re-evaluated lazily). It stops when the whole model fits the budget. τ still truncates; the
+budget caps.
+
+The budget is reached gradually: :class:`Budget` interpolates from the model's cost when
+training starts to the target over the first ``ramp`` share of the rank-adaptive truncations,
+so that accuracy can follow the removed directions instead of losing them in one cut.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import singular_values, truncation_rank, unfold
+from ..layers import LowRankLayer, TuckerConv2d, low_rank_layers
+from ..runtime.costs import area2d, conv_costs, linear_costs
+
+log = logging.getLogger(__name__)
+
+CostFn = Callable[[tuple[int, ...]], int]
+
+
+@dataclass
+class LayerOffer:
+    """What one layer brings to the allocation: its spectra and its cost at any ranks."""
+
+    sigmas: Sequence[Tensor]
+    """Singular values per low-rank mode, descending."""
+    max_ranks: tuple[int, ...]
+    """The ranks τ keeps (the allocation never exceeds them)."""
+    min_ranks: tuple[int, ...]
+    cost: CostFn
+    """Parameters or multiply-adds of the layer at the given ranks."""
+
+
+def allocate_ranks(
+    offers: Mapping[str, LayerOffer], budget: float, fixed_cost: float = 0.0
+) -> dict[str, tuple[int, ...]]:
+    """Ranks for every layer so that ``fixed_cost + Σ cost(ranks) <= budget`` while keeping as much
+    normalized spectral energy as possible (greedy by energy per unit of cost; see the module
+    docstring). If even the minimum ranks do not fit, the minimum ranks are returned."""
+    ranks = {name: list(o.max_ranks) for name, o in offers.items()}
+    costs = {name: o.cost(tuple(ranks[name])) for name, o in offers.items()}
+    total = fixed_cost + sum(costs.values())
+    if total <= budget:
+        return {n: tuple(r) for n, r in ranks.items()}
+    energy = {
+        name: [(s.double() ** 2 / max(float((s.double() ** 2).sum()), 1e-300)).tolist() for s in o.sigmas]
+        for name, o in offers.items()
+    }
+
+    def key(name: str, mode: int) -> float | None:
+        """Worth per unit saved of dropping this mode's last kept singular value (None: cannot)."""
+        r = ranks[name]
+        if r[mode] <= offers[name].min_ranks[mode]:
+            return None
+        smaller = list(r)
+        smaller[mode] -= 1
+        saving = costs[name] - offers[name].cost(tuple(smaller))
+        worth = energy[name][mode][r[mode] - 1] if r[mode] - 1 < len(energy[name][mode]) else 0.0
+        return worth / saving if saving > 0 else math.inf
+
+    heap = [(k, name, m) for name in offers for m in range(len(ranks[name])) if (k := key(name, m)) is not None]
+    heapq.heapify(heap)
+    while total > budget and heap:
+        k, name, mode = heapq.heappop(heap)
+        current = key(name, mode)
+        if current is None:
+            continue
+        if current > k + 1e-18 * max(1.0, abs(k)):  # stale (the other mode changed): re-queue
+            heapq.heappush(heap, (current, name, mode))
+            continue
+        ranks[name][mode] -= 1
+        new_cost = offers[name].cost(tuple(ranks[name]))
+        total += new_cost - costs[name]
+        costs[name] = new_cost
+        for m in range(len(ranks[name])):  # this layer's keys changed
+            if (nk := key(name, m)) is not None:
+                heapq.heappush(heap, (nk, name, m))
+    return {n: tuple(r) for n, r in ranks.items()}
+
+
+# ----------------------------------------------------------------------------- the trainer's side
+
+
+def _spectra(layer: LowRankLayer) -> list[Tensor]:
+    if isinstance(layer, TuckerConv2d):
+        core = layer.C.detach().float()
+        return [singular_values(unfold(core, 0)), singular_values(unfold(core, 1))]
+    return [singular_values(layer.S.detach().float())]
+
+
+def _caps(layer: LowRankLayer) -> tuple[int, ...]:
+    return (layer.r_max_out, layer.r_max_in) if isinstance(layer, TuckerConv2d) else (layer.r_max,)
+
+
+class Budget:
+    """The trainer's budget: target, ramp, and the cost of every layer at any ranks.
+
+    ``kind`` is ``params`` or ``macs``; ``fraction`` of the dense model's count; MACs at
+    ``input_size`` (per image). ``ramp_truncations``: how many truncations the target is
+    reached over; ``start``: the cost the ramp starts from, or ``start_ranks``: the ranks that
+    cost is computed at (default: the model's ranks now).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str,
+        fraction: float,
+        *,
+        input_size: int,
+        in_chans: int = 3,
+        ramp_truncations: int = 1,
+        start: float | None = None,
+        start_ranks: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        if kind not in ("params", "macs"):
+            raise ValueError(f"budget kind must be 'params' or 'macs', got {kind!r}")
+        self.kind, self.fraction = kind, float(fraction)
+        self.ramp = max(1, int(ramp_truncations))
+        self.layers = low_rank_layers(model)
+        self._cost_fns: dict[str, CostFn] = {}
+        if kind == "params":
+            total = sum(p.numel() for p in model.parameters())
+            low_rank_now = sum(layer.num_parameters() for layer in self.layers.values())
+            self.fixed = total - low_rank_now
+            self.dense = self.fixed + sum(layer.dense_num_parameters() for layer in self.layers.values())
+            for name, layer in self.layers.items():
+                self._cost_fns[name] = self._param_cost(layer)
+        else:
+            pixels = _pixels(model, self.layers, input_size, in_chans)
+            from ..runtime import macs_by_layer
+
+            now = macs_by_layer(model, input_size, in_chans=in_chans)
+            dense = macs_by_layer(model, input_size, in_chans=in_chans, dense_equivalent=True)
+            self.fixed = sum(v for n, v in now.items() if n not in self.layers)
+            self.dense = sum(dense.values())
+            for name, layer in self.layers.items():
+                self._cost_fns[name] = self._mac_cost(layer, *pixels[name])
+        if start is None:
+            start = self.cost(start_ranks)
+        self.start = float(start)
+        self.target = self.fraction * self.dense
+        self.truncations = 0
+
+    @staticmethod
+    def _param_cost(layer: LowRankLayer) -> CostFn:
+        bias = layer.bias is not None
+        if isinstance(layer, TuckerConv2d):
+            c_in, c_out, k = layer.in_channels, layer.out_channels, area2d(layer.kernel_size)
+            return lambda r: conv_costs(c_in, c_out, k, r[0], r[1], bias=bias)["tucker3"][0]
+        n_in, n_out = layer.in_features, layer.out_features
+        return lambda r: linear_costs(n_in, n_out, r[0], bias=bias)["unmerged"][0]
+
+    @staticmethod
+    def _mac_cost(layer: LowRankLayer, out_px: int, in_px: int) -> CostFn:
+        if isinstance(layer, TuckerConv2d):
+            c_in, c_out, k = layer.in_channels, layer.out_channels, area2d(layer.kernel_size)
+            return lambda r: conv_costs(c_in, c_out, k, r[0], r[1], out_px=out_px, in_px=in_px)["tucker3"][1]
+        n_in, n_out = layer.in_features, layer.out_features
+        return lambda r: linear_costs(n_in, n_out, r[0], tokens=out_px)["unmerged"][1]
+
+    def cost(self, ranks: Mapping[str, tuple[int, ...]] | None = None) -> int:
+        """The model's cost (parameters, or multiply-adds per image) at ``ranks`` (default: now)."""
+        ranks = ranks or {n: tuple(layer.ranks) for n, layer in self.layers.items()}
+        return int(self.fixed + sum(fn(tuple(ranks[n])) for n, fn in self._cost_fns.items()))
+
+    def current_target(self) -> float:
+        """The cap for the next truncation: the ramp from the starting cost to the target."""
+        t = min(1.0, (self.truncations + 1) / self.ramp)
+        return self.start + t * (self.target - self.start) if self.start > self.target else self.target
+
+    @torch.no_grad()
+    def caps(self, tau: float) -> dict[str, tuple[int, ...]]:
+        """Rank caps for the truncation about to happen (every layer is in its augmented state)."""
+        offers = {}
+        for name, layer in self.layers.items():
+            sigmas = _spectra(layer)
+            max_ranks = tuple(
+                truncation_rank(s, tau, layer.r_min, cap) for s, cap in zip(sigmas, _caps(layer), strict=True)
+            )
+            offers[name] = LayerOffer(sigmas, max_ranks, tuple(layer.r_min for _ in sigmas), self._cost_fns[name])
+        target = self.current_target()
+        self.truncations += 1
+        return allocate_ranks(offers, target, self.fixed)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "kind": self.kind,
+            "fraction": self.fraction,
+            "target": self.target,
+            "dense": self.dense,
+            "reached": self.cost(),
+            "reached_fraction": self.cost() / self.dense if self.dense else 0.0,
+        }
+
+
+def _pixels(
+    model: nn.Module, layers: Mapping[str, LowRankLayer], input_size: int, in_chans: int
+) -> dict[str, tuple[int, int]]:
+    """(output pixels or tokens, input pixels) of every factorized layer for one image."""
+    seen: dict[str, tuple[int, int]] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            x = inputs[0]
+            if isinstance(module, TuckerConv2d):
+                seen[name] = (output.shape[-2] * output.shape[-1], x.shape[-2] * x.shape[-1])
+            else:
+                tokens = output.numel() // output.shape[-1] // max(1, output.shape[0])
+                seen[name] = (tokens, tokens)
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(n)) for n, layer in layers.items()]
+    param = next(model.parameters())
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, input_size, input_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in seen]
+    if missing:
+        raise ValueError(f"budget: layers {missing[:3]} are not run by the model's forward")
+    return seen
+
+
+__all__ = ["Budget", "LayerOffer", "allocate_ranks"]
