@@ -141,6 +141,17 @@ class FactorizeSection(_Section):
         return self
 
 
+class AdversarialSection(_Section):
+    attack: Literal["none", "fgsm", "pgd"] = "none"
+    """Train on adversarial examples crafted against the current model each step: fgsm = one sign step from a random start (FGSM-RS, Wong et al. 2020), pgd = `steps` projected sign steps from a random start (Madry et al. 2018); none = clean training."""
+    eps: float = Field(8 / 255, ge=0.0, le=1.0)
+    """ℓ∞ budget in pixel units ([0, 1] images)."""
+    steps: int = Field(7, ge=1, le=1000)
+    """PGD steps (fgsm always takes one)."""
+    alpha: float | None = Field(None, gt=0.0, le=1.0)
+    """Step size in pixel units (null: 1.25·eps for fgsm, 2.5·eps/steps for pgd)."""
+
+
 class TargetSection(_Section):
     params: float | None = Field(None, gt=0.0, le=1.0)
     """Budget: the compressed model's parameters as a fraction of the dense model's (e.g. 0.05). At most one of params and macs."""
@@ -183,6 +194,12 @@ class TrainSection(OptimSection):
     """Relative truncation tolerance τ."""
     coefficient_steps: int = Field(10, ge=2, le=100000)
     """Batches per DLRT cycle s*: augment on the first, truncate after the last."""
+    regularizer: Literal["spectral", "nuclear"] = "spectral"
+    """What β weighs: spectral = the paper's R(S), which equalizes each core's spectrum; nuclear = ‖S‖_* (sum of singular values), which drives small singular values to zero."""
+    kappa_max: float | None = Field(None, ge=1.0, le=1e8)
+    """If set, after every optimizer step each core's singular values are raised to at least σ_max/kappa_max (CondLR's hard bound), so every κ ≤ kappa_max; combines with β."""
+    adversarial: AdversarialSection = Field(default_factory=AdversarialSection)
+    """Adversarial fine-tuning: the examples each step trains on (with any of the above)."""
     target: TargetSection = Field(default_factory=TargetSection)
     """A budget the truncations choose all layers' ranks together for (see docs/dlrt.md); τ still truncates, the budget caps."""
     device: str = "auto"

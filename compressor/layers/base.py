@@ -125,6 +125,26 @@ class LowRankLayer(nn.Module):
 
         return spectral_regularizer(self.core_matrix())
 
+    def nuclear_norm(self) -> Tensor:
+        """‖S‖_* = Σσᵢ of the core matrix (float32), differentiable: its subgradient P Qᵀ pulls
+        every singular value down by the same step, so the small ones reach zero first."""
+        return torch.linalg.matrix_norm(self.core_matrix().float(), ord="nuc")
+
+    @torch.no_grad()
+    def clamp_condition_(self, kappa_max: float) -> None:
+        """Raise every singular value of the core matrix to at least σ_max / ``kappa_max`` (the
+        singular vectors stay), so that κ ≤ kappa_max: CondLR's hard bound (Savostianova et al.,
+        2023), applied to the core since the bases are orthonormal. Directions an augmentation
+        admitted at σ = 0 enter at σ_max / kappa_max."""
+        m = self.core_matrix()
+        p, sigma, qh = torch.linalg.svd(m.double(), full_matrices=False)
+        if not bool(sigma[0] > 0):
+            return
+        floor = float(sigma[0]) / float(kappa_max)
+        if float(sigma[-1]) >= floor:
+            return
+        self.core.data.copy_(((p * sigma.clamp_min(floor)) @ qh).to(m.dtype).reshape(self.core.shape))
+
     def condition_number(self, *, precise: bool = True) -> float:
         """κ of the core matrix (float64; ``precise=False``: to ~0.1 %, see ``condition_number``)."""
         from ..functional import condition_number

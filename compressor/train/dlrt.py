@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..layers import LowRankLayer, TuckerConv2d, low_rank_layers
 from ..layers.conv import to_channels_last
-from ..recipe import BaselineSection, TrainSection
+from ..recipe import AdversarialSection, BaselineSection, TrainSection
 from ..runtime import DistContext, ProgressFactory, autocast_context, compression_stats, silent_progress
 from .checkpoint import CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from .common import (
@@ -76,6 +76,19 @@ class TrainingHistory:
         return cls(list(d.get("epochs", [])), list(d.get("kappa_trace", [])), int(d.get("nonfinite_steps", 0)))
 
 
+def _adversary(model: nn.Module, spec: AdversarialSection):
+    """The attack that makes each step's training examples (``train.adversarial``), or None."""
+    if spec.attack == "none":
+        return None
+    from ..attacks import create_attack
+
+    steps = 1 if spec.attack == "fgsm" else spec.steps
+    alpha = spec.alpha if spec.alpha is not None else (1.25 * spec.eps if spec.attack == "fgsm" else None)
+    if alpha is not None and alpha <= 0:  # eps = 0: no perturbation at all
+        alpha = None
+    return create_attack("pgd", model, eps=spec.eps, steps=steps, alpha=alpha, random_start=True)
+
+
 def _default_set_epoch(loader: Iterable, epoch: int) -> None:
     from ..data import set_epoch
 
@@ -111,6 +124,9 @@ class Trainer:
         self.adaptive_epochs = 0 if dense else config.epochs
         self.fixed_epochs = config.epochs if dense else config.finetune_epochs
         self.beta = 0.0 if dense else config.beta
+        self.regularizer = "spectral" if dense else config.regularizer
+        self.kappa_max = None if dense else config.kappa_max
+        self.attack = None if dense else _adversary(model, config.adversarial)
         self.device = torch.device(device)
         self.seed = seed
         self.dist = dist or DistContext()
@@ -187,6 +203,8 @@ class Trainer:
                 loss, correct = stats[0] / self.dist.world_size, int(round(float(stats[1])))
                 count = y.numel() * self.dist.world_size
                 took = guarded_step(self.params, self.optimizer, self.cfg.grad_clip, loss)
+                if took and self.kappa_max is not None:
+                    self._clamp_conditioning()
                 if not took:
                     self._restore_buffers(buffers)  # a NaN forward would have poisoned BatchNorm's running stats
                     self.history.nonfinite_steps += 1
@@ -232,6 +250,9 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
     def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.attack is not None:  # train on adversarial examples against the model as it is now
+            self.attack.seed = (self.seed * 7919 + self.global_step) % (2**32 - 1)
+            x = self.attack(x, y).detach()
         if self.channels_last_input:
             x = to_channels_last(x)
         self.optimizer.zero_grad(set_to_none=True)
@@ -241,11 +262,21 @@ class Trainer:
         loss = self.loss_fn(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, y)
         reg = torch.zeros((), device=self.device)
         if self.beta > 0 and self.layers:
-            # R acts on the cores only (never on U, V), in float32 even under autocast
-            reg = torch.stack([layer.regularizer() for layer in self.layers.values()]).sum()
+            # R (or ‖S‖_*) acts on the cores only (never on U, V), in float32 even under autocast
+            terms = [
+                layer.nuclear_norm() if self.regularizer == "nuclear" else layer.regularizer()
+                for layer in self.layers.values()
+            ]
+            reg = torch.stack(terms).sum()
         (loss + self.beta * reg).backward()
         correct = int((logits.detach().argmax(1) == y).sum())
         return loss.detach(), reg.detach(), correct
+
+    def _clamp_conditioning(self) -> None:
+        """Every core's κ ≤ train.kappa_max after the step (the optimizer's moments stay as they
+        are: the clamp moves the core, not the statistics of its gradients)."""
+        for layer in self.layers.values():
+            layer.clamp_condition_(self.kappa_max)
 
     def _schedule_step(self, took: bool) -> None:
         """The schedule advances with the step count, taken or skipped (so that a resumed or a
