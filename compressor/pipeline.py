@@ -31,7 +31,7 @@ from .recipe import Recipe, recipe_to_yaml
 from .rundir import RunPaths, check_output, finalize_output, prepare_output
 from .runtime import DistContext, ProgressFactory, resolve_device, silent_progress
 from .runtime.batches import first_images
-from .stages import budget_report, compression_report, factorize_and_train, layer_spectrum
+from .stages import budget_report, certificate, compression_report, factorize_and_train, layer_spectrum
 from .train import Trainer
 from .train.checkpoint import CheckpointWriter, load_checkpoint
 
@@ -216,6 +216,7 @@ def run(
             model, fact, history, recipe, dense=dense, compressed=comp_eval.to_dict(), timings=timings
         ),
     }
+    report["certificate"] = certificate(model, fact, dense_spectra, dense_eval, report["compressed"])
     if (budget := budget_report(model, recipe, in_chans=data.in_chans, dense_params=dense_params)) is not None:
         report["budget"] = budget
     if not dist.is_main:

@@ -178,6 +178,30 @@ def export_table(export: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
+def certificate_line(cert: Mapping[str, Any]) -> str:
+    """log ∏κ (the paper's eq. (2) bound on relative sensitivity) dense vs compressed, beside the
+    relative sensitivity measured under the first attack."""
+
+    def fmt(v: float | None) -> str:
+        return "inf" if v is None else f"{v:.1f}"
+
+    line = (
+        f"Certificate (the paper's eq. 2): log ∏κ over {cert['layers']} factorized layers: dense "
+        f"{fmt(cert['dense_log_prod_kappa'])}, compressed {fmt(cert['compressed_log_prod_kappa'])}"
+    )
+    if cert.get("layers_left_out"):
+        line += f" ({cert['layers_left_out']} more layers too large for a dense spectrum are left out)"
+    sens = cert.get("sensitivity") or {}
+    dense, comp = sens.get("dense") or {}, sens.get("compressed") or {}
+    for attack, per_eps in dense.items():
+        for eps, d in per_eps.items():
+            c = (comp.get(attack) or {}).get(eps)
+            if d is not None and c is not None:
+                measured = f"({attack}, ε={format_eps(eps)}): dense {d:.3g}, compressed {c:.3g}"
+                return line + f". Measured relative sensitivity {measured}."
+    return line + "."
+
+
 def budget_table(budget: Mapping[str, Any]) -> str:
     """The budget asked for and reached, then where the multiply-adds went, layer by layer."""
     t, got = budget["target"], budget["reached"]
@@ -222,6 +246,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"ε in {r.get('eps_unit', 'pixel')} units.",
             "",
         ]
+    if cert := r.get("certificate"):
+        parts += [certificate_line(cert), ""]
     if budget := r.get("budget"):
         parts += ["## Budget", "", budget_table(budget), ""]
     exp = r.get("export") or {}

@@ -231,3 +231,33 @@ def budget_report(model: nn.Module, recipe: Recipe, *, in_chans: int, dense_para
             for name, layer in low_rank_layers(model).items()
         },
     }
+
+
+def certificate(
+    model: nn.Module,
+    fact: FactorizationReport,
+    dense_spectra: dict[str, list[float]],
+    dense_eval: dict[str, Any],
+    compressed_eval: dict[str, Any],
+) -> dict[str, Any]:
+    """The paper's eq. (2): a network's relative sensitivity is bounded by the product of its
+    layers' condition numbers. log ∏κ over the factorized layers, dense (their weights before
+    factorization) vs compressed (their cores), over the layers whose dense spectrum was
+    computed, beside the measured relative sensitivity of each model."""
+    import math
+
+    layers = low_rank_layers(model)
+    names = [d.name for d in fact.factorized if d.name in layers and len(dense_spectra.get(d.name) or []) > 0]
+    dense_k = {n: dense_spectra[n][0] / dense_spectra[n][-1] if dense_spectra[n][-1] > 0 else math.inf for n in names}
+    comp_k = {n: layers[n].condition_number() for n in names}
+
+    def log_prod(kappas: dict[str, float]) -> float | None:
+        return sum(math.log(k) for k in kappas.values()) if all(math.isfinite(k) for k in kappas.values()) else None
+
+    return {
+        "layers": len(names),
+        "layers_left_out": len(fact.factorized) - len(names),
+        "dense_log_prod_kappa": log_prod(dense_k),
+        "compressed_log_prod_kappa": log_prod(comp_k),
+        "sensitivity": {"dense": dense_eval.get("sensitivity"), "compressed": compressed_eval.get("sensitivity")},
+    }

@@ -1,0 +1,559 @@
+"""Compress to a budget: budget-RobustDLRT against the one-shot baseline at the same ranks.
+
+Fashion-MNIST (Debian package ``dataset-fashion-mnist``), torchvision VGG16 at 32×32 RGB, random
+init. Per seed (a seed draws the subsets, the initialization, the batch order and the attacks):
+
+1. dense: ``Trainer`` with the recipe's ``baseline`` section (Adam ``--dense-lr``, cosine,
+   ``--dense-epochs``); its weights are the start of every arm below;
+2. per budget (MACs ``--macs`` and parameters ``--params``, fractions of the dense model's):
+   - **budget-RobustDLRT**: ``factorize_and_train`` with ``train.target`` set (β ``--beta``,
+     τ ``--tau``, ``--epochs`` rank-adaptive epochs, the budget reached over ``--ramp`` of them);
+   - **one-shot baseline**: the dense weights factorized by SVD / Tucker (HOSVD) at each layer's
+     cap, truncated at once to exactly the per-layer ranks the RobustDLRT arm ended at, then
+     plain fine-tuning at those fixed ranks (β = 0, cores and dense layers; bases fixed) with the
+     same optimizer, schedule, clipping and number of epochs;
+3. every model: clean accuracy and ℓ2-FGSM accuracy (ε in pixel units) on the same validation
+   images, parameters and c.r., multiply-adds per image, and onnxruntime latency at batch 1 and
+   32, the compressed model timed side by side with the dense one (speedup = dense median /
+   compressed median).
+
+Outputs: ``--out`` (JSON, every entry), a Pareto plot ``<out stem>_pareto.png`` beside it (clean
+accuracy vs batch-32 latency), the Markdown table on stdout and in the ``budget`` section of
+``--benchmarks-md`` (default BENCHMARKS.md; ``--smoke``: none), with plain-words verdicts.
+
+    python bench/bench_budget.py --smoke      # < 1 min: digits, timm:test_resnet, 1 seed, 2 budgets (CI)
+    python bench/bench_budget.py --checkpoint-dir bench/results/budget-ckpt   # the full sweep
+
+With ``--checkpoint-dir`` every finished entry is saved at once (and the dense weights of each
+seed); a rerun with the same settings skips what is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import benchmarks_md
+import torch
+
+from compressor.atomic import atomic_path, write_text
+from compressor.cli import enable_huge_pages
+from compressor.data import build_data, set_epoch
+from compressor.evaluate import evaluate
+from compressor.export import export_onnx, onnx_latencies
+from compressor.factorize import factorize_
+from compressor.layers import low_rank_layers
+from compressor.models import create_model
+from compressor.recipe import Recipe, TrainSection, recipe_from_dict
+from compressor.runtime import compression_stats, count_macs, dumps
+from compressor.stages import factorize_and_train
+from compressor.train import Trainer, clean_accuracy
+
+log = logging.getLogger("bench_budget")
+RESULTS = Path(__file__).resolve().parent / "results"
+EPS = [0.05, 0.1, 0.3]  # ℓ2-FGSM, pixel units
+ARMS = {"robustdlrt": "budget-RobustDLRT", "oneshot": "one-shot + fine-tune"}
+_FINGERPRINT = ("model", "data", "data_root", "input_size", "train_subset", "val_subset", "batch_size")
+_FINGERPRINT += ("dense_epochs", "epochs", "dense_lr", "beta", "tau", "ramp", "coefficient_steps")
+_FINGERPRINT += ("attack_samples", "latency_repeats", "latency_threads")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--smoke", action="store_true", help="< 1 min: digits, timm:test_resnet, tiny sizes (CI)")
+    ap.add_argument("--model", default="tv:vgg16")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: the Debian package's files)")
+    ap.add_argument("--input-size", type=int, default=32)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--macs", type=float, nargs="*", default=[0.5, 0.25, 0.15], help="MAC budgets (fractions)")
+    ap.add_argument("--params", type=float, nargs="*", default=[0.1, 0.05, 0.02], help="parameter budgets")
+    ap.add_argument("--train-subset", type=int, default=3000)
+    ap.add_argument("--val-subset", type=int, default=1000, help="evaluation images (held out of training)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--dense-epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of each arm (rank-adaptive / fixed-rank)")
+    ap.add_argument("--dense-lr", type=float, default=1e-4)
+    ap.add_argument("--beta", type=float, default=0.075)
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--ramp", type=float, default=0.5, help="train.target.ramp")
+    ap.add_argument("--coefficient-steps", type=int, default=10)
+    ap.add_argument("--attack-samples", type=int, default=1000, help="images attacked by ℓ2-FGSM")
+    ap.add_argument("--latency-repeats", type=int, default=20)
+    ap.add_argument("--latency-threads", type=int, default=2)
+    ap.add_argument("--target-macs", type=float, default=0.2, help="the issue's target point")
+    ap.add_argument("--target-points", type=float, default=2.0, help="clean points above the baseline")
+    ap.add_argument("--target-speedup", type=float, default=4.0, help="over dense at batch 32")
+    ap.add_argument("--threads", default="auto", help="torch threads; auto: 1 if the load ≥ the cores")
+    ap.add_argument("--out", default=None, help="JSON (default bench/results/budget[-smoke].json)")
+    ap.add_argument("--benchmarks-md", default=None, help="page of the 'budget' section (--smoke: none)")
+    ap.add_argument("--checkpoint-dir", default=None, help="save finished entries here; a rerun skips them")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.data, args.seeds, args.macs, args.params = "timm:test_resnet", "digits", [0], [0.25], [0.05]
+        args.train_subset, args.val_subset, args.batch_size, args.dense_epochs, args.epochs = 64, 32, 32, 1, 1
+        args.dense_lr, args.coefficient_steps, args.attack_samples, args.latency_repeats = 1e-3, 2, 32, 3
+    for f in args.macs + args.params + [args.target_macs]:
+        if not 0.0 < f <= 1.0:
+            ap.error(f"budget {f:g} is not a fraction in (0, 1]")
+    if not args.macs and not args.params:
+        ap.error("give at least one budget (--macs or --params)")
+    for key in ("train_subset", "val_subset", "batch_size", "epochs", "attack_samples", "latency_repeats"):
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.dense_epochs < 0 or any(s < 0 for s in args.seeds):
+        ap.error("--dense-epochs and --seeds must not be negative")
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
+        ap.error(f"--threads {args.threads!r}: give auto or a positive number")
+    args.seeds, args.macs, args.params = (list(dict.fromkeys(x)) for x in (args.seeds, args.macs, args.params))
+    args.out = Path(args.out or RESULTS / f"budget{'-smoke' if args.smoke else ''}.json")
+    return args
+
+
+def budgets(args: argparse.Namespace) -> list[tuple[str, float]]:
+    return [("macs", f) for f in args.macs] + [("params", f) for f in args.params]
+
+
+def bkey(kind: str, f: float) -> str:
+    return f"{kind}={f:g}"
+
+
+def recipe_for(args: argparse.Namespace, seed: int, kind: str | None = None, fraction: float = 1.0) -> Recipe:
+    target = {kind: fraction, "ramp": args.ramp} if kind else {}
+    return recipe_from_dict(
+        {
+            "seed": seed,
+            "model": {"name": args.model, "input_size": args.input_size},
+            "data": {
+                "name": args.data,
+                "root": args.data_root,
+                "train_subset": args.train_subset,
+                "val_subset": args.val_subset,
+                "batch_size": args.batch_size,
+            },
+            "baseline": {"epochs": args.dense_epochs, "optimizer": "adam", "lr": args.dense_lr, "checkpoint_every": 0},
+            "train": {
+                "epochs": args.epochs,
+                "beta": args.beta,
+                "tau": args.tau,
+                "coefficient_steps": args.coefficient_steps,
+                "target": target,
+                "device": "cpu",
+                "checkpoint_every": 0,
+            },
+        },
+        source="bench_budget",
+    )
+
+
+class State:
+    """Finished entries, written to ``<checkpoint-dir>/entries.json`` after each one."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.entries: list[dict[str, Any]] = []
+        self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+        self.fp = {k: getattr(args, k) for k in _FINGERPRINT}
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "entries.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") != self.fp:
+                diff = sorted(k for k in self.fp if saved.get("fingerprint", {}).get(k) != self.fp[k])
+                raise SystemExit(
+                    f"{path} was made with other settings ({', '.join(diff)}): use another --checkpoint-dir"
+                )
+            self.entries = saved["entries"]
+            log.info("checkpoint: %d finished entries in %s", len(self.entries), path)
+
+    def get(self, seed: int, budget: str, arm: str) -> dict[str, Any] | None:
+        return next((e for e in self.entries if (e["seed"], e["budget"], e["arm"]) == (seed, budget, arm)), None)
+
+    def add(self, entry: dict[str, Any]) -> None:
+        entry["measured_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        entry["load_avg"] = round(os.getloadavg()[0], 2)
+        self.entries.append(entry)
+        if self.dir is not None:
+            write_text(self.dir / "entries.json", dumps({"fingerprint": self.fp, "entries": self.entries}))
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measure(model: torch.nn.Module, loader, args, seed: int, onnx: dict[str, Path] | None) -> dict[str, Any]:
+    """Accuracy (clean, ℓ2-FGSM), size, MACs and (``onnx``: dense and a path to write) latency."""
+    res = evaluate(
+        model, loader, [{"name": "l2_fgsm", "eps": EPS}], max_samples=args.attack_samples, seed=seed, device="cpu"
+    )
+    stats, size = compression_stats(model), args.input_size
+    macs, macs_dense = count_macs(model, size), count_macs(model, size, dense_equivalent=True)
+    out = {
+        "clean": res.clean_accuracy,
+        "l2_fgsm": res.adversarial_accuracy["l2_fgsm"],
+        "n_eval": res.n_clean,
+        "n_attacked": res.n_attacked,
+        "params": stats.params,
+        "params_dense": stats.params_dense,
+        "params_fraction": stats.params / stats.params_dense,
+        "compression_rate": stats.rate,
+        "macs": macs,
+        "macs_dense": macs_dense,
+        "macs_fraction": macs / macs_dense,
+    }
+    if onnx is not None:
+        export_onnx(model, onnx["compressed"], input_size=size, check=False)
+        lat = onnx_latencies(
+            onnx, input_size=size, threads=args.latency_threads, repeats=args.latency_repeats, warmup=2, seed=seed
+        )
+        onnx["compressed"].unlink(missing_ok=True)
+        out["latency_ms"] = {m: {str(b): s["median_ms"] for b, s in lat[m].items()} for m in lat}
+        out["speedup"] = {
+            b: lat["dense"][int(b)]["median_ms"] / ms for b, ms in out["latency_ms"]["compressed"].items()
+        }
+    return out
+
+
+def slim(history) -> list[dict[str, Any]]:
+    keep = ("epoch", "phase", "train_loss", "train_accuracy", "compression_rate", "seconds", "budget")
+    return [{k: e.get(k) for k in keep} for e in history.to_dict()["epochs"]]
+
+
+def ranks_of(model: torch.nn.Module) -> dict[str, list[int]]:
+    return {n: list(layer.ranks) for n, layer in low_rank_layers(model).items()}
+
+
+def run_seed(args: argparse.Namespace, seed: int, state: State, work: Path, clock: dict[str, Any]) -> None:
+    todo = [(k, f, a) for k, f in budgets(args) for a in ARMS if state.get(seed, bkey(k, f), a) is None]
+    if not todo and state.get(seed, "dense", "dense"):
+        return
+    rec = recipe_for(args, seed)
+    torch.manual_seed(seed)
+    data = build_data(rec.data, input_size=args.input_size, seed=seed)
+    dense, _ = create_model(
+        args.model, data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std, input_size=args.input_size
+    )
+    weights = state.dir / f"dense-seed{seed}.pt" if state.dir else None
+    if weights is not None and weights.is_file() and state.get(seed, "dense", "dense"):
+        dense.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        log.info("seed %d: dense weights restored from %s", seed, weights)
+    else:
+        log.info("seed %d: dense, %d epoch(s) of %d batches", seed, args.dense_epochs, len(data.train_loader))
+        t0 = time.perf_counter()
+        torch.manual_seed(seed + 1)
+        trainer = Trainer(dense, data.train_loader, rec.baseline, seed=seed, name="dense", set_epoch=set_epoch)
+        history = trainer.fit() if args.dense_epochs else None
+        train_s = time.perf_counter() - t0
+        if weights is not None:
+            torch.save(dense.state_dict(), weights)
+        if not state.get(seed, "dense", "dense"):
+            m = measure(dense, data.val_loader, args, seed, None)
+            hist = slim(history) if history else []
+            state.add(
+                {
+                    "seed": seed,
+                    "budget": "dense",
+                    "arm": "dense",
+                    **m,
+                    "n_train": data.n_train,
+                    "train_seconds": train_s,
+                    "history": hist,
+                }
+            )
+            done(clock, "dense", t0, state)
+    if "dense" not in clock["onnx"]:  # the same graph for every seed: exported once
+        clock["onnx"]["dense"] = work / "dense.onnx"
+        export_onnx(dense, clock["onnx"]["dense"], input_size=args.input_size, check=False)
+    onnx = {"dense": clock["onnx"]["dense"], "compressed": work / "compressed.onnx"}
+    for kind, f in budgets(args):
+        key = bkey(kind, f)
+        if state.get(seed, key, "robustdlrt") is None:
+            t0 = time.perf_counter()
+            r = recipe_for(args, seed, kind, f)
+            model = copy.deepcopy(dense)
+            log.info("seed %d %s: budget-RobustDLRT, factorize + %d epoch(s)", seed, key, args.epochs)
+            _, history, secs = factorize_and_train(
+                model, data.train_loader, r, device=torch.device("cpu"), set_epoch=set_epoch
+            )
+            state.add(
+                {
+                    **dict(seed=seed, budget=key, kind=kind, fraction=f, arm="robustdlrt"),
+                    **measure(model, data.val_loader, args, seed, onnx),
+                    **dict(ranks=ranks_of(model), train_seconds=secs["train"], factorize_seconds=secs["factorize"]),
+                    "history": slim(history),
+                }
+            )
+            done(clock, "robustdlrt", t0, state)
+            del model
+        if state.get(seed, key, "oneshot") is None:
+            t0 = time.perf_counter()
+            want = state.get(seed, key, "robustdlrt")["ranks"]
+            model = copy.deepcopy(dense)
+            r = recipe_for(args, seed, kind, f)
+            factorize_(model, r.factorize.model_copy(update={"init": "svd", "init_rank": None}), seed=seed)
+            layers = low_rank_layers(model)
+            if set(layers) != set(want):
+                raise RuntimeError(
+                    f"one-shot factorized other layers than RobustDLRT: {sorted(set(layers) ^ set(want))}"
+                )
+            for name, layer in layers.items():
+                layer.truncate_(0.0, rank_cap=tuple(want[name]))  # τ = 0: only the cap cuts
+            same = ranks_of(model) == want
+            if not same:
+                log.warning("seed %d %s: one-shot ranks differ from RobustDLRT's", seed, key)
+            before = clean_accuracy(model, data.val_loader, torch.device("cpu"))
+            cfg = TrainSection.model_validate(
+                {**r.train.model_dump(), "epochs": 0, "finetune_epochs": args.epochs, "beta": 0.0, "target": {}}
+            )
+            torch.manual_seed(seed + 3)
+            t1 = time.perf_counter()
+            history = Trainer(model, data.train_loader, cfg, seed=seed, name="one-shot", set_epoch=set_epoch).fit()
+            train_s = time.perf_counter() - t1
+            state.add(
+                {
+                    **dict(seed=seed, budget=key, kind=kind, fraction=f, arm="oneshot"),
+                    **measure(model, data.val_loader, args, seed, onnx),
+                    **dict(ranks=ranks_of(model), ranks_match_robustdlrt=same, clean_before_finetune=before),
+                    **dict(train_seconds=train_s, history=slim(history)),
+                }
+            )
+            done(clock, "oneshot", t0, state)
+            del model
+    if weights is not None:
+        weights.unlink(missing_ok=True)  # every entry of this seed is saved
+
+
+def done(clock: dict[str, Any], kind: str, t0: float, state: State) -> None:
+    """Log the entry and how long the rest of this invocation should take at this pace."""
+    clock["seconds"].setdefault(kind, []).append(time.perf_counter() - t0)
+    clock["left"][kind] -= 1
+    e = state.entries[-1]
+    left = sum(n * statistics.fmean(clock["seconds"].get(k, [0.0])) for k, n in clock["left"].items())
+    speed = f"{e['speedup']['32']:.2f}×" if "speedup" in e else "—"
+    log.info(
+        "seed %d %s %s: clean %.1f%%, MACs %.3f, params %.3f, speedup b32 %s, %.0f s; ≈ %.0f min left at this pace",
+        *(e["seed"], e["budget"], e["arm"], 100 * e["clean"], e["macs_fraction"], e["params_fraction"], speed),
+        *(time.perf_counter() - t0, left / 60),
+    )
+
+
+# ----------------------------------------------------------------------------- aggregation and report
+
+
+def mean_std(vals: list[float], digits: int = 1, scale: float = 1.0, suffix: str = "") -> str:
+    vals = [scale * v for v in vals if v is not None]
+    if not vals:
+        return "—"
+    text = f"{statistics.fmean(vals):.{digits}f}"
+    return text + (f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else "") + suffix
+
+
+def rows(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (budget, arm): the entries over seeds and the paired RobustDLRT − baseline clean gaps."""
+    out = []
+    for kind, f in budgets(args):
+        key = bkey(kind, f)
+        by = {a: {e["seed"]: e for e in entries if e["budget"] == key and e["arm"] == a} for a in ARMS}
+        gaps = [100 * (by["robustdlrt"][s]["clean"] - by["oneshot"][s]["clean"]) for s in by["oneshot"]]
+        for arm, es in by.items():
+            if es:
+                gap = gaps if arm == "robustdlrt" else []
+                out.append(dict(kind=kind, fraction=f, budget=key, arm=arm, entries=list(es.values()), gaps=gap))
+    return out
+
+
+def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    lost = [r["budget"] for r in table if r["gaps"] and statistics.fmean(r["gaps"]) <= 0]
+    paired = [r for r in table if r["gaps"]]
+    if paired:
+        lines.append(
+            f"- Budget-RobustDLRT is above the one-shot baseline (clean, mean over seeds) at "
+            f"{len(paired) - len(lost)} of {len(paired)} budgets"
+            + (f"; **it does not beat the baseline at {', '.join(lost)}**." if lost else ".")
+        )
+    macs = [r for r in paired if r["kind"] == "macs"]
+    if not macs:
+        return lines + [f"- Target at {args.target_macs:g} of the MACs: not measured (no MAC budget in this run)."]
+    within = [r for r in macs if r["fraction"] <= args.target_macs + 1e-9]
+    r = (
+        max(within, key=lambda r: r["fraction"])
+        if within
+        else min(macs, key=lambda r: abs(r["fraction"] - args.target_macs))
+    )
+    gap = statistics.fmean(r["gaps"])
+    sp = [e["speedup"]["32"] for e in r["entries"] if "speedup" in e]
+    speed = statistics.fmean(sp) if sp else float("nan")
+    where = (
+        f"the MAC budget {r['fraction']:g}"
+        + (f" (the largest ≤ {args.target_macs:g}: the model ends within the target)" if within else " (closest)")
+        + f", reached {mean_std([e['macs_fraction'] for e in r['entries']], 3)} of the dense MACs"
+    )
+    ok_gap, ok_speed = gap >= args.target_points, speed >= args.target_speedup
+    lines.append(
+        f"- Target at {args.target_macs:g} of the MACs, measured at {where}: RobustDLRT − baseline clean = "
+        f"{gap:+.1f} points (target ≥ {args.target_points:g}: **{'met' if ok_gap else 'not met'}**); "
+        f"speedup over dense at batch 32 in onnxruntime = {speed:.2f}× (target ≥ {args.target_speedup:g}×: "
+        f"**{'met' if ok_speed else 'not met'}**)."
+    )
+    return lines
+
+
+def render(args: argparse.Namespace, doc: dict[str, Any], pareto: str | None = None) -> str:
+    """The section: settings, the table (mean ± std over seeds), verdicts; ``pareto``: the plot's path as shown."""
+    table = rows(args, doc["entries"])
+    dense = [e for e in doc["entries"] if e["arm"] == "dense"]
+    eps_h = " | ".join(f"ℓ2-FGSM ε={x:g}" if i == 0 else f"ε={x:g}" for i, x in enumerate(EPS))
+    out = [
+        f"## Compress to a budget: {args.model} on {args.data}",
+        "",
+        f"{len(args.seeds)} seed(s) ({', '.join(map(str, args.seeds))}), mean ± std. {doc['n_train']} training / "
+        f"{doc['n_eval']} held-out evaluation images at {args.input_size}×{args.input_size}. Dense: Adam "
+        f"{args.dense_lr:g}, {args.dense_epochs} epoch(s). From the same dense weights per seed: budget-RobustDLRT "
+        f"(activation-aware init, AdamW 5e-4 cosine clip 1.0, β {args.beta:g}, τ {args.tau:g}, {args.epochs} "
+        f"rank-adaptive epoch(s), budget reached over the first {args.ramp:g} of the truncations) and the one-shot "
+        f"baseline (SVD/HOSVD truncated at once to the same per-layer ranks, then {args.epochs} fixed-rank epoch(s) "
+        "with the same optimizer). Accuracies in %; ℓ2-FGSM ε in pixel units on "
+        f"{doc['n_attacked']} images. 'reached' = the budgeted quantity (MACs or params) as a fraction of dense; "
+        f"speedup = dense / compressed onnxruntime median ({args.latency_threads} threads, {args.latency_repeats} "
+        "runs each, timed side by side). Gap = RobustDLRT − baseline clean accuracy, paired by seed.",
+        "",
+        f"| budget | method | reached | c.r. % | MACs ratio | clean | {eps_h} | speedup b1 | speedup b32 "
+        "| RobustDLRT − baseline clean (points) | train s |",
+        "|---|---|" + "---:|" * (8 + len(EPS)),
+    ]
+    if dense:
+        fg = " | ".join(mean_std([e["l2_fgsm"][str(x)] for e in dense], scale=100) for x in EPS)
+        clean, secs = mean_std([e["clean"] for e in dense], scale=100), mean_std([e["train_seconds"] for e in dense], 0)
+        out.append(f"| dense | — | 1 | 0 | 1 | {clean} | {fg} | 1× | 1× | — | {secs} |")
+    for r in table:
+        es = r["entries"]
+
+        def col(key: str, digits: int = 1, scale: float = 1.0, es=es) -> str:
+            return mean_std([e[key] for e in es], digits, scale)
+
+        cells = [f"{r['kind']} {r['fraction']:g}", ARMS[r["arm"]], col(r["kind"] + "_fraction", 3)]
+        cells += [col("compression_rate", 2), col("macs_fraction", 3), col("clean", scale=100)]
+        cells += [mean_std([e["l2_fgsm"][str(x)] for e in es], scale=100) for x in EPS]
+        cells += [mean_std([e.get("speedup", {}).get(b) for e in es], 2, suffix="×") for b in ("1", "32")]
+        cells += [mean_std(r["gaps"], suffix=" pts") if r["gaps"] else "—", col("train_seconds", 0)]
+        out.append("| " + " | ".join(cells) + " |")
+    mismatched = [f"{e['seed']}/{e['budget']}" for e in doc["entries"] if e.get("ranks_match_robustdlrt") is False]
+    out += ["", "Verdict:", ""] + verdicts(args, table)
+    if mismatched:
+        out.append(f"- The one-shot ranks differ from RobustDLRT's at {', '.join(mismatched)} (see the JSON).")
+    if pareto:
+        out += ["", f"Pareto plot (clean accuracy vs batch-32 latency): `{pareto}` (run outputs are not kept in git)."]
+    return "\n".join(out)
+
+
+def pareto_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: Path) -> bool:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    table = [r for r in rows(args, entries) if all("latency_ms" in e for e in r["entries"])]
+    if not table:
+        return False
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = {r["budget"]: f"C{i}" for i, r in enumerate(x for x in table if x["arm"] == "robustdlrt")}
+    for r in table:
+        x = statistics.fmean(e["latency_ms"]["compressed"]["32"] for e in r["entries"])
+        y = 100 * statistics.fmean(e["clean"] for e in r["entries"])
+        label = f"{ARMS[r['arm']]}, {r['kind']} {r['fraction']:g}"
+        ax.scatter(
+            x, y, marker="o" if r["arm"] == "robustdlrt" else "s", color=colors.get(r["budget"], "k"), label=label
+        )
+    dense = [e for e in entries if e["arm"] == "dense"]
+    if dense:
+        x = statistics.fmean(e["latency_ms"]["dense"]["32"] for r in table for e in r["entries"])
+        ax.scatter(x, 100 * statistics.fmean(e["clean"] for e in dense), marker="*", s=150, color="k", label="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel("onnxruntime latency at batch 32 (ms, log scale)")
+    ax.set_ylabel("clean accuracy (%)")
+    ax.set_title(f"{args.model} on {args.data}: ○ budget-RobustDLRT, □ one-shot baseline")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    enable_huge_pages()
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("compressor").setLevel(logging.INFO)
+    if args.threads != "auto":
+        torch.set_num_threads(int(args.threads))
+    elif os.getloadavg()[0] >= (os.cpu_count() or 1):
+        torch.set_num_threads(1)  # on a busy machine, spinning OpenMP threads slow every op down
+    start = time.perf_counter()
+    state = State(args)
+    seeds, n_b = len(args.seeds), len(budgets(args))
+    todo = {
+        "dense": sum(state.get(s, "dense", "dense") is None for s in args.seeds),
+        **{a: sum(state.get(s, bkey(*b), a) is None for s in args.seeds for b in budgets(args)) for a in ARMS},
+    }
+    image_epochs = seeds * (args.dense_epochs + 2 * n_b * args.epochs) * args.train_subset
+    log.info(
+        "work: %d seed(s) × (dense %d epoch(s) + %d budgets × 2 arms × %d epoch(s)) of %d images = %d image-epochs; "
+        "%d evaluations (%d images, ℓ2-FGSM × %d ε); %d ONNX exports and latency pairs; to do now: %s",
+        *(seeds, args.dense_epochs, n_b, args.epochs, args.train_subset, image_epochs, seeds * (1 + 2 * n_b)),
+        *(args.val_subset, len(EPS), seeds * 2 * n_b, todo),
+    )
+    clock: dict[str, Any] = {"seconds": {}, "left": todo, "onnx": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_budget-") as work:
+        for seed in args.seeds:
+            run_seed(args, seed, state, Path(work), clock)
+    entries = [e for e in state.entries if e["seed"] in args.seeds]
+    doc: dict[str, Any] = {
+        "what": "compress to a budget: budget-RobustDLRT vs one-shot truncation + fine-tuning at the same ranks",
+        "run": {
+            "argv": sys.argv[1:] if argv is None else argv,
+            "wall_seconds": time.perf_counter() - start,
+            "torch_threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+        },
+        "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "eps": EPS},
+        "n_train": next((e["n_train"] for e in entries if "n_train" in e), args.train_subset),
+        "n_eval": next((e["n_eval"] for e in entries), args.val_subset),
+        "n_attacked": next((e["n_attacked"] for e in entries), args.attack_samples),
+        "entries": entries,
+    }
+    png = args.out.with_name(args.out.stem + "_pareto.png")
+    doc["pareto"] = str(png) if pareto_plot(args, entries, png) else None
+    doc["markdown"] = md = render(args, doc, doc["pareto"])
+    write_text(args.out, dumps(doc))
+    print(md)
+    page = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
+    shown = doc["pareto"] and os.path.relpath(png.resolve(), Path(page or ".").resolve().parent)
+    benchmarks_md.update_section(
+        "budget",
+        render(args, doc, shown),
+        script="bench_budget.py",
+        argv=list(sys.argv[1:] if argv is None else argv),
+        path=page,
+        measured="accuracy (clean, ℓ2-FGSM), c.r., MACs and onnxruntime speedup of budget-RobustDLRT and of the "
+        "one-shot baseline at the same per-layer ranks, per budget, mean ± std over seeds.",
+    )
+    print(f"\nwrote {args.out}" + (f", {png}" if doc["pareto"] else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
