@@ -448,7 +448,7 @@ def render(args: argparse.Namespace, doc: dict[str, Any], pareto: str | None = N
         cells += [col("compression_rate", 2), col("macs_fraction", 3), col("clean", scale=100)]
         cells += [mean_std([e["l2_fgsm"][str(x)] for e in es], scale=100) for x in EPS]
         cells += [mean_std([e.get("speedup", {}).get(b) for e in es], 2, suffix="×") for b in ("1", "32")]
-        cells += [mean_std(r["gaps"], suffix=" pts") if r["gaps"] else "—", col("train_seconds", 0)]
+        cells += [mean_std(r["gaps"]) if r["gaps"] else "—", col("train_seconds", 0)]
         out.append("| " + " | ".join(cells) + " |")
     mismatched = [f"{e['seed']}/{e['budget']}" for e in doc["entries"] if e.get("ranks_match_robustdlrt") is False]
     out += ["", "Verdict:", ""] + verdicts(args, table)
@@ -462,6 +462,7 @@ def render(args: argparse.Namespace, doc: dict[str, Any], pareto: str | None = N
 def pareto_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: Path) -> bool:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     table = [r for r in rows(args, entries) if all("latency_ms" in e for e in r["entries"])]
     if not table:
@@ -479,9 +480,11 @@ def pareto_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: P
         )
     dense = [e for e in entries if e["arm"] == "dense"]
     if dense:
-        x = statistics.fmean(e["latency_ms"]["dense"]["32"] for r in table for e in r["entries"])
+        x = statistics.median(e["latency_ms"]["dense"]["32"] for r in table for e in r["entries"])
         ax.scatter(x, 100 * statistics.fmean(e["clean"] for e in dense), marker="*", s=150, color="k", label="dense")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("onnxruntime latency at batch 32 (ms, log scale)")
     ax.set_ylabel("clean accuracy (%)")
     ax.set_title(f"{args.model} on {args.data}: ○ budget-RobustDLRT, □ one-shot baseline")
@@ -496,8 +499,9 @@ def pareto_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: P
 def main(argv: list[str] | None = None) -> int:
     enable_huge_pages()
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("compressor").setLevel(logging.INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("bench_budget", "compressor"):  # progress on stderr; the exporters' chatter stays off
+        logging.getLogger(name).setLevel(logging.INFO)
     if args.threads != "auto":
         torch.set_num_threads(int(args.threads))
     elif os.getloadavg()[0] >= (os.cpu_count() or 1):
@@ -551,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         measured="accuracy (clean, ℓ2-FGSM), c.r., MACs and onnxruntime speedup of budget-RobustDLRT and of the "
         "one-shot baseline at the same per-layer ranks, per budget, mean ± std over seeds.",
     )
+    missing = sum(state.get(s, bkey(*b), a) is None for s in args.seeds for b in budgets(args) for a in ARMS)
+    if args.smoke and (missing or not doc["pareto"] or any(e.get("ranks_match_robustdlrt") is False for e in entries)):
+        raise SystemExit("smoke check failed: an entry, the plot or equal ranks in both arms is missing")
     print(f"\nwrote {args.out}" + (f", {png}" if doc["pareto"] else ""), file=sys.stderr)
     return 0
 

@@ -194,6 +194,8 @@ class TrainSection(OptimSection):
     """Relative truncation tolerance τ."""
     coefficient_steps: int = Field(10, ge=2, le=100000)
     """Batches per DLRT cycle s*: augment on the first, truncate after the last."""
+    bn_batches: int = Field(16, ge=0, le=100000)
+    """After training, re-estimate the BatchNorm running statistics over this many training batches (the ranks changed what every layer outputs); 0: keep them as training left them."""
     regularizer: Literal["spectral", "nuclear"] = "spectral"
     """What β weighs: spectral = the paper's R(S), which equalizes each core's spectrum; nuclear = ‖S‖_* (sum of singular values), which drives small singular values to zero."""
     kappa_max: float | None = Field(None, ge=1.0, le=1e8)

@@ -22,6 +22,7 @@ from .layers import low_rank_layers
 from .recipe import Recipe
 from .runtime import DistContext, ProgressFactory, compression_stats, silent_progress
 from .train import Trainer, TrainingHistory
+from .train.batchnorm import batchnorms, reestimate_batchnorm_, warn_on_mismatch
 from .train.checkpoint import CheckpointWriter
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def factorize_and_train(
     t = time.perf_counter()
     torch.manual_seed(recipe.seed + 2)  # stage-local seeding: a resumed run sees the same RNG here
     model.to(device)  # calibration runs the model; SVDs and QRs run where the training will
+    warn_on_mismatch(model, val_loader if val_loader is not None else train_loader, device, "before compression")
     calibration = None
     if recipe.factorize.init == "activations":
         set_epoch(train_loader, 0)  # the first batches of epoch 0, on every process
@@ -82,6 +84,10 @@ def factorize_and_train(
         checkpoint_writer=checkpoint_writer,
     )
     history = trainer.fit(resume=resume)
+    if recipe.train.bn_batches and batchnorms(model):
+        set_epoch(train_loader, 0)  # a fixed pass: a resumed run re-estimates the same way
+        reestimate_batchnorm_(model, train_loader, device, recipe.train.bn_batches, dist)
+        warn_on_mismatch(model, val_loader if val_loader is not None else train_loader, device, "after compression")
     timings["train"] = time.perf_counter() - t
     return fact, history, timings
 
