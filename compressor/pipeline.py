@@ -31,7 +31,14 @@ from .recipe import Recipe, recipe_to_yaml
 from .rundir import RunPaths, check_output, finalize_output, prepare_output
 from .runtime import DistContext, ProgressFactory, resolve_device, silent_progress
 from .runtime.batches import first_images
-from .stages import budget_report, certificate, compression_report, factorize_and_train, layer_spectrum
+from .stages import (
+    budget_report,
+    build_model,
+    certificate,
+    compression_report,
+    factorize_and_train,
+    layer_spectrum,
+)
 from .train import Trainer
 from .train.checkpoint import CheckpointWriter, load_checkpoint
 
@@ -73,7 +80,6 @@ def run(
     """Run the whole pipeline for ``recipe``; see the module docstring."""
     from .data import build_data, set_epoch
     from .evaluate import evaluate
-    from .models import create_model
 
     dist = dist or DistContext()
     validate_inputs(recipe)
@@ -94,17 +100,7 @@ def run(
             world_size=dist.world_size,
         )
     with _stage(timings, "model"):
-        keep_own_norm = recipe.model.weights is not None or recipe.model.pretrained
-        model, info = create_model(
-            recipe.model.name,
-            data.num_classes,
-            in_chans=data.in_chans,
-            weights=recipe.model.weights,
-            pretrained=recipe.model.pretrained,
-            mean=None if keep_own_norm else data.mean,
-            std=None if keep_own_norm else data.std,
-            input_size=recipe.model.input_size,
-        )
+        model, info = build_model(recipe, data)
         model.to(device)
     # data and model are built from checked inputs: only now is anything written
     paths = prepare_output(recipe, resume=resume, force=force, dist=dist)

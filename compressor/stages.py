@@ -28,6 +28,25 @@ from .train.checkpoint import CheckpointWriter
 log = logging.getLogger(__name__)
 
 
+def build_model(recipe: Recipe, data: Any) -> tuple[nn.Module, Any]:
+    """The recipe's model for ``data`` (a :class:`~compressor.data.DataBundle`): its head sized
+    for the data's classes, normalized by the data's statistics unless its weights bring their
+    own (a weight file or pretrained weights keep the normalization they were trained with)."""
+    from .models import create_model
+
+    keep_own_norm = recipe.model.weights is not None or recipe.model.pretrained
+    return create_model(
+        recipe.model.name,
+        data.num_classes,
+        in_chans=data.in_chans,
+        weights=recipe.model.weights,
+        pretrained=recipe.model.pretrained,
+        mean=None if keep_own_norm else data.mean,
+        std=None if keep_own_norm else data.std,
+        input_size=recipe.model.input_size,
+    )
+
+
 def default_set_epoch(loader: Iterable, epoch: int) -> None:
     """For user loaders: DistributedSampler.set_epoch if there is one; nothing otherwise."""
     sampler = getattr(loader, "sampler", None)
@@ -175,20 +194,10 @@ def dry_run(recipe: Recipe) -> DryRun:
     """Build the recipe's data and model and factorize them as a run would, without training or
     writing anything (the model's weights are untrained unless ``model.weights`` is given)."""
     from .data import build_data, set_epoch
-    from .models import create_model
     from .runtime import count_macs, macs_by_layer
 
     data = build_data(recipe.data, input_size=recipe.model.input_size, seed=recipe.seed)
-    model, _ = create_model(
-        recipe.model.name,
-        data.num_classes,
-        in_chans=data.in_chans,
-        weights=recipe.model.weights,
-        pretrained=recipe.model.pretrained,
-        mean=data.mean,
-        std=data.std,
-        input_size=recipe.model.input_size,
-    )
+    model, _ = build_model(recipe, data)
     log.info("inputs checked; dry run: factorize only", extra={INPUTS_CHECKED: True})
     size = recipe.model.input_size
     dense_params = sum(p.numel() for p in model.parameters())
