@@ -15,9 +15,13 @@ bases (:mod:`compressor.calibration`).
 
 Attention projections: a fused ``qkv`` Linear (timm ViT) is factorized as one matrix, so q, k
 and v share one input basis V (they read the same tokens) and one output basis U over the
-concatenated outputs. ``nn.MultiheadAttention`` (torchvision ViT) reads its projection weights
-as raw tensors, not through its child modules, so its ``out_proj`` and packed in-projection
-stay dense; the MLP blocks, which hold most of a ViT's weights, are factorized.
+concatenated outputs. ``nn.MultiheadAttention`` (torchvision ViT, Swin's stages use their own)
+reads its projection weights as raw tensors instead of calling its child modules; every
+self-attention one is first replaced by :class:`~compressor.layers.ProjectedMultiheadAttention`,
+the same function with ``in_proj`` (the packed q/k/v projection) and ``out_proj`` as modules,
+which are then factorized like any Linear. A layer whose parent reads its ``.weight`` instead
+of calling it (torchvision's Swin ``qkv``/``proj``, timm's EVA) still runs after factorization:
+:attr:`LowRankLinear.weight` is the dense U S Vᵀ (and the export writes such layers dense).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch import nn
 
 from .calibration import ConvBases, LinearBases, activation_bases
 from .errors import ConfigError
-from .layers import LowRankLayer, LowRankLinear, TuckerConv2d
+from .layers import LowRankLayer, LowRankLinear, ProjectedMultiheadAttention, TuckerConv2d
 from .layers.conv import tucker_rank_caps
 from .recipe import FactorizeSection
 from .runtime import DistContext, conv_costs, linear_costs
@@ -62,6 +66,8 @@ class LayerDecision:
 class FactorizationReport:
     layers: list[LayerDecision]
     seconds: float
+    attention: list[str] = field(default_factory=list)
+    """nn.MultiheadAttention modules replaced by ProjectedMultiheadAttention (same function)."""
 
     @property
     def factorized(self) -> list[LayerDecision]:
@@ -72,7 +78,7 @@ class FactorizationReport:
         return [d for d in self.layers if not d.factorized]
 
     def to_dict(self) -> dict:
-        return {"seconds": self.seconds, "layers": [asdict(d) for d in self.layers]}
+        return {"seconds": self.seconds, "layers": [asdict(d) for d in self.layers], "attention": self.attention}
 
     def table(self, macs: dict[str, tuple[int, int]] | None = None) -> str:
         """A plain-text table users can read: every candidate layer, what happened and why;
@@ -190,8 +196,9 @@ def factorize_(
     if cfg.init != "activations":
         calibration = None
     start = time.perf_counter()
+    attention = project_attention_(model)
     modules = dict(model.named_modules())
-    mha_children = {
+    mha_children = {  # attention layouts ProjectedMultiheadAttention does not reproduce stay dense
         f"{n}.{c}" if n else c
         for n, m in modules.items()
         if isinstance(m, nn.MultiheadAttention)
@@ -225,7 +232,7 @@ def factorize_(
         elif keep_classifier and name == classifier:
             reason = "final classifier kept dense (paper's policy; factorize.keep_classifier)"
         elif name in mha_children:
-            reason = "nn.MultiheadAttention reads this weight directly"
+            reason = "nn.MultiheadAttention (with bias_k/bias_v, add_zero_attn or kdim/vdim) reads this weight directly"
         elif not _is_plain(module, nn.Linear if is_linear else nn.Conv2d):
             reason = f"custom subclass {type(module).__name__} with its own forward"
         elif filter_fn is not None and not filter_fn(module, name):
@@ -288,7 +295,7 @@ def factorize_(
         decision.params_factorized = new.num_parameters()
         log.debug("factorized %s %s at ranks %s (%s init)", name, decision.shape, new.ranks, decision.init)
 
-    report = FactorizationReport(decisions, time.perf_counter() - start)
+    report = FactorizationReport(decisions, time.perf_counter() - start, attention)
     log.info("factorized %d of %d candidate layers in %.1fs", len(report.factorized), len(decisions), report.seconds)
     return report
 
@@ -305,3 +312,19 @@ def _resolve_config(config: FactorizeSection | None, options: dict[str, Any]) ->
         return config or FactorizeSection()
     base = config.model_dump() if config is not None else {}
     return recipe_from_dict({"factorize": {**base, **options}}, source="factorize_").factorize
+
+
+def project_attention_(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Replace every self-attention ``nn.MultiheadAttention`` (or those named in ``names``) by
+    :class:`~compressor.layers.ProjectedMultiheadAttention`, the same function with callable
+    projections; returns the names replaced. In place."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.MultiheadAttention) or not ProjectedMultiheadAttention.supports(module):
+            continue
+        if names is not None and name not in names:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, ProjectedMultiheadAttention.from_mha(module))
+        replaced.append(name)
+    return replaced

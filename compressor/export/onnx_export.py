@@ -71,12 +71,18 @@ class LayerForm:
     macs: int  # multiply-adds per output token/pixel
 
 
-def plan_export(model: nn.Module, fold: str = "auto") -> dict[str, LayerForm]:
-    """Layer name → the form it is exported in (see the module docstring)."""
+def plan_export(model: nn.Module, fold: str = "auto", *, called: set[str] | None = None) -> dict[str, LayerForm]:
+    """Layer name → the form it is exported in (see the module docstring). ``called``: the
+    layers the model's forward calls (:func:`called_layers`); the others are read through their
+    ``.weight`` by their parent and are written dense, as the parent uses them."""
     if fold not in ("auto", "none"):
         raise ConfigError(f"fold must be 'auto' or 'none', got {fold!r}")
     plan = {}
     for name, layer in low_rank_layers(model).items():
+        if called is not None and name not in called:
+            costs = layer_costs(layer)
+            plan[name] = LayerForm("linear" if isinstance(layer, LowRankLinear) else "conv", "dense", *costs["dense"])
+            continue
         if isinstance(layer, LowRankLinear):
             kind, costs, base = "linear", layer_costs(layer), "unmerged"
         elif isinstance(layer, TuckerConv2d):
@@ -91,6 +97,27 @@ def plan_export(model: nn.Module, fold: str = "auto") -> dict[str, LayerForm]:
             choice = min(allowed, key=lambda f: costs[f][1])  # min keeps the first of equals
         plan[name] = LayerForm(kind, choice, *costs[choice])
     return plan
+
+
+@torch.no_grad()
+def called_layers(model: nn.Module, example: Tensor) -> set[str]:
+    """Names of the factorized layers that ``model``'s forward calls on ``example`` (a layer read
+    only through ``.weight`` is not called)."""
+    seen: set[str] = set()
+    handles = [
+        layer.register_forward_hook(lambda m, i, o, name=name: seen.add(name))
+        for name, layer in low_rank_layers(model).items()
+    ]
+    was = model.training
+    param = next(model.parameters(), None)
+    try:
+        model.eval()
+        model(example.to(param.device, param.dtype) if param is not None else example)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def _lin(weight: Tensor, bias: Tensor | None) -> nn.Linear:
@@ -546,13 +573,13 @@ def export_onnx(
         raise ConfigError(f"opset {opset} is too old: use 17 or newer (default 18)")
     path = Path(path)
     start = time.perf_counter()
-    plan = plan_export(model, fold)
+    example = torch.rand(
+        2 if dynamic_batch else 1, in_chans, input_size, input_size, generator=torch.Generator().manual_seed(0)
+    )
+    plan = plan_export(model, fold, called=called_layers(model, example))
     was = model.training
     try:
         plain = plain_model(model, plan)
-        example = torch.rand(
-            2 if dynamic_batch else 1, in_chans, input_size, input_size, generator=torch.Generator().manual_seed(0)
-        )
         exp = _expectation(model, plain, plan, in_chans, input_size)
         exporter, reason = "dynamo", None
         try:

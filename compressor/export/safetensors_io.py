@@ -24,7 +24,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import ConfigError, WeightsError
-from ..layers import LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
+from ..layers import LowRankLayer, LowRankLinear, ProjectedMultiheadAttention, TuckerConv2d, low_rank_layers
 from ..runtime import compression_stats
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ def build_manifest(
             )
         },
         "layers": {name: _layer_entry(layer) for name, layer in low_rank_layers(model).items()},
+        # nn.MultiheadAttention modules factorize_ replaced: the reload replaces them again
+        "attention": [n for n, m in model.named_modules() if isinstance(m, ProjectedMultiheadAttention)],
         "params": {"compressed": stats.params, "dense": stats.params_dense, "compression_rate": stats.rate},
         "recipe": dict(recipe) if recipe is not None else None,
         "extra": dict(extra) if extra is not None else None,
@@ -398,6 +400,9 @@ def load_compressed(
         except ConfigError as err:
             raise WeightsError(f"{p}: cannot rebuild its model {spec!r}: {err}") from None
 
+    from ..factorize import project_attention_
+
+    project_attention_(model, names=list(manifest.get("attention") or []))
     for name, entry in manifest["layers"].items():
         try:
             dense = model.get_submodule(name)

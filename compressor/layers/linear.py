@@ -180,6 +180,13 @@ class LowRankLinear(LowRankLayer):
             self._set(u.to(dt), change.apply(s_work).to(dt), v.to(dt))
         return change
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense W = U S Vᵀ (out × in), differentiable in S: for code that reads a layer's
+        ``.weight`` instead of calling it (e.g. torchvision's Swin attention). It costs the
+        dense layer's multiply-adds; calling the layer does not."""
+        return self.U @ self.S @ self.V.mT
+
     def set_ranks_(self, ranks: tuple[int, ...]) -> None:
         (r,) = ranks
         self._set(self.U.new_zeros(self.out_features, r), self.S.new_zeros(r, r), self.V.new_zeros(self.in_features, r))
