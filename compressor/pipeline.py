@@ -267,6 +267,9 @@ def _export(
     e = recipe.export
     calibration = None
     if e.int8 and e.onnx:
+        from .data import set_epoch
+
+        set_epoch(data.train_loader, 0)  # epoch 0's first images, as `compress export` takes them
         calibration = first_images(data.train_loader, CALIBRATION_IMAGES)
     evaluation = dict(
         attacks=[a.model_dump() for a in recipe.evaluate.attacks],

@@ -158,13 +158,12 @@ def export_table(export: Mapping[str, Any]) -> str:
         )
     if (ev := export.get("onnx_eval")) is not None:
         rows.append((f"ONNX clean accuracy ({ev.get('n_clean')} images)", f"{_pct(ev.get('clean_accuracy'))} %"))
-    if (q := export.get("int8")) is not None and q.get("eval"):
-        rows.append(
-            (
-                f"INT8 clean accuracy ({q['eval'].get('n_clean')} images; calibrated on {q.get('calibration')})",
-                f"{_pct(q['eval'].get('clean_accuracy'))} %",
-            )
-        )
+    if (q := export.get("int8")) is not None:
+        acc = (q.get("eval") or {}).get("clean_accuracy", q.get("clean_accuracy"))
+        n = (q.get("eval") or {}).get("n_clean", q.get("n_clean"))
+        where = f"{n} images; " if n else ""
+        rows.append((f"INT8 clean accuracy ({where}calibrated on {q.get('calibration')}; {q.get('variant')})",
+                     "not measured" if acc is None else f"{_pct(acc)} %"))  # fmt: skip
     lat = export.get("latency") or {}
     threads = lat.get("threads")
     for name in ("dense", "compressed", "int8"):

@@ -382,6 +382,9 @@ def export_saved(
             )
             source = f"{RANDOM_CALIBRATION_IMAGES} random images"
         else:
+            from ..data import set_epoch
+
+            set_epoch(bundle.train_loader, 0)  # epoch 0's first images, as the run took them
             calibration = first_images(bundle.train_loader, CALIBRATION_IMAGES)
             source = f"{len(calibration)} {bundle.name} training images"
     result = export_model(
