@@ -1,4 +1,4 @@
-"""RobustDLRT training (paper Appendix A; ALGORITHM.md §3): the cycle augment → coefficient
+"""RobustDLRT training (paper Appendix A; docs/dlrt.md §4): the cycle augment → coefficient
 steps → truncate, as ``compressor.train.Trainer`` runs it.
 
 Invariants: augmentation and τ = 0 truncation leave W and the loss unchanged; bases stay
