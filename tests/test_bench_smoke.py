@@ -22,6 +22,7 @@ SCRIPTS = {  # script → (section, output flag, output file name)
     "bench_quality.py": ("quality-smoke", "--out-dir", "quality-smoke.json"),
     "bench_truncation.py": ("truncation", "--out", "truncation.json"),
     "bench_budget.py": ("budget", "--out", "budget.json"),
+    "bench_regime.py": ("regime", "--out", "regime.json"),
 }
 
 

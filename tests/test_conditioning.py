@@ -41,7 +41,7 @@ def _factorized() -> nn.Module:
     return model
 
 
-def test_clamp_keeps_every_core_within_the_bound_after_every_step():
+def test_clamp_keeps_every_core_within_the_bound_after_every_step_and_truncation():
     model = _factorized()
     trainer = Trainer(model, _loader(), train_config(2, lr=5e-2, tau=0.01, coefficient_steps=3, kappa_max=4.0),
                       set_epoch=_reseed)  # fmt: skip
@@ -53,9 +53,18 @@ def test_clamp_keeps_every_core_within_the_bound_after_every_step():
         seen.append(max(layer.condition_number() for layer in trainer.layers.values()))
 
     trainer._clamp_conditioning = spy
+    truncate = trainer._truncate
+    after_truncation = []
+
+    def spy_truncate(*args, **kwargs):
+        truncate(*args, **kwargs)
+        after_truncation.append(max(layer.condition_number() for layer in trainer.layers.values()))
+
+    trainer._truncate = spy_truncate
     trainer.fit()
-    assert len(seen) == trainer.global_step  # after every step taken
-    assert max(seen) <= 4.0 * (1 + 1e-5), max(seen)
+    assert len(seen) == trainer.global_step + len(after_truncation)  # after every step and every truncation
+    assert max(seen + after_truncation) <= 4.0 * (1 + 1e-5), max(seen + after_truncation)
+    assert max(layer.condition_number() for layer in trainer.layers.values()) <= 4.0 * (1 + 1e-5)
     free = Trainer(_factorized(), _loader(), train_config(2, lr=5e-2, tau=0.01, coefficient_steps=3), set_epoch=_reseed)
     free.fit()
     assert max(layer.condition_number() for layer in free.layers.values()) > 4.0  # the bound did bind

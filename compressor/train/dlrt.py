@@ -273,8 +273,10 @@ class Trainer:
         return loss.detach(), reg.detach(), correct
 
     def _clamp_conditioning(self) -> None:
-        """Every core's κ ≤ train.kappa_max after the step (the optimizer's moments stay as they
-        are: the clamp moves the core, not the statistics of its gradients)."""
+        """Every core's κ ≤ train.kappa_max, after every optimizer step and every truncation (an
+        augmentation's zero directions are raised by the next step's clamp, so that augmenting
+        leaves W unchanged). The optimizer's moments stay as they are: the clamp moves the core,
+        not the statistics of its gradients."""
         for layer in self.layers.values():
             layer.clamp_condition_(self.kappa_max)
 
@@ -330,6 +332,8 @@ class Trainer:
             change = layer.truncate_(self.cfg.tau, reorthonormalize_bases=exact, rank_cap=caps.get(name))
             remap_optimizer_state(self.optimizer, layer.core, change, old_shape)
         self.dist.sync_low_rank(self.model, self.optimizer)
+        if self.kappa_max is not None:  # a conv's truncated input mode can spread its C₍₀₎ spectrum again
+            self._clamp_conditioning()
 
     def _budget_caps(self, index: int, ramp: int, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Every layer's rank cap from the budget (``train.target``), none without one. The

@@ -1,0 +1,995 @@
+"""The regime experiment: does DLRT lose robustness when it fine-tunes well-trained weights, and
+which conditioning method recovers it at equal compression?
+
+The paper's claim (Schotthöfer et al., arXiv 2505.08022) is about a regime: long rank-adaptive
+fine-tuning of *well-trained* weights, where unregularized DLRT cores grow ill-conditioned and
+the network loses adversarial robustness against the dense one, and the spectral regularizer
+β·R(S) wins it back. Per seed (a seed draws the split, the subsets, the initialization, the batch
+order and the attacks):
+
+1. **dense**: a VGG without batch norm (the paper's VGG16 has none), trained from random init with
+   Adam ``--dense-lr``, cosine, ``--dense-epochs`` until well trained (the target is ≥ 90 %
+   held-out accuracy on Fashion-MNIST); its weights are cached per seed in ``--checkpoint-dir``;
+2. **arms**, every one from those dense weights, with the paper's Table 3 fine-tuning setup
+   (Adam lr 1e-3, cosine, no clipping, τ 0.1, s* = 10 coefficient steps, SVD init at rank
+   150 — scaled to the model's width — r_max 200 likewise scaled) and all at the same parameter
+   budget ``train.target.params`` (``--params``, default 0.06: c.r. ≈ 94 %):
+   DLRT (β = 0); RobustDLRT for each β of ``--betas``; the CondLR-style clamp (``kappa_max``);
+   the nuclear-norm regularizer; FGSM adversarial fine-tuning (ℓ∞ ε 8/255) with β = 0 and with β;
+3. every model (the dense one is the reference row): c.r., clean accuracy, ℓ2-FGSM (ε 0.05, 0.1,
+   0.3), Jitter (0.035, 0.045), Mixup (0.025, 0.1, 0.75), PGD-ℓ∞ 8/255 (10 steps, always in pixel
+   units), κ median and max over the factorized layers, the certificate log ∏κ (the paper's
+   eq. 2) beside the measured relative sensitivity (eq. 1, ℓ2-FGSM at the middle ε), and the κ
+   trace over training.
+
+The model is torchvision's VGG feature stack (``torchvision.models.vgg.make_layers``, no batch
+norm, VGG's initialization) with a small classifier (global pool, two hidden Linear layers of the
+last conv's width, the head; torchvision's is 4096 wide). What the CPU default (``--preset cpu``)
+scales down from the paper's setup (VGG16 at full width, 64…512 channels, all training images, 20
+fine-tuning epochs): VGG11's depth (8 convs), a quarter of the width (16…128 channels, a
+128-wide classifier: 0.61 M parameters), initial rank 38 and r_max 50 (150 and 200 × 128/512),
+10 dense epochs (6 reached 90.5 % held-out accuracy in a probe), 5 fine-tuning epochs per arm
+(1,875 steps, 188 truncations; all 48,000 training images of the split, batch 128), 2,000
+held-out images scored clean and the first 500 attacked. Its estimate on the 2-core CPU it was sized on (under load,
+1 torch thread) was 63 min for 2 seeds × (dense + 8 arms). ``--preset paper`` is the paper's
+scale (VGG16, full width, all images, 30 dense and 20 fine-tuning epochs, every held-out image
+attacked; meant for ``--device cuda``, bf16 autocast).
+
+Images are Fashion-MNIST at 32×32 (the gray channel repeated to RGB; held-out images are a split
+of the training files, the Debian package ``dataset-fashion-mnist`` or ``--data-root``). The
+model normalizes inside (``NormalizedClassifier``), so every attack works on [0, 1] pixels; ε of
+ℓ2-FGSM, Jitter and Mixup are in pixel units, or normalized units (the paper's code) with
+``--eps-unit normalized``.
+
+Outputs: ``--out`` (JSON: every entry with its κ trace), the κ-over-training plot
+``<out stem>_kappa.png`` beside it, the Markdown table (mean ± std over seeds) on stdout and in
+the ``regime`` section of ``--benchmarks-md`` (default BENCHMARKS.md; ``--smoke``: none), with
+verdicts in plain words computed from the numbers.
+
+    python bench/bench_regime.py --smoke     # < 1 min: tiny VGG, 64 images, 1 epoch, 1 seed, 3 arms (CI)
+    python bench/bench_regime.py --checkpoint-dir bench/results/regime-ckpt           # CPU default
+    python bench/bench_regime.py --preset paper --device cuda --checkpoint-dir bench/results/regime-gpu
+
+The run prints its estimated wall time at the start (a few training steps and attacked images
+timed on the first seed's data). With ``--checkpoint-dir`` every finished entry is saved at once
+and the dense weights of each seed are kept; a rerun with the same settings skips what is
+finished (arms and seeds may be added).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import benchmarks_md
+import torch
+from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
+
+from compressor.atomic import atomic_path, write_text
+from compressor.cli import enable_huge_pages
+from compressor.data import FASHION_MNIST_DEFAULT_ROOT, build_data, set_epoch
+from compressor.errors import CompressorError
+from compressor.evaluate import evaluate
+from compressor.factorize import break_even_rank, factorize_
+from compressor.layers import low_rank_layers
+from compressor.models import NormalizedClassifier
+from compressor.recipe import BaselineSection, Recipe
+from compressor.runtime import compression_stats, dumps
+from compressor.stages import certificate, factorize_and_train, layer_spectrum
+from compressor.train import Trainer
+
+log = logging.getLogger("bench_regime")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# the paper's attacks and budgets (Table 5 / Appendix B); PGD-ℓ∞ is the usual 8/255 in pixel units
+L2_EPS = [0.05, 0.1, 0.3]
+ATTACKS: list[dict[str, Any]] = [
+    {"name": "l2_fgsm", "eps": L2_EPS},
+    {"name": "jitter", "eps": [0.035, 0.045]},
+    {"name": "mixup", "eps": [0.025, 0.1, 0.75]},
+    {"name": "pgd", "eps": [8 / 255], "options": {"steps": 10, "norm": "linf", "eps_unit": "pixel"}},
+]
+SHOWN = {"l2_fgsm": "ℓ2-FGSM", "jitter": "Jitter", "mixup": "Mixup", "pgd": "PGD-ℓ∞"}
+MID = L2_EPS[len(L2_EPS) // 2]  # the verdicts' ε
+
+VGG_CFGS = {name: cfgs[key] for name, key in (("vgg11", "A"), ("vgg13", "B"), ("vgg16", "D"), ("vgg19", "E"))}
+ARM_KINDS = ("dlrt", "robust", "clamp", "nuclear", "fgsm", "fgsm-robust")
+
+# sizes by preset; an explicit flag wins. train/val subset 0 = every image of the split.
+# fmt: off
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(
+        vgg="vgg11", width=1 / 16, data="fashion-mnist", seeds=[0], train_subset=64, val_subset=32,
+        batch_size=32, dense_epochs=1, epochs=1, coefficient_steps=2, attack_samples=16,
+        arms=["dlrt", "robust", "clamp"], betas=[0.075],
+    ),
+    "cpu": dict(
+        vgg="vgg11", width=0.25, data="fashion-mnist", seeds=[0, 1], train_subset=0, val_subset=2000,
+        batch_size=128, dense_epochs=10, epochs=5, coefficient_steps=10, attack_samples=500,
+        arms=list(ARM_KINDS), betas=[0.01, 0.075, 0.3],
+    ),
+    "paper": dict(
+        vgg="vgg16", width=1.0, data="fashion-mnist", seeds=[0, 1], train_subset=0, val_subset=0,
+        batch_size=128, dense_epochs=30, epochs=20, coefficient_steps=10, attack_samples=0,
+        arms=list(ARM_KINDS), betas=[0.01, 0.075, 0.3],
+    ),
+}
+# fmt: on
+_FINGERPRINT = ("vgg", "width", "hidden", "data", "data_root", "input_size", "train_subset", "val_subset")
+_FINGERPRINT += ("batch_size", "dense_epochs", "dense_lr", "epochs", "lr", "tau", "coefficient_steps", "init_rank")
+_FINGERPRINT += ("r_max", "params", "ramp", "adv_eps", "attack_samples", "eps_unit", "device_type", "amp")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--smoke", action="store_true", help="< 1 min: --preset smoke (CI)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes; explicit flags override")
+    p = "(default: from --preset)"
+    ap.add_argument("--vgg", choices=sorted(VGG_CFGS), default=None, help=f"depth {p}")
+    ap.add_argument("--width", type=float, default=None, help=f"channel multiplier of torchvision's VGG {p}")
+    ap.add_argument("--hidden", type=int, default=None, help="classifier width (default: the last conv's)")
+    ap.add_argument("--data", default=None, help=f"data set {p}")
+    ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: the Debian package's files)")
+    ap.add_argument("--input-size", type=int, default=32)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help=p)
+    ap.add_argument("--train-subset", type=int, default=None, help=f"training images, 0 = all {p}")
+    ap.add_argument("--val-subset", type=int, default=None, help=f"held-out images scored clean, 0 = all {p}")
+    ap.add_argument("--batch-size", type=int, default=None, help=p)
+    ap.add_argument("--dense-epochs", type=int, default=None, help=p)
+    ap.add_argument("--dense-lr", type=float, default=1e-3, help="Adam, cosine")
+    ap.add_argument("--dense-target", type=float, default=0.90, help="'well trained': held-out clean accuracy")
+    ap.add_argument("--epochs", type=int, default=None, help=f"rank-adaptive fine-tuning epochs of every arm {p}")
+    ap.add_argument("--lr", type=float, default=1e-3, help="fine-tuning: Adam, cosine, no clipping (Table 3)")
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--coefficient-steps", type=int, default=None, help=f"s* {p}")
+    ap.add_argument("--init-rank", type=int, default=None, help="SVD init rank (default: 150 × width)")
+    ap.add_argument("--r-max", type=int, default=None, help="largest rank (default: 200 × width)")
+    ap.add_argument("--params", type=float, default=0.06, help="train.target.params: c.r. ≈ 1 − this")
+    ap.add_argument("--ramp", type=float, default=0.5, help="train.target.ramp")
+    ap.add_argument("--arms", nargs="+", choices=ARM_KINDS, default=None, help=p)
+    ap.add_argument("--betas", type=float, nargs="+", default=None, help=f"RobustDLRT β grid {p}")
+    ap.add_argument("--kappa-max", type=float, default=10.0, help="clamp arm: train.kappa_max")
+    ap.add_argument("--nuclear-beta", type=float, default=0.01, help="nuclear arm: β of ‖S‖_*")
+    ap.add_argument("--adv-eps", type=float, default=8 / 255, help="FGSM fine-tuning: ℓ∞ ε in pixel units")
+    ap.add_argument("--adv-beta", type=float, default=0.075, help="β of the fgsm-robust arm")
+    ap.add_argument("--attack-samples", type=int, default=None, help=f"attacked held-out images, 0 = all {p}")
+    ap.add_argument("--eps-unit", choices=("pixel", "normalized"), default="pixel", help="ℓ2-FGSM, Jitter, Mixup")
+    ap.add_argument("--target-cr", type=float, default=94.0, help="the issue's target: c.r. at least (%%)")
+    ap.add_argument("--target-gain", type=float, default=3.0, help="… ℓ2-FGSM points above DLRT at the middle ε")
+    ap.add_argument("--target-slack", type=float, default=1.0, help="… points below dense allowed (ℓ2-FGSM, clean)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--amp", choices=("off", "bf16"), default=None, help="autocast: off on the CPU, bf16 on CUDA")
+    ap.add_argument("--threads", default="auto", help="torch threads; auto: 1 if the load ≥ the cores")
+    ap.add_argument("--out", default=None, help="JSON (default bench/results/regime[-smoke].json)")
+    ap.add_argument("--benchmarks-md", default=None, help="page of the 'regime' section (--smoke: none)")
+    ap.add_argument("--checkpoint-dir", default=None, help="save finished entries here; a rerun skips them")
+    ap.add_argument("--estimate-only", action="store_true", help="print the wall-time estimate, run nothing")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.preset = "smoke"
+    preset = dict(PRESETS[args.preset])
+    if args.smoke and args.data is None and args.data_root is None and not Path(FASHION_MNIST_DEFAULT_ROOT).is_dir():
+        preset["data"] = "digits"  # CI without the Debian package: the embedded set
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device!r} is not a device; use cpu or cuda[:N]")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        ap.error(f"--device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        ap.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    args.device_type = device.type
+    if args.amp is None:
+        args.amp = "bf16" if device.type == "cuda" else "off"
+
+    if not 0.0 < args.width <= 4.0:
+        ap.error(f"--width {args.width:g}: give a channel multiplier in (0, 4]")
+    for key in ("batch_size", "epochs", "coefficient_steps", "input_size"):
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.coefficient_steps < 2:
+        ap.error("--coefficient-steps must be at least 2 (augment on the first batch, truncate after the last)")
+    for key in ("train_subset", "val_subset", "attack_samples", "dense_epochs"):
+        if getattr(args, key) < 0:
+            ap.error(f"--{key.replace('_', '-')} must not be negative (0: all)")
+    if args.input_size < 32:
+        ap.error("--input-size must be at least 32 (VGG pools five times)")
+    if any(s < 0 for s in args.seeds):
+        ap.error("--seeds must not be negative")
+    if not 0.0 < args.params <= 1.0 or not 0.0 < args.ramp <= 1.0:
+        ap.error("--params and --ramp must be fractions in (0, 1]")
+    if not 0.0 <= args.tau < 1.0:
+        ap.error("--tau must be in [0, 1)")
+    if any(b < 0 for b in args.betas) or args.nuclear_beta < 0 or args.adv_beta < 0:
+        ap.error("β must not be negative")
+    if not 0.0 <= args.dense_target <= 1.0:
+        ap.error("--dense-target is a held-out accuracy in [0, 1]")
+    if args.kappa_max < 1.0:
+        ap.error("--kappa-max must be at least 1")
+    if not 0.0 < args.adv_eps <= 1.0:
+        ap.error("--adv-eps must be in (0, 1] (pixel units)")
+    for key in ("lr", "dense_lr"):
+        if not 0.0 < getattr(args, key) <= 10.0:
+            ap.error(f"--{key.replace('_', '-')} must be in (0, 10]")
+    if args.hidden is not None and args.hidden < 1:
+        ap.error("--hidden must be at least 1")
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
+        ap.error(f"--threads {args.threads!r}: give auto or a positive number")
+    widest = max(c for c in VGG_CFGS[args.vgg] if c != "M")
+    args.widest = max(1, round(widest * args.width))
+    if args.init_rank is None:
+        args.init_rank = max(2, round(150 * args.widest / 512))
+    if args.r_max is None:
+        args.r_max = max(args.init_rank, round(200 * args.widest / 512))
+    if args.init_rank < 2 or args.r_max < args.init_rank:
+        ap.error("--init-rank must be at least 2 and at most --r-max")
+    args.seeds, args.betas = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.betas))
+    args.arms = [a for a in ARM_KINDS if a in args.arms]
+    args.out = Path(args.out or RESULTS / f"regime{'-smoke' if args.preset == 'smoke' else ''}.json")
+    return args
+
+
+def arms(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The compressed arms in table order: key, label and the ``train`` overrides of each."""
+    adv = {"attack": "fgsm", "eps": args.adv_eps}
+    out = []
+    for kind in args.arms:
+        if kind == "dlrt":
+            out.append(dict(key="dlrt", label="DLRT (β=0)", train={"beta": 0.0}))
+        elif kind == "robust":
+            for b in args.betas:
+                out.append(dict(key=f"robust b={b:g}", label=f"RobustDLRT β={b:g}", train={"beta": b}))
+        elif kind == "clamp":
+            k = args.kappa_max
+            out.append(dict(key=f"clamp k={k:g}", label=f"clamp κ≤{k:g}", train={"beta": 0.0, "kappa_max": k}))
+        elif kind == "nuclear":
+            b = args.nuclear_beta
+            train = {"beta": b, "regularizer": "nuclear"}
+            out.append(dict(key=f"nuclear b={b:g}", label=f"nuclear β={b:g}", train=train))
+        elif kind == "fgsm":
+            out.append(dict(key="fgsm", label="FGSM-AT (β=0)", train={"beta": 0.0, "adversarial": adv}))
+        else:
+            b = args.adv_beta
+            train = {"beta": b, "adversarial": adv}
+            out.append(dict(key=f"fgsm+robust b={b:g}", label=f"FGSM-AT + β={b:g}", train=train))
+    return out
+
+
+# ----------------------------------------------------------------------------- model and recipes
+
+
+def build_vgg(args: argparse.Namespace, num_classes: int, mean: list[float], std: list[float]) -> nn.Module:
+    """torchvision's VGG features (no batch norm) at ``--width``, a small classifier, VGG's init."""
+    cfg = [c if c == "M" else max(1, round(c * args.width)) for c in VGG_CFGS[args.vgg]]
+    last, hidden = cfg[-2], args.hidden or cfg[-2]
+    net = nn.Sequential(
+        make_layers(cfg, batch_norm=False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(last, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+    for m in net.modules():  # torchvision's VGG initialization
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+    return NormalizedClassifier(net, mean, std)
+
+
+def data_section(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "name": args.data,
+        "root": args.data_root,
+        "train_subset": args.train_subset or None,
+        "val_subset": args.val_subset or None,
+        "batch_size": args.batch_size,
+        "eval_batch_size": 256,
+    }
+
+
+def dense_section(args: argparse.Namespace) -> BaselineSection:
+    return BaselineSection.model_validate(
+        {
+            "epochs": args.dense_epochs,
+            "optimizer": "adam",
+            "lr": args.dense_lr,
+            "schedule": "cosine",
+            "amp": args.amp,
+            "checkpoint_every": 0,
+        }
+    )
+
+
+def arm_recipe(args: argparse.Namespace, seed: int, arm: dict[str, Any]) -> Recipe:
+    train = {
+        "epochs": args.epochs,
+        "finetune_epochs": 0,
+        "optimizer": "adam",
+        "lr": args.lr,
+        "schedule": "cosine",
+        "grad_clip": None,
+        "tau": args.tau,
+        "coefficient_steps": args.coefficient_steps,
+        "target": {"params": args.params, "ramp": args.ramp},
+        "amp": args.amp,
+        "device": args.device,
+        "checkpoint_every": 0,
+        **arm["train"],
+    }
+    factorize = {"init": "svd", "init_rank": args.init_rank, "r_min": 2, "r_max": args.r_max}
+    return Recipe.model_validate(
+        {"seed": seed, "data": data_section(args), "factorize": factorize, "train": train, "run_name": "regime"}
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoint state
+
+
+class State:
+    """Finished entries, written to ``<checkpoint-dir>/entries.json`` after each one."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.entries: list[dict[str, Any]] = []
+        self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+        self.fp = {k: getattr(args, k) for k in _FINGERPRINT}
+        if self.dir is None:
+            return
+        path = self.dir / "entries.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") != self.fp:
+                diff = sorted(k for k in self.fp if saved.get("fingerprint", {}).get(k) != self.fp[k])
+                raise SystemExit(
+                    f"{path} was made with other settings ({', '.join(diff)}): use another --checkpoint-dir"
+                )
+            self.entries = saved["entries"]
+            log.info("checkpoint: %d finished entries in %s", len(self.entries), path)
+
+    def get(self, seed: int, arm: str) -> dict[str, Any] | None:
+        return next((e for e in self.entries if (e["seed"], e["arm"]) == (seed, arm)), None)
+
+    def add(self, entry: dict[str, Any]) -> None:
+        entry["measured_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        entry["load_avg"] = round(os.getloadavg()[0], 2)
+        self.entries.append(entry)
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.dir / "entries.json", dumps({"fingerprint": self.fp, "entries": self.entries}))
+
+    def weights(self, seed: int) -> Path | None:
+        return self.dir / f"dense-seed{seed}.pt" if self.dir else None
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def attack_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return copy.deepcopy(ATTACKS)
+
+
+def measure(model: nn.Module, loader, args, seed: int, std: list[float]) -> dict[str, Any]:
+    """Clean and attacked accuracy, sensitivity and size (every model sees the same attack draws)."""
+    t0 = time.perf_counter()
+    res = evaluate(
+        model,
+        loader,
+        attack_suite(args),
+        max_samples=args.attack_samples or None,
+        eps_unit=args.eps_unit,
+        std=std,
+        seed=seed,
+        device=args.device,
+    )
+    stats = compression_stats(model)
+    return {
+        "clean": res.clean_accuracy,
+        "acc": res.adversarial_accuracy,
+        "sensitivity": res.sensitivity,
+        "n_eval": res.n_clean,
+        "n_attacked": res.n_attacked,
+        "params": stats.params,
+        "params_dense": stats.params_dense,
+        "params_fraction": stats.params / stats.params_dense,
+        "compression_rate": stats.rate,
+        "eval_seconds": time.perf_counter() - t0,
+    }
+
+
+def eligible_layers(model: nn.Module, args: argparse.Namespace) -> list[str]:
+    """The layers factorize_ chooses by its default rules (first conv and head dense, break-even)."""
+    cands = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n]
+    first = next((n for n, m in cands if isinstance(m, nn.Conv2d)), None)
+    head = cands[-1][0] if cands else None
+    return [n for n, m in cands if n not in (first, head) and break_even_rank(m, args.r_max) >= 2]
+
+
+def kappa_stats(kappas: dict[str, float]) -> dict[str, Any]:
+    vals = list(kappas.values())
+    finite = all(math.isfinite(k) for k in vals)
+    return {
+        "kappa": kappas,
+        "kappa_median": statistics.median(vals) if vals else None,
+        "kappa_top": max(vals) if vals else None,
+        "log_prod_kappa": sum(math.log(k) for k in vals) if vals and finite else None,
+    }
+
+
+def slim(history) -> list[dict[str, Any]]:
+    keep = ("epoch", "phase", "train_loss", "train_accuracy", "val_accuracy", "regularizer", "compression_rate")
+    keep += ("seconds", "budget")
+    return [{k: e.get(k) for k in keep} for e in history.to_dict()["epochs"]]
+
+
+def probe(args: argparse.Namespace, data, dense: nn.Module) -> dict[str, float]:
+    """Seconds per training step (dense, one DLRT cycle of s* steps, FGSM) and per attacked image,
+    timed on the first batches of this seed's data with an untrained copy of the model."""
+    dev = torch.device(args.device)
+    set_epoch(data.train_loader, 0)
+    batches = []
+    for x, y in data.train_loader:
+        batches.append((x, y))
+        if len(batches) == args.coefficient_steps:
+            break
+    no_epoch = lambda loader, epoch: None
+    out: dict[str, float] = {}
+
+    def timed(model: nn.Module, cfg, n: int) -> float:
+        t = time.perf_counter()
+        Trainer(model, batches[:n], cfg, device=dev, name="probe", set_epoch=no_epoch).fit()
+        _sync(dev)
+        return (time.perf_counter() - t) / n
+
+    model = copy.deepcopy(dense).to(dev)
+    timed(model, dense_section(args).model_copy(update={"epochs": 1}), 1)  # warm-up
+    out["dense_step"] = timed(model, dense_section(args).model_copy(update={"epochs": 1}), min(4, len(batches)))
+    rec = arm_recipe(args, 0, {"train": {"beta": 0.075}})
+    factorize_(model, rec.factorize, seed=0)
+    out["dlrt_step"] = timed(model, rec.train.model_copy(update={"epochs": 1}), len(batches))
+    adv = rec.train.model_copy(
+        update={"epochs": 1, "adversarial": rec.train.adversarial.model_copy(update={"attack": "fgsm"})}
+    )
+    out["fgsm_step"] = timed(model, adv, len(batches))
+    n = max(1, min(args.attack_samples or len(data.val_loader.dataset), 32))
+    x, y = next(iter(data.val_loader))
+    for key, net in (("attack_image", model), ("attack_image_dense", dense)):
+        t = time.perf_counter()
+        evaluate(net, [(x[:n], y[:n])], attack_suite(args), eps_unit=args.eps_unit, std=data.std, device=dev)
+        out[key] = (time.perf_counter() - t) / n
+    return out
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def predict(args: argparse.Namespace, state: State, data, t: dict[str, float]) -> dict[tuple[int, str], float]:
+    """Seconds each entry still to do should take at the probed pace, by (seed, arm key)."""
+    batches = len(data.train_loader)
+    attacked = min(args.attack_samples or data.n_val, data.n_val)
+    out = {}
+    for seed in args.seeds:
+        if state.get(seed, "dense") is None:
+            cached = state.weights(seed) is not None and state.weights(seed).is_file()
+            train = 0 if cached else args.dense_epochs * batches * t["dense_step"]
+            out[(seed, "dense")] = train + attacked * t["attack_image_dense"]
+        for arm in arms(args):
+            if state.get(seed, arm["key"]) is None:
+                step = t["fgsm_step"] if "adversarial" in arm["train"] else t["dlrt_step"]
+                out[(seed, arm["key"])] = args.epochs * batches * step + attacked * t["attack_image"]
+    return out
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+class EstimateOnly(Exception):
+    """--estimate-only: the estimate is printed, nothing else is run or written."""
+
+
+def run_seed(args: argparse.Namespace, seed: int, state: State, clock: dict[str, Any]) -> None:
+    todo = [a for a in arms(args) if state.get(seed, a["key"]) is None]
+    if not todo and state.get(seed, "dense"):
+        return
+    dev = torch.device(args.device)
+    torch.manual_seed(seed)
+    data = build_data(Recipe.model_validate({"data": data_section(args)}).data, input_size=args.input_size, seed=seed)
+    dense = build_vgg(args, data.num_classes, data.mean, data.std).to(dev)
+    if not clock["estimated"]:
+        clock["estimated"] = True
+        t = probe(args, data, dense)
+        clock["predicted"] = predict(args, state, data, t)
+        secs = sum(clock["predicted"].values())
+        log.info(
+            "estimated wall time of this run: %.1f min (%s; %d thread(s), load %.1f); measured per training step "
+            "of %d images: dense %.3f s, DLRT %.3f s, FGSM-AT %.3f s; per attacked image (all %d attack settings) "
+            "%.3f s (dense %.3f s)",
+            *(secs / 60, args.device, torch.get_num_threads(), os.getloadavg()[0], args.batch_size),
+            *(t["dense_step"], t["dlrt_step"], t["fgsm_step"], sum(len(a["eps"]) for a in ATTACKS)),
+            *(t["attack_image"], t["attack_image_dense"]),
+        )
+        clock["probe"], clock["estimate_seconds"] = t, secs
+        if args.estimate_only:
+            raise EstimateOnly
+    weights = state.weights(seed)
+    history = None
+    train_s = None
+    t_dense = time.perf_counter()
+    if weights is not None and weights.is_file():
+        dense.load_state_dict(torch.load(weights, map_location=dev, weights_only=True))
+        log.info("seed %d: dense weights restored from %s", seed, weights)
+    else:
+        log.info("seed %d: dense, %d epoch(s) of %d batches", seed, args.dense_epochs, len(data.train_loader))
+        t0 = time.perf_counter()
+        torch.manual_seed(seed + 1)
+        trainer = Trainer(
+            dense,
+            data.train_loader,
+            dense_section(args),
+            val_loader=data.val_loader,
+            device=dev,
+            seed=seed,
+            name="dense",
+            set_epoch=set_epoch,
+        )
+        history = trainer.fit() if args.dense_epochs else None
+        train_s = time.perf_counter() - t0
+        if weights is not None:
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(weights) as tmp:
+                torch.save(dense.state_dict(), tmp)
+    dense.eval()
+    if not state.get(seed, "dense"):
+        m = measure(dense, data.val_loader, args, seed, data.std)
+        if m["clean"] < args.dense_target:
+            log.warning(
+                "seed %d: dense reached %.1f%% held-out accuracy, below the %.0f%% of 'well trained': "
+                "raise --dense-epochs (and use another --checkpoint-dir)",
+                *(seed, 100 * m["clean"], 100 * args.dense_target),
+            )
+        with torch.no_grad():
+            modules = dict(dense.named_modules())
+            spectra = {n: layer_spectrum(modules[n]) for n in eligible_layers(dense, args)}
+        kappas = {n: s[0] / s[-1] if s[-1] > 0 else math.inf for n, s in spectra.items()}
+        state.add(
+            {
+                "seed": seed,
+                "arm": "dense",
+                "label": "dense",
+                **m,
+                **kappa_stats(kappas),
+                "n_train": data.n_train,
+                "train_seconds": train_s,
+                "history": slim(history) if history else [],
+            }
+        )
+        done(clock, (seed, "dense"), t_dense, state)
+    spectra_cache: dict[str, list[float]] = {}
+    for arm in todo:
+        t0 = time.perf_counter()
+        rec = arm_recipe(args, seed, arm)
+        model = copy.deepcopy(dense)
+        model.train()
+        log.info("seed %d: %s, factorize + %d epoch(s)", seed, arm["label"], args.epochs)
+        fact, history, secs = factorize_and_train(model, data.train_loader, rec, device=dev, set_epoch=set_epoch)
+        model.eval()
+        m = measure(model, data.val_loader, args, seed, data.std)
+        modules = dict(dense.named_modules())
+        with torch.no_grad():
+            for d in fact.factorized:
+                if d.name not in spectra_cache:
+                    spectra_cache[d.name] = layer_spectrum(modules[d.name])
+        cert = certificate(model, fact, spectra_cache, {}, {})
+        layers = low_rank_layers(model)
+        state.add(
+            {
+                "seed": seed,
+                "arm": arm["key"],
+                "label": arm["label"],
+                "train_config": arm["train"],
+                **m,
+                **kappa_stats({n: layer.condition_number() for n, layer in layers.items()}),
+                "dense_log_prod_kappa": cert["dense_log_prod_kappa"],
+                "certificate_layers": cert["layers"],
+                "ranks": {n: list(layer.ranks) for n, layer in layers.items()},
+                "train_seconds": secs["train"],
+                "factorize_seconds": secs["factorize"],
+                "nonfinite_steps": history.nonfinite_steps,
+                "history": slim(history),
+                "kappa_trace": history.kappa_trace,
+            }
+        )
+        done(clock, (seed, arm["key"]), t0, state)
+        del model
+
+
+def done(clock: dict[str, Any], key: tuple[int, str], t0: float, state: State) -> None:
+    """Log the entry and how long the rest should take: the probe's prediction for the entries
+    left, scaled by how the finished ones compared with theirs."""
+    secs = time.perf_counter() - t0
+    clock["spent"] += secs
+    clock["spent_predicted"] += clock["predicted"].pop(key, secs)
+    ratio = clock["spent"] / max(clock["spent_predicted"], 1e-9)
+    left = ratio * sum(clock["predicted"].values())
+    e = state.entries[-1]
+    log.info(
+        "seed %d %s: clean %.1f%%, ℓ2-FGSM ε=%g %.1f%%, c.r. %.1f%%, κ median %s max %s, %.0f s; "
+        "%d entries left, ≈ %.0f min (the estimate × %.2f, the pace so far)",
+        *(e["seed"], e["label"], 100 * e["clean"], MID, 100 * acc(e, "l2_fgsm", MID), e["compression_rate"]),
+        *(fmt_kappa(e["kappa_median"]), fmt_kappa(e["kappa_top"]), secs, len(clock["predicted"]), left / 60, ratio),
+    )
+
+
+# ----------------------------------------------------------------------------- aggregation and report
+
+
+def acc(e: dict[str, Any], attack: str, eps: float) -> float | None:
+    return e["acc"].get(attack, {}).get(str(float(eps)))
+
+
+def sens(e: dict[str, Any], attack: str = "l2_fgsm", eps: float = MID) -> float | None:
+    return e["sensitivity"].get(attack, {}).get(str(float(eps)))
+
+
+def fmt_kappa(k: float | None) -> str:
+    return "—" if k is None else f"{k:.3g}"
+
+
+def mean_std(vals: list[float | None], digits: int = 1, scale: float = 1.0, g: bool = False) -> str:
+    vals = [scale * v for v in vals if v is not None]
+    if not vals:
+        return "—"
+    f = (lambda v: f"{v:.3g}") if g else (lambda v: f"{v:.{digits}f}")
+    return f(statistics.fmean(vals)) + (f" ± {f(statistics.stdev(vals))}" if len(vals) > 1 else "")
+
+
+def mean(vals: list[float | None]) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def groups(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arm in table order (dense first): label and its entries over seeds."""
+    order = [("dense", "dense")] + [(a["key"], a["label"]) for a in arms(args)]
+    out = []
+    for key, label in order:
+        es = [e for e in entries if e["arm"] == key and e["seed"] in args.seeds]
+        if es:
+            out.append({"key": key, "label": label, "entries": es})
+    return out
+
+
+def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], fn) -> list[float]:
+    """fn(a) − fn(b) per seed both have, in points."""
+    bs = {e["seed"]: e for e in b}
+    return [100 * (fn(e) - fn(bs[e["seed"]])) for e in a if e["seed"] in bs and fn(e) is not None]
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return None if sx == 0 or sy == 0 else sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / (sx * sy)
+
+
+def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]:
+    by = {g["key"]: g for g in table}
+    mid = lambda e: acc(e, "l2_fgsm", MID)
+    clean = lambda e: e["clean"]
+    lines = []
+    dense = by.get("dense")
+    if dense:
+        ok = all(e["clean"] >= args.dense_target for e in dense["entries"])
+        lines.append(
+            f"- Dense reached {mean_std([e['clean'] for e in dense['entries']], scale=100)} % held-out clean "
+            f"accuracy (well trained = ≥ {100 * args.dense_target:g} % for every seed: **{'met' if ok else 'not met'}**"
+            + ("" if ok else "; the regime's premise does not hold, read the rest with care")
+            + ")."
+        )
+    dlrt = by.get("dlrt")
+    if dense and dlrt:
+        d = paired(dlrt["entries"], dense["entries"], mid)
+        dc = paired(dlrt["entries"], dense["entries"], clean)
+        if d:
+            gap = statistics.fmean(d)
+            if gap <= -1.0:
+                words = f"**loses {-gap:.1f} points**"
+            elif gap < 1.0:
+                words = f"**does not lose** more than a point ({gap:+.1f} points)"
+            else:
+                words = f"**does not lose**, it gains {gap:.1f} points"
+            lines.append(
+                f"- (1) At ε={MID:g}, DLRT {words} of ℓ2-FGSM accuracy against dense: "
+                f"{mean_std([mid(e) for e in dlrt['entries']], scale=100)} vs "
+                f"{mean_std([mid(e) for e in dense['entries']], scale=100)} % (per seed "
+                f"{', '.join(f'{x:+.1f}' for x in d)}); clean {statistics.fmean(dc):+.1f} points; c.r. "
+                f"{mean_std([e['compression_rate'] for e in dlrt['entries']])} %."
+            )
+    comp = [g for g in table if g["key"] != "dense"]
+    if not comp:
+        return lines + ["- No compressed arm was measured."]
+    scored = [(mean([mid(e) for e in g["entries"]]), g) for g in comp]
+    scored = [(s, g) for s, g in scored if s is not None]
+    if not scored:
+        return lines + [f"- No compressed arm has an ℓ2-FGSM accuracy at ε={MID:g}."]
+    best_s, best = max(scored, key=lambda t: t[0])
+    crs = [e["compression_rate"] for g in comp for e in g["entries"]]
+    lines.append(
+        f"- (2) Best arm at ε={MID:g}: **{best['label']}** with {100 * best_s:.1f} % ℓ2-FGSM accuracy "
+        f"(clean {mean_std([e['clean'] for e in best['entries']], scale=100)} %); the compressed arms' c.r. "
+        f"spans {min(crs):.2f}–{max(crs):.2f} % (budget {args.params:g} of the parameters)."
+    )
+    # the issue's target: the best conditioned arm (any arm but DLRT) against DLRT and dense
+    cond = [(s, g) for s, g in scored if g["key"] != "dlrt"]
+    if not (cond and dlrt and dense):
+        lines.append("- Target: not measured (needs dense, DLRT and at least one conditioned arm).")
+        return lines
+
+    def check(g: dict[str, Any]) -> tuple[bool, str]:
+        a = mean([mid(e) for e in g["entries"]])
+        d_dlrt = statistics.fmean(paired(g["entries"], dlrt["entries"], mid) or [float("nan")])
+        d_dense = statistics.fmean(paired(g["entries"], dense["entries"], mid) or [float("nan")])
+        d_clean = statistics.fmean(paired(g["entries"], dense["entries"], clean) or [float("nan")])
+        cr = mean([e["compression_rate"] for e in g["entries"]])
+        parts = [
+            (d_dlrt >= args.target_gain, f"{d_dlrt:+.1f} points vs DLRT (≥ +{args.target_gain:g})"),
+            (d_dense >= -args.target_slack, f"{d_dense:+.1f} vs dense (≥ −{args.target_slack:g})"),
+            (cr >= args.target_cr, f"c.r. {cr:.2f} % (≥ {args.target_cr:g})"),
+            (d_clean >= -args.target_slack, f"clean {d_clean:+.1f} vs dense (≥ −{args.target_slack:g})"),
+        ]
+        ok = all(p for p, _ in parts)
+        text = f"{g['label']}: ℓ2-FGSM ε={MID:g} {100 * a:.1f} %, " + ", ".join(
+            t + ("" if p else " ✗") for p, t in parts
+        )
+        return ok, text
+
+    results = [(s, g, *check(g)) for s, g in cond]
+    meeting = [r for r in results if r[2]]
+    s, g, ok, text = max(meeting or results, key=lambda r: r[0])
+    lines.append(
+        f"- Target (the best conditioned arm's ℓ2-FGSM accuracy at ε={MID:g} ≥ DLRT's + {args.target_gain:g} "
+        f"points and ≥ dense's − {args.target_slack:g}, at c.r. ≥ {args.target_cr:g} % and clean ≥ dense − "
+        f"{args.target_slack:g}; differences paired by seed): **{'met' if ok else 'not met'}** — {text}."
+        + ("" if ok else " No conditioned arm meets all four.")
+    )
+    xs, ys = [], []
+    for grp in comp:
+        for e in grp["entries"]:
+            if e.get("log_prod_kappa") is not None and sens(e) is not None:
+                xs.append(e["log_prod_kappa"])
+                ys.append(sens(e))
+    rho = spearman(xs, ys)
+    if rho is not None:
+        lines.append(
+            f"- Certificate vs measurement: over the {len(xs)} compressed models, log ∏κ and the measured relative "
+            f"sensitivity (ℓ2-FGSM ε={MID:g}) have Spearman ρ = {rho:+.2f}"
+            + (
+                " (a larger bound goes with a more sensitive model)."
+                if rho > 0.3
+                else " (reversed: a larger bound goes with a less sensitive model)."
+                if rho < -0.3
+                else " (no clear ordering)."
+            )
+        )
+    return lines
+
+
+def render(args: argparse.Namespace, doc: dict[str, Any], plot: str | None = None) -> str:
+    table = groups(args, doc["entries"])
+    cols = [(a["name"], e) for a in ATTACKS for e in a["eps"]]
+    head = []
+    for i, (name, e) in enumerate(cols):
+        first = i == 0 or cols[i - 1][0] != name
+        shown = "8/255" if name == "pgd" else f"{e:g}"
+        head.append(f"{SHOWN[name]} ε={shown}" if first else f"ε={shown}")
+    unit = "pixel" if args.eps_unit == "pixel" else "normalized"
+    out = [
+        f"## The regime: DLRT vs conditioning at equal compression ({args.vgg} ×{args.width:g}, no BN, on {args.data})",
+        "",
+        f"{len(args.seeds)} seed(s) ({', '.join(map(str, args.seeds))}), mean ± std. {doc['n_train']} training / "
+        f"{doc['n_eval']} held-out images at {args.input_size}×{args.input_size}, {doc['n_attacked']} attacked. "
+        f"Dense: {args.vgg} without batch norm at {args.width:g}× torchvision's width (widest conv "
+        f"{args.widest}), Adam {args.dense_lr:g} cosine, {args.dense_epochs} epoch(s), batch {args.batch_size}. "
+        f"Every arm starts from the same dense weights per seed: SVD init at rank {args.init_rank} (r_max "
+        f"{args.r_max}), Adam {args.lr:g} cosine, no clipping, τ {args.tau:g}, s* {args.coefficient_steps}, "
+        f"{args.epochs} rank-adaptive epoch(s), parameter budget {args.params:g} reached over the first "
+        f"{args.ramp:g} of the truncations. Accuracies in %; ℓ2-FGSM, Jitter and Mixup ε in {unit} units, PGD-ℓ∞ "
+        f"8/255 in pixels, 10 steps; FGSM-AT trains on FGSM-RS examples at ℓ∞ ε {args.adv_eps:.4g}. κ over the "
+        "factorized layers at the end (dense: the same layers' weights); log ∏κ = the certificate of eq. (2); "
+        f"sens. = the measured relative sensitivity of eq. (1) under ℓ2-FGSM ε={MID:g}.",
+        "",
+        "| arm | c.r. % | clean | " + " | ".join(head) + " | κ median | κ max | log ∏κ | sens. | train s |",
+        "|---|" + "---:|" * (len(cols) + 7),
+    ]
+    for g in table:
+        es = g["entries"]
+        cells = [
+            g["label"],
+            mean_std([e["compression_rate"] for e in es], 2),
+            mean_std([e["clean"] for e in es], scale=100),
+        ]
+        cells += [mean_std([acc(e, n, x) for e in es], scale=100) for n, x in cols]
+        cells += [mean_std([e["kappa_median"] for e in es], g=True), mean_std([e["kappa_top"] for e in es], g=True)]
+        cells += [mean_std([e["log_prod_kappa"] for e in es]), mean_std([sens(e) for e in es], 2)]
+        cells += [mean_std([e.get("train_seconds") for e in es], 0)]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "Verdict:", ""] + verdicts(args, table)
+    if plot:
+        out += ["", f"κ over training (median and max over the factorized layers, per arm and seed): `{plot}`."]
+    return "\n".join(out)
+
+
+def kappa_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: Path) -> bool:
+    """One panel per arm: median (solid) and max (dashed) κ over the factorized layers after each
+    truncation, one colour per seed, log scale, shared axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [
+        g for g in groups(args, entries) if g["key"] != "dense" and any(e.get("kappa_trace") for e in g["entries"])
+    ]
+    if not panels:
+        return False
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(3.4 * cols, 2.8 * rows + 0.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, g in zip(axes.flat, panels):
+        for e in g["entries"]:
+            trace = e.get("kappa_trace") or []
+            steps, med, top = [], [], []
+            for t in trace:
+                ks = [k for k in t["kappa"].values() if k is not None and math.isfinite(k)]
+                if ks:
+                    steps.append(t["step"])
+                    med.append(statistics.median(ks))
+                    top.append(max(ks))
+            color = f"C{args.seeds.index(e['seed']) % 10}"
+            mark = "o" if len(steps) < 20 else None
+            ax.plot(steps, med, color=color, lw=1.2, marker=mark, ms=3, label=f"seed {e['seed']} median")
+            ax.plot(steps, top, color=color, lw=1.0, ls="--", marker=mark, ms=3, label=f"seed {e['seed']} max")
+        cap = next((e.get("train_config", {}).get("kappa_max") for e in g["entries"]), None)
+        if cap:
+            ax.axhline(cap, color="0.5", ls=":", lw=1.0)  # the clamp's bound, held after each step
+        ax.set_yscale("log")
+        ax.set_title(g["label"], fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("κ(S)")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(f"κ of the cores over fine-tuning: {args.vgg} ×{args.width:g} on {args.data}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return True
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    enable_huge_pages()
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("bench_regime", "compressor"):  # progress on stderr
+        logging.getLogger(name).setLevel(logging.INFO)
+    if args.threads != "auto":
+        torch.set_num_threads(int(args.threads))
+    elif args.device_type == "cpu" and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        torch.set_num_threads(1)  # on a busy machine, spinning OpenMP threads slow every op down
+    start = time.perf_counter()
+    try:
+        state = State(args)
+        left = sum(
+            (state.get(s, "dense") is None) + sum(state.get(s, a["key"]) is None for a in arms(args))
+            for s in args.seeds
+        )
+        log.info(
+            "work: %d seed(s) × (dense %d epoch(s) + %d arm(s) × %d epoch(s)) on %s ×%g; %d entries to do",
+            *(len(args.seeds), args.dense_epochs, len(arms(args)), args.epochs, args.vgg, args.width, left),
+        )
+        clock: dict[str, Any] = {"estimated": False, "predicted": {}, "spent": 0.0, "spent_predicted": 0.0}
+        for seed in args.seeds:
+            run_seed(args, seed, state, clock)
+    except CompressorError as err:
+        print(f"bench_regime.py: error: {err}", file=sys.stderr)
+        return 2
+    except EstimateOnly:
+        return 0
+    entries = [e for e in state.entries if e["seed"] in args.seeds]
+    doc: dict[str, Any] = {
+        "what": "the regime experiment: DLRT vs dense and vs conditioned arms at equal compression, "
+        "fine-tuning well-trained weights",
+        "run": {
+            "argv": sys.argv[1:] if argv is None else argv,
+            "wall_seconds": time.perf_counter() - start,
+            "estimated_seconds": clock.get("estimate_seconds"),
+            "probe": clock.get("probe"),
+            "torch_threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name(torch.device(args.device)) if args.device_type == "cuda" else None,
+        },
+        "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "attacks": ATTACKS},
+        "arms": arms(args),
+        "n_train": next((e["n_train"] for e in entries if "n_train" in e), args.train_subset),
+        "n_eval": next((e["n_eval"] for e in entries), args.val_subset),
+        "n_attacked": next((e["n_attacked"] for e in entries), args.attack_samples),
+        "entries": entries,
+    }
+    png = args.out.with_name(args.out.stem + "_kappa.png")
+    doc["kappa_plot"] = str(png) if kappa_plot(args, entries, png) else None
+    doc["markdown"] = md = render(args, doc, doc["kappa_plot"])
+    table = groups(args, entries)
+    doc["verdicts"] = verdicts(args, table)
+    write_text(args.out, dumps(doc))
+    print(md)
+    page = args.benchmarks_md or (None if args.preset == "smoke" else benchmarks_md.DEFAULT_PATH)
+    shown = doc["kappa_plot"] and os.path.relpath(png.resolve(), Path(page or ".").resolve().parent)
+    benchmarks_md.update_section(
+        "regime",
+        render(args, doc, shown),
+        script="bench_regime.py",
+        argv=list(sys.argv[1:] if argv is None else argv),
+        path=page,
+        measured="clean and attacked accuracy (ℓ2-FGSM, Jitter, Mixup, PGD), c.r., κ and the log ∏κ certificate "
+        "beside the measured sensitivity of DLRT, RobustDLRT (β grid), κ clamp, nuclear norm and FGSM "
+        "fine-tuning from the same well-trained dense weights at one parameter budget, mean ± std over seeds.",
+    )
+    missing = sum(state.get(s, a["key"]) is None for s in args.seeds for a in arms(args))
+    if args.preset == "smoke" and (missing or not doc["kappa_plot"]):
+        raise SystemExit("smoke check failed: an entry or the κ plot is missing")
+    print(f"\nwrote {args.out}" + (f", {png}" if doc["kappa_plot"] else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
