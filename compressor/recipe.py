@@ -203,7 +203,7 @@ class TrainSection(OptimSection):
     adversarial: AdversarialSection = Field(default_factory=AdversarialSection)
     """Adversarial fine-tuning: the examples each step trains on (with any of the above)."""
     target: TargetSection = Field(default_factory=TargetSection)
-    """A budget the truncations choose all layers' ranks together for (see docs/dlrt.md); τ still truncates, the budget caps."""
+    """A budget the truncations choose all layers' ranks together for (see docs/dlrt.md); with a budget, tau is not used: the model ends at the budget."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N (the device of the whole run)."""
 

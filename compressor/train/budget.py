@@ -7,8 +7,9 @@ for a linear core, two channel modes for a Tucker core). Starting from the ranks
 least for what it costs: its normalized energy σᵢ² / Σσ² (the share of that mode's spectrum it
 carries) divided by the parameters or multiply-adds its removal saves, which differ per layer
 and per Tucker mode (a Tucker mode's saving depends on the other mode's rank, so savings are
-re-evaluated lazily). It stops when the whole model fits the budget. τ still truncates; the
-budget caps.
+re-evaluated lazily). It stops when the whole model fits the budget. With a budget the budget
+chooses the ranks and the tolerance τ is not used: every nonzero singular value is on offer, so
+the model ends at the budget (within one singular value's cost), not wherever τ would have cut.
 
 The budget is reached gradually: :class:`Budget` interpolates from the model's cost when
 training starts to the target over the first ``ramp`` share of the rank-adaptive truncations,
@@ -187,13 +188,14 @@ class Budget:
         return self.start + t * (self.target - self.start) if self.start > self.target else self.target
 
     @torch.no_grad()
-    def caps(self, tau: float) -> dict[str, tuple[int, ...]]:
-        """Rank caps for the truncation about to happen (every layer is in its augmented state)."""
+    def caps(self) -> dict[str, tuple[int, ...]]:
+        """The ranks for the truncation about to happen (every layer is in its augmented state):
+        every nonzero singular value is on offer, so the model ends at the budget, not below."""
         offers = {}
         for name, layer in self.layers.items():
             sigmas = _spectra(layer)
             max_ranks = tuple(
-                truncation_rank(s, tau, layer.r_min, cap) for s, cap in zip(sigmas, _caps(layer), strict=True)
+                truncation_rank(s, 0.0, layer.r_min, cap) for s, cap in zip(sigmas, _caps(layer), strict=True)
             )
             offers[name] = LayerOffer(sigmas, max_ranks, tuple(layer.r_min for _ in sigmas), self._cost_fns[name])
         target = self.current_target()

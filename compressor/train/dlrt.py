@@ -329,7 +329,9 @@ class Trainer:
         caps = self._budget_caps(index, ramp, input_shape)
         for name, layer in self.layers.items():
             old_shape = layer.core.shape
-            change = layer.truncate_(self.cfg.tau, reorthonormalize_bases=exact, rank_cap=caps.get(name))
+            # with a budget its ranks are the truncation (τ = 0 keeps every nonzero direction up to them)
+            tau = 0.0 if caps else self.cfg.tau
+            change = layer.truncate_(tau, reorthonormalize_bases=exact, rank_cap=caps.get(name))
             remap_optimizer_state(self.optimizer, layer.core, change, old_shape)
         self.dist.sync_low_rank(self.model, self.optimizer)
         if self.kappa_max is not None:  # a conv's truncated input mode can spread its C₍₀₎ spectrum again
@@ -358,7 +360,7 @@ class Trainer:
             self._budget_start = self.budget.start
         self.budget.ramp = ramp
         self.budget.truncations = index
-        return self.budget.caps(self.cfg.tau)
+        return self.budget.caps()
 
     def _trace_kappa(self) -> None:
         self.history.kappa_trace.append(
