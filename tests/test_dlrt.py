@@ -318,9 +318,9 @@ def test_tall_bases_are_refactored_at_every_few_truncations_of_the_run(monkeypat
     layer = next(iter(low_rank_layers(model).values()))
     inner = layer.truncate_
 
-    def spy(tau, *, reorthonormalize_bases=True):
+    def spy(tau, *, reorthonormalize_bases=True, **kwargs):
         flags.append(reorthonormalize_bases)
-        return inner(tau, reorthonormalize_bases=reorthonormalize_bases)
+        return inner(tau, reorthonormalize_bases=reorthonormalize_bases, **kwargs)
 
     monkeypatch.setattr(layer, "truncate_", spy)
     loader = random_loader(n=8 * 15)  # 15 batches, s* 2: truncations at batches 1, 3, ..., 13 and 14
@@ -526,9 +526,9 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, monkeypat
     exact_flags: list[bool] = []
     truncate = Trainer._truncate
 
-    def spy(self, exact=True):
+    def spy(self, exact=True, **kwargs):
         exact_flags.append(exact)
-        truncate(self, exact=exact)
+        truncate(self, exact=exact, **kwargs)
 
     monkeypatch.setattr(Trainer, "_truncate", spy)
 
