@@ -31,8 +31,8 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
-from compressor.factorize import factorize_
-from compressor.layers import LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
+from compressor.factorize import factorize_, project_attention_
+from compressor.layers import LowRankLayer, LowRankLinear, ProjectedMultiheadAttention, TuckerConv2d, low_rank_layers
 
 FULL_RANK_MAX_WEIGHTS = 600_000
 
@@ -196,7 +196,10 @@ def _model_specific(name: str, model: nn.Module, report) -> None:
         assert isinstance(qkv, LowRankLinear) and qkv.out_features == 3 * qkv.in_features
         assert "first conv" in reasons["patch_embed.proj"]
     if name == "tv:vit_b_16":
-        assert "MultiheadAttention" in reasons["encoder.layers.encoder_layer_0.self_attention.out_proj"]
+        attention = model.encoder.layers[0].self_attention  # nn.MultiheadAttention, made callable
+        assert isinstance(attention, ProjectedMultiheadAttention)
+        assert reasons["encoder.layers.encoder_layer_0.self_attention.in_proj"] == "factorized"
+        assert reasons["encoder.layers.encoder_layer_0.self_attention.out_proj"] == "factorized"
         assert isinstance(model.encoder.layers[0].mlp[0], LowRankLinear)
     if name in (
         "tv:mobilenet_v3_small",
@@ -269,15 +272,17 @@ def test_policy_default_reasons():
     report = factorize_(model, init_rank=None, r_max=16)
     _check_report(model, report)
     r = _reasons(report)
-    assert set(r) == {"stem", *(f"body.{i}" for i in (0, 2, 4, 6, 7, 8, 9)), "attn.out_proj", "proj", "mlp", "head"}
+    assert set(r) == {
+        "stem", *(f"body.{i}" for i in (0, 2, 4, 6, 7, 8, 9)), "attn.in_proj", "attn.out_proj", "proj", "mlp", "head"
+    }  # fmt: skip
+    assert report.attention == ["attn"]  # nn.MultiheadAttention replaced by the same function, callable
     assert "first conv" in r["stem"]
     assert "final classifier" in r["head"]
     assert r["body.2"] == "grouped/depthwise conv"
     assert "padding_mode" in r["body.4"]
     assert "custom subclass _OwnForward" in r["body.6"]
     assert "custom subclass _OwnConvForward" in r["body.7"]
-    assert "MultiheadAttention" in r["attn.out_proj"]
-    for n in ("body.0", "body.9", "proj", "mlp"):
+    for n in ("body.0", "body.9", "proj", "mlp", "attn.in_proj", "attn.out_proj"):
         assert r[n] == "factorized", (n, r[n])
     assert r["body.8"] == "factorized"  # 1×1 64→64 at r_max 16 saves
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -289,9 +294,11 @@ def test_policy_default_reasons():
     assert caps["body.8"] == 26 and caps["proj"] == 26  # 1×1 64→64 and 64→64: 128r + r² < 4096
     assert caps["body.0"] == 49  # 3×3 32→64, r_in ≤ 32: 64r + 9·32r + 32·32 < 18432 (and its MACs)
     assert caps["mlp"] == 35  # 64→128: 192r + r² < 8192
+    reference = _toy()
+    project_attention_(reference)  # the dense projections as modules, as factorize_ sees them
     for d in report.factorized:
         assert d.params_factorized < d.params_dense, d
-        module = _toy().get_submodule(d.name)
+        module = reference.get_submodule(d.name)
         assert _weights_at(module, d.r_max) < module.weight.numel() <= _weights_at(module, d.r_max + 1), d.name
     tiny = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2), nn.ReLU(), nn.Linear(2, 2))
     r = _reasons(factorize_(tiny, init_rank=None, r_min=8, r_max=100))
@@ -309,10 +316,19 @@ def _weights_at(module: nn.Module, r: int) -> int:
     return c_out * r_out + r_out * r_in * kh * kw + c_in * r_in
 
 
+def test_attention_layouts_not_reproduced_stay_dense_with_the_reason():
+    model = nn.Sequential(nn.Linear(16, 16))
+    model.attn = nn.MultiheadAttention(16, 2, add_bias_kv=True)  # bias_k/bias_v: not the packed layout
+    report = factorize_(model, init_rank=2, r_max=4, keep_classifier=False)
+    assert report.attention == [] and isinstance(model.attn, nn.MultiheadAttention)
+    assert "MultiheadAttention" in _reasons(report)["attn.out_proj"]
+
+
 def test_policy_full_rank_toy_exact_and_idempotent():
     model, dense = _toy(), _toy()
     report = factorize_(model, init_rank=None, r_max=10_000, require_saving=False)
-    assert {d.name for d in report.factorized} == {"body.0", "body.8", "body.9", "proj", "mlp"}
+    assert {d.name for d in report.factorized} == {"body.0", "body.8", "body.9", "proj", "mlp", "attn.in_proj",
+                                                   "attn.out_proj"}  # fmt: skip
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         assert _rel(model(x), dense(x)) <= 1e-12
@@ -386,7 +402,7 @@ def test_report_table_lists_every_candidate():
     table = report.table()
     header, *rows = table.splitlines()
     assert header.split()[:4] == ["layer", "kind", "shape", "action"]
-    assert len(rows) == 12
+    assert len(rows) == 13
     for d in report.layers:
         assert any(row.split()[0] == d.name for row in rows)
     assert report.seconds >= 0
