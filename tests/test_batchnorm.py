@@ -77,3 +77,21 @@ def test_a_model_with_broken_statistics_gets_a_warning(caplog):
     assert not any(m.startswith("after compression") for m in warnings), warnings  # re-estimated: fixed
     fixed_eval, fixed_batch = batchnorm_mismatch(result.model, _loader(seed=1, shuffle=False), torch.device("cpu"))
     assert fixed_eval >= fixed_batch - 0.2
+
+
+def test_batchnorm_after_factorized_convs_is_folded_in_the_onnx_export(tmp_path):
+    import onnx
+
+    from compressor.export import export_model
+    from compressor.factorize import factorize_
+
+    model = _bn_net().eval()
+    with torch.no_grad():
+        for bn in batchnorms(model):  # statistics that make the fold visible in the numbers
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2.0)
+    factorize_(model, init_rank=8, r_max=16, keep_first_conv=False)
+    result = export_model(model, tmp_path, input_size=8, latency=False, safetensors=False)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert "BatchNormalization" not in ops, ops  # folded into the factorized convs' weights
+    assert result.parity["passed"] and result.structure["matches"], (result.parity, result.structure)
