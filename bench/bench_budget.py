@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import logging
 import os
 import statistics
@@ -45,6 +43,7 @@ from typing import Any
 
 import benchmarks_md
 import torch
+from entries import EntryStore
 
 from compressor.atomic import atomic_path, write_text
 from compressor.cli import enable_huge_pages
@@ -158,36 +157,9 @@ def recipe_for(args: argparse.Namespace, seed: int, kind: str | None = None, fra
     )
 
 
-class State:
+def State(args: argparse.Namespace) -> EntryStore:
     """Finished entries, written to ``<checkpoint-dir>/entries.json`` after each one."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.entries: list[dict[str, Any]] = []
-        self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-        self.fp = {k: getattr(args, k) for k in _FINGERPRINT}
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / "entries.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") != self.fp:
-                diff = sorted(k for k in self.fp if saved.get("fingerprint", {}).get(k) != self.fp[k])
-                raise SystemExit(
-                    f"{path} was made with other settings ({', '.join(diff)}): use another --checkpoint-dir"
-                )
-            self.entries = saved["entries"]
-            log.info("checkpoint: %d finished entries in %s", len(self.entries), path)
-
-    def get(self, seed: int, budget: str, arm: str) -> dict[str, Any] | None:
-        return next((e for e in self.entries if (e["seed"], e["budget"], e["arm"]) == (seed, budget, arm)), None)
-
-    def add(self, entry: dict[str, Any]) -> None:
-        entry["measured_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        entry["load_avg"] = round(os.getloadavg()[0], 2)
-        self.entries.append(entry)
-        if self.dir is not None:
-            write_text(self.dir / "entries.json", dumps({"fingerprint": self.fp, "entries": self.entries}))
+    return EntryStore(args.checkpoint_dir, {k: getattr(args, k) for k in _FINGERPRINT}, keys=("seed", "budget", "arm"))
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -245,7 +217,7 @@ def run_seed(args: argparse.Namespace, seed: int, state: State, work: Path, cloc
     dense, _ = create_model(
         args.model, data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std, input_size=args.input_size
     )
-    weights = state.dir / f"dense-seed{seed}.pt" if state.dir else None
+    weights = state.weights(seed)
     if weights is not None and weights.is_file() and state.get(seed, "dense", "dense"):
         dense.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         log.info("seed %d: dense weights restored from %s", seed, weights)

@@ -60,8 +60,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import logging
 import math
 import os
@@ -73,6 +71,7 @@ from typing import Any
 
 import benchmarks_md
 import torch
+from entries import EntryStore
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
@@ -351,39 +350,9 @@ def arm_recipe(args: argparse.Namespace, seed: int, arm: dict[str, Any]) -> Reci
 # ----------------------------------------------------------------------------- checkpoint state
 
 
-class State:
+def State(args: argparse.Namespace) -> EntryStore:
     """Finished entries, written to ``<checkpoint-dir>/entries.json`` after each one."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.entries: list[dict[str, Any]] = []
-        self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-        self.fp = {k: getattr(args, k) for k in _FINGERPRINT}
-        if self.dir is None:
-            return
-        path = self.dir / "entries.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") != self.fp:
-                diff = sorted(k for k in self.fp if saved.get("fingerprint", {}).get(k) != self.fp[k])
-                raise SystemExit(
-                    f"{path} was made with other settings ({', '.join(diff)}): use another --checkpoint-dir"
-                )
-            self.entries = saved["entries"]
-            log.info("checkpoint: %d finished entries in %s", len(self.entries), path)
-
-    def get(self, seed: int, arm: str) -> dict[str, Any] | None:
-        return next((e for e in self.entries if (e["seed"], e["arm"]) == (seed, arm)), None)
-
-    def add(self, entry: dict[str, Any]) -> None:
-        entry["measured_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        entry["load_avg"] = round(os.getloadavg()[0], 2)
-        self.entries.append(entry)
-        if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_text(self.dir / "entries.json", dumps({"fingerprint": self.fp, "entries": self.entries}))
-
-    def weights(self, seed: int) -> Path | None:
-        return self.dir / f"dense-seed{seed}.pt" if self.dir else None
+    return EntryStore(args.checkpoint_dir, {k: getattr(args, k) for k in _FINGERPRINT}, keys=("seed", "arm"))
 
 
 # ----------------------------------------------------------------------------- measuring
