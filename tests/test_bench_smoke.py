@@ -23,6 +23,7 @@ SCRIPTS = {  # script → (section, output flag, output file name)
     "bench_truncation.py": ("truncation", "--out", "truncation.json"),
     "bench_budget.py": ("budget", "--out", "budget.json"),
     "bench_regime.py": ("regime", "--out", "regime.json"),
+    "bench_zoo.py": ("zoo", "--out", "zoo.json"),
 }
 
 

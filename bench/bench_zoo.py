@@ -1,0 +1,453 @@
+"""The zoo: the architectures edge users deploy, compressed, trained, exported and measured in one table.
+
+Per model (Fashion-MNIST, the same training and held-out subsets for every model, random init —
+no pretrained weights on these machines):
+
+1. **dense**: trained briefly (Adam, cosine, ``--dense-epochs``) from random init; its weights
+   are the start of every arm below and are cached in ``--checkpoint-dir``;
+2. **arms**, each from those dense weights with ``recipes/robust.yaml``'s factorization and
+   training settings (activation-aware init, init rank 150, r_max 200, AdamW 5e-4 cosine, clip
+   1.0, τ 0.1, s* 10) for ``--epochs`` rank-adaptive epochs: **DLRT** (β = 0), **RobustDLRT**
+   (β ``--beta``) and **budget** (RobustDLRT with ``train.target.macs = --macs``);
+3. every model: parameters and MACs dense vs compressed, c.r., clean accuracy, ℓ2-FGSM (3 ε,
+   pixel units) and PGD-ℓ∞ accuracy, κ median / max of the factorized cores, ONNX parity (the
+   largest |ONNX − PyTorch| logit difference relative to the largest logit, batches 1 and 8),
+   onnxruntime latency at batch 1 and 32 of the compressed graph timed interleaved with the dense
+   one, and training seconds per epoch. Where a model compresses badly, the table names the
+   layers that hold what is left (parameters and MACs) and the reasons layers stayed dense.
+
+Outputs: ``--out`` (JSON, every entry), the Markdown tables on stdout and in the ``zoo`` section
+of ``--benchmarks-md`` (default BENCHMARKS.md; ``--smoke``: none), with the issue's targets
+stated as met or not per model.
+
+    python bench/bench_zoo.py --smoke     # < 2 min: timm test_resnet and test_vit on digits (CI)
+    python bench/bench_zoo.py --checkpoint-dir bench/results/zoo-ckpt            # the full table
+    python bench/bench_zoo.py --models tv:resnet18 timm:convnext_atto --checkpoint-dir …  # a subset
+
+With ``--checkpoint-dir`` every finished entry is saved at once; a rerun with the same settings
+skips what is finished (models may be added).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import benchmarks_md
+import torch
+from entries import EntryStore
+
+from compressor.atomic import write_text
+from compressor.cli import enable_huge_pages
+from compressor.data import build_data, set_epoch
+from compressor.errors import CompressorError
+from compressor.evaluate import evaluate
+from compressor.export import export_onnx, onnx_latencies, parity_check
+from compressor.layers import low_rank_layers
+from compressor.models import create_model
+from compressor.recipe import Recipe, recipe_from_dict
+from compressor.runtime import compression_stats, count_macs, dumps, macs_by_layer
+from compressor.stages import factorize_and_train
+from compressor.train import Trainer
+
+log = logging.getLogger("bench_zoo")
+RESULTS = Path(__file__).resolve().parent / "results"
+EPS = [0.05, 0.1, 0.3]  # ℓ2-FGSM, pixel units
+PGD_EPS = 8 / 255
+
+# model → (input size, dense learning rate, family). CNNs at 32 px; the ViT at 64 px, a 4×4 grid
+# of its 16-pixel patches. VGG16 has no batch norm and diverges at Adam 1e-3 from random init.
+ZOO: dict[str, tuple[int, float, str]] = {
+    "tv:vgg16": (32, 1e-4, "cnn"),
+    "tv:resnet18": (32, 1e-3, "cnn"),
+    "tv:resnet50": (32, 1e-3, "cnn"),
+    "tv:mobilenet_v3_small": (32, 1e-3, "mobile"),
+    "tv:efficientnet_b0": (32, 1e-3, "mobile"),
+    "timm:convnext_atto": (32, 1e-3, "cnn"),
+    "timm:deit_tiny_patch16_224": (64, 5e-4, "vit"),
+}
+SMOKE = {"timm:test_resnet": (32, 1e-3, "cnn"), "timm:test_vit": (32, 1e-3, "vit")}
+ARMS = {"dense": "dense", "dlrt": "DLRT", "robustdlrt": "RobustDLRT", "budget": "budget"}
+TARGET_CR = {"cnn": 80.0, "vit": 80.0, "mobile": 40.0}  # %, the issue's targets per family
+_FINGERPRINT = ("data", "data_root", "train_subset", "val_subset", "batch_size", "dense_epochs", "epochs")
+_FINGERPRINT += ("beta", "macs", "attack_samples", "pgd_steps", "latency_repeats", "latency_threads", "seed")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--smoke", action="store_true", help="< 2 min: timm test models on digits, tiny sizes (CI)")
+    ap.add_argument("--models", nargs="+", default=None, help=f"subset of {', '.join(ZOO)}")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: the Debian package's files)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-subset", type=int, default=1500)
+    ap.add_argument("--val-subset", type=int, default=500, help="held-out images scored clean")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--dense-epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=2, help="rank-adaptive epochs of every arm")
+    ap.add_argument("--beta", type=float, default=0.075, help="β of the RobustDLRT and budget arms")
+    ap.add_argument("--macs", type=float, default=0.25, help="train.target.macs of the budget arm")
+    ap.add_argument("--attack-samples", type=int, default=200, help="held-out images attacked")
+    ap.add_argument("--pgd-steps", type=int, default=10)
+    ap.add_argument("--latency-repeats", type=int, default=20)
+    ap.add_argument("--latency-threads", type=int, default=1, help="onnxruntime intra-op threads")
+    ap.add_argument("--threads", default="auto", help="torch threads; auto: 1 if the load ≥ the cores")
+    ap.add_argument("--out", default=None, help="JSON (default bench/results/zoo[-smoke].json)")
+    ap.add_argument("--benchmarks-md", default=None, help="page of the 'zoo' section (--smoke: none)")
+    ap.add_argument("--checkpoint-dir", default=None, help="save finished entries here; a rerun skips them")
+    args = ap.parse_args(argv)
+    table = SMOKE if args.smoke else ZOO
+    if args.smoke:
+        args.data, args.train_subset, args.val_subset, args.batch_size = "digits", 128, 64, 32
+        args.dense_epochs, args.epochs, args.attack_samples, args.pgd_steps, args.latency_repeats = 1, 1, 32, 2, 3
+    args.models = list(dict.fromkeys(args.models or table))
+    unknown = [m for m in args.models if m not in table]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(table)}")
+    args.zoo = {m: table[m] for m in args.models}
+    for key in ("train_subset", "val_subset", "batch_size", "epochs", "attack_samples", "latency_repeats"):
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.dense_epochs < 0 or args.seed < 0 or args.pgd_steps < 1:
+        ap.error("--dense-epochs and --seed must not be negative, --pgd-steps at least 1")
+    if not 0.0 < args.macs <= 1.0:
+        ap.error(f"--macs {args.macs:g} is not a fraction in (0, 1]")
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
+        ap.error(f"--threads {args.threads!r}: give auto or a positive number")
+    args.out = Path(args.out or RESULTS / f"zoo{'-smoke' if args.smoke else ''}.json")
+    return args
+
+
+def recipe_for(args: argparse.Namespace, model: str, arm: str) -> Recipe:
+    size, dense_lr, _ = args.zoo[model]
+    train: dict[str, Any] = {"epochs": args.epochs, "beta": 0.0 if arm == "dlrt" else args.beta}
+    if arm == "budget":
+        train["target"] = {"macs": args.macs, "ramp": 0.5}
+    return recipe_from_dict(
+        {
+            "seed": args.seed,
+            "model": {"name": model, "input_size": size},
+            "data": {
+                "name": args.data,
+                "root": args.data_root,
+                "train_subset": args.train_subset,
+                "val_subset": args.val_subset,
+                "batch_size": args.batch_size,
+            },
+            "baseline": {"epochs": args.dense_epochs, "optimizer": "adam", "lr": dense_lr, "checkpoint_every": 0},
+            "factorize": {"init": "activations", "init_rank": 150, "r_min": 2, "r_max": 200},
+            "train": {**train, "device": "cpu", "checkpoint_every": 0},
+        },
+        source="bench_zoo",
+    )
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def where_it_stays(model: torch.nn.Module, fact, size: int, top: int = 3) -> dict[str, Any]:
+    """The layers holding most of the compressed model's parameters and MACs, and why layers stayed dense."""
+    macs = macs_by_layer(model, size)
+    total_macs = sum(macs.values()) or 1
+    params = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules()}
+    for name, layer in low_rank_layers(model).items():
+        params[name] = layer.num_parameters()
+    total_params = sum(p.numel() for p in model.parameters())
+    dense_reasons: dict[str, list[int]] = {}
+    for d in fact.skipped if fact is not None else []:
+        reason = d.reason.split(":")[0].split("(")[0].strip()
+        n_p = dense_reasons.setdefault(reason, [0, 0])
+        n_p[0], n_p[1] = n_p[0] + 1, n_p[1] + d.params_dense
+    return {
+        "macs_top": [(n, v / total_macs) for n, v in sorted(macs.items(), key=lambda kv: -kv[1])[:top]],
+        "params_top": [(n, v / total_params) for n, v in sorted(params.items(), key=lambda kv: -kv[1])[:top]],
+        "dense_reasons": {r: {"layers": n, "params": p} for r, (n, p) in dense_reasons.items()},
+        "factorized_layers": len(low_rank_layers(model)),
+    }
+
+
+def measure(model, data, args, size: int, onnx: dict[str, Path], fact=None) -> dict[str, Any]:
+    attacks = [
+        {"name": "l2_fgsm", "eps": EPS},
+        {"name": "pgd", "eps": [PGD_EPS], "options": {"steps": args.pgd_steps}},
+    ]
+    res = evaluate(model, data.val_loader, attacks, max_samples=args.attack_samples, seed=args.seed, device="cpu")
+    stats = compression_stats(model)
+    out: dict[str, Any] = {
+        "clean": res.clean_accuracy,
+        "l2_fgsm": res.adversarial_accuracy["l2_fgsm"],
+        "pgd": next(iter(res.adversarial_accuracy["pgd"].values())),
+        "n_eval": res.n_clean,
+        "n_attacked": res.n_attacked,
+        "params": stats.params,
+        "params_dense": stats.params_dense,
+        "compression_rate": stats.rate,  # %
+        "macs": count_macs(model, size),
+        "macs_dense": count_macs(model, size, dense_equivalent=True),
+    }
+    kappas = [layer.condition_number() for layer in low_rank_layers(model).values()]
+    kappas = [k for k in kappas if math.isfinite(k)]
+    out["kappa_median"] = statistics.median(kappas) if kappas else None
+    out["kappa_max"] = max(kappas) if kappas else None
+    path = onnx["compressed"] if fact is not None else onnx["dense"]
+    export_onnx(model, path, input_size=size)
+    parity = parity_check(path, model, input_size=size, batches=(1, 8))
+    out["parity_rel"] = max(b["rel_diff"] for b in parity["batches"].values())
+    out["parity_passed"] = bool(parity["passed"])
+    if fact is not None:
+        lat = onnx_latencies(
+            onnx, input_size=size, threads=args.latency_threads, repeats=args.latency_repeats, warmup=2, seed=args.seed
+        )
+        out["latency_ms"] = {m: {str(b): s["median_ms"] for b, s in lat[m].items()} for m in lat}
+        dense_ms = out["latency_ms"]["dense"]
+        out["speedup"] = {b: dense_ms[b] / ms for b, ms in out["latency_ms"]["compressed"].items()}
+        out["where"] = where_it_stays(model, fact, size)
+        path.unlink(missing_ok=True)
+    return out
+
+
+def run_model(args: argparse.Namespace, name: str, state: EntryStore, work: Path) -> None:
+    size, _, family = args.zoo[name]
+    todo = [a for a in ARMS if state.get(name, a) is None]
+    if not todo:
+        return
+    rec = recipe_for(args, name, "robustdlrt")
+    torch.manual_seed(args.seed)
+    data = build_data(rec.data, input_size=size, seed=args.seed)
+    dense, _ = create_model(name, data.num_classes, in_chans=3, mean=data.mean, std=data.std, input_size=size)
+    slug = name.replace(":", "-")
+    weights = state.dir / f"dense-{slug}.pt" if state.dir else None
+    onnx = {"dense": work / f"{slug}-dense.onnx", "compressed": work / f"{slug}-compressed.onnx"}
+    if weights is not None and weights.is_file() and state.get(name, "dense"):
+        dense.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        export_onnx(dense, onnx["dense"], input_size=size, check=False)
+        log.info("%s: dense weights restored from %s", name, weights)
+    else:
+        log.info("%s: dense, %d epoch(s) of %d batches at %d px", name, args.dense_epochs, len(data.train_loader), size)
+        torch.manual_seed(args.seed + 1)
+        t0 = time.perf_counter()
+        trainer = Trainer(dense, data.train_loader, rec.baseline, seed=args.seed, name="dense", set_epoch=set_epoch)
+        if args.dense_epochs:
+            trainer.fit()
+        secs = time.perf_counter() - t0
+        if weights is not None:
+            torch.save(dense.state_dict(), weights)
+        m = measure(dense, data, args, size, onnx)
+        state.add(dict(model=name, arm="dense", family=family, input_size=size, n_train=data.n_train, **m,
+                       seconds_per_epoch=secs / max(args.dense_epochs, 1)))  # fmt: skip
+        report(state)
+    for arm in ("dlrt", "robustdlrt", "budget"):
+        if state.get(name, arm) is not None:
+            continue
+        model = copy.deepcopy(dense)
+        log.info("%s: %s, factorize + %d epoch(s)", name, ARMS[arm], args.epochs)
+        fact, _, secs = factorize_and_train(
+            model, data.train_loader, recipe_for(args, name, arm), device=torch.device("cpu"), set_epoch=set_epoch
+        )
+        m = measure(model, data, args, size, onnx, fact)
+        ranks = {n: list(layer.ranks) for n, layer in low_rank_layers(model).items()}
+        state.add(dict(model=name, arm=arm, family=family, input_size=size, **m, ranks=ranks,
+                       seconds_per_epoch=secs["train"] / args.epochs, factorize_seconds=secs["factorize"]))  # fmt: skip
+        report(state)
+        del model
+    onnx["dense"].unlink(missing_ok=True)
+
+
+def report(state: EntryStore) -> None:
+    e = state.entries[-1]
+    speed = f", speedup b1 {e['speedup']['1']:.2f}× b32 {e['speedup']['32']:.2f}×" if "speedup" in e else ""
+    log.info(
+        "%s %s: clean %.1f%%, c.r. %.1f%%, MACs %.3f, parity %.1e%s, %.0f s/epoch",
+        *(e["model"], e["arm"], 100 * e["clean"], e["compression_rate"], e["macs"] / e["macs_dense"]),
+        *(e["parity_rel"], speed, e["seconds_per_epoch"]),
+    )
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}"
+
+
+def kfmt(k: float | None) -> str:
+    return "—" if k is None else f"{k:.3g}"
+
+
+def short(name: str) -> str:
+    return name.removeprefix("features.").removeprefix("net.")
+
+
+def why(e: dict[str, Any]) -> str:
+    """Where the compressed model's parameters and MACs stay, and why layers were left dense."""
+    w = e.get("where") or {}
+    parts = []
+    if w.get("params_top"):
+        parts.append("params: " + ", ".join(f"{short(n)} {100 * f:.0f}%" for n, f in w["params_top"]))
+    if w.get("macs_top"):
+        parts.append("MACs: " + ", ".join(f"{short(n)} {100 * f:.0f}%" for n, f in w["macs_top"]))
+    if w.get("dense_reasons"):
+        parts.append(
+            "dense: " + "; ".join(f"{v['layers']}× {r} ({v['params']:,} p)" for r, v in w["dense_reasons"].items())
+        )
+    return " · ".join(parts)
+
+
+def verdicts(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str]]:
+    """Per model, the RobustDLRT arm against the issue's targets: c.r., clean ≥ dense − 1, speedup b1."""
+    out = []
+    for name in args.models:
+        dense = next((e for e in entries if e["model"] == name and e["arm"] == "dense"), None)
+        rob = next((e for e in entries if e["model"] == name and e["arm"] == "robustdlrt"), None)
+        if dense is None or rob is None:
+            continue
+        target = TARGET_CR[rob["family"]]
+        cr = rob["compression_rate"]
+        gap = 100 * (rob["clean"] - dense["clean"])
+        mac_ratio = rob["macs_dense"] / rob["macs"]
+        sp = rob["speedup"]["1"]
+        out.append(
+            (
+                name,
+                f"{cr:.1f} % vs ≥ {target:g} %: **{'met' if cr >= target else 'not met'}**",
+                f"{gap:+.1f} points: **{'met' if gap >= -1.0 else 'not met'}**",
+                f"{sp:.2f}× vs 0.8 × {mac_ratio:.2f} = {0.8 * mac_ratio:.2f}×: "
+                f"**{'met' if sp >= 0.8 * mac_ratio else 'not met'}**",
+                why(rob),
+            )
+        )
+    return out
+
+
+def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
+    entries = doc["entries"]
+    eps_h = " | ".join(f"ℓ2-FGSM {x:g}" for x in EPS)
+    out = [
+        f"## The zoo: {len(args.models)} architectures on {args.data}",
+        "",
+        f"Seed {args.seed}; {doc['n_train']} training / {doc['n_eval']} held-out images, the first "
+        f"{doc['n_attacked']} attacked (ℓ2-FGSM ε in pixel units; PGD-ℓ∞ ε 8/255, {args.pgd_steps} steps). Dense: "
+        f"random init, Adam, {args.dense_epochs} epoch(s). Every arm from the same dense weights with "
+        f"recipes/robust.yaml's settings for {args.epochs} rank-adaptive epoch(s): DLRT (β 0), RobustDLRT "
+        f"(β {args.beta:g}), budget (RobustDLRT with train.target.macs {args.macs:g}). Speedups: onnxruntime "
+        f"({args.latency_threads} thread(s)), the compressed graph timed interleaved with the dense one, median "
+        f"of {args.latency_repeats}. Parity: max |ONNX − PyTorch| / max |logit|. Accuracies in %.",
+        "",
+        f"| model | px | arm | params | c.r. % | MACs (ratio) | clean | {eps_h} | PGD | κ med / max | parity "
+        "| ORT b1 | ORT b32 | s/epoch |",
+        "|---" * 16 + "|",
+    ]
+    for name in args.models:
+        for arm, label in ARMS.items():
+            e = next((x for x in entries if x["model"] == name and x["arm"] == arm), None)
+            if e is None:
+                continue
+            ratio = e["macs_dense"] / e["macs"]
+            sp = e.get("speedup")
+            cells = [
+                name if arm == "dense" else "",
+                str(e["input_size"]) if arm == "dense" else "",
+                label,
+                f"{e['params'] / 1e6:.2f} M",
+                "—" if arm == "dense" else f"{e['compression_rate']:.1f}",
+                f"{e['macs'] / 1e6:.1f} M" + ("" if arm == "dense" else f" ({ratio:.2f}×)"),
+                pct(e["clean"]),
+                *(pct(e["l2_fgsm"].get(f"{x:g}", e["l2_fgsm"].get(str(x)))) for x in EPS),
+                pct(e["pgd"]),
+                "—" if arm == "dense" else f"{kfmt(e['kappa_median'])} / {kfmt(e['kappa_max'])}",
+                f"{e['parity_rel']:.1e}",
+                "—" if sp is None else f"{sp['1']:.2f}×",
+                "—" if sp is None else f"{sp['32']:.2f}×",
+                f"{e['seconds_per_epoch']:.3g}",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+    rows = verdicts(args, entries)
+    if rows:
+        out += [
+            "",
+            "Targets (RobustDLRT arm): c.r. ≥ 80 % (MobileNet/EfficientNet ≥ 40 %), clean ≥ dense − 1 point, "
+            "onnxruntime speedup at batch 1 ≥ 0.8 × the MAC ratio. *Where it stays*: the layers holding the "
+            "largest shares of the compressed model's parameters and MACs, and the layers left dense with "
+            "their reason and parameters.",
+            "",
+            "| model | c.r. | clean vs dense | speedup b1 | where it stays |",
+            "|---|---|---|---|---|",
+        ]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _l2_keys(entries: list[dict[str, Any]]) -> None:
+    """JSON keys of the ε dictionaries are strings: normalize them to the table's spelling."""
+    for e in entries:
+        e["l2_fgsm"] = {f"{float(k):g}": v for k, v in e["l2_fgsm"].items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    enable_huge_pages()
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("bench_zoo", "compressor"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    if args.threads != "auto":
+        torch.set_num_threads(int(args.threads))
+    elif os.getloadavg()[0] >= (os.cpu_count() or 1):
+        torch.set_num_threads(1)  # on a busy machine, spinning OpenMP threads slow every op down
+    start = time.perf_counter()
+    fingerprint = {k: getattr(args, k) for k in _FINGERPRINT}
+    state = EntryStore(args.checkpoint_dir, fingerprint, keys=("model", "arm"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-zoo-") as tmp:
+            for name in args.models:
+                run_model(args, name, state, Path(tmp))
+    except CompressorError as err:
+        print(f"bench_zoo.py: error: {err}", file=sys.stderr)
+        return 2
+    entries = [e for e in state.entries if e["model"] in args.models]
+    _l2_keys(entries)
+    doc: dict[str, Any] = {
+        "what": "the zoo: dense vs DLRT vs RobustDLRT vs a MAC budget on the architectures edge users deploy",
+        "run": {
+            "argv": sys.argv[1:] if argv is None else argv,
+            "wall_seconds": time.perf_counter() - start,
+            "torch_threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "zoo")},
+        "n_train": next((e["n_train"] for e in entries if "n_train" in e), args.train_subset),
+        "n_eval": next((e["n_eval"] for e in entries), args.val_subset),
+        "n_attacked": next((e["n_attacked"] for e in entries), args.attack_samples),
+        "entries": entries,
+    }
+    doc["markdown"] = md = render(args, doc)
+    write_text(args.out, dumps(doc))
+    print(md)
+    benchmarks_md.update_section(
+        "zoo",
+        md,
+        script="bench_zoo.py",
+        argv=list(sys.argv[1:] if argv is None else argv),
+        path=args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH),
+        measured="per architecture: size, MACs, clean and attacked accuracy, κ, ONNX parity and onnxruntime "
+        "speedup of DLRT, RobustDLRT and a MAC budget against the dense model they started from.",
+    )
+    missing = [(m, a) for m in args.models for a in ARMS if state.get(m, a) is None]
+    if args.smoke and missing:
+        raise SystemExit(f"smoke check failed: missing entries {missing}")
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
