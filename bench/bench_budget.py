@@ -99,7 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="JSON (default bench/results/budget[-smoke].json)")
     ap.add_argument("--benchmarks-md", default=None, help="page of the 'budget' section (--smoke: none)")
     ap.add_argument("--checkpoint-dir", default=None, help="save finished entries here; a rerun skips them")
+    ap.add_argument("--report-only", action="store_true", help="render the table from --checkpoint-dir, run nothing")
     args = ap.parse_args(argv)
+    if args.report_only and not args.checkpoint_dir:
+        ap.error("--report-only reads --checkpoint-dir: give it")
     if args.smoke:
         args.model, args.data, args.seeds, args.macs, args.params = "timm:test_resnet", "digits", [0], [0.25], [0.05]
         args.train_subset, args.val_subset, args.batch_size, args.dense_epochs, args.epochs = 64, 32, 32, 1, 1
@@ -427,7 +430,7 @@ def render(args: argparse.Namespace, doc: dict[str, Any], pareto: str | None = N
     if mismatched:
         out.append(f"- The one-shot ranks differ from RobustDLRT's at {', '.join(mismatched)} (see the JSON).")
     if pareto:
-        out += ["", f"Pareto plot (clean accuracy vs batch-32 latency): `{pareto}` (run outputs are not kept in git)."]
+        out += ["", f"![Pareto plot: clean accuracy vs onnxruntime latency at batch 32]({pareto})"]
     return "\n".join(out)
 
 
@@ -494,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     clock: dict[str, Any] = {"seconds": {}, "left": todo, "onnx": {}}
     with tempfile.TemporaryDirectory(prefix="bench_budget-") as work:
-        for seed in args.seeds:
+        for seed in [] if args.report_only else args.seeds:
             run_seed(args, seed, state, Path(work), clock)
     entries = [e for e in state.entries if e["seed"] in args.seeds]
     doc: dict[str, Any] = {
@@ -517,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text(args.out, dumps(doc))
     print(md)
     page = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
-    shown = doc["pareto"] and os.path.relpath(png.resolve(), Path(page or ".").resolve().parent)
+    shown = benchmarks_md.publish_figure(doc["pareto"], page)
     benchmarks_md.update_section(
         "budget",
         render(args, doc, shown),

@@ -179,6 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--benchmarks-md", default=None, help="page of the 'regime' section (--smoke: none)")
     ap.add_argument("--checkpoint-dir", default=None, help="save finished entries here; a rerun skips them")
     ap.add_argument("--estimate-only", action="store_true", help="print the wall-time estimate, run nothing")
+    ap.add_argument("--report-only", action="store_true", help="render the table from --checkpoint-dir, run nothing")
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset = "smoke"
@@ -225,6 +226,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--dense-target is a held-out accuracy in [0, 1]")
     if args.kappa_max < 1.0:
         ap.error("--kappa-max must be at least 1")
+    if args.report_only and not args.checkpoint_dir:
+        ap.error("--report-only reads --checkpoint-dir: give it")
     if not 0.0 < args.adv_eps <= 1.0:
         ap.error("--adv-eps must be in (0, 1] (pixel units)")
     for key in ("lr", "dense_lr"):
@@ -827,7 +830,7 @@ def render(args: argparse.Namespace, doc: dict[str, Any], plot: str | None = Non
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Verdict:", ""] + verdicts(args, table)
     if plot:
-        out += ["", f"κ over training (median and max over the factorized layers, per arm and seed): `{plot}`."]
+        out += ["", f"![κ over training: median and max over the factorized layers, per arm and seed]({plot})"]
     return "\n".join(out)
 
 
@@ -906,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
             *(len(args.seeds), args.dense_epochs, len(arms(args)), args.epochs, args.vgg, args.width, left),
         )
         clock: dict[str, Any] = {"estimated": False, "predicted": {}, "spent": 0.0, "spent_predicted": 0.0}
-        for seed in args.seeds:
+        for seed in [] if args.report_only else args.seeds:
             run_seed(args, seed, state, clock)
     except CompressorError as err:
         print(f"bench_regime.py: error: {err}", file=sys.stderr)
@@ -942,7 +945,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text(args.out, dumps(doc))
     print(md)
     page = args.benchmarks_md or (None if args.preset == "smoke" else benchmarks_md.DEFAULT_PATH)
-    shown = doc["kappa_plot"] and os.path.relpath(png.resolve(), Path(page or ".").resolve().parent)
+    shown = benchmarks_md.publish_figure(doc["kappa_plot"], page)
     benchmarks_md.update_section(
         "regime",
         render(args, doc, shown),

@@ -106,7 +106,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="JSON (default bench/results/zoo[-smoke].json)")
     ap.add_argument("--benchmarks-md", default=None, help="page of the 'zoo' section (--smoke: none)")
     ap.add_argument("--checkpoint-dir", default=None, help="save finished entries here; a rerun skips them")
+    ap.add_argument("--report-only", action="store_true", help="render the table from --checkpoint-dir, run nothing")
     args = ap.parse_args(argv)
+    if args.report_only and not args.checkpoint_dir:
+        ap.error("--report-only reads --checkpoint-dir: give it")
     table = SMOKE if args.smoke else ZOO
     if args.smoke:
         args.data, args.train_subset, args.val_subset, args.batch_size = "digits", 128, 64, 32
@@ -409,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     state = EntryStore(args.checkpoint_dir, fingerprint, keys=("model", "arm"))
     try:
         with tempfile.TemporaryDirectory(prefix="bench-zoo-") as tmp:
-            for name in args.models:
+            for name in [] if args.report_only else args.models:
                 run_model(args, name, state, Path(tmp))
     except CompressorError as err:
         print(f"bench_zoo.py: error: {err}", file=sys.stderr)

@@ -13,12 +13,13 @@ import os
 import platform
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PATH = ROOT / "BENCHMARKS.md"
 
-from compressor.atomic import write_text  # noqa: E402
+from compressor.atomic import atomic_path, write_text  # noqa: E402
 
 _INTRO = """# Benchmarks
 
@@ -49,7 +50,20 @@ def machine_line() -> str:
 
 
 def command_line(script: str, argv: list[str]) -> str:
-    return shlex.join(["python", f"bench/{script}", *argv])
+    """The command that reproduces a table (``--report-only`` only re-renders it: dropped)."""
+    return shlex.join(["python", f"bench/{script}", *(a for a in argv if a != "--report-only")])
+
+
+def publish_figure(png: Path | str | None, page: Path | str | None) -> str | None:
+    """Copy a plot (written beside the run's JSON, which git ignores) to ``docs/figures/`` beside
+    ``page`` and return its link relative to the page; None without a plot or a page."""
+    if png is None or page is None or not Path(png).is_file():
+        return None
+    dest = Path(page).resolve().parent / "docs" / "figures" / Path(png).name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(png, tmp)
+    return os.path.relpath(dest, Path(page).resolve().parent)
 
 
 def update_section(

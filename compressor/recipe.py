@@ -159,6 +159,8 @@ class TargetSection(_Section):
     """Budget: multiply-adds per image at model.input_size as a fraction of the dense model's (e.g. 0.2)."""
     ramp: float = Field(0.5, gt=0.0, le=1.0)
     """Share of the rank-adaptive truncations over which the budget is reached, from the factorized model's cost (gradually, so that accuracy can follow)."""
+    multiple: int = Field(1, ge=1, le=256)
+    """With a budget: every rank moves in steps of this many directions and ends on a multiple of it (8 suits the GEMM kernels of onnxruntime and most runtimes); a layer's minimum rank, and a rank smaller than one step, stay as they are."""
 
     @model_validator(mode="after")
     def _one_budget(self) -> TargetSection:

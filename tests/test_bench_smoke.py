@@ -27,20 +27,34 @@ SCRIPTS = {  # script → (section, output flag, output file name)
 }
 
 
+RESUMABLE = {"bench_budget.py": "budget_pareto.png", "bench_regime.py": "regime_kappa.png", "bench_zoo.py": None}
+"""Scripts with --checkpoint-dir and --report-only → the plot they publish beside the page (None: no plot)."""
+
+
+def _section(page: Path, section: str) -> str:
+    return page.read_text().split(f"<!-- bench:{section} -->")[1].split(f"<!-- /bench:{section} -->")[0]
+
+
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_smoke_run_writes_results_and_its_section(script: str, tmp_path: Path) -> None:
     section, flag, result = SCRIPTS[script]
     page = tmp_path / "BENCHMARKS.md"
     page.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
     target = tmp_path / result if flag == "--out" else tmp_path
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--smoke", flag, str(target), "--benchmarks-md", str(page)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--smoke", flag, str(target), "--benchmarks-md", str(page)]
+    if script in RESUMABLE:
+        cmd += ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if script in RESUMABLE:  # the table again from the checkpoint alone, and the plot published beside the page
+        table = [line for line in _section(page, section).splitlines() if line.startswith("|")]
+        again = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert [line for line in _section(page, section).splitlines() if line.startswith("|")] == table
+        assert "--report-only" not in _section(page, section)  # the reproduce line runs the measurement
+        if RESUMABLE[script]:
+            assert (tmp_path / "docs" / "figures" / RESUMABLE[script]).is_file()
+            assert f"](docs/figures/{RESUMABLE[script]})" in _section(page, section)
     data = json.loads((tmp_path / result).read_text())
     assert data, result
     text = page.read_text()

@@ -75,6 +75,38 @@ def test_allocation_with_tucker_modes_respects_minimum_ranks_and_budget():
     assert tiny == {"conv": (4, 4), "fc": (4,)}
 
 
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_allocation_rounds_ranks_to_a_multiple(multiple):
+    def tucker(r):
+        return 64 * r[1] + r[0] * r[1] * 9 + 64 * r[0]
+
+    offers = {"conv": LayerOffer([_decaying(60, 0.9), _decaying(60, 0.8)], (60, 57), (2, 2), tucker),
+              "fc": LayerOffer([_decaying(100, 0.97)], (99,), (2,), _linear_cost(300)),
+              "tiny": LayerOffer([_decaying(5, 0.5)], (3,), (2,), _linear_cost(50))}  # fmt: skip
+    loose = allocate_ranks(offers, math.inf, multiple=multiple)
+    assert loose["conv"] == (60 // multiple * multiple, 57 // multiple * multiple)  # τ ranks rounded down
+    assert loose["fc"] == (99 // multiple * multiple,) and loose["tiny"] == (3,)  # smaller than a step: kept
+    for budget in (40_000.0, 25_000.0, 12_000.0):
+        ranks = allocate_ranks(offers, budget, multiple=multiple)
+        assert tucker(ranks["conv"]) + 300 * ranks["fc"][0] + 50 * ranks["tiny"][0] <= budget
+        for name in ("conv", "fc"):
+            assert all(r % multiple == 0 or r == 2 for r in ranks[name]), (name, ranks[name])
+            assert all(2 <= r <= m for r, m in zip(ranks[name], offers[name].max_ranks, strict=True))
+    with pytest.raises(ValueError, match="multiple"):
+        allocate_ranks(offers, 1.0, multiple=0)
+
+
+def test_trainer_with_a_rank_multiple_ends_on_multiples():
+    model = _model()
+    dense_macs = count_macs(model, 12)
+    factorize_(model, init_rank=24, r_min=2, r_max=64, keep_classifier=True)
+    target = TargetSection(macs=0.4, ramp=0.5, multiple=8)
+    Trainer(model, _loader(), train_config(2, lr=1e-2, coefficient_steps=3, target=target), set_epoch=_reseed).fit()
+    assert count_macs(model, 12) <= 0.4 * dense_macs
+    for name, layer in low_rank_layers(model).items():
+        assert all(r % 8 == 0 or r == layer.r_min for r in layer.ranks), (name, layer.ranks)
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(

@@ -49,13 +49,32 @@ class LayerOffer:
     """Parameters or multiply-adds of the layer at the given ranks."""
 
 
+def _step_down(r: int, lo: int, multiple: int) -> int | None:
+    """The next rank below ``r`` a mode may take: the multiple of ``multiple`` below it, never
+    under ``lo`` (None: ``r`` is already the minimum)."""
+    if r <= lo:
+        return None
+    return max(lo, (r - 1) // multiple * multiple)
+
+
 def allocate_ranks(
-    offers: Mapping[str, LayerOffer], budget: float, fixed_cost: float = 0.0
+    offers: Mapping[str, LayerOffer], budget: float, fixed_cost: float = 0.0, multiple: int = 1
 ) -> dict[str, tuple[int, ...]]:
     """Ranks for every layer so that ``fixed_cost + Σ cost(ranks) <= budget`` while keeping as much
     normalized spectral energy as possible (greedy by energy per unit of cost; see the module
-    docstring). If even the minimum ranks do not fit, the minimum ranks are returned."""
-    ranks = {name: list(o.max_ranks) for name, o in offers.items()}
+    docstring). If even the minimum ranks do not fit, the minimum ranks are returned.
+
+    ``multiple``: ranks move in steps of this many singular values and end on its multiples
+    (runtimes' GEMM kernels work in blocks); a mode's minimum rank, and a τ rank below one
+    block, stay as they are."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be at least 1, got {multiple}")
+
+    def start(r: int, lo: int) -> int:
+        down = r // multiple * multiple
+        return down if down >= max(lo, 1) else r
+
+    ranks = {name: [start(r, lo) for r, lo in zip(o.max_ranks, o.min_ranks, strict=True)] for name, o in offers.items()}
     costs = {name: o.cost(tuple(ranks[name])) for name, o in offers.items()}
     total = fixed_cost + sum(costs.values())
     if total <= budget:
@@ -66,14 +85,15 @@ def allocate_ranks(
     }
 
     def key(name: str, mode: int) -> float | None:
-        """Worth per unit saved of dropping this mode's last kept singular value (None: cannot)."""
+        """Worth per unit saved of dropping this mode's last step of singular values (None: cannot)."""
         r = ranks[name]
-        if r[mode] <= offers[name].min_ranks[mode]:
+        lower = _step_down(r[mode], offers[name].min_ranks[mode], multiple)
+        if lower is None:
             return None
         smaller = list(r)
-        smaller[mode] -= 1
+        smaller[mode] = lower
         saving = costs[name] - offers[name].cost(tuple(smaller))
-        worth = energy[name][mode][r[mode] - 1] if r[mode] - 1 < len(energy[name][mode]) else 0.0
+        worth = sum(energy[name][mode][lower : r[mode]])
         return worth / saving if saving > 0 else math.inf
 
     heap = [(k, name, m) for name in offers for m in range(len(ranks[name])) if (k := key(name, m)) is not None]
@@ -86,7 +106,7 @@ def allocate_ranks(
         if current > k + 1e-18 * max(1.0, abs(k)):  # stale (the other mode changed): re-queue
             heapq.heappush(heap, (current, name, mode))
             continue
-        ranks[name][mode] -= 1
+        ranks[name][mode] = _step_down(ranks[name][mode], offers[name].min_ranks[mode], multiple)
         new_cost = offers[name].cost(tuple(ranks[name]))
         total += new_cost - costs[name]
         costs[name] = new_cost
@@ -116,7 +136,8 @@ class Budget:
     ``kind`` is ``params`` or ``macs``; ``fraction`` of the dense model's count; MACs at
     ``input_size`` (per image). ``ramp_truncations``: how many truncations the target is
     reached over; ``start``: the cost the ramp starts from, or ``start_ranks``: the ranks that
-    cost is computed at (default: the model's ranks now).
+    cost is computed at (default: the model's ranks now); ``multiple``: round ranks to it
+    (see :func:`allocate_ranks`).
     """
 
     def __init__(
@@ -130,10 +151,11 @@ class Budget:
         ramp_truncations: int = 1,
         start: float | None = None,
         start_ranks: Mapping[str, tuple[int, ...]] | None = None,
+        multiple: int = 1,
     ) -> None:
         if kind not in ("params", "macs"):
             raise ValueError(f"budget kind must be 'params' or 'macs', got {kind!r}")
-        self.kind, self.fraction = kind, float(fraction)
+        self.kind, self.fraction, self.multiple = kind, float(fraction), int(multiple)
         self.ramp = max(1, int(ramp_truncations))
         self.layers = low_rank_layers(model)
         self._cost_fns: dict[str, CostFn] = {}
@@ -200,7 +222,7 @@ class Budget:
             offers[name] = LayerOffer(sigmas, max_ranks, tuple(layer.r_min for _ in sigmas), self._cost_fns[name])
         target = self.current_target()
         self.truncations += 1
-        return allocate_ranks(offers, target, self.fixed)
+        return allocate_ranks(offers, target, self.fixed, self.multiple)
 
     def summary(self) -> dict[str, float]:
         return {

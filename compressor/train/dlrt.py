@@ -356,6 +356,7 @@ class Trainer:
                 ramp_truncations=ramp,
                 start=self._budget_start,
                 start_ranks=self._initial_ranks,
+                multiple=target.multiple,
             )
             self._budget_start = self.budget.start
         self.budget.ramp = ramp
