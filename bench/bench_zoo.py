@@ -289,7 +289,7 @@ def kfmt(k: float | None) -> str:
 
 
 def short(name: str) -> str:
-    return name.removeprefix("features.").removeprefix("net.")
+    return name.removeprefix("net.").removeprefix("features.")
 
 
 def why(e: dict[str, Any]) -> str:
