@@ -307,7 +307,36 @@ def why(e: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def verdicts(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str]]:
+# reason a layer stayed dense → what would change it (the recipe key, or why nothing can)
+REMEDIES = {
+    "first conv kept dense": "factorize.keep_first_conv: false",
+    "final classifier kept dense": "factorize.keep_classifier: false",
+    "grouped/depthwise conv": "nothing here: a depthwise conv has one channel per group, no channel mode to factorize",
+    "no saving at any rank >= r_min=2": "nothing here: too small to save at any rank",
+}
+
+
+def remedy(e: dict[str, Any], missed_cr: bool, missed_speed: bool) -> str:
+    """What would change a missed target, from where the compressed model's cost stays."""
+    hints = []
+    if missed_cr:
+        for reason, v in sorted(
+            (e.get("where") or {}).get("dense_reasons", {}).items(), key=lambda kv: -kv[1]["params"]
+        ):
+            share = v["params"] / e["params"]
+            if share >= 0.05:
+                hints.append(f"{100 * share:.0f} % of what is left is dense ({reason}): {REMEDIES.get(reason, reason)}")
+        if not hints:
+            hints.append("the factorized layers keep high ranks: a parameter budget (train.target.params)")
+    if missed_speed:
+        hints.append(
+            "latency follows the MACs less than the MAC ratio promises: ranks on multiples of 8 "
+            "(train.target.multiple: 8) suit the runtime's kernels; a MAC budget cuts where the MACs are"
+        )
+    return "; ".join(hints)
+
+
+def verdicts(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     """Per model, the RobustDLRT arm against the issue's targets: c.r., clean ≥ dense − 1, speedup b1."""
     out = []
     for name in args.models:
@@ -328,6 +357,7 @@ def verdicts(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[tu
                 f"{sp:.2f}× vs 0.8 × {mac_ratio:.2f} = {0.8 * mac_ratio:.2f}×: "
                 f"**{'met' if sp >= 0.8 * mac_ratio else 'not met'}**",
                 why(rob),
+                remedy(rob, cr < target, sp < 0.8 * mac_ratio) or "—",
             )
         )
     return out
@@ -384,8 +414,8 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
             "largest shares of the compressed model's parameters and MACs, and the layers left dense with "
             "their reason and parameters.",
             "",
-            "| model | c.r. | clean vs dense | speedup b1 | where it stays |",
-            "|---|---|---|---|---|",
+            "| model | c.r. | clean vs dense | speedup b1 | where it stays | what would change a missed target |",
+            "|---|---|---|---|---|---|",
         ]
         out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
