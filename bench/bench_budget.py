@@ -10,8 +10,10 @@ init. Per seed (a seed draws the subsets, the initialization, the batch order an
      τ ``--tau``, ``--epochs`` rank-adaptive epochs, the budget reached over ``--ramp`` of them);
    - **one-shot baseline**: the dense weights factorized by SVD / Tucker (HOSVD) at each layer's
      cap, truncated at once to exactly the per-layer ranks the RobustDLRT arm ended at, then
-     plain fine-tuning at those fixed ranks (β = 0, cores and dense layers; bases fixed) with the
-     same optimizer, schedule, clipping and number of epochs;
+     plain fine-tuning of every factor at those fixed ranks (the factors as plain layers, as after
+     AIMET's SVD compression; β = 0) with the same optimizer, schedule, clipping and number of
+     epochs. Its latency is that of the unfolded factors (``fold="none"``), RobustDLRT's that of
+     the export's folded forms, which can only be as fast or faster at the same ranks;
 3. every model: clean accuracy and ℓ2-FGSM accuracy (ε in pixel units) on the same validation
    images, parameters and c.r., multiply-adds per image, and onnxruntime latency at batch 1 and
    32, the compressed model timed side by side with the dense one (speedup = dense median /
@@ -50,10 +52,11 @@ from compressor.cli import enable_huge_pages
 from compressor.data import build_data, set_epoch
 from compressor.evaluate import evaluate
 from compressor.export import export_onnx, onnx_latencies
+from compressor.export.onnx_export import plain_model, plan_export
 from compressor.factorize import factorize_
 from compressor.layers import low_rank_layers
 from compressor.models import create_model
-from compressor.recipe import Recipe, TrainSection, recipe_from_dict
+from compressor.recipe import BaselineSection, Recipe, recipe_from_dict
 from compressor.runtime import compression_stats, count_macs, dumps
 from compressor.stages import factorize_and_train
 from compressor.train import Trainer, clean_accuracy
@@ -168,13 +171,17 @@ def State(args: argparse.Namespace) -> EntryStore:
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure(model: torch.nn.Module, loader, args, seed: int, onnx: dict[str, Path] | None) -> dict[str, Any]:
-    """Accuracy (clean, ℓ2-FGSM), size, MACs and (``onnx``: dense and a path to write) latency."""
+def measure(
+    model: torch.nn.Module, loader, args, seed: int, onnx: dict[str, Path] | None, sizes: torch.nn.Module | None = None
+) -> dict[str, Any]:
+    """Accuracy (clean, ℓ2-FGSM), size, MACs and (``onnx``: dense and a path to write) latency;
+    ``sizes``: the factorized model whose parameters and MACs ``model`` has (default: itself)."""
     res = evaluate(
         model, loader, [{"name": "l2_fgsm", "eps": EPS}], max_samples=args.attack_samples, seed=seed, device="cpu"
     )
-    stats, size = compression_stats(model), args.input_size
-    macs, macs_dense = count_macs(model, size), count_macs(model, size, dense_equivalent=True)
+    sizes = model if sizes is None else sizes
+    stats, size = compression_stats(sizes), args.input_size
+    macs, macs_dense = count_macs(sizes, size), count_macs(sizes, size, dense_equivalent=True)
     out = {
         "clean": res.clean_accuracy,
         "l2_fgsm": res.adversarial_accuracy["l2_fgsm"],
@@ -289,17 +296,18 @@ def run_seed(args: argparse.Namespace, seed: int, state: State, work: Path, cloc
             if not same:
                 log.warning("seed %d %s: one-shot ranks differ from RobustDLRT's", seed, key)
             before = clean_accuracy(model, data.val_loader, torch.device("cpu"))
-            cfg = TrainSection.model_validate(
-                {**r.train.model_dump(), "epochs": 0, "finetune_epochs": args.epochs, "beta": 0.0, "target": {}}
-            )
+            # every factor trains (U, S·Vᵀ as plain layers at these ranks), as after AIMET's SVD compression
+            plain = plain_model(model, plan_export(model, "none")).train()
+            keep = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "grad_clip")
+            cfg = BaselineSection(**{k: getattr(r.train, k) for k in keep}, epochs=args.epochs, checkpoint_every=0)
             torch.manual_seed(seed + 3)
             t1 = time.perf_counter()
-            history = Trainer(model, data.train_loader, cfg, seed=seed, name="one-shot", set_epoch=set_epoch).fit()
+            history = Trainer(plain, data.train_loader, cfg, seed=seed, name="one-shot", set_epoch=set_epoch).fit()
             train_s = time.perf_counter() - t1
             state.add(
                 {
                     **dict(seed=seed, budget=key, kind=kind, fraction=f, arm="oneshot"),
-                    **measure(model, data.val_loader, args, seed, onnx),
+                    **measure(plain, data.val_loader, args, seed, onnx, sizes=model),
                     **dict(ranks=ranks_of(model), ranks_match_robustdlrt=same, clean_before_finetune=before),
                     **dict(train_seconds=train_s, history=slim(history)),
                 }
@@ -399,8 +407,9 @@ def render(args: argparse.Namespace, doc: dict[str, Any], pareto: str | None = N
         f"{args.dense_lr:g}, {args.dense_epochs} epoch(s). From the same dense weights per seed: budget-RobustDLRT "
         f"(activation-aware init, AdamW 5e-4 cosine clip 1.0, β {args.beta:g}, τ {args.tau:g}, {args.epochs} "
         f"rank-adaptive epoch(s), budget reached over the first {args.ramp:g} of the truncations) and the one-shot "
-        f"baseline (SVD/HOSVD truncated at once to the same per-layer ranks, then {args.epochs} fixed-rank epoch(s) "
-        "with the same optimizer). Accuracies in %; ℓ2-FGSM ε in pixel units on "
+        f"baseline (SVD/HOSVD truncated at once to the same per-layer ranks, then {args.epochs} epoch(s) training "
+        "every factor with the same optimizer; its latency is that of the unfolded factors). Accuracies in %; "
+        "ℓ2-FGSM ε in pixel units on "
         f"{doc['n_attacked']} images. 'reached' = the budgeted quantity (MACs or params) as a fraction of dense; "
         f"speedup = dense / compressed onnxruntime median ({args.latency_threads} threads, {args.latency_repeats} "
         "runs each, timed side by side). Gap = RobustDLRT − baseline clean accuracy, paired by seed.",
