@@ -24,6 +24,7 @@ SCRIPTS = {  # script → (section, output flag, output file name)
     "bench_budget.py": ("budget", "--out", "budget.json"),
     "bench_regime.py": ("regime", "--out", "regime.json"),
     "bench_zoo.py": ("zoo", "--out", "zoo.json"),
+    "bench_forms.py": ("forms", "--out", "forms.json"),
 }
 
 

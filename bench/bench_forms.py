@@ -1,0 +1,199 @@
+"""Per layer: does onnxruntime deliver a factorized conv's MAC saving, and in which export form?
+
+A compressed network's speedup at batch 32 falls short of its MAC ratio; this script finds
+where. For every Tucker-2 conv of a compressed run (its model, input size and final ranks read
+from the run's ``report.json``; the factors themselves do not matter for speed, so the layers
+are SVD-initialized at those ranks), each export form — ``tucker3`` (1×1 → k×k core → 1×1),
+``fold_out`` (1×1 → k×k), ``fold_in`` (k×k → 1×1) — is timed in onnxruntime beside the dense
+conv on the layer's own input shape, interleaved, and its speedup is set beside its MAC ratio.
+The forms are built by the exporter's own code (``compressor.export.onnx_export``).
+
+    python bench/bench_forms.py --smoke       # < 1 min: timm test_resnet at half ranks (CI)
+    compress --model vgg16 --recipe recipes/robust.yaml --set train.target.macs=0.2 \\
+        --set train.target.multiple=8 --output-dir runs/macs02-m8
+    python bench/bench_forms.py --report runs/macs02-m8/robust-vgg16-digits/report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import benchmarks_md
+import torch
+
+from compressor.atomic import write_text
+from compressor.export import export_onnx, onnx_latencies
+from compressor.export.onnx_export import _plain_layer
+from compressor.factorize import factorize_
+from compressor.layers import TuckerConv2d, low_rank_layers
+from compressor.models import create_model
+from compressor.runtime import dumps
+
+log = logging.getLogger("bench_forms")
+RESULTS = Path(__file__).resolve().parent / "results"
+FORMS = ("tucker3", "fold_out", "fold_in")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--smoke", action="store_true", help="< 1 min: timm:test_resnet at half ranks (CI)")
+    ap.add_argument("--report", default=None, help="a run's report.json: model, input size and final ranks")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="onnxruntime intra-op threads")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=None, help="JSON (default bench/results/forms[-smoke].json)")
+    ap.add_argument("--benchmarks-md", default=None, help="page of the 'forms' section (--smoke: none)")
+    args = ap.parse_args(argv)
+    if not args.smoke and not args.report:
+        ap.error("give --report <run>/report.json (or --smoke)")
+    if args.report and not Path(args.report).is_file():
+        ap.error(f"--report {args.report}: no such file (run compress first; see --help)")
+    if args.repeats < 1 or any(t < 1 for t in args.threads):
+        ap.error("--repeats and --threads must be at least 1")
+    if args.smoke:
+        args.repeats, args.threads = 3, [1]
+    args.out = Path(args.out or RESULTS / f"forms{'-smoke' if args.smoke else ''}.json")
+    return args
+
+
+def compressed_layers(args: argparse.Namespace) -> tuple[str, int, dict[str, TuckerConv2d], dict[str, tuple]]:
+    """The run's model at its final ranks: (model name, input size, Tucker layers, their input shapes)."""
+    if args.smoke:
+        name, size, ranks = "timm:test_resnet", 32, None
+    else:
+        report = json.loads(Path(args.report).read_text())
+        name, size = report["model"]["name"], report["model"]["input_size"]
+        ranks = {n: tuple(v["ranks"]) for n, v in report["compressed"]["layers"].items()}
+    model, _ = create_model(name, 10, input_size=size)
+    factorize_(model, init="svd", init_rank=None, r_min=1, r_max=10**6, seed=0)
+    layers = {n: m for n, m in low_rank_layers(model).items() if isinstance(m, TuckerConv2d)}
+    for n, layer in layers.items():
+        want = ranks[n] if ranks else tuple(max(1, r // 2) for r in layer.ranks)
+        layer.truncate_(0.0, rank_cap=want)
+    shapes: dict[str, tuple] = {}
+
+    def record(name: str):
+        def hook(module, inputs, output) -> None:  # a hook that returned a value would replace the output
+            shapes.setdefault(name, tuple(inputs[0].shape))
+
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in layers.items()]
+    with torch.no_grad():
+        model.eval()(torch.rand(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return name, size, layers, shapes
+
+
+def macs(layer: TuckerConv2d, form: str, out_px: int, in_px: int) -> int:
+    c_in, c_out, k = layer.in_channels, layer.out_channels, layer.kernel_size[0] * layer.kernel_size[1]
+    r_out, r_in = layer.ranks
+    return {
+        "dense": c_out * c_in * k * out_px,
+        "tucker3": c_in * r_in * in_px + r_in * r_out * k * out_px + r_out * c_out * out_px,
+        "fold_out": c_in * r_in * in_px + r_in * c_out * k * out_px,
+        "fold_in": c_in * r_out * k * out_px + r_out * c_out * out_px,
+    }[form]
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    name, size, layers, shapes = compressed_layers(args)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-forms-") as tmp:
+        for n, layer in layers.items():
+            _, c_in, h, w = shapes[n]
+            if h != w:
+                continue
+            with torch.no_grad():
+                out = layer(torch.zeros(1, c_in, h, w))
+            out_px, in_px = out.shape[-2] * out.shape[-1], h * w
+            paths = {}
+            for form in ("dense", *FORMS):
+                paths[form] = Path(tmp) / f"{form}.onnx"
+                export_onnx(_plain_layer(layer, form), paths[form], input_size=h, in_chans=c_in, check=False)
+            row: dict[str, Any] = {"layer": n, "shape": [c_in, layer.out_channels, h], "ranks": list(layer.ranks)}
+            row["mac_ratio"] = {f: macs(layer, "dense", out_px, in_px) / macs(layer, f, out_px, in_px) for f in FORMS}
+            for t in args.threads:
+                lat = onnx_latencies(paths, input_size=h, in_chans=c_in, threads=t, repeats=args.repeats, warmup=2)
+                row[f"speedup_t{t}"] = {
+                    f"b{b}": {f: lat["dense"][b]["median_ms"] / lat[f][b]["median_ms"] for f in FORMS} for b in (1, 32)
+                }
+            rows.append(row)
+            log.info("%s %s ranks %s: %s", n, row["shape"], row["ranks"], row[f"speedup_t{args.threads[0]}"])
+    return {"model": name, "input_size": size, "layers": rows}
+
+
+def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
+    t = args.threads
+    head = " | ".join(f"{f} b{b} t{x}" for x in t for b in (1, 32) for f in FORMS)
+    out = [
+        f"## Export forms per layer: {doc['model']} at {doc['input_size']} px",
+        "",
+        "Speedup of each form over the dense conv in onnxruntime (interleaved, median of "
+        f"{args.repeats}), batch b, t intra-op threads; in brackets the form's MAC ratio. "
+        + (f"Ranks from `{args.report}`." if args.report else "Half ranks (smoke)."),
+        "",
+        f"| layer | c_in→c_out @ px | ranks | {head} |",
+        "|---" * (3 + 6 * len(t)) + "|",
+    ]
+    for r in doc["layers"]:
+        cells = [r["layer"].removeprefix("net."), f"{r['shape'][0]}→{r['shape'][1]} @ {r['shape'][2]}", str(r["ranks"])]
+        for x in t:
+            for b in ("b1", "b32"):
+                cells += [f"{r[f'speedup_t{x}'][b][f]:.2f} ({r['mac_ratio'][f]:.2f})" for f in FORMS]
+        out.append("| " + " | ".join(cells) + " |")
+    best = [
+        r["layer"].removeprefix("net.")
+        for r in doc["layers"]
+        if max(FORMS, key=lambda f: r[f"speedup_t{t[0]}"]["b32"][f]) != "tucker3"
+    ]
+    out += [
+        "",
+        "At batch 32 and "
+        + f"{t[0]} thread(s), a folded form beats the Tucker form at "
+        + (
+            f"{len(best)} of {len(doc['layers'])} layers ({', '.join(best)})."
+            if best
+            else f"none of the {len(doc['layers'])} layers."
+        ),
+    ]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("bench_forms").setLevel(logging.INFO)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    doc = measure(args)
+    doc["run"] = {"argv": sys.argv[1:] if argv is None else argv, "wall_seconds": time.perf_counter() - start}
+    doc["run"]["cores"] = os.cpu_count()
+    doc["markdown"] = md = render(args, doc)
+    write_text(args.out, dumps(doc))
+    print(md)
+    benchmarks_md.update_section(
+        "forms",
+        md,
+        script="bench_forms.py",
+        argv=list(sys.argv[1:] if argv is None else argv),
+        path=args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH),
+        measured="onnxruntime speedup of each export form of every factorized conv over its dense conv, beside "
+        "the form's MAC ratio, per batch size and thread count.",
+    )
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
