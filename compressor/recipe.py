@@ -201,7 +201,7 @@ class TrainSection(OptimSection):
     regularizer: Literal["spectral", "nuclear"] = "spectral"
     """What β weighs: spectral = the paper's R(S), which equalizes each core's spectrum; nuclear = ‖S‖_* (sum of singular values), which drives small singular values to zero."""
     kappa_max: float | None = Field(None, ge=1.0, le=1e8)
-    """If set, after every optimizer step and every truncation each core's singular values are raised to at least σ_max/kappa_max (CondLR's hard bound), so every κ ≤ kappa_max; combines with β."""
+    """If set, after every optimizer step and every truncation each core's singular values are raised to at least σ_max/kappa_max (CondLR's hard bound), so every κ ≤ kappa_max; within a DLRT cycle only the directions a layer had before augmenting are floored (see docs/dlrt.md); combines with β."""
     adversarial: AdversarialSection = Field(default_factory=AdversarialSection)
     """Adversarial fine-tuning: the examples each step trains on (with any of the above)."""
     target: TargetSection = Field(default_factory=TargetSection)

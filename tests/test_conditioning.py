@@ -41,16 +41,25 @@ def _factorized() -> nn.Module:
     return model
 
 
+def _kappa(layer, live: int | None = None) -> float:
+    """κ of the largest ``live`` singular values of the core (all of them: None)."""
+    s = torch.linalg.svdvals(layer.core_matrix().detach().double())
+    return float(s[0] / s[(live or len(s)) - 1])
+
+
 def test_clamp_keeps_every_core_within_the_bound_after_every_step_and_truncation():
     model = _factorized()
     trainer = Trainer(model, _loader(), train_config(2, lr=5e-2, tau=0.01, coefficient_steps=3, kappa_max=4.0),
                       set_epoch=_reseed)  # fmt: skip
-    seen = []
+    seen, candidates = [], []
     clamp = trainer._clamp_conditioning
 
     def spy():
         clamp()
-        seen.append(max(layer.condition_number() for layer in trainer.layers.values()))
+        # inside a cycle: the bound on the directions each layer had before augmenting
+        seen.append(max(_kappa(layer, trainer._live.get(name)) for name, layer in trainer.layers.items()))
+        if trainer._live:
+            candidates.append(max(_kappa(layer) for layer in trainer.layers.values()))
 
     trainer._clamp_conditioning = spy
     truncate = trainer._truncate
@@ -65,9 +74,21 @@ def test_clamp_keeps_every_core_within_the_bound_after_every_step_and_truncation
     assert len(seen) == trainer.global_step + len(after_truncation)  # after every step and every truncation
     assert max(seen + after_truncation) <= 4.0 * (1 + 1e-5), max(seen + after_truncation)
     assert max(layer.condition_number() for layer in trainer.layers.values()) <= 4.0 * (1 + 1e-5)
+    assert max(candidates) > 4.0  # an augmentation's candidates are not raised to σ_max/κ_max
     free = Trainer(_factorized(), _loader(), train_config(2, lr=5e-2, tau=0.01, coefficient_steps=3), set_epoch=_reseed)
     free.fit()
     assert max(layer.condition_number() for layer in free.layers.values()) > 4.0  # the bound did bind
+
+
+def test_clamp_of_an_augmented_core_floors_only_the_live_directions():
+    layer = LowRankLinear.from_dense(nn.Linear(20, 16), 8, r_min=2, r_max=8)
+    with torch.no_grad():
+        p, _, qh = torch.linalg.svd(torch.randn(8, 8, dtype=torch.float64))
+        layer.S.copy_((p * torch.tensor([10.0, 8, 1, 0.5, 0.01, 0.0, 0.0, 0.0], dtype=torch.float64)) @ qh)
+    layer.clamp_condition_(4.0, live=4)
+    after = torch.linalg.svdvals(layer.S.double())
+    assert torch.allclose(after[:4], torch.tensor([10.0, 8, 2.5, 2.5], dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(after[4:], torch.tensor([0.01, 0, 0, 0], dtype=torch.float64), atol=1e-5)  # candidates
 
 
 def test_clamp_changes_only_the_small_singular_values():

@@ -131,19 +131,23 @@ class LowRankLayer(nn.Module):
         return torch.linalg.matrix_norm(self.core_matrix().float(), ord="nuc")
 
     @torch.no_grad()
-    def clamp_condition_(self, kappa_max: float) -> None:
-        """Raise every singular value of the core matrix to at least σ_max / ``kappa_max`` (the
-        singular vectors stay), so that κ ≤ kappa_max: CondLR's hard bound (Savostianova et al.,
-        2023), applied to the core since the bases are orthonormal. Directions an augmentation
-        admitted at σ = 0 enter at σ_max / kappa_max."""
+    def clamp_condition_(self, kappa_max: float, live: int | None = None) -> None:
+        """Raise the core matrix's singular values to at least σ_max / ``kappa_max`` (the singular
+        vectors stay), so that κ ≤ kappa_max: CondLR's hard bound (Savostianova et al., 2023),
+        applied to the core since the bases are orthonormal. ``live``: floor only the largest
+        this-many singular values — in an augmented core, the directions the layer had before
+        the augmentation; the candidates it admitted (at σ = 0) grow by their gradients alone
+        and meet the bound when a truncation keeps them."""
         m = self.core_matrix()
         p, sigma, qh = torch.linalg.svd(m.double(), full_matrices=False)
         if not bool(sigma[0] > 0):
             return
         floor = float(sigma[0]) / float(kappa_max)
-        if float(sigma[-1]) >= floor:
+        n = len(sigma) if live is None else max(1, min(int(live), len(sigma)))
+        if float(sigma[n - 1]) >= floor:
             return
-        self.core.data.copy_(((p * sigma.clamp_min(floor)) @ qh).to(m.dtype).reshape(self.core.shape))
+        clamped = torch.cat([sigma[:n].clamp_min(floor), sigma[n:]])
+        self.core.data.copy_(((p * clamped) @ qh).to(m.dtype).reshape(self.core.shape))
 
     def condition_number(self, *, precise: bool = True) -> float:
         """κ of the core matrix (float64; ``precise=False``: to ~0.1 %, see ``condition_number``)."""

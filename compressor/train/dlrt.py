@@ -126,6 +126,7 @@ class Trainer:
         self.beta = 0.0 if dense else config.beta
         self.regularizer = "spectral" if dense else config.regularizer
         self.kappa_max = None if dense else config.kappa_max
+        self._live: dict[str, int] = {}  # per layer, its rank before the current augmentation
         self.attack = None if dense else _adversary(model, config.adversarial)
         self.device = torch.device(device)
         self.seed = seed
@@ -273,12 +274,13 @@ class Trainer:
         return loss.detach(), reg.detach(), correct
 
     def _clamp_conditioning(self) -> None:
-        """Every core's κ ≤ train.kappa_max, after every optimizer step and every truncation (an
-        augmentation's zero directions are raised by the next step's clamp, so that augmenting
-        leaves W unchanged). The optimizer's moments stay as they are: the clamp moves the core,
-        not the statistics of its gradients."""
-        for layer in self.layers.values():
-            layer.clamp_condition_(self.kappa_max)
+        """Every core's κ ≤ train.kappa_max after every optimizer step and every truncation.
+        Between an augmentation and its truncation the bound holds on the directions each layer
+        had before augmenting (``_live``); raising the candidates' zero singular values would
+        add arbitrary directions at σ_max/κ_max to the function every cycle. The optimizer's
+        moments stay as they are: the clamp moves the core, not the statistics of its gradients."""
+        for name, layer in self.layers.items():
+            layer.clamp_condition_(self.kappa_max, live=self._live.get(name))
 
     def _schedule_step(self, took: bool) -> None:
         """The schedule advances with the step count, taken or skipped (so that a resumed or a
@@ -315,6 +317,7 @@ class Trainer:
             layer.set_bases_trainable(flag)
 
     def _augment(self) -> None:
+        self._live = {name: layer.ranks[0] for name, layer in self.layers.items()}  # core_matrix's rows
         for k, layer in enumerate(self.layers.values()):
             old_shape = layer.core.shape
             change = layer.augment_(seed=self.seed * 7919 + self.global_step * 131 + k)
@@ -326,6 +329,7 @@ class Trainer:
         return target.ramp if target is not None and target.kind is not None else 1.0
 
     def _truncate(self, exact: bool = True, index: int = 0, ramp: int = 1, input_shape: tuple[int, ...] = ()) -> None:
+        self._live = {}
         caps = self._budget_caps(index, ramp, input_shape)
         for name, layer in self.layers.items():
             old_shape = layer.core.shape
