@@ -160,7 +160,7 @@ class TargetSection(_Section):
     ramp: float = Field(0.5, gt=0.0, le=1.0)
     """Share of the rank-adaptive truncations over which the budget is reached, from the factorized model's cost (gradually, so that accuracy can follow)."""
     multiple: int = Field(1, ge=1, le=256)
-    """With a budget: every rank moves in steps of this many directions and ends on a multiple of it (8 suits the GEMM kernels of onnxruntime and most runtimes); a layer's minimum rank, and a rank smaller than one step, stay as they are."""
+    """With a budget: every rank moves in steps of this many directions and ends on a multiple of it (8: onnxruntime's CPU kernels ran Tucker convs at multiples of 8 faster than at one rank fewer, see BENCHMARKS.md); a layer's minimum rank, and a rank smaller than one step, stay as they are."""
 
     @model_validator(mode="after")
     def _one_budget(self) -> TargetSection:
