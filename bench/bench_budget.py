@@ -13,7 +13,7 @@ init. Per seed (a seed draws the subsets, the initialization, the batch order an
      plain fine-tuning of every factor at those fixed ranks (the factors as plain layers, as after
      AIMET's SVD compression; β = 0) with the same optimizer, schedule, clipping and number of
      epochs. Its latency is that of the unfolded factors (``fold="none"``), RobustDLRT's that of
-     the export's folded forms, which can only be as fast or faster at the same ranks;
+     the forms the export picks (the fewest MACs at no more parameters);
 3. every model: clean accuracy and ℓ2-FGSM accuracy (ε in pixel units) on the same validation
    images, parameters and c.r., multiply-adds per image, and onnxruntime latency at batch 1 and
    32, the compressed model timed side by side with the dense one (speedup = dense median /
@@ -296,7 +296,8 @@ def run_seed(args: argparse.Namespace, seed: int, state: State, work: Path, cloc
             if not same:
                 log.warning("seed %d %s: one-shot ranks differ from RobustDLRT's", seed, key)
             before = clean_accuracy(model, data.val_loader, torch.device("cpu"))
-            # every factor trains (U, S·Vᵀ as plain layers at these ranks), as after AIMET's SVD compression
+            # every factor trains (Vᵀ, S, U or U_in, core, U_out as plain layers at these ranks), as after AIMET's SVD
+            # compression
             plain = plain_model(model, plan_export(model, "none")).train()
             keep = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "grad_clip")
             cfg = BaselineSection(**{k: getattr(r.train, k) for k in keep}, epochs=args.epochs, checkpoint_every=0)
