@@ -452,7 +452,7 @@ def pareto_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: P
     table = [r for r in rows(args, entries) if all("latency_ms" in e for e in r["entries"])]
     if not table:
         return False
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(9.5, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     colors = {r["budget"]: f"C{i}" for i, r in enumerate(x for x in table if x["arm"] == "robustdlrt")}
@@ -474,7 +474,8 @@ def pareto_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: P
     ax.set_ylabel("clean accuracy (%)")
     ax.set_title(f"{args.model} on {args.data}: ○ budget-RobustDLRT, □ one-shot baseline")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, ncol=2)
+    # beside the axes, so that no point is hidden
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
