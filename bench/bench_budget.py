@@ -45,6 +45,7 @@ from typing import Any
 
 import benchmarks_md
 import torch
+from common import add_run_options, check_run_options, start_run
 from entries import EntryStore
 
 from compressor.atomic import atomic_path, write_text
@@ -98,14 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--target-macs", type=float, default=0.2, help="the issue's target point")
     ap.add_argument("--target-points", type=float, default=2.0, help="clean points above the baseline")
     ap.add_argument("--target-speedup", type=float, default=4.0, help="over dense at batch 32")
-    ap.add_argument("--threads", default="auto", help="torch threads; auto: 1 if the load ≥ the cores")
-    ap.add_argument("--out", default=None, help="JSON (default bench/results/budget[-smoke].json)")
-    ap.add_argument("--benchmarks-md", default=None, help="page of the 'budget' section (--smoke: none)")
-    ap.add_argument("--checkpoint-dir", default=None, help="save finished entries here; a rerun skips them")
-    ap.add_argument("--report-only", action="store_true", help="render the table from --checkpoint-dir, run nothing")
+    add_run_options(ap, "budget")
     args = ap.parse_args(argv)
-    if args.report_only and not args.checkpoint_dir:
-        ap.error("--report-only reads --checkpoint-dir: give it")
+    check_run_options(ap, args)
     if args.smoke:
         args.model, args.data, args.seeds, args.macs, args.params = "timm:test_resnet", "digits", [0], [0.25], [0.05]
         args.train_subset, args.val_subset, args.batch_size, args.dense_epochs, args.epochs = 64, 32, 32, 1, 1
@@ -120,8 +116,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.dense_epochs < 0 or any(s < 0 for s in args.seeds):
         ap.error("--dense-epochs and --seeds must not be negative")
-    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
-        ap.error(f"--threads {args.threads!r}: give auto or a positive number")
     args.seeds, args.macs, args.params = (list(dict.fromkeys(x)) for x in (args.seeds, args.macs, args.params))
     args.out = Path(args.out or RESULTS / f"budget{'-smoke' if args.smoke else ''}.json")
     return args
@@ -485,13 +479,7 @@ def pareto_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: P
 def main(argv: list[str] | None = None) -> int:
     enable_huge_pages()
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in ("bench_budget", "compressor"):  # progress on stderr; the exporters' chatter stays off
-        logging.getLogger(name).setLevel(logging.INFO)
-    if args.threads != "auto":
-        torch.set_num_threads(int(args.threads))
-    elif os.getloadavg()[0] >= (os.cpu_count() or 1):
-        torch.set_num_threads(1)  # on a busy machine, spinning OpenMP threads slow every op down
+    start_run(args, "bench_budget")
     start = time.perf_counter()
     state = State(args)
     seeds, n_b = len(args.seeds), len(budgets(args))

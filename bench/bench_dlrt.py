@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import benchmarks_md  # noqa: E402
 import torchvision  # noqa: E402
+from common import parse_device  # noqa: E402
 
 from compressor.atomic import write_text  # noqa: E402
 from compressor.cli import enable_huge_pages  # noqa: E402
@@ -548,14 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         help="page whose 'dlrt' section the table replaces (default: BENCHMARKS.md; --smoke: none)",
     )
     args = ap.parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        ap.error(f"--device {args.device!r} is not a device; use cpu or cuda[:N]")
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        ap.error(f"--device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        ap.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    device = parse_device(ap, args.device)
     if args.amp is None:
         args.amp = "bf16" if device.type == "cuda" else "off"
     if args.profile and device.type != "cpu":

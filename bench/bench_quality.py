@@ -53,6 +53,7 @@ from typing import Any
 
 import benchmarks_md  # noqa: E402
 import torch
+from common import resolve_threads  # noqa: E402
 from torch.utils.data import DataLoader, Subset
 
 from compressor.atomic import write_text  # noqa: E402
@@ -1064,16 +1065,6 @@ def check_smoke(args: argparse.Namespace, doc: dict[str, Any], out_dir: Path) ->
     if problems:
         raise SystemExit("smoke check failed: " + "; ".join(problems))
     print("\nsmoke check passed")
-
-
-def resolve_threads(spec: str) -> int | None:
-    if spec != "auto":
-        return int(spec)
-    try:
-        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except OSError:
-        busy = False
-    return 1 if busy else None
 
 
 def projection(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[str, Any] | None:

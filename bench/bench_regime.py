@@ -71,6 +71,7 @@ from typing import Any
 
 import benchmarks_md
 import torch
+from common import add_run_options, check_run_options, parse_device, start_run
 from entries import EntryStore
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
@@ -174,12 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--target-slack", type=float, default=1.0, help="… points below dense allowed (ℓ2-FGSM, clean)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--amp", choices=("off", "bf16"), default=None, help="autocast: off on the CPU, bf16 on CUDA")
-    ap.add_argument("--threads", default="auto", help="torch threads; auto: 1 if the load ≥ the cores")
-    ap.add_argument("--out", default=None, help="JSON (default bench/results/regime[-smoke].json)")
-    ap.add_argument("--benchmarks-md", default=None, help="page of the 'regime' section (--smoke: none)")
-    ap.add_argument("--checkpoint-dir", default=None, help="save finished entries here; a rerun skips them")
+    add_run_options(ap, "regime")
     ap.add_argument("--estimate-only", action="store_true", help="print the wall-time estimate, run nothing")
-    ap.add_argument("--report-only", action="store_true", help="render the table from --checkpoint-dir, run nothing")
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset = "smoke"
@@ -190,14 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        ap.error(f"--device {args.device!r} is not a device; use cpu or cuda[:N]")
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        ap.error(f"--device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        ap.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    device = parse_device(ap, args.device)
     args.device_type = device.type
     if args.amp is None:
         args.amp = "bf16" if device.type == "cuda" else "off"
@@ -226,8 +216,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--dense-target is a held-out accuracy in [0, 1]")
     if args.kappa_max < 1.0:
         ap.error("--kappa-max must be at least 1")
-    if args.report_only and not args.checkpoint_dir:
-        ap.error("--report-only reads --checkpoint-dir: give it")
     if not 0.0 < args.adv_eps <= 1.0:
         ap.error("--adv-eps must be in (0, 1] (pixel units)")
     for key in ("lr", "dense_lr"):
@@ -235,8 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--{key.replace('_', '-')} must be in (0, 10]")
     if args.hidden is not None and args.hidden < 1:
         ap.error("--hidden must be at least 1")
-    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
-        ap.error(f"--threads {args.threads!r}: give auto or a positive number")
+    check_run_options(ap, args)
     widest = max(c for c in VGG_CFGS[args.vgg] if c != "M")
     args.widest = max(1, round(widest * args.width))
     if args.init_rank is None:
@@ -890,13 +877,7 @@ def kappa_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: Pa
 def main(argv: list[str] | None = None) -> int:
     enable_huge_pages()
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in ("bench_regime", "compressor"):  # progress on stderr
-        logging.getLogger(name).setLevel(logging.INFO)
-    if args.threads != "auto":
-        torch.set_num_threads(int(args.threads))
-    elif args.device_type == "cpu" and os.getloadavg()[0] >= (os.cpu_count() or 1):
-        torch.set_num_threads(1)  # on a busy machine, spinning OpenMP threads slow every op down
+    start_run(args, "bench_regime", cpu=args.device_type == "cpu")
     start = time.perf_counter()
     try:
         state = State(args)

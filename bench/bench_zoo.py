@@ -45,6 +45,7 @@ from typing import Any
 
 import benchmarks_md
 import torch
+from common import add_run_options, check_run_options, start_run
 from entries import EntryStore
 
 from compressor.atomic import write_text
@@ -104,14 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pgd-steps", type=int, default=10)
     ap.add_argument("--latency-repeats", type=int, default=20)
     ap.add_argument("--latency-threads", type=int, default=1, help="onnxruntime intra-op threads")
-    ap.add_argument("--threads", default="auto", help="torch threads; auto: 1 if the load ≥ the cores")
-    ap.add_argument("--out", default=None, help="JSON (default bench/results/zoo[-smoke].json)")
-    ap.add_argument("--benchmarks-md", default=None, help="page of the 'zoo' section (--smoke: none)")
-    ap.add_argument("--checkpoint-dir", default=None, help="save finished entries here; a rerun skips them")
-    ap.add_argument("--report-only", action="store_true", help="render the table from --checkpoint-dir, run nothing")
+    add_run_options(ap, "zoo")
     args = ap.parse_args(argv)
-    if args.report_only and not args.checkpoint_dir:
-        ap.error("--report-only reads --checkpoint-dir: give it")
+    check_run_options(ap, args)
     table = SMOKE if args.smoke else ZOO
     if args.smoke:
         args.data, args.train_subset, args.val_subset, args.batch_size = "digits", 128, 64, 32
@@ -128,8 +124,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--dense-epochs and --seed must not be negative, --pgd-steps at least 1")
     if not 0.0 < args.macs <= 1.0:
         ap.error(f"--macs {args.macs:g} is not a fraction in (0, 1]")
-    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
-        ap.error(f"--threads {args.threads!r}: give auto or a positive number")
     args.out = Path(args.out or RESULTS / f"zoo{'-smoke' if args.smoke else ''}.json")
     return args
 
@@ -444,13 +438,7 @@ def _l2_keys(entries: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     enable_huge_pages()
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in ("bench_zoo", "compressor"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    if args.threads != "auto":
-        torch.set_num_threads(int(args.threads))
-    elif os.getloadavg()[0] >= (os.cpu_count() or 1):
-        torch.set_num_threads(1)  # on a busy machine, spinning OpenMP threads slow every op down
+    start_run(args, "bench_zoo")
     start = time.perf_counter()
     fingerprint = {k: getattr(args, k) for k in _FINGERPRINT}
     state = EntryStore(args.checkpoint_dir, fingerprint, keys=("model", "arm"))
