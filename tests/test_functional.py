@@ -17,6 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from compressor import functional as Fn
+from compressor.functional import augmentation, orthonormal
 
 
 def _orth_error(q: torch.Tensor) -> float:
@@ -298,8 +299,8 @@ def _basis(n, r, dtype, seed=0):
 def first_pass(request, monkeypatch):
     """The augmentation's first orthonormalization either way (Cholesky QR runs from a row
     count that these small cases do not reach)."""
-    monkeypatch.setattr(Fn, "_CHOLESKY_FIRST_PASS_MIN_ROWS", 10**9 if request.param == "householder" else 0)
-    monkeypatch.setattr(Fn, "_CHOLESKY_FIRST_PASS_MIN_COLUMNS", 0)
+    monkeypatch.setattr(augmentation, "_CHOLESKY_FIRST_PASS_MIN_ROWS", 10**9 if request.param == "householder" else 0)
+    monkeypatch.setattr(augmentation, "_CHOLESKY_FIRST_PASS_MIN_COLUMNS", 0)
     return request.param
 
 
@@ -345,7 +346,7 @@ def test_orthonormal_complement_spans_new_gradient_directions(first_pass):
 def test_orthonormal_complement_of_a_tall_basis_and_a_rank_one_gradient():
     # a classifier-like basis (Cholesky first pass at the default threshold) and the worst
     # conditioning the regularizing noise allows: a gradient of rank one, 40 columns asked
-    n, r, k = Fn._CHOLESKY_FIRST_PASS_MIN_ROWS, 60, 40
+    n, r, k = augmentation._CHOLESKY_FIRST_PASS_MIN_ROWS, 60, 40
     basis = _basis(n, r, torch.float32)
     g = torch.Generator().manual_seed(3)
     d = 1e3 * torch.randn(n, 1, generator=g) @ torch.randn(1, r, generator=g)
@@ -359,19 +360,19 @@ def test_orthonormal_complement_of_a_tall_basis_and_a_rank_one_gradient():
 
 
 def test_first_pass_of_an_ill_conditioned_block_is_householder_qr(monkeypatch):
-    monkeypatch.setattr(Fn, "_CHOLESKY_FIRST_PASS_MIN_ROWS", 0)
-    monkeypatch.setattr(Fn, "_CHOLESKY_FIRST_PASS_MIN_COLUMNS", 0)
+    monkeypatch.setattr(augmentation, "_CHOLESKY_FIRST_PASS_MIN_ROWS", 0)
+    monkeypatch.setattr(augmentation, "_CHOLESKY_FIRST_PASS_MIN_COLUMNS", 0)
     g = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)) * torch.logspace(0, -9, 6)  # κ ≈ 1e9
-    assert torch.equal(Fn._orthonormalize_first_pass(g), torch.linalg.qr(g)[0])
+    assert torch.equal(augmentation._orthonormalize_first_pass(g), torch.linalg.qr(g)[0])
     good = torch.randn(50, 6, generator=torch.Generator().manual_seed(1))
-    q = Fn._orthonormalize_first_pass(good)  # Cholesky QR: orthonormal, the span of G
+    q = augmentation._orthonormalize_first_pass(good)  # Cholesky QR: orthonormal, the span of G
     assert _orth_error(q) < 1e-5
     assert float((good - q @ (q.mT @ good)).abs().max()) < 1e-5
 
 
 @pytest.mark.parametrize("k", [13, 67, 72])
 def test_tall_matmul_is_the_plain_product(k):
-    a = torch.randn(Fn._PADDED_PRODUCT_MIN_ROWS, 20, generator=torch.Generator().manual_seed(0))
+    a = torch.randn(orthonormal._PADDED_PRODUCT_MIN_ROWS, 20, generator=torch.Generator().manual_seed(0))
     b = torch.randn(20, k, generator=torch.Generator().manual_seed(1))
     out = Fn.tall_matmul(a, b)  # k = 67: padded to 72 columns and sliced; 13 and 72 as they are
     assert out.shape == (a.shape[0], k) and out.is_contiguous()
