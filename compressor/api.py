@@ -60,7 +60,7 @@ def resolve_recipe(recipe: Recipe | str | Path | dict | None, overrides: dict | 
 def compress(
     model: nn.Module,
     loader: Iterable,
-    beta: float = 0.075,
+    beta: float | None = None,
     *,
     val_loader: Iterable | None = None,
     recipe: Recipe | str | Path | dict | None = None,
@@ -70,18 +70,24 @@ def compress(
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
     inplace: bool = False,
+    teacher: nn.Module | None = None,
 ) -> CompressionResult:
     """Compress a trained classifier with RobustDLRT.
 
     Args:
         model: any ``nn.Module`` classifier (logits out). Not modified unless ``inplace``.
         loader: training batches ``(inputs, labels)`` (a DataLoader).
-        beta: spectral regularizer strength β (0 = plain DLRT); overrides the recipe's.
+        beta: spectral regularizer strength β (0 = plain DLRT). None (the default): the
+            recipe's ``train.beta`` (after ``overrides``), which is 0.075 in the built-in
+            recipe; a number given here wins over both the recipe and ``overrides``.
         val_loader: if given, clean accuracy before/after and per epoch.
         recipe: a Recipe, YAML path or dict (defaults: the built-in recipe); ``overrides``
             as ``{"train.tau": 0.05}`` or ``["train.tau=0.05"]``.
         device: "cpu", "cuda", ... (default: the recipe's, auto = CUDA if available).
         checkpoint_path / resume: checkpoint every epoch and continue a killed run.
+        teacher: the model ``train.distill`` distills from (moved to the device, put in eval
+            mode, never trained). None: a frozen copy of ``model`` taken before it is
+            factorized. Used only when ``train.distill.weight > 0``; otherwise no copy is made.
 
     Returns:
         CompressionResult with ``.model`` (factorized, trained), ``.ranks``,
@@ -91,11 +97,13 @@ def compress(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not hasattr(loader, "__iter__") or not hasattr(loader, "__len__"):
         raise ConfigError(f"loader must be a DataLoader (iterable with a length), got {type(loader).__name__}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-        raise ConfigError(f"beta must be a number >= 0, got {beta!r}")
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0):
+        raise ConfigError(f"beta must be a number >= 0 or None (the recipe's), got {beta!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise ConfigError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     if len(loader) == 0:
         raise ConfigError("loader is empty: it yields no batches")
-    extra = {"train.beta": float(beta)}
+    extra: dict[str, Any] = {} if beta is None else {"train.beta": float(beta)}
     if device is not None:
         extra["train.device"] = str(device)
     if isinstance(overrides, dict):
@@ -104,6 +112,11 @@ def compress(
         recipe = resolve_recipe(recipe, overrides)
     rec = resolve_recipe(recipe, extra)
     dev = resolve_device(rec.train.device)
+    if rec.train.distill.weight > 0:
+        teacher = teacher if teacher is not None else _frozen_copy(model)  # before `work` is factorized
+    elif teacher is not None:
+        log.warning("a teacher was given but train.distill.weight is 0: it is not used")
+        teacher = None
     work = model if inplace else copy.deepcopy(model)
     work.to(dev)
 
@@ -118,6 +131,7 @@ def compress(
         checkpoint_path=checkpoint_path,
         resume=resume,
         progress=progress,
+        teacher=teacher,
     )
     comp_acc = clean_accuracy(work, val_loader, dev) if val_loader is not None else None
     report = compression_report(
@@ -130,3 +144,10 @@ def compress(
         timings=timings,
     )
     return CompressionResult(work, fact, history, report)
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode whose parameters take no gradients: the default teacher."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher

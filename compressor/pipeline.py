@@ -178,6 +178,9 @@ def run(
     dense_params = sum(p.numel() for p in model.parameters())
     dense_model = copy.deepcopy(model).cpu() if recipe.export.latency and dist.is_main else None
 
+    # the dense model, on every process, as distillation's teacher (no copy when it is off)
+    teacher = copy.deepcopy(model) if recipe.train.distill.weight > 0 else None
+
     # -- compress: factorize + RobustDLRT, then evaluate
     fact, history, t = factorize_and_train(
         model,
@@ -191,7 +194,9 @@ def run(
         progress=progress,
         set_epoch=set_epoch,
         checkpoint_writer=writer,
+        teacher=teacher,
     )
+    del teacher  # training is over: its memory back before evaluation and export
     writer.wait()
     timings.update(t)
     with _stage(timings, "evaluate_compressed"):

@@ -91,6 +91,11 @@ class OptimSection(_Section):
     checkpoint_every: int = Field(1, ge=0, le=10000)
     """Checkpoint every N epochs (0: never) when the run has a checkpoint file; a checkpoint is also written at the end."""
 
+    def loss_terms(self) -> list[tuple[str, dict[str, Any]]]:
+        """The terms of the objective besides the cross-entropy, as (registry name, options)
+        for :func:`compressor.train.losses.create`: none for plain (dense) training."""
+        return []
+
 
 class BaselineSection(OptimSection):
     lr: float = Field(1e-4, gt=0.0, le=10.0)
@@ -152,6 +157,13 @@ class AdversarialSection(_Section):
     """Step size in pixel units (null: 1.25·eps for fgsm, 2.5·eps/steps for pgd)."""
 
 
+class DistillSection(_Section):
+    weight: float = Field(0.0, ge=0.0, le=1.0)
+    """Distillation from the dense model: the data loss is (1 − weight)·CE + weight·T²·KL(teacher_T ‖ student_T) on the logits (Hinton et al. 2015); with `adversarial` on, the student's logits on the adversarial examples against the teacher's on the clean images (ARD, RSLAD). 0: off, and no teacher is kept."""
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    """Softmax temperature T of both models' logits (the loss is scaled by T²)."""
+
+
 class TargetSection(_Section):
     params: float | None = Field(None, gt=0.0, le=1.0)
     """Budget: the compressed model's parameters as a fraction of the dense model's (e.g. 0.05). At most one of params and macs."""
@@ -204,10 +216,25 @@ class TrainSection(OptimSection):
     """If set, after every optimizer step and every truncation each core's singular values are raised to at least σ_max/kappa_max (CondLR's hard bound), so every κ ≤ kappa_max; within a DLRT cycle only the directions a layer had before augmenting are floored (see docs/dlrt.md); combines with β."""
     adversarial: AdversarialSection = Field(default_factory=AdversarialSection)
     """Adversarial fine-tuning: the examples each step trains on (with any of the above)."""
+    distill: DistillSection = Field(default_factory=DistillSection)
+    """Knowledge distillation from the dense model (the teacher), combinable with everything above (see docs/dlrt.md)."""
     target: TargetSection = Field(default_factory=TargetSection)
     """A budget the truncations choose all layers' ranks together for (see docs/dlrt.md); with a budget, tau is not used: the model ends at the budget."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N (the device of the whole run)."""
+
+    def loss_terms(self) -> list[tuple[str, dict[str, Any]]]:
+        """``adversarial``, ``beta`` with ``regularizer`` and ``distill`` as loss terms, in the
+        order the trainer applies them: the recipe's keys are how users name the terms; the
+        registry (:mod:`compressor.train.losses`) is how the trainer sees them."""
+        terms: list[tuple[str, dict[str, Any]]] = []
+        if self.adversarial.attack != "none":
+            terms.append(("adversarial", self.adversarial.model_dump()))
+        if self.beta > 0:
+            terms.append((self.regularizer, {"weight": self.beta}))
+        if self.distill.weight > 0:
+            terms.append(("distill", self.distill.model_dump()))
+        return terms
 
 
 class AttackSpec(_Section):

@@ -220,6 +220,19 @@ def budget_table(budget: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def loss_line(terms: list[Mapping[str, Any]]) -> str:
+    """The objective's terms and their weights (report["loss_terms"]) as one sentence."""
+    shown = []
+    for term in terms:
+        settings = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in term.items()
+            if k != "term" and v is not None
+        )
+        shown.append(f"{term['term']} ({settings})" if settings else str(term["term"]))
+    return "Training loss terms: " + "; ".join(shown) + "."
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     r = report
     train = r.get("recipe", {}).get("train", {})
@@ -232,11 +245,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"({data.get('n_train', '?')} training / {data.get('n_val', '?')} validation images), "
         f"β = {train.get('beta')}, τ = {train.get('tau')}. Device: {r.get('device', {}).get('device')}.",
         "",
-        "## Dense vs compressed",
-        "",
-        summary_table(r),
-        "",
     ]
+    if terms := r.get("loss_terms"):
+        parts += [loss_line(terms), ""]
+    parts += ["## Dense vs compressed", "", summary_table(r), ""]
     if _eps_keys(r):
         parts += [
             f"Clean accuracy is measured on all {comp.get('n_clean', '?')} validation images; attacks on the "

@@ -24,6 +24,7 @@ from .runtime import DistContext, ProgressFactory, compression_stats, silent_pro
 from .train import Trainer, TrainingHistory
 from .train.batchnorm import batchnorms, reestimate_batchnorm_, warn_on_mismatch
 from .train.checkpoint import CheckpointWriter
+from .train.losses.spectral import layer_regularizer
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,14 @@ def factorize_and_train(
     progress: ProgressFactory = silent_progress,
     set_epoch: Callable[[Iterable, int], None] = default_set_epoch,
     checkpoint_writer: CheckpointWriter | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[FactorizationReport, TrainingHistory, dict[str, float]]:
     """Factorize ``model`` in place (``recipe.factorize``), then RobustDLRT (``recipe.train``).
 
     ``checkpoint_writer``: share the caller's background writer, so that its earlier
-    checkpoints are on disk before the first RobustDLRT one. Returns the factorization report,
-    the training history and the seconds of both stages.
+    checkpoints are on disk before the first RobustDLRT one. ``teacher``: the dense model that
+    ``train.distill`` distills from (a copy: ``model`` itself is factorized). Returns the
+    factorization report, the training history and the seconds of both stages.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -101,6 +104,7 @@ def factorize_and_train(
         name="RobustDLRT" if recipe.train.beta > 0 else "DLRT",
         set_epoch=set_epoch,
         checkpoint_writer=checkpoint_writer,
+        teacher=teacher,
     )
     history = trainer.fit(resume=resume)
     if recipe.train.bn_batches and batchnorms(model):
@@ -130,7 +134,7 @@ def layer_summary(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "ranks": list(layer.ranks),
                 "kind": "linear" if len(layer.ranks) == 1 else "conv",
                 "condition_number": kappa if kappa != float("inf") else None,
-                "regularizer": float(layer.regularizer()),
+                "regularizer": float(layer_regularizer(layer)),
             }
     return out
 
@@ -159,6 +163,7 @@ def compression_report(
             "layers": layer_summary(model),
             "nonfinite_steps": history.nonfinite_steps,
         },
+        "loss_terms": history.loss_terms,  # the objective the compressed model was trained with
         "factorization": fact.to_dict(),
         "history": history.to_dict(),
         "timings": timings,

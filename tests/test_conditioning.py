@@ -14,6 +14,7 @@ from compressor.factorize import factorize_
 from compressor.layers import LowRankLinear, low_rank_layers
 from compressor.recipe import AdversarialSection
 from compressor.train import Trainer
+from compressor.train.losses.nuclear import layer_nuclear_norm
 
 
 def _net() -> nn.Module:
@@ -110,13 +111,13 @@ def test_nuclear_norm_gradient_is_its_subgradient_and_shrinks_small_values_first
         p, _, qh = torch.linalg.svd(torch.randn(6, 6))
         layer.S.copy_((p * torch.tensor([3.0, 2.0, 1.0, 0.3, 0.2, 0.1])) @ qh)
     layer.S.grad = None
-    layer.nuclear_norm().backward()
+    layer_nuclear_norm(layer).backward()
     p, s, qh = torch.linalg.svd(layer.S.detach().double())
     assert torch.allclose(layer.S.grad.double(), p @ qh, atol=1e-5)  # ∂‖S‖_* = P Qᵀ (all σ > 0)
     opt = torch.optim.SGD([layer.S], lr=0.05)
     for _ in range(4):  # each step lowers every σ by lr: the three small ones reach ~0 first
         opt.zero_grad()
-        layer.nuclear_norm().backward()
+        layer_nuclear_norm(layer).backward()
         opt.step()
     after = torch.linalg.svdvals(layer.S.detach().double())
     assert torch.allclose(after[:3], s[:3] - 0.2, atol=1e-4)
@@ -131,7 +132,7 @@ def test_nuclear_regularizer_lowers_the_cores_nuclear_norm_in_training():
                                                          regularizer="nuclear"), set_epoch=_reseed)  # fmt: skip
     plain.fit()
     nuc.fit()
-    total = lambda t: sum(float(layer.nuclear_norm().detach()) for layer in t.layers.values())  # noqa: E731
+    total = lambda t: sum(float(layer_nuclear_norm(layer).detach()) for layer in t.layers.values())  # noqa: E731
     assert total(nuc) < 0.8 * total(plain), (total(nuc), total(plain))
 
 

@@ -498,7 +498,7 @@ def test_condition_number_and_regularizer_act_on_core():
     s0 = torch.linalg.svdvals(Fn.unfold(conv.weight.detach(), 0))
     assert t.core_matrix().shape == (8, 6 * 9)
     assert abs(t.condition_number() - float(s0[0] / s0[-1])) < 1e-8 * float(s0[0] / s0[-1])
-    r = t.regularizer()
+    r = Fn.spectral_regularizer(t.core_matrix())
     assert r.dtype == torch.float64 and float(r.detach()) > 0
     r.backward()
     assert t.C.grad is not None and all(b.grad is None for b in t.bases())

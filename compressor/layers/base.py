@@ -119,17 +119,6 @@ class LowRankLayer(nn.Module):
             if not flag:
                 p.grad = None
 
-    def regularizer(self) -> Tensor:
-        """R(S) of the paper's Definition 1 (float32), differentiable in the core."""
-        from ..functional import spectral_regularizer
-
-        return spectral_regularizer(self.core_matrix())
-
-    def nuclear_norm(self) -> Tensor:
-        """‖S‖_* = Σσᵢ of the core matrix (float32), differentiable: its subgradient P Qᵀ pulls
-        every singular value down by the same step, so the small ones reach zero first."""
-        return torch.linalg.matrix_norm(self.core_matrix().float(), ord="nuc")
-
     @torch.no_grad()
     def clamp_condition_(self, kappa_max: float, live: int | None = None) -> None:
         """Raise the core matrix's singular values to at least σ_max / ``kappa_max`` (the singular

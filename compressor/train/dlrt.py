@@ -12,6 +12,10 @@ Optimizer state follows every basis change; an epoch never ends augmented (the l
 truncates). After the rank-adaptive epochs, optional fixed-rank epochs train the cores only.
 With no factorized layers and β = 0 the same loop is plain training: the dense baseline uses it.
 
+The objective is the cross-entropy and the loss terms the recipe lists (``train.beta`` with
+``train.regularizer``, ``train.adversarial``, ``train.distill``: :meth:`TrainSection.loss_terms`),
+built from the registry in :mod:`compressor.train.losses`; the trainer only sums what they give.
+
 Configuration: the recipe's sections themselves (:data:`TrainingSection`), with their defaults.
 
 Under torchrun (``dist``, a :class:`~compressor.runtime.DistContext`) every step
@@ -37,7 +41,7 @@ from torch import Tensor, nn
 
 from ..layers import LowRankLayer, TuckerConv2d, low_rank_layers
 from ..layers.conv import to_channels_last
-from ..recipe import AdversarialSection, BaselineSection, TrainSection
+from ..recipe import BaselineSection, TrainSection
 from ..runtime import DistContext, ProgressFactory, autocast_context, compression_stats, silent_progress
 from .checkpoint import CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from .common import (
@@ -48,6 +52,8 @@ from .common import (
     remap_optimizer_state,
     trainable_parameters,
 )
+from .losses import LossTerm, TrainingContext, create
+from .losses.spectral import layer_regularizer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,9 @@ class TrainingHistory:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     kappa_trace: list[dict[str, Any]] = field(default_factory=list)  # per truncation: step, {layer: κ}
     nonfinite_steps: int = 0
+    loss_terms: list[dict[str, Any]] = field(default_factory=list)
+    """The objective's terms with their weights (``Trainer.loss_summary``), set by every fit;
+    the report shows them, and the checkpointed history leaves them out (the recipe has them)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "kappa_trace": self.kappa_trace, "nonfinite_steps": self.nonfinite_steps}
@@ -76,19 +85,6 @@ class TrainingHistory:
         return cls(list(d.get("epochs", [])), list(d.get("kappa_trace", [])), int(d.get("nonfinite_steps", 0)))
 
 
-def _adversary(model: nn.Module, spec: AdversarialSection):
-    """The attack that makes each step's training examples (``train.adversarial``), or None."""
-    if spec.attack == "none":
-        return None
-    from ..attacks import create_attack
-
-    steps = 1 if spec.attack == "fgsm" else spec.steps
-    alpha = spec.alpha if spec.alpha is not None else (1.25 * spec.eps if spec.attack == "fgsm" else None)
-    if alpha is not None and alpha <= 0:  # eps = 0: no perturbation at all
-        alpha = None
-    return create_attack("pgd", model, eps=spec.eps, steps=steps, alpha=alpha, random_start=True)
-
-
 def _default_set_epoch(loader: Iterable, epoch: int) -> None:
     from ..data import set_epoch
 
@@ -96,7 +92,11 @@ def _default_set_epoch(loader: Iterable, epoch: int) -> None:
 
 
 class Trainer:
-    """Trains ``model`` in place; ``fit()`` returns the history. See the module docstring."""
+    """Trains ``model`` in place; ``fit()`` returns the history. See the module docstring.
+
+    ``teacher``: the model ``train.distill`` distills from (moved to ``device``, put in eval
+    mode, never trained); needed only when distillation is on, and not kept otherwise.
+    """
 
     def __init__(
         self,
@@ -114,6 +114,7 @@ class Trainer:
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         set_epoch: Callable[[Iterable, int], None] | None = None,
         checkpoint_writer: CheckpointWriter | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.model = model
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -123,11 +124,8 @@ class Trainer:
         dense = isinstance(config, BaselineSection)
         self.adaptive_epochs = 0 if dense else config.epochs
         self.fixed_epochs = config.epochs if dense else config.finetune_epochs
-        self.beta = 0.0 if dense else config.beta
-        self.regularizer = "spectral" if dense else config.regularizer
         self.kappa_max = None if dense else config.kappa_max
         self._live: dict[str, int] = {}  # per layer, its rank before the current augmentation
-        self.attack = None if dense else _adversary(model, config.adversarial)
         self.device = torch.device(device)
         self.seed = seed
         self.dist = dist or DistContext()
@@ -146,6 +144,17 @@ class Trainer:
         self.dist.sync_model(model)  # rank 0's ranks, weights and buffers everywhere (no-op when single)
         if self.adaptive_epochs and not self.layers:
             log.warning("%s: the model has no factorized layers; rank-adaptive epochs train it densely", name)
+        specs = config.loss_terms()
+        context = TrainingContext(
+            model,
+            self.layers,
+            self.device,
+            config.amp,
+            seed,
+            self.dist,
+            teacher if any(n == "distill" for n, _ in specs) else None,  # kept only by the term that uses it
+        )
+        self.terms: list[LossTerm] = [create(n, context, **options) for n, options in specs]
         cores, dense = trainable_parameters(model)
         self.params = cores + dense
         # U and V are not in the optimizer: QR/SVD set them; a step or weight decay would
@@ -177,8 +186,14 @@ class Trainer:
             self._writer.wait()  # the last checkpoint is on disk when fit returns
         return self.history
 
+    def loss_summary(self) -> list[dict[str, Any]]:
+        """The objective's terms and their weights: the cross-entropy's, then every term's."""
+        ce = math.prod(term.data_weight for term in self.terms)
+        return [{"term": "cross_entropy", "weight": ce}] + [term.describe() for term in self.terms]
+
     def _fit(self, resume: bool) -> None:
         start_epoch = self._restore() if resume else 0
+        self.history.loss_terms = self.loss_summary()
         s_star = self.cfg.coefficient_steps if self.adaptive_epochs else 1
         for epoch in range(start_epoch, self.total_epochs):
             adaptive = epoch < self.adaptive_epochs and bool(self.layers)
@@ -250,10 +265,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
+        """One forward and backward: (data loss, penalty, correct count). The objective is
+        L + Σ wᵢ·Pᵢ, L the cross-entropy as the terms change it (:mod:`compressor.train.losses`)."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if self.attack is not None:  # train on adversarial examples against the model as it is now
-            self.attack.seed = (self.seed * 7919 + self.global_step) % (2**32 - 1)
-            x = self.attack(x, y).detach()
+        clean = x
+        for term in self.terms:  # e.g. adversarial examples against the model as it is now
+            x = term.inputs(x, y, self.global_step)
         if self.channels_last_input:
             x = to_channels_last(x)
         self.optimizer.zero_grad(set_to_none=True)
@@ -261,17 +278,17 @@ class Trainer:
             logits = self.model(x)
         # the loss in float32 at least (bf16 autocast logits), in float64 for a float64 model
         loss = self.loss_fn(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, y)
-        reg = torch.zeros((), device=self.device)
-        if self.beta > 0 and self.layers:
-            # R (or ‖S‖_*) acts on the cores only (never on U, V), in float32 even under autocast
-            terms = [
-                layer.nuclear_norm() if self.regularizer == "nuclear" else layer.regularizer()
-                for layer in self.layers.values()
-            ]
-            reg = torch.stack(terms).sum()
-        (loss + self.beta * reg).backward()
+        for term in self.terms:  # e.g. distillation towards the teacher's soft labels
+            loss = term.data_loss(loss, logits, clean, y)
+        objective, penalties = loss, []
+        for term in self.terms:  # e.g. β·R(S): on the cores only (never U, V), in float32 under autocast
+            if (penalty := term.penalty()) is not None:
+                objective = objective + term.weight * penalty
+                penalties.append(penalty.detach())
+        objective.backward()
+        reg = torch.stack(penalties).sum() if penalties else torch.zeros((), device=self.device)
         correct = int((logits.detach().argmax(1) == y).sum())
-        return loss.detach(), reg.detach(), correct
+        return loss.detach(), reg, correct
 
     def _clamp_conditioning(self) -> None:
         """Every core's κ ≤ train.kappa_max after every optimizer step and every truncation.
@@ -413,7 +430,7 @@ class Trainer:
                 n: {
                     "ranks": list(l.ranks),
                     "condition_number": _finite_or_none(l.condition_number()),
-                    "regularizer": _no_grad_float(l.regularizer),
+                    "regularizer": _no_grad_float(layer_regularizer, l),
                 }
                 for n, l in self.layers.items()
             },
@@ -472,9 +489,9 @@ class Trainer:
         return int(payload["epoch"])
 
 
-def _no_grad_float(fn: Callable[[], Tensor]) -> float:
+def _no_grad_float(fn: Callable[..., Tensor], *args: Any) -> float:
     with torch.no_grad():
-        return float(fn())
+        return float(fn(*args))
 
 
 def _finite_or_none(value: float) -> float | None:
