@@ -40,6 +40,8 @@ from compressor.train import Trainer
 from compressor.train.losses import TrainingContext, create, list_terms
 from compressor.train.losses.distill import kd_loss
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _net(seed: int = 0, bn: bool = True) -> nn.Module:
     torch.manual_seed(seed)
@@ -294,3 +296,50 @@ def test_two_processes_distill_like_one(tmp_path) -> None:
         assert two["ranks"] == one["ranks"], r
         _close(two["history"], one["history"], 1e-9)
         _close(two["state"], one["state"], 1e-9)  # float64: weights equal to rounding
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_pipeline_distills_from_the_dense_baseline(tmp_path, monkeypatch, weight) -> None:
+    """The compress command's teacher is the model after the dense baseline stage, before it is
+    factorized; with distillation off there is none."""
+    from compressor import pipeline
+    from compressor.recipe import load_recipe
+
+    seen = {}
+
+    def capture(model, *args, teacher=None, **kwargs):
+        seen["model"], seen["dense"] = model, {k: v.clone() for k, v in model.state_dict().items()}
+        seen["teacher"] = teacher
+        raise _Stop
+
+    monkeypatch.setattr(pipeline, "factorize_and_train", capture)
+    recipe = load_recipe(
+        ROOT / "recipes" / "tiny.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"train.distill.weight={weight}",
+            "evaluate.attacks=[{name: fgsm, eps: [0.03]}]",
+            "evaluate.max_samples=4",
+            "data.train_subset=32",
+            "data.val_subset=16",
+        ],
+    )
+    with pytest.raises(_Stop):
+        pipeline.run(recipe)
+    if weight == 0:
+        assert seen["teacher"] is None
+        return
+    teacher = seen["teacher"]
+    assert not low_rank_layers(teacher)
+    state = teacher.state_dict()
+    assert state.keys() == seen["dense"].keys()
+    for k, v in seen["dense"].items():
+        assert torch.equal(state[k], v), k  # the dense model after the baseline epoch
+    assert teacher is not seen["model"]  # a copy: the model itself is factorized next
