@@ -32,17 +32,24 @@ class Adversarial(LossTerm):
         super().__init__(ctx)
         if attack not in ("fgsm", "pgd"):
             raise ConfigError(f"adversarial training: attack must be 'fgsm' or 'pgd', got {attack!r}")
-        self.settings = {"attack": attack, "eps": eps, "steps": steps, "alpha": alpha}
         steps = 1 if attack == "fgsm" else steps
         if alpha is None and attack == "fgsm":
             alpha = 1.25 * eps
         if alpha is not None and alpha <= 0:  # eps = 0: no perturbation at all
             alpha = None
         self.attack = create_attack("pgd", ctx.model, eps=eps, steps=steps, alpha=alpha, random_start=True)
+        self.kind = attack
 
     def inputs(self, x: Tensor, y: Tensor, step: int) -> Tensor:
         self.attack.seed = (self.ctx.seed * 7919 + step) % (2**32 - 1)
         return self.attack(x, y).detach()
 
     def describe(self) -> dict[str, Any]:
-        return {"term": self.name, **self.settings}
+        # the attack as it runs: fgsm is one step, and alpha the step size actually taken
+        return {
+            "term": self.name,
+            "attack": self.kind,
+            "eps": self.attack.eps,
+            "steps": self.attack.steps,
+            "alpha": self.attack.alpha,
+        }
