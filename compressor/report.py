@@ -41,6 +41,8 @@ def device_info(device: Any) -> dict[str, Any]:
     }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        # the process's high-water mark of tensors on the run's device (training, attacks, evaluation)
+        info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(torch.device(device))
     return info
 
 
