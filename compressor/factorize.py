@@ -35,12 +35,11 @@ from typing import Any
 
 from torch import nn
 
-from .calibration import ConvBases, LinearBases, activation_bases
+from .calibration import activation_bases
 from .errors import ConfigError
-from .layers import LowRankLayer, LowRankLinear, ProjectedMultiheadAttention, TuckerConv2d
-from .layers.conv import tucker_rank_caps
+from .layers import LowRankLayer, layer_type_for, project_attention_
 from .recipe import FactorizeSection
-from .runtime import DistContext, conv_costs, linear_costs
+from .runtime import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ _SAFE_SUBCLASS_NAMES = {"timm.layers.linear.Linear"}
 @dataclass
 class LayerDecision:
     name: str
-    kind: str  # "linear" | "conv"
+    kind: str  # the factorized type's kind (compressor.layers.layer_kinds)
     shape: list[int]
     factorized: bool
     reason: str
@@ -112,38 +111,23 @@ def _is_plain(module: nn.Module, base: type) -> bool:
     cls = type(module)
     if f"{cls.__module__}.{cls.__qualname__}" in _SAFE_SUBCLASS_NAMES:
         return True
-    # A Conv2d subclass may keep forward and change the op underneath (_conv_forward), as
+    # A conv subclass may keep forward and change the op underneath (_conv_forward), as
     # weight-standardized or same-padding convs do.
-    hooks = ("forward", "_conv_forward") if base is nn.Conv2d else ("forward",)
+    hooks = ("forward", "_conv_forward") if hasattr(base, "_conv_forward") else ("forward",)
     return all(getattr(cls, h) is getattr(base, h) for h in hooks)
-
-
-def _saves(module: nn.Module, r: int) -> bool:
-    """Whether the factorized form at rank r (both channel modes, capped) is smaller *and* cheaper."""
-    if isinstance(module, nn.Linear):
-        out_f, in_f = module.weight.shape
-        costs = linear_costs(in_f, out_f, r)
-        return costs["unmerged"][0] < costs["dense"][0]
-    cap_o, cap_i = tucker_rank_caps(module.out_channels, module.in_channels, module.kernel_size, r)
-    kh, kw = module.kernel_size
-    sh, sw = module.stride
-    costs = conv_costs(module.in_channels, module.out_channels, kh * kw, cap_o, cap_i, stride_area=sh * sw)
-    (p_fact, m_fact), (p_dense, m_dense) = costs["tucker3"], costs["dense"]
-    return p_fact < p_dense and m_fact < m_dense
 
 
 def break_even_rank(module: nn.Module, r_max: int) -> int:
     """The largest rank ≤ r_max (and ≤ the layer's full rank) at which factorizing ``module``
-    still saves parameters and multiply-adds; 0 if none does. Costs grow with the rank, so a
-    bisection finds it."""
-    if isinstance(module, nn.Linear):
-        full = min(module.weight.shape)
-    else:
-        full = max(tucker_rank_caps(module.out_channels, module.in_channels, module.kernel_size))
-    lo, hi = 0, min(r_max, full)  # invariant: lo saves (or is 0), everything above hi does not
+    still saves parameters and multiply-adds (``LowRankLayer.saves``); 0 if none does. Costs
+    grow with the rank, so a bisection finds it."""
+    factorized = layer_type_for(module)
+    if factorized is None:
+        raise ConfigError(f"no factorized layer type replaces a {type(module).__name__}")
+    lo, hi = 0, min(r_max, factorized.full_rank(module))  # invariant: lo saves (or is 0), nothing above hi does
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _saves(module, mid):
+        if factorized.saves(module, mid):
             lo = mid
         else:
             hi = mid - 1
@@ -204,22 +188,17 @@ def factorize_(
         if isinstance(m, nn.MultiheadAttention)
         for c, _ in m.named_children()
     }
-    candidates = [
-        (n, m)
-        for n, m in modules.items()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, LowRankLayer) and n
-    ]
-    first_conv = next((n for n, m in candidates if isinstance(m, nn.Conv2d)), None)
+    # every module a registered layer type replaces (Linear, Conv2d...), with that type
+    candidates = [(n, m, cls) for n, m in modules.items() if n and (cls := layer_type_for(m)) is not None]
+    first_conv = next((n for n, m, _ in candidates if isinstance(m, nn.Conv2d)), None)
     classifier = candidates[-1][0] if candidates else None
 
     decisions: list[LayerDecision] = []
-    chosen: dict[str, tuple[int, nn.Module, LayerDecision]] = {}
-    for index, (name, module) in enumerate(candidates):
-        is_linear = isinstance(module, nn.Linear)
-        kind = "linear" if is_linear else "conv"
+    chosen: dict[str, tuple[int, nn.Module, type[LowRankLayer], LayerDecision]] = {}
+    for index, (name, module, factorized) in enumerate(candidates):
         shape = list(module.weight.shape)
         dense_params = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
-        decision = LayerDecision(name, kind, shape, False, "", params_dense=dense_params)
+        decision = LayerDecision(name, factorized.kind, shape, False, "", params_dense=dense_params)
         decisions.append(decision)
 
         reason = None
@@ -233,14 +212,12 @@ def factorize_(
             reason = "final classifier kept dense (paper's policy; factorize.keep_classifier)"
         elif name in mha_children:
             reason = "nn.MultiheadAttention (with bias_k/bias_v, add_zero_attn or kdim/vdim) reads this weight directly"
-        elif not _is_plain(module, nn.Linear if is_linear else nn.Conv2d):
+        elif not _is_plain(module, factorized.dense_type):
             reason = f"custom subclass {type(module).__name__} with its own forward"
         elif filter_fn is not None and not filter_fn(module, name):
             reason = "rejected by filter_fn"
-        elif not is_linear and module.groups != 1:
-            reason = "grouped/depthwise conv"
-        elif not is_linear and module.padding_mode != "zeros":
-            reason = f"padding_mode {module.padding_mode!r}"
+        else:
+            reason = factorized.unsupported(module)
         layer_r_max = r_max
         if reason is None and require_saving:
             # a factorized layer must never cost more than the dense one: its ranks (initial and
@@ -252,41 +229,33 @@ def factorize_(
             decision.reason = reason
             continue
         decision.r_max = layer_r_max
-        chosen[name] = (index, module, decision)
+        chosen[name] = (index, module, factorized, decision)
 
     bases = {}
     if calibration is not None and chosen:
         bases = activation_bases(
             model,
-            {n: m for n, (_, m, _) in chosen.items()},
+            {n: m for n, (_, m, _, _) in chosen.items()},
             calibration,
             init_rank=init_rank,
             init_tol=init_tol,
             r_min=r_min,
-            r_max={n: d.r_max for n, (_, _, d) in chosen.items()},
+            r_max={n: d.r_max for n, (_, _, _, d) in chosen.items()},
             max_batches=cfg.calibration_batches,
             dist=dist,
             seed=seed,
         )
-    for name, (index, module, decision) in chosen.items():
+    for name, (index, module, factorized, decision) in chosen.items():
         layer_seed = seed * 1000 + index
         basis, cap = bases.get(name), decision.r_max
         # decision.init: "activations" where the bases came from them, else "svd" (the weights' factors)
-        decision.init = "activations"
-        if isinstance(basis, ConvBases):
-            new = TuckerConv2d.from_bases(module, basis.u_out, basis.u_in, r_min=r_min, r_max=cap)
-        elif isinstance(basis, LinearBases) and basis.u is not None:
-            new = LowRankLinear.from_output_basis(module, basis.u, r_min=r_min, r_max=cap)
-        elif isinstance(basis, LinearBases):  # chosen at full rank from the activations: the SVD is exact
-            decision.init = "svd"
-            new = LowRankLinear.from_dense(module, basis.rank, r_min=r_min, r_max=cap, seed=layer_seed)
+        if basis is not None:
+            new, decision.init = factorized.from_calibrated(module, basis, r_min=r_min, r_max=cap, seed=layer_seed)
         else:
             decision.init = "svd"
-            factorized = LowRankLinear if isinstance(module, nn.Linear) else TuckerConv2d
             new = factorized.from_dense(module, init_rank, tol=init_tol, r_min=r_min, r_max=cap, seed=layer_seed)
         new.train(module.training)
-        if isinstance(new, TuckerConv2d):
-            new.channels_last = channels_last
+        new.set_channels_last_(channels_last)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new)
         decision.factorized = True
@@ -314,17 +283,4 @@ def _resolve_config(config: FactorizeSection | None, options: dict[str, Any]) ->
     return recipe_from_dict({"factorize": {**base, **options}}, source="factorize_").factorize
 
 
-def project_attention_(model: nn.Module, names: list[str] | None = None) -> list[str]:
-    """Replace every self-attention ``nn.MultiheadAttention`` (or those named in ``names``) by
-    :class:`~compressor.layers.ProjectedMultiheadAttention`, the same function with callable
-    projections; returns the names replaced. In place."""
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.MultiheadAttention) or not ProjectedMultiheadAttention.supports(module):
-            continue
-        if names is not None and name not in names:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, ProjectedMultiheadAttention.from_mha(module))
-        replaced.append(name)
-    return replaced
+__all__ = ["FactorizationReport", "LayerDecision", "break_even_rank", "factorize_", "project_attention_"]

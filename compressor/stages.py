@@ -132,7 +132,7 @@ def layer_summary(model: nn.Module) -> dict[str, dict[str, Any]]:
             out[name] = {
                 "rank": layer.ranks[0] if len(layer.ranks) == 1 else list(layer.ranks),
                 "ranks": list(layer.ranks),
-                "kind": "linear" if len(layer.ranks) == 1 else "conv",
+                "kind": layer.kind,
                 "condition_number": kappa if kappa != float("inf") else None,
                 "regularizer": float(layer_regularizer(layer)),
             }

@@ -24,7 +24,14 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import ConfigError, WeightsError
-from ..layers import LowRankLayer, LowRankLinear, ProjectedMultiheadAttention, TuckerConv2d, low_rank_layers
+from ..layers import (
+    LowRankLayer,
+    layer_kinds,
+    layer_type,
+    low_rank_layers,
+    project_attention_,
+    projected_attention,
+)
 from ..runtime import compression_stats
 
 log = logging.getLogger(__name__)
@@ -65,14 +72,6 @@ def _versions() -> dict[str, str]:
     except md.PackageNotFoundError:
         pass
     return out
-
-
-def _layer_entry(layer: LowRankLayer) -> dict[str, Any]:
-    kind = "linear" if isinstance(layer, LowRankLinear) else "conv"
-    entry = {"kind": kind, "ranks": [int(r) for r in layer.ranks], "r_min": int(layer.r_min), "r_max": int(layer.r_max)}
-    if isinstance(layer, TuckerConv2d):
-        entry["channels_last"] = bool(layer.channels_last)
-    return entry
 
 
 def build_manifest(
@@ -118,9 +117,9 @@ def build_manifest(
                 "head",
             )
         },
-        "layers": {name: _layer_entry(layer) for name, layer in low_rank_layers(model).items()},
+        "layers": {name: layer.manifest_entry() for name, layer in low_rank_layers(model).items()},
         # nn.MultiheadAttention modules factorize_ replaced: the reload replaces them again
-        "attention": [n for n, m in model.named_modules() if isinstance(m, ProjectedMultiheadAttention)],
+        "attention": projected_attention(model),
         "params": {"compressed": stats.params, "dense": stats.params_dense, "compression_rate": stats.rate},
         "recipe": dict(recipe) if recipe is not None else None,
         "extra": dict(extra) if extra is not None else None,
@@ -256,11 +255,12 @@ def _parse_manifest(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
     layers = manifest.get("layers")
     if not isinstance(layers, dict):
         raise WeightsError(f"{where}: no 'layers' section")
+    kinds = layer_kinds()
     for name, entry in layers.items():
-        if not isinstance(entry, dict) or entry.get("kind") not in ("linear", "conv"):
-            raise WeightsError(f"{where}: layer {name!r} needs kind 'linear' or 'conv'")
+        if not isinstance(entry, dict) or entry.get("kind") not in kinds:
+            raise WeightsError(f"{where}: layer {name!r} needs kind {' or '.join(map(repr, kinds))}")
         ranks = entry.get("ranks")
-        n_ranks = 1 if entry["kind"] == "linear" else 2
+        n_ranks = layer_type(entry["kind"]).n_modes
         if (
             not isinstance(ranks, list)
             or len(ranks) != n_ranks
@@ -276,86 +276,25 @@ def _parse_manifest(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
 def _check_factor_shapes(path: Path, header: Mapping[str, Mapping[str, Any]], layers: Mapping[str, Any]) -> None:
     """Each listed layer's factors are in the file, with the recorded ranks."""
     for name, entry in layers.items():
-        r = entry["ranks"]
-        if entry["kind"] == "linear":
-            expect = {"S": (0, r[0]), "U": (1, r[0]), "V": (1, r[0])}
-            square = ("S", r[0])
-        else:
-            expect = {"C": (0, r[0]), "U_out": (1, r[0]), "U_in": (1, r[1])}
-            square = None
-        for factor, (dim, rank) in expect.items():
-            key = f"{name}.{factor}"
-            if key not in header:
-                raise WeightsError(
-                    f"{path}: the manifest lists {entry['kind']} layer {name!r} but the file has no "
-                    f"tensor {key!r} (file and manifest do not match)"
-                )
-            shape = header[key]["shape"]
-            if len(shape) <= dim or shape[dim] != rank:
-                raise WeightsError(
-                    f"{path}: tensor {key!r} has shape {shape}, not rank {rank} as the manifest says for {name!r}"
-                )
-        if square and header[f"{name}.S"]["shape"] != [square[1], square[1]]:
-            raise WeightsError(
-                f"{path}: tensor {name}.S has shape {header[f'{name}.S']['shape']}, expected {[square[1], square[1]]}"
-            )
-        if entry["kind"] == "conv" and header[f"{name}.C"]["shape"][1:2] != [r[1]]:
-            raise WeightsError(
-                f"{path}: tensor {name}.C has shape {header[f'{name}.C']['shape']}, expected "
-                f"ranks {r} as the manifest says"
-            )
+        error = layer_type(entry["kind"]).stored_factor_error(name, entry["ranks"], header)
+        if error is not None:
+            raise WeightsError(f"{path}: {error}")
 
 
 def build_low_rank_like(
     dense: nn.Module, kind: str, ranks: list[int] | tuple[int, ...], r_min: int, r_max: int
 ) -> LowRankLayer:
-    """An empty LowRankLinear/TuckerConv2d with ``dense``'s hyper-parameters and the given ranks.
+    """An empty factorized layer of ``kind`` with ``dense``'s hyper-parameters and the given ranks.
 
     Factor contents are undefined: meant to be filled by ``load_state_dict``. The rank bounds
     passed back in are the layer's stored ``r_min``/``r_max``, which rebuild the same per-mode
     caps (``min(r_max, channels)`` is idempotent).
     """
-    w = getattr(dense, "weight", None)
-    kw = {"device": w.device if w is not None else None, "dtype": w.dtype if w is not None else None}
-    if kind == "linear":
-        if not isinstance(dense, nn.Linear):
-            raise WeightsError(f"expected an nn.Linear to factorize, found {type(dense).__name__}")
-        (rank,) = ranks
-        return LowRankLinear(
-            dense.in_features,
-            dense.out_features,
-            int(rank),
-            bias=dense.bias is not None,
-            r_min=r_min,
-            r_max=r_max,
-            **kw,
-        )
-    if kind == "conv":
-        if not isinstance(dense, nn.Conv2d):
-            raise WeightsError(f"expected an nn.Conv2d to factorize, found {type(dense).__name__}")
-        if dense.groups != 1 or dense.padding_mode != "zeros":
-            raise WeightsError(
-                f"conv with groups={dense.groups}, padding_mode={dense.padding_mode!r} cannot be a TuckerConv2d"
-            )
-        r_out, r_in = (int(r) for r in ranks)
-        if not (1 <= r_out <= dense.out_channels and 1 <= r_in <= dense.in_channels):
-            raise WeightsError(
-                f"ranks {list(ranks)} exceed the conv's channels ({dense.out_channels}, {dense.in_channels})"
-            )
-        return TuckerConv2d(
-            dense.in_channels,
-            dense.out_channels,
-            dense.kernel_size,
-            (r_out, r_in),
-            stride=dense.stride,
-            padding=dense.padding,
-            dilation=dense.dilation,
-            bias=dense.bias is not None,
-            r_min=r_min,
-            r_max=r_max,
-            **kw,
-        )
-    raise WeightsError(f"unknown layer kind {kind!r} (expected 'linear' or 'conv')")
+    try:
+        factorized = layer_type(kind)
+    except KeyError as err:
+        raise WeightsError(err.args[0]) from None
+    return factorized.empty_like(dense, ranks, r_min, r_max)
 
 
 def _model_spec(model: Mapping[str, Any]) -> str:
@@ -400,9 +339,8 @@ def load_compressed(
         except ConfigError as err:
             raise WeightsError(f"{p}: cannot rebuild its model {spec!r}: {err}") from None
 
-    from ..factorize import project_attention_
-
     project_attention_(model, names=list(manifest.get("attention") or []))
+    factorized = low_rank_layers(model)  # a skeleton may be factorized already
     for name, entry in manifest["layers"].items():
         try:
             dense = model.get_submodule(name)
@@ -412,15 +350,14 @@ def load_compressed(
                 "(saved from another architecture or library version?)"
             ) from None
         try:
-            if isinstance(dense, LowRankLayer):  # a skeleton that is factorized already
-                dense.set_ranks_(tuple(entry["ranks"]))
-                layer = dense
+            if name in factorized:
+                layer = factorized[name]
+                layer.set_ranks_(tuple(entry["ranks"]))
             else:
                 layer = build_low_rank_like(dense, entry["kind"], entry["ranks"], entry["r_min"], entry["r_max"])
         except (WeightsError, ValueError, RuntimeError) as err:
             raise WeightsError(f"{p}: layer {name!r}: {err}") from None
-        if isinstance(layer, TuckerConv2d) and "channels_last" in entry:
-            layer.channels_last = bool(entry["channels_last"])
+        layer.apply_manifest_entry_(entry)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
 

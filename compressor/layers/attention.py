@@ -135,6 +135,28 @@ class ProjectedMultiheadAttention(nn.Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
+def project_attention_(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Replace every self-attention ``nn.MultiheadAttention`` (or those named in ``names``) by
+    :class:`ProjectedMultiheadAttention`, the same function with callable projections; returns
+    the names replaced. In place."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.MultiheadAttention) or not ProjectedMultiheadAttention.supports(module):
+            continue
+        if names is not None and name not in names:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, ProjectedMultiheadAttention.from_mha(module))
+        replaced.append(name)
+    return replaced
+
+
+def projected_attention(model: nn.Module) -> list[str]:
+    """Names of the ProjectedMultiheadAttention modules in ``model`` (what a reload must
+    replace again with :func:`project_attention_`)."""
+    return [n for n, m in model.named_modules() if isinstance(m, ProjectedMultiheadAttention)]
+
+
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A boolean mask (True = not allowed) as 0/−inf; a float mask as it is."""
     if mask.dtype == torch.bool:

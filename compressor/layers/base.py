@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import mode_product, orthonormal_columns, reorthonormalize, tall_matmul
+from .protocol import LayerProtocol
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,9 @@ class BasisChange:
         return cls(left, right), new_left, new_right
 
 
-class LowRankLayer(nn.Module):
-    """Common interface of LowRankLinear and TuckerConv2d.
+class LowRankLayer(LayerProtocol, nn.Module):
+    """Common interface of LowRankLinear and TuckerConv2d: training here, and what each type
+    states about itself for costs, export, serialization and budgets in :class:`LayerProtocol`.
 
     Parameters are split in two groups with different update rules:
     - ``bases()``: orthonormal factors, set by QR/SVD in augment_/truncate_, never by an

@@ -7,20 +7,28 @@ code's fixed k×k orthogonal spatial factors are folded into the core).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import WeightsError
 from ..functional import (
     augment_basis,
     hosvd_channel_factors,
     left_singular,
     mode_product,
     rank_spectrum,
+    singular_values,
     truncation_rank,
     unfold,
 )
+from ..runtime.costs import CONV_FORMS, Cost, area2d, conv_costs
 from .base import BasisChange, LowRankLayer
+from .plain import plain_conv
+from .protocol import LatencyKey
 from .rank import resolve_rank
 
 
@@ -56,8 +64,19 @@ class TuckerConv2d(LowRankLayer):
     ``factorize_(..., channels_last=False)``) for a model that calls ``x.view(n, -1)`` on conv
     outputs instead of ``flatten``/``reshape``: NCHW in, NCHW out, at the price of the layout
     reorders that NHWC avoids.
+
+    Forms (:data:`~compressor.runtime.costs.CONV_FORMS`): ``tucker3``, the three convs as
+    trained; ``fold_out`` (core·U_out: one k×k conv r_in→C_out after the 1×1), ``fold_in``
+    (U_in folded into the strided k×k conv C_in→r_out before the 1×1) and ``dense``: the export
+    takes one of the last three where it is cheaper, which needs a rank near its channel count.
     """
 
+    kind = "conv"
+    dense_type = nn.Conv2d
+    n_modes = 2
+    forms = CONV_FORMS
+    trained_form = "tucker3"
+    export_forms = CONV_FORMS
     channels_last: bool = True
 
     def __init__(
@@ -275,6 +294,153 @@ class TuckerConv2d(LowRankLayer):
     def dense_num_parameters(self) -> int:
         kh, kw = self.kernel_size
         return self.out_channels * self.in_channels * kh * kw + (self.out_channels if self.bias is not None else 0)
+
+    # -- protocol (see .protocol) ------------------------------------------------------
+    def costs(
+        self, ranks: tuple[int, ...] | None = None, *, out_px: int = 1, in_px: int | None = None
+    ) -> dict[str, Cost]:
+        """:func:`~compressor.runtime.costs.conv_costs`; ``in_px`` defaults to stride² · ``out_px``."""
+        r_out, r_in = self.ranks if ranks is None else ranks
+        return conv_costs(
+            self.in_channels,
+            self.out_channels,
+            area2d(self.kernel_size),
+            r_out,
+            r_in,
+            stride_area=area2d(self.stride),
+            bias=self.bias is not None,
+            out_px=out_px,
+            in_px=in_px,
+        )
+
+    def sample_counts(self, inputs: Tensor, output: Tensor) -> tuple[int, int]:
+        return output.shape[-2] * output.shape[-1], inputs.shape[-2] * inputs.shape[-1]
+
+    @torch.no_grad()
+    def export_module(self, form: str) -> nn.Module:
+        f32 = torch.float32
+        bias = self.bias.detach().to(f32) if self.bias is not None else None
+        u_out, core, u_in = (t.detach().double() for t in (self.U_out, self.C, self.U_in))
+        spatial = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+        first = u_in.mT[:, :, None, None].to(f32)  # r_in × C_in × 1 × 1
+        last = u_out[:, :, None, None].to(f32)  # C_out × r_out × 1 × 1
+        if form == "tucker3":
+            return nn.Sequential(
+                plain_conv(first, None), plain_conv(core.to(f32), None, **spatial), plain_conv(last, bias)
+            )
+        if form == "fold_out":
+            folded = torch.einsum("oa,aihw->oihw", u_out, core).to(f32)
+            return nn.Sequential(plain_conv(first, None), plain_conv(folded, bias, **spatial))
+        if form == "fold_in":
+            folded = torch.einsum("abhw,cb->achw", core, u_in).to(f32)
+            return nn.Sequential(plain_conv(folded, None, **spatial), plain_conv(last, bias))
+        if form == "dense":
+            return plain_conv(torch.einsum("oa,abhw,cb->ochw", u_out, core, u_in).to(f32), bias, **spatial)
+        raise ValueError(f"unknown form {form!r} for a {self.kind} layer (expected one of {self.forms})")
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {**super().manifest_entry(), "channels_last": bool(self.channels_last)}
+
+    def apply_manifest_entry_(self, entry: Any) -> None:
+        if "channels_last" in entry:
+            self.channels_last = bool(entry["channels_last"])
+
+    @classmethod
+    def empty_like(cls, dense: nn.Module, ranks: Sequence[int], r_min: int, r_max: int) -> TuckerConv2d:
+        if not isinstance(dense, nn.Conv2d):
+            raise WeightsError(f"expected an nn.Conv2d to factorize, found {type(dense).__name__}")
+        if dense.groups != 1 or dense.padding_mode != "zeros":
+            raise WeightsError(
+                f"conv with groups={dense.groups}, padding_mode={dense.padding_mode!r} cannot be a TuckerConv2d"
+            )
+        r_out, r_in = (int(r) for r in ranks)
+        if not (1 <= r_out <= dense.out_channels and 1 <= r_in <= dense.in_channels):
+            raise WeightsError(
+                f"ranks {list(ranks)} exceed the conv's channels ({dense.out_channels}, {dense.in_channels})"
+            )
+        w = dense.weight
+        return cls(
+            dense.in_channels,
+            dense.out_channels,
+            dense.kernel_size,
+            (r_out, r_in),
+            stride=dense.stride,
+            padding=dense.padding,
+            dilation=dense.dilation,
+            bias=dense.bias is not None,
+            r_min=r_min,
+            r_max=r_max,
+            device=w.device,
+            dtype=w.dtype,
+        )
+
+    @classmethod
+    def factor_ranks(cls, ranks: Sequence[int]) -> dict[str, tuple[int, int]]:
+        return {"C": (0, ranks[0]), "U_out": (1, ranks[0]), "U_in": (1, ranks[1])}
+
+    @classmethod
+    def stored_factor_error(cls, name: str, ranks: Sequence[int], header: Any) -> str | None:
+        error = super().stored_factor_error(name, ranks, header)
+        if error is None and header[f"{name}.C"]["shape"][1:2] != [ranks[1]]:
+            error = (
+                f"tensor {name}.C has shape {header[f'{name}.C']['shape']}, expected ranks {ranks} as the manifest says"
+            )
+        return error
+
+    @property
+    def rank_caps(self) -> tuple[int, ...]:
+        return (self.r_max_out, self.r_max_in)
+
+    def spectra(self) -> list[Tensor]:
+        core = self.C.detach().float()
+        return [singular_values(unfold(core, 0)), singular_values(unfold(core, 1))]
+
+    @classmethod
+    def full_rank(cls, dense: nn.Module) -> int:
+        return max(tucker_rank_caps(dense.out_channels, dense.in_channels, dense.kernel_size))
+
+    @classmethod
+    def saves(cls, dense: nn.Module, r: int) -> bool:
+        cap_o, cap_i = tucker_rank_caps(dense.out_channels, dense.in_channels, dense.kernel_size, r)
+        kh, kw = dense.kernel_size
+        sh, sw = dense.stride
+        costs = conv_costs(dense.in_channels, dense.out_channels, kh * kw, cap_o, cap_i, stride_area=sh * sw)
+        (p_fact, m_fact), (p_dense, m_dense) = costs["tucker3"], costs["dense"]
+        return p_fact < p_dense and m_fact < m_dense
+
+    @classmethod
+    def unsupported(cls, dense: nn.Module) -> str | None:
+        if dense.groups != 1:
+            return "grouped/depthwise conv"
+        if dense.padding_mode != "zeros":
+            return f"padding_mode {dense.padding_mode!r}"
+        return None
+
+    @classmethod
+    def from_calibrated(
+        cls, dense: nn.Module, bases: Any, *, r_min: int, r_max: int, seed: int
+    ) -> tuple[TuckerConv2d, str]:
+        """From the channel bases of :class:`~compressor.calibration.ConvBases`."""
+        return cls.from_bases(dense, bases.u_out, bases.u_in, r_min=r_min, r_max=r_max), "activations"
+
+    def latency_key(self, input_shape: Sequence[int]) -> LatencyKey:
+        def pair(v: Any) -> Any:
+            return v if isinstance(v, str) else tuple(int(x) for x in (v if isinstance(v, tuple) else (v, v)))
+
+        shape = (
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("kernel", pair(self.kernel_size)),
+            ("stride", pair(self.stride)),
+            ("padding", pair(self.padding)),
+            ("dilation", pair(self.dilation)),
+            ("input", (int(input_shape[-2]), int(input_shape[-1]))),
+            ("bias", self.bias is not None),
+        )
+        return LatencyKey(self.kind, shape)
+
+    def set_channels_last_(self, flag: bool) -> None:
+        self.channels_last = bool(flag)
 
     def extra_repr(self) -> str:
         return (

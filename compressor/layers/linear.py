@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import WeightsError
 from ..functional import (
     augment_basis,
     gram_suffices,
@@ -15,12 +20,28 @@ from ..functional import (
     top_singular,
     truncation_rank,
 )
+from ..runtime.costs import LINEAR_FORMS, Cost, linear_costs
 from .base import BasisChange, LowRankLayer
+from .plain import plain_linear
+from .protocol import LatencyKey
 from .rank import resolve_rank
 
 
 class LowRankLinear(LowRankLayer):
-    """Factorized linear layer (paper §2); forward never forms W."""
+    """Factorized linear layer (paper §2); forward never forms W.
+
+    Forms (:data:`~compressor.runtime.costs.LINEAR_FORMS`): ``unmerged`` x·V·Sᵀ·Uᵀ, three
+    products, as trained; ``merged`` x·(V Sᵀ)·Uᵀ, S folded into the first factor: r² fewer
+    weights and MACs, the same result up to float rounding (a re-association); ``dense``, W.
+    The export chooses between ``merged`` and ``dense`` (dense when in·out ≤ (in+out)·r).
+    """
+
+    kind = "linear"
+    dense_type = nn.Linear
+    n_modes = 1
+    forms = LINEAR_FORMS
+    trained_form = "unmerged"
+    export_forms = ("merged", "dense")
 
     def __init__(
         self,
@@ -211,6 +232,92 @@ class LowRankLinear(LowRankLayer):
 
     def dense_num_parameters(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    # -- protocol (see .protocol) ------------------------------------------------------
+    def costs(
+        self, ranks: tuple[int, ...] | None = None, *, out_px: int = 1, in_px: int | None = None
+    ) -> dict[str, Cost]:
+        """:func:`~compressor.runtime.costs.linear_costs` for ``out_px`` tokens (``in_px`` is the same count)."""
+        (r,) = self.ranks if ranks is None else ranks
+        return linear_costs(self.in_features, self.out_features, r, bias=self.bias is not None, tokens=out_px)
+
+    def sample_counts(self, inputs: Tensor, output: Tensor) -> tuple[int, int]:
+        tokens = output.numel() // output.shape[-1] // max(1, output.shape[0])
+        return tokens, tokens
+
+    @torch.no_grad()
+    def export_module(self, form: str) -> nn.Module:
+        f32 = torch.float32
+        bias = self.bias.detach().to(f32) if self.bias is not None else None
+        u, s, v = (t.detach().double() for t in (self.U, self.S, self.V))
+        if form == "unmerged":
+            return nn.Sequential(
+                plain_linear(v.mT.to(f32), None), plain_linear(s.to(f32), None), plain_linear(u.to(f32), bias)
+            )
+        if form == "merged":  # x·V·Sᵀ·Uᵀ = x·(S Vᵀ)ᵀ·Uᵀ
+            return nn.Sequential(plain_linear((s @ v.mT).to(f32), None), plain_linear(u.to(f32), bias))
+        if form == "dense":
+            return plain_linear((u @ s @ v.mT).to(f32), bias)
+        raise ValueError(f"unknown form {form!r} for a {self.kind} layer (expected one of {self.forms})")
+
+    @classmethod
+    def empty_like(cls, dense: nn.Module, ranks: Sequence[int], r_min: int, r_max: int) -> LowRankLinear:
+        if not isinstance(dense, nn.Linear):
+            raise WeightsError(f"expected an nn.Linear to factorize, found {type(dense).__name__}")
+        w = dense.weight
+        (rank,) = ranks
+        return cls(
+            dense.in_features,
+            dense.out_features,
+            int(rank),
+            bias=dense.bias is not None,
+            r_min=r_min,
+            r_max=r_max,
+            device=w.device,
+            dtype=w.dtype,
+        )
+
+    @classmethod
+    def factor_ranks(cls, ranks: Sequence[int]) -> dict[str, tuple[int, int]]:
+        return {"S": (0, ranks[0]), "U": (1, ranks[0]), "V": (1, ranks[0])}
+
+    @classmethod
+    def stored_factor_error(cls, name: str, ranks: Sequence[int], header: Any) -> str | None:
+        error = super().stored_factor_error(name, ranks, header)
+        square = [ranks[0], ranks[0]]
+        if error is None and header[f"{name}.S"]["shape"] != square:
+            error = f"tensor {name}.S has shape {header[f'{name}.S']['shape']}, expected {square}"
+        return error
+
+    @classmethod
+    def full_rank(cls, dense: nn.Module) -> int:
+        return min(dense.weight.shape)
+
+    @classmethod
+    def saves(cls, dense: nn.Module, r: int) -> bool:
+        out_f, in_f = dense.weight.shape
+        costs = linear_costs(in_f, out_f, r)
+        return costs["unmerged"][0] < costs["dense"][0]
+
+    @classmethod
+    def from_calibrated(
+        cls, dense: nn.Module, bases: Any, *, r_min: int, r_max: int, seed: int
+    ) -> tuple[LowRankLinear, str]:
+        """From the output basis U of :class:`~compressor.calibration.LinearBases`; without one
+        (the activations chose full rank) the SVD of the weights, which is then exact."""
+        if bases.u is not None:
+            return cls.from_output_basis(dense, bases.u, r_min=r_min, r_max=r_max), "activations"
+        return cls.from_dense(dense, bases.rank, r_min=r_min, r_max=r_max, seed=seed), "svd"
+
+    def latency_key(self, input_shape: Sequence[int]) -> LatencyKey:
+        tokens = math.prod(int(d) for d in input_shape[1:-1])
+        shape = (
+            ("in_features", self.in_features),
+            ("out_features", self.out_features),
+            ("tokens", tokens),
+            ("bias", self.bias is not None),
+        )
+        return LatencyKey(self.kind, shape)
 
     def extra_repr(self) -> str:
         return (

@@ -1,7 +1,9 @@
 """The one cost model: parameters and multiply-adds of a layer in each form it can take.
 
 Factorization (which rank still saves), export (which form to write into the graph), the MAC
-count of a model and the compression rate all read their numbers from here.
+count of a model and the compression rate all read their numbers from here: the formulas
+below, which each factorized layer applies to its own shape (``LowRankLayer.costs``, asked
+through :mod:`.factorized`, so that this module imports no layer).
 
 A form's cost is ``(params, macs)``; ``macs`` counts one output token (linear) or one output
 pixel (conv) unless the pixel counts are given. A Tucker-2 conv's 1×1 input projection runs at
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import LowRankLayer, LowRankLinear, TuckerConv2d, low_rank_layers
+from .factorized import factorized_modules, is_factorized
 
 Cost = tuple[int, int]  # (parameters, multiply-adds)
 
@@ -73,25 +75,6 @@ def area2d(pair: int | tuple[int, ...]) -> int:
     return int(pair[0]) * int(pair[1])
 
 
-def layer_costs(layer: LowRankLayer) -> dict[str, Cost]:
-    """:func:`linear_costs` / :func:`conv_costs` of a factorized layer at its current ranks."""
-    if isinstance(layer, LowRankLinear):
-        (r,) = layer.ranks
-        return linear_costs(layer.in_features, layer.out_features, r, bias=layer.bias is not None)
-    if isinstance(layer, TuckerConv2d):
-        r_out, r_in = layer.ranks
-        return conv_costs(
-            layer.in_channels,
-            layer.out_channels,
-            area2d(layer.kernel_size),
-            r_out,
-            r_in,
-            stride_area=area2d(layer.stride),
-            bias=layer.bias is not None,
-        )
-    raise TypeError(f"no cost model for {type(layer).__name__}")
-
-
 # ----------------------------------------------------------------------------- parameters
 
 
@@ -108,7 +91,7 @@ class CompressionStats:
 
 def compression_stats(model: nn.Module) -> CompressionStats:
     """Parameters now, and of the dense model the factorized layers replaced (at current ranks)."""
-    layers = low_rank_layers(model).values()
+    layers = factorized_modules(model).values()
     params = sum(p.numel() for p in model.parameters())
     dense = params - sum(lay.num_parameters() for lay in layers) + sum(lay.dense_num_parameters() for lay in layers)
     return CompressionStats(params, dense)
@@ -122,7 +105,7 @@ def _infer_in_chans(model: nn.Module) -> int:
     if isinstance(mean, torch.Tensor) and mean.dim() == 4:
         return int(mean.shape[1])
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, TuckerConv2d)):
+        if isinstance(m, nn.Conv2d) or (is_factorized(m) and issubclass(m.dense_type, nn.Conv2d)):
             return m.in_channels
     return 3
 
@@ -130,13 +113,14 @@ def _infer_in_chans(model: nn.Module) -> int:
 def count_macs(
     model: nn.Module, input_size: int, *, in_chans: int | None = None, dense_equivalent: bool = False
 ) -> int:
-    """Multiply-adds of one image through the Conv2d/Linear/LowRankLinear/TuckerConv2d layers.
+    """Multiply-adds of one image through the Conv2d/Linear layers and the factorized layers.
 
-    Counted with forward hooks on a (1, C, input_size, input_size) input. TuckerConv2d counts
-    its three convolutions (1×1 at the input resolution, k×k, 1×1), LowRankLinear its three
-    products (x·V, ·Sᵀ, ·Uᵀ). ``dense_equivalent=True`` counts every factorized layer as the
-    dense layer it replaces: the dense model's MACs without building it. Other ops (norms,
-    activations, attention products) are not counted.
+    Counted with forward hooks on a (1, C, input_size, input_size) input. A factorized layer
+    counts its trained form (``costs(...)[trained_form]``: a TuckerConv2d its three
+    convolutions, 1×1 at the input resolution, k×k, 1×1; a LowRankLinear its three products
+    x·V, ·Sᵀ, ·Uᵀ). ``dense_equivalent=True`` counts every factorized layer as the dense layer
+    it replaces: the dense model's MACs without building it. Other ops (norms, activations,
+    attention products) are not counted.
     """
     return sum(macs_by_layer(model, input_size, in_chans=in_chans, dense_equivalent=dense_equivalent).values())
 
@@ -151,34 +135,26 @@ def macs_by_layer(
     form = "dense" if dense_equivalent else None
 
     def macs(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> int:
-        if isinstance(module, TuckerConv2d):
-            r_out, r_in = module.ranks
-            costs = conv_costs(
-                module.in_channels,
-                module.out_channels,
-                area2d(module.kernel_size),
-                r_out,
-                r_in,
-                out_px=output.shape[-2] * output.shape[-1],
-                in_px=x.shape[-2] * x.shape[-1],
-            )
-            return costs[form or "tucker3"][1]
-        if isinstance(module, LowRankLinear):
-            (r,) = module.ranks
-            tokens = output.numel() // output.shape[-1]
-            return linear_costs(module.in_features, module.out_features, r, tokens=tokens)[form or "unmerged"][1]
+        if is_factorized(module):  # its own count, per sample: see LowRankLayer.sample_counts
+            out_px, in_px = module.sample_counts(x, output)
+            return module.costs(out_px=out_px, in_px=in_px)[form or module.trained_form][1]
         if isinstance(module, nn.Conv2d):
-            return output.numel() * (module.in_channels // module.groups) * area2d(module.kernel_size)
-        return output.numel() * module.in_features  # nn.Linear
+            total = output.numel() * (module.in_channels // module.groups) * area2d(module.kernel_size)
+        else:  # nn.Linear
+            total = output.numel() * module.in_features
+        return total // max(1, output.shape[0])
 
     def hook(name: str):
         def fn(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            totals[name] = totals.get(name, 0) + macs(module, inputs[0], output) // max(1, output.shape[0])
+            totals[name] = totals.get(name, 0) + macs(module, inputs[0], output)
 
         return fn
 
-    kinds = (TuckerConv2d, LowRankLinear, nn.Conv2d, nn.Linear)
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, kinds)]
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in model.named_modules()
+        if is_factorized(m) or isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     param = next(model.parameters(), None)
     was = model.training
     model.eval()

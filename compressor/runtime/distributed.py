@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..layers import low_rank_layers
+from .factorized import factorized_modules
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class DistContext:
         """
         if not self.enabled:
             return
-        layers = list(low_rank_layers(model).values())
+        layers = list(factorized_modules(model).values())
         if not layers:
             return
         ranks = torch.cat([layer.rank_state.reshape(-1) for layer in layers]).to(self._ctl_device())

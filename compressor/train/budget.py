@@ -2,7 +2,8 @@
 
 A budget is a fraction of the dense model's parameters or multiply-adds (``train.target``).
 At a truncation every factorized layer offers its singular values per low-rank mode (one mode
-for a linear core, two channel modes for a Tucker core). Starting from the ranks the tolerance
+for a linear core, two channel modes for a Tucker core), its rank caps and its cost at any ranks
+(``LowRankLayer.spectra``, ``rank_caps``, ``cost_of_ranks``). Starting from the ranks the tolerance
 τ would keep, :func:`allocate_ranks` drops, one at a time, the singular value that is worth the
 least for what it costs: its normalized energy σᵢ² / Σσ² (the share of that mode's spectrum it
 carries) divided by the parameters or multiply-adds its removal saves, which differ per layer
@@ -21,19 +22,16 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..functional import singular_values, truncation_rank, unfold
-from ..layers import LowRankLayer, TuckerConv2d, low_rank_layers
-from ..runtime.costs import area2d, conv_costs, linear_costs
+from ..functional import truncation_rank
+from ..layers import CostFn, LowRankLayer, low_rank_layers
 
 log = logging.getLogger(__name__)
-
-CostFn = Callable[[tuple[int, ...]], int]
 
 
 @dataclass
@@ -119,17 +117,6 @@ def allocate_ranks(
 # ----------------------------------------------------------------------------- the trainer's side
 
 
-def _spectra(layer: LowRankLayer) -> list[Tensor]:
-    if isinstance(layer, TuckerConv2d):
-        core = layer.C.detach().float()
-        return [singular_values(unfold(core, 0)), singular_values(unfold(core, 1))]
-    return [singular_values(layer.S.detach().float())]
-
-
-def _caps(layer: LowRankLayer) -> tuple[int, ...]:
-    return (layer.r_max_out, layer.r_max_in) if isinstance(layer, TuckerConv2d) else (layer.r_max,)
-
-
 class Budget:
     """The trainer's budget: target, ramp, and the cost of every layer at any ranks.
 
@@ -165,7 +152,7 @@ class Budget:
             self.fixed = total - low_rank_now
             self.dense = self.fixed + sum(layer.dense_num_parameters() for layer in self.layers.values())
             for name, layer in self.layers.items():
-                self._cost_fns[name] = self._param_cost(layer)
+                self._cost_fns[name] = layer.cost_of_ranks("params")
         else:
             pixels = _pixels(model, self.layers, input_size, in_chans)
             from ..runtime import macs_by_layer
@@ -175,29 +162,13 @@ class Budget:
             self.fixed = sum(v for n, v in now.items() if n not in self.layers)
             self.dense = sum(dense.values())
             for name, layer in self.layers.items():
-                self._cost_fns[name] = self._mac_cost(layer, *pixels[name])
+                out_px, in_px = pixels[name]
+                self._cost_fns[name] = layer.cost_of_ranks("macs", out_px=out_px, in_px=in_px)
         if start is None:
             start = self.cost(start_ranks)
         self.start = float(start)
         self.target = self.fraction * self.dense
         self.truncations = 0
-
-    @staticmethod
-    def _param_cost(layer: LowRankLayer) -> CostFn:
-        bias = layer.bias is not None
-        if isinstance(layer, TuckerConv2d):
-            c_in, c_out, k = layer.in_channels, layer.out_channels, area2d(layer.kernel_size)
-            return lambda r: conv_costs(c_in, c_out, k, r[0], r[1], bias=bias)["tucker3"][0]
-        n_in, n_out = layer.in_features, layer.out_features
-        return lambda r: linear_costs(n_in, n_out, r[0], bias=bias)["unmerged"][0]
-
-    @staticmethod
-    def _mac_cost(layer: LowRankLayer, out_px: int, in_px: int) -> CostFn:
-        if isinstance(layer, TuckerConv2d):
-            c_in, c_out, k = layer.in_channels, layer.out_channels, area2d(layer.kernel_size)
-            return lambda r: conv_costs(c_in, c_out, k, r[0], r[1], out_px=out_px, in_px=in_px)["tucker3"][1]
-        n_in, n_out = layer.in_features, layer.out_features
-        return lambda r: linear_costs(n_in, n_out, r[0], tokens=out_px)["unmerged"][1]
 
     def cost(self, ranks: Mapping[str, tuple[int, ...]] | None = None) -> int:
         """The model's cost (parameters, or multiply-adds per image) at ``ranks`` (default: now)."""
@@ -215,9 +186,9 @@ class Budget:
         every nonzero singular value is on offer, so the model ends at the budget, not below."""
         offers = {}
         for name, layer in self.layers.items():
-            sigmas = _spectra(layer)
+            sigmas = layer.spectra()
             max_ranks = tuple(
-                truncation_rank(s, 0.0, layer.r_min, cap) for s, cap in zip(sigmas, _caps(layer), strict=True)
+                truncation_rank(s, 0.0, layer.r_min, cap) for s, cap in zip(sigmas, layer.rank_caps, strict=True)
             )
             offers[name] = LayerOffer(sigmas, max_ranks, tuple(layer.r_min for _ in sigmas), self._cost_fns[name])
         target = self.current_target()
@@ -238,17 +209,13 @@ class Budget:
 def _pixels(
     model: nn.Module, layers: Mapping[str, LowRankLayer], input_size: int, in_chans: int
 ) -> dict[str, tuple[int, int]]:
-    """(output pixels or tokens, input pixels) of every factorized layer for one image."""
+    """(output pixels or tokens, input pixels or tokens) of every factorized layer for one image
+    (``LowRankLayer.sample_counts``)."""
     seen: dict[str, tuple[int, int]] = {}
 
     def hook(name: str):
-        def fn(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            x = inputs[0]
-            if isinstance(module, TuckerConv2d):
-                seen[name] = (output.shape[-2] * output.shape[-1], x.shape[-2] * x.shape[-1])
-            else:
-                tokens = output.numel() // output.shape[-1] // max(1, output.shape[0])
-                seen[name] = (tokens, tokens)
+        def fn(module: LowRankLayer, inputs: tuple, output: Tensor) -> None:
+            seen[name] = module.sample_counts(inputs[0], output)
 
         return fn
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import LowRankLayer, TuckerConv2d, low_rank_layers
+from ..layers import LowRankLayer, low_rank_layers
 from ..layers.conv import to_channels_last
 from ..recipe import BaselineSection, TrainSection
 from ..runtime import DistContext, ProgressFactory, autocast_context, compression_stats, silent_progress
@@ -138,9 +138,7 @@ class Trainer:
         # layers before the first of them (a dense first conv, its ReLU) run in that layout too;
         # fed NCHW, the first factorized conv converts its input, and in the backward the
         # ReLUs before it meet an NHWC gradient with NCHW activations, a slow mixed-layout path.
-        self.channels_last_input = any(
-            isinstance(layer, TuckerConv2d) and layer.channels_last for layer in self.layers.values()
-        )
+        self.channels_last_input = any(layer.channels_last for layer in self.layers.values())
         self.dist.sync_model(model)  # rank 0's ranks, weights and buffers everywhere (no-op when single)
         if self.adaptive_epochs and not self.layers:
             log.warning("%s: the model has no factorized layers; rank-adaptive epochs train it densely", name)
