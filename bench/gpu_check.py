@@ -151,9 +151,13 @@ def device_record(spec: str) -> dict[str, Any]:
             cuda=torch.version.cuda,
             capability=".".join(map(str, torch.cuda.get_device_capability(dev))),
             memory_gib=round(props.total_memory / 2**30, 1),
-            nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None,
             bf16=torch.cuda.is_bf16_supported(),
         )
+        try:  # a tuple in recent torch, an int in older ones
+            v = torch.cuda.nccl.version()
+            out["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        except (AttributeError, RuntimeError):
+            out["nccl"] = None
     else:
         out.update(name="cpu", bf16=cpu_bf16())
     return out
