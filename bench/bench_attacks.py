@@ -11,19 +11,16 @@ prints a Markdown table. Also checks that both give the same images without rand
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import benchmarks_md  # noqa: E402
 import torch
 import torch.nn as nn
-
-from compressor.attacks import create_attack  # noqa: E402
+from harness import lib
+from harness.report import table
+from harness.run import Run, add_run_options, check_run_options, parser
 
 
 def small_vgg(num_classes: int = 10) -> nn.Module:
@@ -54,13 +51,9 @@ def build_model(name: str) -> nn.Module:
     return vgg16(weights=None, num_classes=10)  # random init; 32x32 works through its adaptive pool
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(attack, batches, device) -> float:
+def timed(attack, batches, device: torch.device) -> float:
     """Images per second of one pass over all batches."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
     sync(device)
     t0 = time.perf_counter()
     for x, y in batches:
@@ -70,27 +63,20 @@ def timed(attack, batches, device) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny run: a few seconds")
+    ap = parser(__doc__)
     ap.add_argument("--model", choices=["small", "vgg16"], default="small")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--eps", type=float, default=8 / 255)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "attacks.json"))
-    ap.add_argument(
-        "--benchmarks-md",
-        type=Path,
-        default=None,
-        help="page whose 'attacks' section the table replaces (default: BENCHMARKS.md; --smoke: none)",
-    )
+    add_run_options(ap, "attacks", smoke="tiny run: a few seconds", threads=1)
     args = ap.parse_args(argv)
+    check_run_options(ap, args, "attacks")
     if args.smoke:
         args.batch_size, args.batches, args.repeats = 8, 1, 3
-    torch.set_num_threads(args.threads)
+    run = Run(__file__, args, argv)
     import torchattacks  # optional test dependency; imported late so --help works without it
 
     device = torch.device(args.device)
@@ -106,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     alpha = 2.5 * args.eps / args.steps  # the same step size for both
     impls = {
-        "ours": create_attack("pgd", model, eps=args.eps, steps=args.steps, alpha=alpha),
+        "ours": lib.create_attack("pgd", model, eps=args.eps, steps=args.steps, alpha=alpha),
         "torchattacks": torchattacks.PGD(model, eps=args.eps, alpha=alpha, steps=args.steps, random_start=True),
     }
     # same function: without random start the two give the same images
     x0, y0 = batches[0]
     ref = torchattacks.PGD(model, eps=args.eps, alpha=alpha, steps=args.steps, random_start=False)(x0, y0)
-    ours = create_attack("pgd", model, eps=args.eps, steps=args.steps, alpha=alpha, random_start=False)(x0, y0)
+    ours = lib.create_attack("pgd", model, eps=args.eps, steps=args.steps, alpha=alpha, random_start=False)(x0, y0)
     max_diff = float((ref - ours).abs().max())
 
     for atk in impls.values():  # warm-up: allocator, kernels, lazy imports
@@ -142,32 +128,24 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_ours_over_torchattacks": ratio,
         "max_abs_diff_without_random_start": max_diff,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-
     lines = [
         f"PGD ℓ∞, {args.steps} steps, ε = {args.eps:.4f}, model {args.model}, batch {args.batch_size} × "
         f"{args.batches}, device {args.device}, {args.threads} thread(s), {args.repeats} repeats (alternating "
         "order).",
         "",
-        "| implementation | images/s (median) | min | max |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [f"| {k} | {med[k]:.1f} | {min(v):.1f} | {max(v):.1f} |" for k, v in runs.items()]
-    lines += [
+        *table(
+            ["implementation", "images/s (median)", "min", "max"],
+            "lrrr",
+            ([k, f"{med[k]:.1f}", f"{min(v):.1f}", f"{max(v):.1f}"] for k, v in runs.items()),
+        ),
         "",
         f"Ratio ours / torchattacks: **{ratio:.3f}** (target ≥ 1.0); max |Δ| of the images without random "
         f"start: {max_diff:.2e}.",
     ]
-    print("\n".join(lines) + f"\nwrote {out}")
-    md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
-    benchmarks_md.update_section(
+    run.publish(
         "attacks",
+        result,
         "\n".join(lines),
-        script="bench_attacks.py",
-        argv=list(sys.argv[1:] if argv is None else argv),
-        path=md,
         measured="images per second of compressor's pgd against torchattacks.PGD (same model, batches, "
         "steps, step size, random start), median over repeats.",
     )
@@ -175,4 +153,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -43,39 +42,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import benchmarks_md
 import torch
-from common import add_run_options, check_run_options, start_run
-from entries import EntryStore
-
-from compressor.atomic import atomic_path, write_text
-from compressor.cli import enable_huge_pages
-from compressor.data import build_data, set_epoch
-from compressor.evaluate import evaluate
-from compressor.export import export_onnx, onnx_latencies
-from compressor.export.onnx_export import plain_model, plan_export
-from compressor.factorize import factorize_
-from compressor.layers import low_rank_layers
-from compressor.models import create_model
-from compressor.recipe import BaselineSection, Recipe, recipe_from_dict
-from compressor.runtime import compression_stats, count_macs, dumps
-from compressor.stages import factorize_and_train
-from compressor.train import Trainer, clean_accuracy
+from harness import lib
+from harness.entries import Clock, EntryStore
+from harness.measure import EPS_L2 as EPS
+from harness.measure import dense_weights, latency_vs_dense, ranks, robustness, sizes, slim
+from harness.report import mean_std, met, pareto_plot, table
+from harness.run import Run, add_run_options, at_least, check_run_options, parser, recipe
 
 log = logging.getLogger("bench_budget")
-RESULTS = Path(__file__).resolve().parent / "results"
-EPS = [0.05, 0.1, 0.3]  # ℓ2-FGSM, pixel units
 ARMS = {"robustdlrt": "budget-RobustDLRT", "oneshot": "one-shot + fine-tune"}
 _FINGERPRINT = ("model", "data", "data_root", "input_size", "train_subset", "val_subset", "batch_size")
 _FINGERPRINT += ("dense_epochs", "epochs", "dense_lr", "beta", "tau", "ramp", "coefficient_steps")
 _FINGERPRINT += ("attack_samples", "latency_repeats", "latency_threads")
+HISTORY = ("epoch", "phase", "train_loss", "train_accuracy", "compression_rate", "seconds", "budget")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    ap.add_argument("--smoke", action="store_true", help="< 1 min: digits, timm:test_resnet, tiny sizes (CI)")
+    ap = parser(__doc__)
     ap.add_argument("--model", default="tv:vgg16")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: the Debian package's files)")
@@ -99,9 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--target-macs", type=float, default=0.2, help="the issue's target point")
     ap.add_argument("--target-points", type=float, default=2.0, help="clean points above the baseline")
     ap.add_argument("--target-speedup", type=float, default=4.0, help="over dense at batch 32")
-    add_run_options(ap, "budget")
+    add_run_options(ap, "budget", smoke="< 1 min: digits, timm:test_resnet, tiny sizes (CI)", resumable=True)
     args = ap.parse_args(argv)
-    check_run_options(ap, args)
+    check_run_options(ap, args, "budget")
     if args.smoke:
         args.model, args.data, args.seeds, args.macs, args.params = "timm:test_resnet", "digits", [0], [0.25], [0.05]
         args.train_subset, args.val_subset, args.batch_size, args.dense_epochs, args.epochs = 64, 32, 32, 1, 1
@@ -111,13 +95,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"budget {f:g} is not a fraction in (0, 1]")
     if not args.macs and not args.params:
         ap.error("give at least one budget (--macs or --params)")
-    for key in ("train_subset", "val_subset", "batch_size", "epochs", "attack_samples", "latency_repeats"):
-        if getattr(args, key) < 1:
-            ap.error(f"--{key.replace('_', '-')} must be at least 1")
+    at_least(ap, args, 1, "train_subset", "val_subset", "batch_size", "epochs", "attack_samples", "latency_repeats")
     if args.dense_epochs < 0 or any(s < 0 for s in args.seeds):
         ap.error("--dense-epochs and --seeds must not be negative")
     args.seeds, args.macs, args.params = (list(dict.fromkeys(x)) for x in (args.seeds, args.macs, args.params))
-    args.out = Path(args.out or RESULTS / f"budget{'-smoke' if args.smoke else ''}.json")
     return args
 
 
@@ -129,213 +110,124 @@ def bkey(kind: str, f: float) -> str:
     return f"{kind}={f:g}"
 
 
-def recipe_for(args: argparse.Namespace, seed: int, kind: str | None = None, fraction: float = 1.0) -> Recipe:
+def recipe_for(args: argparse.Namespace, seed: int, kind: str | None = None, fraction: float = 1.0) -> lib.Recipe:
     target = {kind: fraction, "ramp": args.ramp} if kind else {}
-    return recipe_from_dict(
-        {
-            "seed": seed,
-            "model": {"name": args.model, "input_size": args.input_size},
-            "data": {
-                "name": args.data,
-                "root": args.data_root,
-                "train_subset": args.train_subset,
-                "val_subset": args.val_subset,
-                "batch_size": args.batch_size,
-            },
-            "baseline": {"epochs": args.dense_epochs, "optimizer": "adam", "lr": args.dense_lr, "checkpoint_every": 0},
-            "train": {
-                "epochs": args.epochs,
-                "beta": args.beta,
-                "tau": args.tau,
-                "coefficient_steps": args.coefficient_steps,
-                "target": target,
-                "device": "cpu",
-                "checkpoint_every": 0,
-            },
-        },
-        source="bench_budget",
-    )
-
-
-def State(args: argparse.Namespace) -> EntryStore:
-    """Finished entries, written to ``<checkpoint-dir>/entries.json`` after each one."""
-    return EntryStore(args.checkpoint_dir, {k: getattr(args, k) for k in _FINGERPRINT}, keys=("seed", "budget", "arm"))
+    train = dict(epochs=args.epochs, beta=args.beta, tau=args.tau, coefficient_steps=args.coefficient_steps)
+    return recipe(args, seed, source="bench_budget", train={**train, "target": target})
 
 
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure(
-    model: torch.nn.Module, loader, args, seed: int, onnx: dict[str, Path] | None, sizes: torch.nn.Module | None = None
-) -> dict[str, Any]:
+def measure(model, loader, args, seed: int, onnx: dict[str, Path] | None, of: torch.nn.Module | None = None) -> dict:
     """Accuracy (clean, ℓ2-FGSM), size, MACs and (``onnx``: dense and a path to write) latency;
-    ``sizes``: the factorized model whose parameters and MACs ``model`` has (default: itself)."""
-    res = evaluate(
-        model, loader, [{"name": "l2_fgsm", "eps": EPS}], max_samples=args.attack_samples, seed=seed, device="cpu"
-    )
-    sizes = model if sizes is None else sizes
-    stats, size = compression_stats(sizes), args.input_size
-    macs, macs_dense = count_macs(sizes, size), count_macs(sizes, size, dense_equivalent=True)
-    out = {
-        "clean": res.clean_accuracy,
-        "l2_fgsm": res.adversarial_accuracy["l2_fgsm"],
-        "n_eval": res.n_clean,
-        "n_attacked": res.n_attacked,
-        "params": stats.params,
-        "params_dense": stats.params_dense,
-        "params_fraction": stats.params / stats.params_dense,
-        "compression_rate": stats.rate,
-        "macs": macs,
-        "macs_dense": macs_dense,
-        "macs_fraction": macs / macs_dense,
-    }
+    ``of``: the factorized model whose parameters and MACs ``model`` has (default: itself)."""
+    out = robustness(model, loader, samples=args.attack_samples, seed=seed)
+    out.update(sizes(model if of is None else of, args.input_size))
     if onnx is not None:
-        export_onnx(model, onnx["compressed"], input_size=size, check=False)
-        lat = onnx_latencies(
-            onnx, input_size=size, threads=args.latency_threads, repeats=args.latency_repeats, warmup=2, seed=seed
+        lib.export_onnx(model, onnx["compressed"], input_size=args.input_size, check=False)
+        out.update(
+            latency_vs_dense(
+                onnx, args.input_size, threads=args.latency_threads, repeats=args.latency_repeats, seed=seed
+            )
         )
         onnx["compressed"].unlink(missing_ok=True)
-        out["latency_ms"] = {m: {str(b): s["median_ms"] for b, s in lat[m].items()} for m in lat}
-        out["speedup"] = {
-            b: lat["dense"][int(b)]["median_ms"] / ms for b, ms in out["latency_ms"]["compressed"].items()
-        }
     return out
 
 
-def slim(history) -> list[dict[str, Any]]:
-    keep = ("epoch", "phase", "train_loss", "train_accuracy", "compression_rate", "seconds", "budget")
-    return [{k: e.get(k) for k in keep} for e in history.to_dict()["epochs"]]
+def one_shot(args, seed: int, kind: str, f: float, dense, data, want: dict[str, list[int]]) -> dict[str, Any]:
+    """The baseline: SVD/HOSVD cut at once to RobustDLRT's ranks, then every factor fine-tuned."""
+    model = copy.deepcopy(dense)
+    r = recipe_for(args, seed, kind, f)
+    lib.factorize_(model, r.factorize.model_copy(update={"init": "svd", "init_rank": None}), seed=seed)
+    layers = lib.low_rank_layers(model)
+    if set(layers) != set(want):
+        raise RuntimeError(f"one-shot factorized other layers than RobustDLRT: {sorted(set(layers) ^ set(want))}")
+    for name, layer in layers.items():
+        layer.truncate_(0.0, rank_cap=tuple(want[name]))  # τ = 0: only the cap cuts
+    same = ranks(model) == want
+    if not same:
+        log.warning("seed %d %s: one-shot ranks differ from RobustDLRT's", seed, bkey(kind, f))
+    before = lib.clean_accuracy(model, data.val_loader, torch.device("cpu"))
+    # every factor trains (Vᵀ, S, U or U_in, core, U_out as plain layers at these ranks), as after AIMET's SVD
+    # compression
+    plain = lib.plain_model(model, lib.plan_export(model, "none")).train()
+    keep = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "grad_clip")
+    cfg = lib.BaselineSection(**{k: getattr(r.train, k) for k in keep}, epochs=args.epochs, checkpoint_every=0)
+    torch.manual_seed(seed + 3)
+    t1 = time.perf_counter()
+    history = lib.Trainer(plain, data.train_loader, cfg, seed=seed, name="one-shot", set_epoch=lib.set_epoch).fit()
+    train_s = time.perf_counter() - t1
+    return dict(
+        plain=plain, model=model, ranks=ranks(model), ranks_match_robustdlrt=same, clean_before_finetune=before,
+        train_seconds=train_s, history=slim(history, *HISTORY),
+    )  # fmt: skip
 
 
-def ranks_of(model: torch.nn.Module) -> dict[str, list[int]]:
-    return {n: list(layer.ranks) for n, layer in low_rank_layers(model).items()}
-
-
-def run_seed(args: argparse.Namespace, seed: int, state: State, work: Path, clock: dict[str, Any]) -> None:
-    todo = [(k, f, a) for k, f in budgets(args) for a in ARMS if state.get(seed, bkey(k, f), a) is None]
+def run_seed(args: argparse.Namespace, seed: int, state: EntryStore, work: Path, clock: Clock, exported: dict) -> None:
+    """Dense (trained once per seed, its ONNX graph exported once per run), then both arms per budget."""
+    todo = state.missing(*((seed, bkey(k, f), a) for k, f in budgets(args) for a in ARMS))
     if not todo and state.get(seed, "dense", "dense"):
         return
     rec = recipe_for(args, seed)
     torch.manual_seed(seed)
-    data = build_data(rec.data, input_size=args.input_size, seed=seed)
-    dense, _ = create_model(
+    data = lib.build_data(rec.data, input_size=args.input_size, seed=seed)
+    dense, _ = lib.create_model(
         args.model, data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std, input_size=args.input_size
     )
-    weights = state.weights(seed)
-    if weights is not None and weights.is_file() and state.get(seed, "dense", "dense"):
-        dense.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        log.info("seed %d: dense weights restored from %s", seed, weights)
-    else:
-        log.info("seed %d: dense, %d epoch(s) of %d batches", seed, args.dense_epochs, len(data.train_loader))
-        t0 = time.perf_counter()
-        torch.manual_seed(seed + 1)
-        trainer = Trainer(dense, data.train_loader, rec.baseline, seed=seed, name="dense", set_epoch=set_epoch)
-        history = trainer.fit() if args.dense_epochs else None
-        train_s = time.perf_counter() - t0
-        if weights is not None:
-            torch.save(dense.state_dict(), weights)
-        if not state.get(seed, "dense", "dense"):
-            m = measure(dense, data.val_loader, args, seed, None)
-            hist = slim(history) if history else []
-            state.add(
-                {
-                    "seed": seed,
-                    "budget": "dense",
-                    "arm": "dense",
-                    **m,
-                    "n_train": data.n_train,
-                    "train_seconds": train_s,
-                    "history": hist,
-                }
-            )
-            done(clock, "dense", t0, state)
-    if "dense" not in clock["onnx"]:  # the same graph for every seed: exported once
-        clock["onnx"]["dense"] = work / "dense.onnx"
-        export_onnx(dense, clock["onnx"]["dense"], input_size=args.input_size, check=False)
-    onnx = {"dense": clock["onnx"]["dense"], "compressed": work / "compressed.onnx"}
+    weights, done_dense = state.weights(seed), state.get(seed, "dense", "dense") is not None
+    t0 = time.perf_counter()
+    history, train_s = dense_weights(
+        dense, data.train_loader, rec.baseline, seed=seed, cache=weights, reuse=done_dense, name="dense"
+    )
+    if not done_dense:
+        m = measure(dense, data.val_loader, args, seed, None)
+        hist = slim(history, *HISTORY) if history else []
+        state.add(
+            dict(seed=seed, budget="dense", arm="dense", **m, n_train=data.n_train, train_seconds=train_s, history=hist)
+        )
+        logged(clock, "dense", t0, state)
+    if "dense" not in exported:  # the same graph for every seed: exported once
+        exported["dense"] = work / "dense.onnx"
+        lib.export_onnx(dense, exported["dense"], input_size=args.input_size, check=False)
+    onnx = {"dense": exported["dense"], "compressed": work / "compressed.onnx"}
     for kind, f in budgets(args):
-        key = bkey(kind, f)
+        key, head = bkey(kind, f), dict(seed=seed, budget=bkey(kind, f), kind=kind, fraction=f)
         if state.get(seed, key, "robustdlrt") is None:
             t0 = time.perf_counter()
-            r = recipe_for(args, seed, kind, f)
             model = copy.deepcopy(dense)
             log.info("seed %d %s: budget-RobustDLRT, factorize + %d epoch(s)", seed, key, args.epochs)
-            _, history, secs = factorize_and_train(
-                model, data.train_loader, r, device=torch.device("cpu"), set_epoch=set_epoch
+            r = recipe_for(args, seed, kind, f)
+            _, history, secs = lib.factorize_and_train(
+                model, data.train_loader, r, device=torch.device("cpu"), set_epoch=lib.set_epoch
             )
-            state.add(
-                {
-                    **dict(seed=seed, budget=key, kind=kind, fraction=f, arm="robustdlrt"),
-                    **measure(model, data.val_loader, args, seed, onnx),
-                    **dict(ranks=ranks_of(model), train_seconds=secs["train"], factorize_seconds=secs["factorize"]),
-                    "history": slim(history),
-                }
-            )
-            done(clock, "robustdlrt", t0, state)
+            m = measure(model, data.val_loader, args, seed, onnx)
+            more = dict(ranks=ranks(model), train_seconds=secs["train"], factorize_seconds=secs["factorize"])
+            state.add({**head, "arm": "robustdlrt", **m, **more, "history": slim(history, *HISTORY)})
+            logged(clock, "robustdlrt", t0, state)
             del model
         if state.get(seed, key, "oneshot") is None:
             t0 = time.perf_counter()
-            want = state.get(seed, key, "robustdlrt")["ranks"]
-            model = copy.deepcopy(dense)
-            r = recipe_for(args, seed, kind, f)
-            factorize_(model, r.factorize.model_copy(update={"init": "svd", "init_rank": None}), seed=seed)
-            layers = low_rank_layers(model)
-            if set(layers) != set(want):
-                raise RuntimeError(
-                    f"one-shot factorized other layers than RobustDLRT: {sorted(set(layers) ^ set(want))}"
-                )
-            for name, layer in layers.items():
-                layer.truncate_(0.0, rank_cap=tuple(want[name]))  # τ = 0: only the cap cuts
-            same = ranks_of(model) == want
-            if not same:
-                log.warning("seed %d %s: one-shot ranks differ from RobustDLRT's", seed, key)
-            before = clean_accuracy(model, data.val_loader, torch.device("cpu"))
-            # every factor trains (Vᵀ, S, U or U_in, core, U_out as plain layers at these ranks), as after AIMET's SVD
-            # compression
-            plain = plain_model(model, plan_export(model, "none")).train()
-            keep = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "grad_clip")
-            cfg = BaselineSection(**{k: getattr(r.train, k) for k in keep}, epochs=args.epochs, checkpoint_every=0)
-            torch.manual_seed(seed + 3)
-            t1 = time.perf_counter()
-            history = Trainer(plain, data.train_loader, cfg, seed=seed, name="one-shot", set_epoch=set_epoch).fit()
-            train_s = time.perf_counter() - t1
-            state.add(
-                {
-                    **dict(seed=seed, budget=key, kind=kind, fraction=f, arm="oneshot"),
-                    **measure(plain, data.val_loader, args, seed, onnx, sizes=model),
-                    **dict(ranks=ranks_of(model), ranks_match_robustdlrt=same, clean_before_finetune=before),
-                    **dict(train_seconds=train_s, history=slim(history)),
-                }
-            )
-            done(clock, "oneshot", t0, state)
-            del model
+            o = one_shot(args, seed, kind, f, dense, data, state.get(seed, key, "robustdlrt")["ranks"])
+            plain, model = o.pop("plain"), o.pop("model")
+            state.add({**head, "arm": "oneshot", **measure(plain, data.val_loader, args, seed, onnx, of=model), **o})
+            logged(clock, "oneshot", t0, state)
     if weights is not None:
         weights.unlink(missing_ok=True)  # every entry of this seed is saved
 
 
-def done(clock: dict[str, Any], kind: str, t0: float, state: State) -> None:
+def logged(clock: Clock, kind: str, t0: float, state: EntryStore) -> None:
     """Log the entry and how long the rest of this invocation should take at this pace."""
-    clock["seconds"].setdefault(kind, []).append(time.perf_counter() - t0)
-    clock["left"][kind] -= 1
-    e = state.entries[-1]
-    left = sum(n * statistics.fmean(clock["seconds"].get(k, [0.0])) for k, n in clock["left"].items())
+    left, e = clock.done(kind, t0), state.entries[-1]
     speed = f"{e['speedup']['32']:.2f}×" if "speedup" in e else "—"
     log.info(
         "seed %d %s %s: clean %.1f%%, MACs %.3f, params %.3f, speedup b32 %s, %.0f s; ≈ %.0f min left at this pace",
         *(e["seed"], e["budget"], e["arm"], 100 * e["clean"], e["macs_fraction"], e["params_fraction"], speed),
-        *(time.perf_counter() - t0, left / 60),
+        *(time.perf_counter() - t0, left),
     )
 
 
 # ----------------------------------------------------------------------------- aggregation and report
-
-
-def mean_std(vals: list[float], digits: int = 1, scale: float = 1.0, suffix: str = "") -> str:
-    vals = [scale * v for v in vals if v is not None]
-    if not vals:
-        return "—"
-    text = f"{statistics.fmean(vals):.{digits}f}"
-    return text + (f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else "") + suffix
 
 
 def rows(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -366,11 +258,8 @@ def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]
     if not macs:
         return lines + [f"- Target at {args.target_macs:g} of the MACs: not measured (no MAC budget in this run)."]
     within = [r for r in macs if r["fraction"] <= args.target_macs + 1e-9]
-    r = (
-        max(within, key=lambda r: r["fraction"])
-        if within
-        else min(macs, key=lambda r: abs(r["fraction"] - args.target_macs))
-    )
+    near = lambda r: abs(r["fraction"] - args.target_macs)  # noqa: E731
+    r = max(within, key=lambda r: r["fraction"]) if within else min(macs, key=near)
     gap = statistics.fmean(r["gaps"])
     sp = [e["speedup"]["32"] for e in r["entries"] if "speedup" in e]
     speed = statistics.fmean(sp) if sp else float("nan")
@@ -379,21 +268,38 @@ def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]
         + (f" (the largest ≤ {args.target_macs:g}: the model ends within the target)" if within else " (closest)")
         + f", reached {mean_std([e['macs_fraction'] for e in r['entries']], 3)} of the dense MACs"
     )
-    ok_gap, ok_speed = gap >= args.target_points, speed >= args.target_speedup
     lines.append(
         f"- Target at {args.target_macs:g} of the MACs, measured at {where}: RobustDLRT − baseline clean = "
-        f"{gap:+.1f} points (target ≥ {args.target_points:g}: **{'met' if ok_gap else 'not met'}**); "
+        f"{gap:+.1f} points (target ≥ {args.target_points:g}: {met(gap >= args.target_points)}); "
         f"speedup over dense at batch 32 in onnxruntime = {speed:.2f}× (target ≥ {args.target_speedup:g}×: "
-        f"**{'met' if ok_speed else 'not met'}**)."
+        f"{met(speed >= args.target_speedup)})."
     )
     return lines
 
 
 def render(args: argparse.Namespace, doc: dict[str, Any], pareto: str | None = None) -> str:
     """The section: settings, the table (mean ± std over seeds), verdicts; ``pareto``: the plot's path as shown."""
-    table = rows(args, doc["entries"])
+    groups = rows(args, doc["entries"])
     dense = [e for e in doc["entries"] if e["arm"] == "dense"]
-    eps_h = " | ".join(f"ℓ2-FGSM ε={x:g}" if i == 0 else f"ε={x:g}" for i, x in enumerate(EPS))
+    eps_h = [f"ℓ2-FGSM ε={x:g}" if i == 0 else f"ε={x:g}" for i, x in enumerate(EPS)]
+    cells = []
+    if dense:
+        fg = [mean_std([e["l2_fgsm"][str(x)] for e in dense], scale=100) for x in EPS]
+        clean, secs = mean_std([e["clean"] for e in dense], scale=100), mean_std([e["train_seconds"] for e in dense], 0)
+        cells.append(["dense", "—", "1", "0", "1", clean, *fg, "1×", "1×", "—", secs])
+    for r in groups:
+        es = r["entries"]
+
+        def col(key: str, digits: int = 1, scale: float = 1.0, es=es) -> str:
+            return mean_std([e[key] for e in es], digits, scale)
+
+        row = [f"{r['kind']} {r['fraction']:g}", ARMS[r["arm"]], col(r["kind"] + "_fraction", 3)]
+        row += [col("compression_rate", 2), col("macs_fraction", 3), col("clean", scale=100)]
+        row += [mean_std([e["l2_fgsm"][str(x)] for e in es], scale=100) for x in EPS]
+        row += [mean_std([e.get("speedup", {}).get(b) for e in es], 2, suffix="×") for b in ("1", "32")]
+        cells.append(row + [mean_std(r["gaps"]) if r["gaps"] else "—", col("train_seconds", 0)])
+    head = ["budget", "method", "reached", "c.r. %", "MACs ratio", "clean", *eps_h, "speedup b1", "speedup b32"]
+    head += ["RobustDLRT − baseline clean (points)", "train s"]
     out = [
         f"## Compress to a budget: {args.model} on {args.data}",
         "",
@@ -409,28 +315,10 @@ def render(args: argparse.Namespace, doc: dict[str, Any], pareto: str | None = N
         f"speedup = dense / compressed onnxruntime median ({args.latency_threads} threads, {args.latency_repeats} "
         "runs each, timed side by side). Gap = RobustDLRT − baseline clean accuracy, paired by seed.",
         "",
-        f"| budget | method | reached | c.r. % | MACs ratio | clean | {eps_h} | speedup b1 | speedup b32 "
-        "| RobustDLRT − baseline clean (points) | train s |",
-        "|---|---|" + "---:|" * (8 + len(EPS)),
+        *table(head, "ll" + "r" * (len(head) - 2), cells),
     ]
-    if dense:
-        fg = " | ".join(mean_std([e["l2_fgsm"][str(x)] for e in dense], scale=100) for x in EPS)
-        clean, secs = mean_std([e["clean"] for e in dense], scale=100), mean_std([e["train_seconds"] for e in dense], 0)
-        out.append(f"| dense | — | 1 | 0 | 1 | {clean} | {fg} | 1× | 1× | — | {secs} |")
-    for r in table:
-        es = r["entries"]
-
-        def col(key: str, digits: int = 1, scale: float = 1.0, es=es) -> str:
-            return mean_std([e[key] for e in es], digits, scale)
-
-        cells = [f"{r['kind']} {r['fraction']:g}", ARMS[r["arm"]], col(r["kind"] + "_fraction", 3)]
-        cells += [col("compression_rate", 2), col("macs_fraction", 3), col("clean", scale=100)]
-        cells += [mean_std([e["l2_fgsm"][str(x)] for e in es], scale=100) for x in EPS]
-        cells += [mean_std([e.get("speedup", {}).get(b) for e in es], 2, suffix="×") for b in ("1", "32")]
-        cells += [mean_std(r["gaps"]) if r["gaps"] else "—", col("train_seconds", 0)]
-        out.append("| " + " | ".join(cells) + " |")
     mismatched = [f"{e['seed']}/{e['budget']}" for e in doc["entries"] if e.get("ranks_match_robustdlrt") is False]
-    out += ["", "Verdict:", ""] + verdicts(args, table)
+    out += ["", "Verdict:", ""] + verdicts(args, groups)
     if mismatched:
         out.append(f"- The one-shot ranks differ from RobustDLRT's at {', '.join(mismatched)} (see the JSON).")
     if pareto:
@@ -438,54 +326,40 @@ def render(args: argparse.Namespace, doc: dict[str, Any], pareto: str | None = N
     return "\n".join(out)
 
 
-def pareto_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: Path) -> bool:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
-
-    table = [r for r in rows(args, entries) if all("latency_ms" in e for e in r["entries"])]
-    if not table:
+def plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: Path) -> bool:
+    groups = [r for r in rows(args, entries) if all("latency_ms" in e for e in r["entries"])]
+    if not groups:
         return False
-    fig = Figure(figsize=(9.5, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    colors = {r["budget"]: f"C{i}" for i, r in enumerate(x for x in table if x["arm"] == "robustdlrt")}
-    for r in table:
-        x = statistics.fmean(e["latency_ms"]["compressed"]["32"] for e in r["entries"])
-        y = 100 * statistics.fmean(e["clean"] for e in r["entries"])
-        label = f"{ARMS[r['arm']]}, {r['kind']} {r['fraction']:g}"
-        ax.scatter(
-            x, y, marker="o" if r["arm"] == "robustdlrt" else "s", color=colors.get(r["budget"], "k"), label=label
+    colors = {r["budget"]: f"C{i}" for i, r in enumerate(x for x in groups if x["arm"] == "robustdlrt")}
+    points = [
+        dict(
+            x=statistics.fmean(e["latency_ms"]["compressed"]["32"] for e in r["entries"]),
+            y=100 * statistics.fmean(e["clean"] for e in r["entries"]),
+            marker="o" if r["arm"] == "robustdlrt" else "s",
+            color=colors.get(r["budget"], "k"),
+            label=f"{ARMS[r['arm']]}, {r['kind']} {r['fraction']:g}",
         )
+        for r in groups
+    ]
     dense = [e for e in entries if e["arm"] == "dense"]
     if dense:
-        x = statistics.median(e["latency_ms"]["dense"]["32"] for r in table for e in r["entries"])
-        ax.scatter(x, 100 * statistics.fmean(e["clean"] for e in dense), marker="*", s=150, color="k", label="dense")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ScalarFormatter())
-    ax.set_xlabel("onnxruntime latency at batch 32 (ms, log scale)")
-    ax.set_ylabel("clean accuracy (%)")
-    ax.set_title(f"{args.model} on {args.data}: ○ budget-RobustDLRT, □ one-shot baseline")
-    ax.grid(alpha=0.3, which="both")
-    # beside the axes, so that no point is hidden
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        x = statistics.median(e["latency_ms"]["dense"]["32"] for r in groups for e in r["entries"])
+        y = 100 * statistics.fmean(e["clean"] for e in dense)
+        points.append(dict(x=x, y=y, marker="*", s=150, color="k", label="dense"))
+    title = f"{args.model} on {args.data}: ○ budget-RobustDLRT, □ one-shot baseline"
+    pareto_plot(path, points, title=title, xlabel="onnxruntime latency at batch 32 (ms, log scale)")
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    enable_huge_pages()
+    lib.enable_huge_pages()
     args = parse_args(argv)
-    start_run(args, "bench_budget")
-    start = time.perf_counter()
-    state = State(args)
+    run = Run(__file__, args, argv)
+    state = EntryStore.of(args, _FINGERPRINT, keys=("seed", "budget", "arm"))
     seeds, n_b = len(args.seeds), len(budgets(args))
     todo = {
-        "dense": sum(state.get(s, "dense", "dense") is None for s in args.seeds),
-        **{a: sum(state.get(s, bkey(*b), a) is None for s in args.seeds for b in budgets(args)) for a in ARMS},
+        "dense": len(state.missing(*((s, "dense", "dense") for s in args.seeds))),
+        **{a: len(state.missing(*((s, bkey(*b), a) for s in args.seeds for b in budgets(args)))) for a in ARMS},
     }
     image_epochs = seeds * (args.dense_epochs + 2 * n_b * args.epochs) * args.train_subset
     log.info(
@@ -494,45 +368,28 @@ def main(argv: list[str] | None = None) -> int:
         *(seeds, args.dense_epochs, n_b, args.epochs, args.train_subset, image_epochs, seeds * (1 + 2 * n_b)),
         *(args.val_subset, len(EPS), seeds * 2 * n_b, todo),
     )
-    clock: dict[str, Any] = {"seconds": {}, "left": todo, "onnx": {}}
+    clock, exported = Clock(todo), {}
     with tempfile.TemporaryDirectory(prefix="bench_budget-") as work:
         for seed in [] if args.report_only else args.seeds:
-            run_seed(args, seed, state, Path(work), clock)
+            run_seed(args, seed, state, Path(work), clock, exported)
     entries = [e for e in state.entries if e["seed"] in args.seeds]
-    doc: dict[str, Any] = {
-        "what": "compress to a budget: budget-RobustDLRT vs one-shot truncation + fine-tuning at the same ranks",
-        "run": {
-            "argv": sys.argv[1:] if argv is None else argv,
-            "wall_seconds": time.perf_counter() - start,
-            "torch_threads": torch.get_num_threads(),
-            "cores": os.cpu_count(),
-        },
-        "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "eps": EPS},
-        "n_train": next((e["n_train"] for e in entries if "n_train" in e), args.train_subset),
-        "n_eval": next((e["n_eval"] for e in entries), args.val_subset),
-        "n_attacked": next((e["n_attacked"] for e in entries), args.attack_samples),
-        "entries": entries,
-    }
+    what = "compress to a budget: budget-RobustDLRT vs one-shot truncation + fine-tuning at the same ranks"
+    settings = {**{k: v for k, v in vars(args).items() if k != "out"}, "eps": EPS}
+    doc = run.document(what, entries, settings=settings)
     png = args.out.with_name(args.out.stem + "_pareto.png")
-    doc["pareto"] = str(png) if pareto_plot(args, entries, png) else None
+    doc["pareto"] = str(png) if plot(args, entries, png) else None
     doc["markdown"] = md = render(args, doc, doc["pareto"])
-    write_text(args.out, dumps(doc))
-    print(md)
-    page = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
-    shown = benchmarks_md.publish_figure(doc["pareto"], page)
-    benchmarks_md.update_section(
+    run.publish(
         "budget",
-        render(args, doc, shown),
-        script="bench_budget.py",
-        argv=list(sys.argv[1:] if argv is None else argv),
-        path=page,
+        doc,
+        md,
+        body=render(args, doc, run.figure(doc["pareto"])),
         measured="accuracy (clean, ℓ2-FGSM), c.r., MACs and onnxruntime speedup of budget-RobustDLRT and of the "
         "one-shot baseline at the same per-layer ranks, per budget, mean ± std over seeds.",
     )
-    missing = sum(state.get(s, bkey(*b), a) is None for s in args.seeds for b in budgets(args) for a in ARMS)
+    missing = state.missing(*((s, bkey(*b), a) for s in args.seeds for b in budgets(args) for a in ARMS))
     if args.smoke and (missing or not doc["pareto"] or any(e.get("ranks_match_robustdlrt") is False for e in entries)):
         raise SystemExit("smoke check failed: an entry, the plot or equal ranks in both arms is missing")
-    print(f"\nwrote {args.out}" + (f", {png}" if doc["pareto"] else ""), file=sys.stderr)
     return 0
 
 

@@ -36,33 +36,20 @@ the GPU table has the epoch ratio and the augment + truncate share, not the refe
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import platform
 import queue
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torchvision
+from harness import lib
+from harness.run import Run, add_run_options, check_run_options, parse_device, parser
 from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-
-import benchmarks_md  # noqa: E402
-import torchvision  # noqa: E402
-from common import parse_device  # noqa: E402
-
-from compressor.atomic import write_text  # noqa: E402
-from compressor.cli import enable_huge_pages  # noqa: E402
-from compressor.factorize import factorize_  # noqa: E402
-from compressor.layers import LowRankLinear, TuckerConv2d, low_rank_layers  # noqa: E402
-from compressor.recipe import BaselineSection, TrainSection  # noqa: E402
-from compressor.train import Trainer  # noqa: E402
 
 REFERENCE_STEP_S = 0.49  # authors' RobustDLRT step, VGG16, batch 32, median (docs/peers.md)
 REFERENCE_DENSE_STEP_S = 2.28  # dense VGG16 step, batch 32, AdamW, median (docs/peers.md)
@@ -101,11 +88,11 @@ def factorize_like_reference(model: nn.Module, init_rank: int, r_max: int) -> in
             continue
         if isinstance(m, nn.Conv2d):
             cap_out, cap_in = min(m.out_channels // 2, r_max), min(m.in_channels // 2, r_max)
-            new = TuckerConv2d.from_dense(m, rank=(cap_out, cap_in), r_min=2, r_max=r_max)
+            new = lib.TuckerConv2d.from_dense(m, rank=(cap_out, cap_in), r_min=2, r_max=r_max)
             new.r_max_out, new.r_max_in = cap_out, cap_in  # the reference's per-mode caps
             new.r_max = max(cap_out, cap_in)
         else:
-            new = LowRankLinear.from_dense(m, rank=min(init_rank, r_max), r_min=2, r_max=r_max)
+            new = lib.LowRankLinear.from_dense(m, rank=min(init_rank, r_max), r_min=2, r_max=r_max)
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, new)
         count += 1
@@ -185,7 +172,7 @@ class BatonLoader:
 
 
 def _mean_rank(model: nn.Module) -> float:
-    ranks = [r for layer in low_rank_layers(model).values() for r in layer.ranks]
+    ranks = [r for layer in lib.low_rank_layers(model).values() for r in layer.ranks]
     return sum(ranks) / len(ranks) if ranks else float("nan")
 
 
@@ -198,7 +185,7 @@ def build_model(name: str, args) -> tuple[nn.Module, float, int]:
     model = getattr(torchvision.models, args.model)(weights=None, num_classes=10)
     t = time.perf_counter()
     if name == "lowrank":
-        count = len(factorize_(model, init_rank=args.init_rank, r_max=args.r_max, r_min=2).factorized)
+        count = len(lib.factorize_(model, init_rank=args.init_rank, r_max=args.r_max, r_min=2).factorized)
     elif name == "lowrank_reference_ranks":
         count = factorize_like_reference(model, args.init_rank, args.r_max)
     else:
@@ -211,16 +198,16 @@ def train_in_turn(k: int, name: str, args, baton: Baton, results) -> None:
     turn with the others, then (all done) put the raw figures or the error on ``results``."""
     figures: dict = {}
     try:
-        enable_huge_pages()
+        lib.enable_huge_pages()
         torch.set_num_threads(args.threads)
         device = torch.device(args.device)
         common = dict(
             optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, amp=args.amp, checkpoint_every=0
         )
         if name == "dense":
-            cfg = BaselineSection(epochs=1, **common)
+            cfg = lib.BaselineSection(epochs=1, **common)
         else:
-            cfg = TrainSection(epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=args.s_star, **common)
+            cfg = lib.TrainSection(epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=args.s_star, **common)
         batches = digits_batches(args.batches, args.batch_size)
         baton.wait(k)  # set-up in turn too, so that factorize_ times are not shared
         try:
@@ -229,11 +216,13 @@ def train_in_turn(k: int, name: str, args, baton: Baton, results) -> None:
             # Warm-up, untimed: a 2-batch epoch (an augmentation and a truncation) of a copy, so
             # that oneDNN's kernels for these shapes are built and the allocator has its pages,
             # as in any epoch of a real run but its first
-            Trainer(copy.deepcopy(model), batches[:2], cfg, set_epoch=lambda loader, epoch: None, device=device).fit()
+            lib.Trainer(
+                copy.deepcopy(model), batches[:2], cfg, set_epoch=lambda loader, epoch: None, device=device
+            ).fit()
         finally:
             baton.pass_on(k)
         loader = BatonLoader(batches, baton, k, model, device)
-        trainer = Trainer(model, loader, cfg, set_epoch=lambda loader, epoch: None, name=name, device=device)
+        trainer = lib.Trainer(model, loader, cfg, set_epoch=lambda loader, epoch: None, name=name, device=device)
         trainer.fit()
         figures = {
             "seconds": loader.seconds,
@@ -408,19 +397,9 @@ def profile_cycle(args, n_steps: int) -> str:
     for name in ("lowrank", "lowrank_reference_ranks"):
         model = build_model(name, args)[0]
         batches = digits_batches(n_steps, args.batch_size)
-        cfg = TrainSection(
-            epochs=1,
-            optimizer="adamw",
-            lr=args.lr,
-            schedule="cosine",
-            grad_clip=args.clip,
-            beta=args.beta,
-            tau=args.tau,
-            coefficient_steps=n_steps,
-            amp="off",
-            checkpoint_every=0,
-        )
-        trainer = Trainer(model, batches, cfg, set_epoch=lambda loader, epoch: None)
+        common = dict(optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, checkpoint_every=0)
+        cfg = lib.TrainSection(epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=n_steps, amp="off", **common)
+        trainer = lib.Trainer(model, batches, cfg, set_epoch=lambda loader, epoch: None)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             trainer.fit()
         table = prof.key_averages(group_by_input_shape=True).table(
@@ -507,9 +486,8 @@ def markdown(res: dict, args, load_before, load_after) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    enable_huge_pages()  # as the compress command does, before the first tensor
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="ResNet-18, ranks ≤ 16, 4 batches of 16, s* 3 (seconds; CI)")
+    lib.enable_huge_pages()  # as the compress command does, before the first tensor
+    ap = parser(__doc__)
     ap.add_argument("--model", default="vgg16")
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -521,33 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument(
-        "--threads",
-        type=int,
-        default=torch.get_num_threads(),
-        help="torch CPU threads of each model's process (default: torch's, one per core)",
+        "--norm-steps", type=int, default=10, help="dense steps with plain and fused AdamW (normalized row)"
     )
-    ap.add_argument(
-        "--norm-steps",
-        type=int,
-        default=10,
-        help="dense steps with plain and with fused AdamW, for the machine-normalized row",
-    )
-    ap.add_argument(
-        "--device",
-        default="cpu",
-        help="cpu (default) or cuda[:N]: the issue's GPU run, written to the section dlrt-gpu",
-    )
-    ap.add_argument(
-        "--amp", choices=("off", "bf16"), default=None, help="autocast: off on the CPU, bf16 on CUDA by default"
-    )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: the issue's GPU run, section dlrt-gpu")
+    ap.add_argument("--amp", choices=("off", "bf16"), default=None, help="autocast (default: off on CPU, bf16 on CUDA)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a cycle of N steps (CPU)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument(
-        "--benchmarks-md",
-        type=Path,
-        default=None,
-        help="page whose 'dlrt' section the table replaces (default: BENCHMARKS.md; --smoke: none)",
-    )
+    smoke = "ResNet-18, ranks ≤ 16, 4 batches of 16, s* 3 (seconds; CI)"
+    # the torch threads of each model's process (default: torch's, one per core)
+    add_run_options(ap, "dlrt", smoke=smoke, threads=torch.get_num_threads())
     args = ap.parse_args(argv)
     device = parse_device(ap, args.device)
     if args.amp is None:
@@ -559,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.batches, args.batch_size, args.init_rank, args.r_max, args.s_star = "resnet18", 4, 16, 8, 16, 3
         args.norm_steps = 1
     stem = "dlrt-gpu" if gpu else "dlrt"
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{stem}{'-smoke' if args.smoke else ''}.json"
-    torch.set_num_threads(args.threads)
+    check_run_options(ap, args, stem)
+    run = Run(__file__, args, argv)
 
     load_before = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
@@ -586,20 +545,15 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - t0,
     }
     table = markdown(res, args, load_before, load_after)
+    shown = table
     if args.profile:
         payload["profile"] = profile_cycle(args, args.profile)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, json.dumps(payload, indent=2))
-    print(table)
-    if args.profile:
-        print("\n```\n" + payload["profile"] + "\n```")
-    md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
-    benchmarks_md.update_section(
+        shown += "\n```\n" + payload["profile"] + "\n```"
+    run.publish(
         stem,
-        table,
-        script="bench_dlrt.py",
-        argv=list(sys.argv[1:] if argv is None else argv),
-        path=md,
+        payload,
+        shown,
+        body=table,
         measured=f"seconds per training step and per epoch of {args.batches} batches, dense vs RobustDLRT, the three "
         f"models interleaved batch by batch on the same real batches (digits), one process per model, on {device}"
         f"{' with bf16 autocast' if args.amp == 'bf16' else ''}.",
@@ -608,4 +562,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

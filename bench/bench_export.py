@@ -13,9 +13,6 @@ compressed median latency; the target is speedup >= 0.8 × MAC ratio.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
 import platform
 import sys
@@ -24,42 +21,28 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-import benchmarks_md  # noqa: E402
-
-from compressor.atomic import write_text  # noqa: E402
-from compressor.export import export_onnx, onnx_latencies, parity_check  # noqa: E402
-from compressor.factorize import factorize_  # noqa: E402
-from compressor.layers import low_rank_layers  # noqa: E402
-from compressor.models import create_model  # noqa: E402
-from compressor.runtime import count_macs, macs_by_layer  # noqa: E402
+from harness import lib
+from harness.report import table
+from harness.run import Run, add_run_options, check_run_options, parser
 
 
 def _factorized(dense: torch.nn.Module, arch: str, size: int, classes: int, init_rank: int, r_max: int = 200):
-    model, _ = create_model(f"tv:{arch}", classes, input_size=size)
+    model, _ = lib.create_model(f"tv:{arch}", classes, input_size=size)
     model.load_state_dict(dense.state_dict())
-    report = factorize_(model, init_rank=init_rank, r_min=2, r_max=r_max)
+    report = lib.factorize_(model, init_rank=init_rank, r_min=2, r_max=r_max)
     return model.eval(), report
 
 
+STRUCTURE = ("conv_nodes", "matmul_nodes", "gemm_nodes", "weight_bytes", "weight_bytes_ratio", "matches")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="ResNet-18, batch 1, few repeats (CI)")
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "export.json")
-    parser.add_argument(
-        "--benchmarks-md",
-        type=Path,
-        default=None,
-        help="page whose 'export' section the tables replace (default: BENCHMARKS.md; --smoke: none)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(1)  # shared machine: torch work single-threaded; onnxruntime gets --threads
+    ap = parser(__doc__, raw=True)
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    add_run_options(ap, "export", smoke="ResNet-18, batch 1, few repeats (CI)", threads=None)
+    args = ap.parse_args(argv)
+    check_run_options(ap, args, "export")
+    run = Run(__file__, args, argv, torch_threads=1)  # shared machine: torch work on one thread
     import onnxruntime
 
     arch = "resnet18" if args.smoke else "vgg16"
@@ -67,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats, warmup = (5, 1) if args.smoke else (30, 5)
     size, classes = 32, 10
     load_before = os.getloadavg()
-    dense, _ = create_model(f"tv:{arch}", classes, input_size=size)
+    dense, _ = lib.create_model(f"tv:{arch}", classes, input_size=size)
     dense.eval()
 
     # name → (model, export fold, description)
@@ -98,18 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     p_dense = sum(p.numel() for p in dense.parameters())
-    macs_dense = count_macs(dense, size)
+    macs_dense = lib.count_macs(dense, size)
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for name, (model, fold, desc) in variants.items():
             params = sum(p.numel() for p in model.parameters())
-            macs = count_macs(model, size)
-            by_layer = macs_by_layer(model, size)
-            lowrank = low_rank_layers(model)
+            macs = lib.count_macs(model, size)
+            by_layer = lib.macs_by_layer(model, size)
+            lowrank = lib.low_rank_layers(model)
             paths[name] = path = Path(tmp) / f"{name}.onnx"
             t = time.perf_counter()
-            exp = export_onnx(model, path, input_size=size, fold=fold)
+            exp = lib.export_onnx(model, path, input_size=size, fold=fold)
             seconds[f"export_{name}"] = time.perf_counter() - t
             row = {
                 "description": desc,
@@ -122,27 +105,17 @@ def main(argv: list[str] | None = None) -> int:
                     "exporter": exp.exporter,
                     "size_bytes": exp.size_bytes,
                     "forms": sorted(set(exp.plan.values())),
-                    **{
-                        k: exp.structure[k]
-                        for k in (
-                            "conv_nodes",
-                            "matmul_nodes",
-                            "gemm_nodes",
-                            "weight_bytes",
-                            "weight_bytes_ratio",
-                            "matches",
-                        )
-                    },
+                    **{k: exp.structure[k] for k in STRUCTURE},
                 },
             }
             if name != "dense":
-                par = parity_check(path, model, size, batches=(1, 8))
+                par = lib.parity_check(path, model, size, batches=(1, 8))
                 row["parity"] = {k: par[k] for k in ("max_abs_diff", "rel_diff", "passed")}
             rows[name] = row
         # all variants timed side by side (blocks of 10 runs in turn): the speedups compare
         # models under the same machine load, not a minute apart
         t = time.perf_counter()
-        latency = onnx_latencies(
+        latency = lib.onnx_latencies(
             paths, batch_sizes=batches, threads=args.threads, warmup=warmup, repeats=repeats, input_size=size
         )
         seconds["latency"] = time.perf_counter() - t
@@ -175,22 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
 
-    head = (
-        "| variant | params | c.r. % | MACs (M) | MAC ratio | "
-        + " | ".join(f"b={b} median / p90 ms | b={b} speedup (÷ MAC ratio)" for b in batches)
-        + " |"
-    )
-    lines = [head, "|---|---:|---:|---:|---:|" + "---:|---:|" * len(batches)]
+    head = ["variant", "params", "c.r. %", "MACs (M)", "MAC ratio"]
+    head += [f"b={b} {x}" for b in batches for x in ("median / p90 ms", "speedup (÷ MAC ratio)")]
+    cells = []
     for name, r in rows.items():
-        cells = [
-            f"{r['latency'][b]['median_ms']:.2f} / {r['latency'][b]['p90_ms']:.2f} | "
-            f"{r['speedup'][b]:.2f}x ({r['speedup_over_mac_ratio'][b]:.2f})"
-            for b in batches
-        ]
-        lines.append(
-            f"| {arch} {name} | {r['params']:,} | {r['compression_rate']:.2f} | {r['macs'] / 1e6:.1f} | "
-            f"{r['mac_ratio']:.2f} | " + " | ".join(cells) + " |"
+        cells.append(
+            [f"{arch} {name}", f"{r['params']:,}", f"{r['compression_rate']:.2f}", f"{r['macs'] / 1e6:.1f}"]
+            + [f"{r['mac_ratio']:.2f}"]
+            + [
+                f"{r['latency'][b]['median_ms']:.2f} / {r['latency'][b]['p90_ms']:.2f} | "
+                f"{r['speedup'][b]:.2f}x ({r['speedup_over_mac_ratio'][b]:.2f})"
+                for b in batches
+            ]
         )
+    lines = table(head, "l" + "r" * (len(head) - 1), cells)
     lines.append("")
     for name, r in rows.items():
         if name == "dense":
@@ -201,17 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['onnx']['weight_bytes_ratio']:.3f}, parity rel diff {r['parity']['rel_diff']:.1e}"
         )
     lines.append(f"- load average before/after: {load_before[0]:.2f} / {results['machine']['load_after'][0]:.2f}")
-    print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, json.dumps(results, indent=2, default=str) + "\n")
-    print(f"wrote {args.out}")
-    md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
-    benchmarks_md.update_section(
+    run.publish(
         "export",
+        results,
         "\n".join(lines),
-        script="bench_export.py",
-        argv=list(sys.argv[1:] if argv is None else argv),
-        path=md,
         measured=f"onnxruntime CPU latency ({args.threads} intra-op threads, median and p90 of {repeats} runs "
         f"after {warmup} warm-up, the variants interleaved in blocks of 10 runs) of torchvision {arch} "
         f"at {size}×{size}, dense vs factorized, with the multiply-add ratio; speedup = dense median / "
@@ -221,4 +185,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -15,35 +15,25 @@ trained-like decaying spectrum.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-import benchmarks_md  # noqa: E402
-import torchvision  # noqa: E402
-
-from compressor import functional as Fn  # noqa: E402
-from compressor.atomic import write_text  # noqa: E402
-from compressor.factorize import factorize_  # noqa: E402
+import torchvision
+from harness import lib
+from harness.report import table
+from harness.run import Run, add_run_options, check_run_options, parser
 
 
 def _time_layers(model: torch.nn.Module, init_rank: int, r_max: int) -> tuple[float, dict[str, float], dict]:
     """One factorize_ run; per-layer seconds from forward-pre hooks would not see the SVDs, so
     wrap the two factor constructors instead."""
-    from compressor.layers import LowRankLinear, TuckerConv2d
-
     per_layer: dict[str, float] = {}
-    originals = {cls: cls.__dict__["from_dense"] for cls in (LowRankLinear, TuckerConv2d)}
+    originals = {cls: cls.__dict__["from_dense"] for cls in (lib.LowRankLinear, lib.TuckerConv2d)}
     names = {id(m): n for n, m in model.named_modules()}
 
     def wrap(cls):
@@ -61,7 +51,7 @@ def _time_layers(model: torch.nn.Module, init_rank: int, r_max: int) -> tuple[fl
         for cls in originals:
             cls.from_dense = wrap(cls)
         t = time.perf_counter()
-        report = factorize_(model, init_rank=init_rank, r_max=r_max)
+        report = lib.factorize_(model, init_rank=init_rank, r_max=r_max)
         total = time.perf_counter() - t
     finally:
         for cls, orig in originals.items():
@@ -82,12 +72,12 @@ def _accuracy(rank: int = 150) -> list[dict]:
     del u, v
     rows = []
     for name, a in cases.items():
-        lam = torch.linalg.eigvalsh(Fn.gram64(a))
+        lam = torch.linalg.eigvalsh(lib.functional.gram64(a))
         sigma = lam.flip(0).clamp_min(0).sqrt()
         optimal = float(sigma[rank:].norm())
         ad = a.double()
         for method, fn in (
-            ("compressor (block Krylov)", lambda a=a: Fn.top_singular(a, rank)),
+            ("compressor (block Krylov)", lambda a=a: lib.functional.top_singular(a, rank)),
             ("svd_lowrank q=r+20 niter=4", lambda a=a: torch.svd_lowrank(a, q=rank + 20, niter=4)),
         ):
             t = time.perf_counter()
@@ -109,25 +99,14 @@ def _accuracy(rank: int = 150) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="ResNet-18, 1 run (CI)")
-    parser.add_argument("--accuracy", action="store_true", help="also compare the randomized SVD's accuracy")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: on the shared 2-core box a second OpenMP thread "
-        "competing with other jobs makes LAPACK calls several times slower)",
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "factorize.json")
-    parser.add_argument(
-        "--benchmarks-md",
-        type=Path,
-        default=None,
-        help="page whose 'factorize' section the tables replace (default: BENCHMARKS.md; --smoke: none)",
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    ap = parser(__doc__, raw=True)
+    ap.add_argument("--accuracy", action="store_true", help="also compare the randomized SVD's accuracy")
+    # one thread by default: on a shared 2-core box a second OpenMP thread competing with other
+    # jobs makes LAPACK calls several times slower
+    add_run_options(ap, "factorize", smoke="ResNet-18, 1 run (CI)", threads=1)
+    args = ap.parse_args(argv)
+    check_run_options(ap, args, "factorize")
+    run = Run(__file__, args, argv)
 
     arch = "resnet18" if args.smoke else "vgg16"
     runs = 1 if args.smoke else 3
@@ -160,46 +139,34 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
+    head = ["runs", "median s", "all runs s", "factorized / candidates", "target s", "threads"]
+    row = [runs, f"{median:.2f}", ", ".join(f"{t:.2f}" for t in totals), f"{n_fact} / {len(report['layers'])}"]
+    row += [15, torch.get_num_threads(), f"{load_before[0]:.1f} → {os.getloadavg()[0]:.1f}"]
+    shapes = {d["name"]: (d["shape"], d["ranks"]) for d in report["layers"]}
+    slowest = []
+    for name, secs in sorted(per_layer.items(), key=lambda kv: -kv[1])[:5]:
+        shape, ranks = shapes.get(name, ([], []))
+        slowest.append([name, "x".join(map(str, shape)), ",".join(map(str, ranks)), f"{secs:.2f}"])
     lines = [
         f"## factorize_ — {arch}, init_rank {init_rank}, r_max {r_max}",
         "",
-        "| runs | median s | all runs s | factorized / candidates | target s | threads "
-        "| load avg (1 min) before → after |",
-        "|---:|---:|---|---:|---:|---:|---|",
-        f"| {runs} | {median:.2f} | {', '.join(f'{t:.2f}' for t in totals)} | {n_fact} / {len(report['layers'])} "
-        "| 15 | "
-        f"{torch.get_num_threads()} | {load_before[0]:.1f} → {os.getloadavg()[0]:.1f} |",
+        *table([*head, "load avg (1 min) before → after"], "rrlrrrl", [row]),
         "",
-        "| slowest layers (last run) | shape | ranks | s |",
-        "|---|---|---|---:|",
+        *table(["slowest layers (last run)", "shape", "ranks", "s"], "lllr", slowest),
     ]
-    shapes = {d["name"]: (d["shape"], d["ranks"]) for d in report["layers"]}
-    for name, secs in sorted(per_layer.items(), key=lambda kv: -kv[1])[:5]:
-        shape, ranks = shapes.get(name, ([], []))
-        lines.append(f"| {name} | {'x'.join(map(str, shape))} | {','.join(map(str, ranks))} | {secs:.2f} |")
     if args.accuracy:
-        rows = _accuracy()
-        result["accuracy"] = rows
-        lines += [
-            "",
-            "| 4096×25088, rank 150 | method | s | ‖A − UUᵀA‖ / optimal | max rel. σ error |",
-            "|---|---|---:|---:|---:|",
-        ]
-        lines += [
-            f"| {r['matrix']} | {r['method']} | {r['seconds']:.2f} | {r['error_over_optimal']:.5f} | "
-            f"{r['max_rel_sv_error']:.1e} |"
+        result["accuracy"] = rows = _accuracy()
+        head = ["4096×25088, rank 150", "method", "s", "‖A − UUᵀA‖ / optimal", "max rel. σ error"]
+        cells = [
+            [r["matrix"], r["method"], f"{r['seconds']:.2f}", f"{r['error_over_optimal']:.5f}"]
+            + [f"{r['max_rel_sv_error']:.1e}"]
             for r in rows
         ]
-    print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, json.dumps(result, indent=2) + "\n")
-    md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
-    benchmarks_md.update_section(
+        lines += ["", *table(head, "llrrr", cells)]
+    run.publish(
         "factorize",
+        result,
         "\n".join(lines),
-        script="bench_factorize.py",
-        argv=list(sys.argv[1:] if argv is None else argv),
-        path=md,
         measured=f"wall time of factorize_ on torchvision {arch} (10 classes, random init; "
         "the time does not depend on the weights' values), SVD/HOSVD init.",
     )
@@ -207,4 +174,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

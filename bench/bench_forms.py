@@ -20,40 +20,27 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import benchmarks_md
 import torch
-
-from compressor.atomic import write_text
-from compressor.export import export_onnx, onnx_latencies
-from compressor.export.onnx_export import _plain_layer
-from compressor.factorize import factorize_
-from compressor.layers import TuckerConv2d, low_rank_layers
-from compressor.models import create_model
-from compressor.runtime import dumps
+from harness import lib
+from harness.report import table
+from harness.run import Run, add_run_options, check_run_options, parser
 
 log = logging.getLogger("bench_forms")
-RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = ("tucker3", "fold_out", "fold_in", "tucker3-1")
 """tucker3-1: the Tucker form at one rank fewer per mode (off the multiple of 8 the ranks were rounded to)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    ap.add_argument("--smoke", action="store_true", help="< 1 min: timm:test_resnet at half ranks (CI)")
+    ap = parser(__doc__)
     ap.add_argument("--report", default=None, help="a run's report.json: model, input size and final ranks")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="onnxruntime intra-op threads")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", default=None, help="JSON (default bench/results/forms[-smoke].json)")
-    ap.add_argument("--benchmarks-md", default=None, help="page of the 'forms' section (--smoke: none)")
+    add_run_options(ap, "forms", smoke="< 1 min: timm:test_resnet at half ranks (CI)", threads=None)
     args = ap.parse_args(argv)
     if not args.smoke and not args.report:
         ap.error("give --report <run>/report.json (or --smoke)")
@@ -63,11 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--repeats and --threads must be at least 1")
     if args.smoke:
         args.repeats, args.threads = 3, [1]
-    args.out = Path(args.out or RESULTS / f"forms{'-smoke' if args.smoke else ''}.json")
+    check_run_options(ap, args, "forms")
     return args
 
 
-def compressed_layers(args: argparse.Namespace) -> tuple[str, int, dict[str, TuckerConv2d], dict[str, tuple]]:
+def compressed_layers(args: argparse.Namespace) -> tuple[str, int, dict[str, lib.TuckerConv2d], dict[str, tuple]]:
     """The run's model at its final ranks: (model name, input size, Tucker layers, their input shapes)."""
     if args.smoke:
         name, size, ranks = "timm:test_resnet", 32, None
@@ -75,9 +62,9 @@ def compressed_layers(args: argparse.Namespace) -> tuple[str, int, dict[str, Tuc
         report = json.loads(Path(args.report).read_text())
         name, size = report["model"]["name"], report["model"]["input_size"]
         ranks = {n: tuple(v["ranks"]) for n, v in report["compressed"]["layers"].items()}
-    model, _ = create_model(name, 10, input_size=size)
-    factorize_(model, init="svd", init_rank=None, r_min=1, r_max=10**6, seed=0)
-    layers = {n: m for n, m in low_rank_layers(model).items() if isinstance(m, TuckerConv2d)}
+    model, _ = lib.create_model(name, 10, input_size=size)
+    lib.factorize_(model, init="svd", init_rank=None, r_min=1, r_max=10**6, seed=0)
+    layers = {n: m for n, m in lib.low_rank_layers(model).items() if isinstance(m, lib.TuckerConv2d)}
     for n, layer in layers.items():
         want = ranks[n] if ranks else tuple(max(1, r // 2) for r in layer.ranks)
         layer.truncate_(0.0, rank_cap=want)
@@ -97,13 +84,13 @@ def compressed_layers(args: argparse.Namespace) -> tuple[str, int, dict[str, Tuc
     return name, size, layers, shapes
 
 
-def one_fewer(layer: TuckerConv2d) -> TuckerConv2d:
+def one_fewer(layer: lib.TuckerConv2d) -> lib.TuckerConv2d:
     smaller = copy.deepcopy(layer)
     smaller.truncate_(0.0, rank_cap=tuple(max(1, r - 1) for r in layer.ranks))
     return smaller
 
 
-def macs(layer: TuckerConv2d, form: str, out_px: int, in_px: int) -> int:
+def macs(layer: lib.TuckerConv2d, form: str, out_px: int, in_px: int) -> int:
     if form == "tucker3-1":
         return macs(one_fewer(layer), "tucker3", out_px, in_px)
     c_in, c_out, k = layer.in_channels, layer.out_channels, layer.kernel_size[0] * layer.kernel_size[1]
@@ -130,12 +117,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             paths = {}
             for form in ("dense", *FORMS):
                 paths[form] = Path(tmp) / f"{form}.onnx"
-                plain = _plain_layer(one_fewer(layer), "tucker3") if form == "tucker3-1" else _plain_layer(layer, form)
-                export_onnx(plain, paths[form], input_size=h, in_chans=c_in, check=False)
+                plain = (
+                    lib.plain_layer(one_fewer(layer), "tucker3")
+                    if form == "tucker3-1"
+                    else lib.plain_layer(layer, form)
+                )
+                lib.export_onnx(plain, paths[form], input_size=h, in_chans=c_in, check=False)
             row: dict[str, Any] = {"layer": n, "shape": [c_in, layer.out_channels, h], "ranks": list(layer.ranks)}
             row["mac_ratio"] = {f: macs(layer, "dense", out_px, in_px) / macs(layer, f, out_px, in_px) for f in FORMS}
             for t in args.threads:
-                lat = onnx_latencies(paths, input_size=h, in_chans=c_in, threads=t, repeats=args.repeats, warmup=2)
+                lat = lib.onnx_latencies(paths, input_size=h, in_chans=c_in, threads=t, repeats=args.repeats, warmup=2)
                 row[f"speedup_t{t}"] = {
                     f"b{b}": {f: lat["dense"][b]["median_ms"] / lat[f][b]["median_ms"] for f in FORMS} for b in (1, 32)
                 }
@@ -146,8 +137,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
     t = args.threads
-    head = " | ".join(f"{f} b{b} t{x}" for x in t for b in (1, 32) for f in FORMS)
-    n_cols = 3 + 2 * len(FORMS) * len(t)
+    head = ["layer", "c_in→c_out @ px", "ranks"] + [f"{f} b{b} t{x}" for x in t for b in (1, 32) for f in FORMS]
+    cells = []
+    for r in doc["layers"]:
+        row = [r["layer"].removeprefix("net."), f"{r['shape'][0]}→{r['shape'][1]} @ {r['shape'][2]}", str(r["ranks"])]
+        for x in t:
+            for b in ("b1", "b32"):
+                row += [f"{r[f'speedup_t{x}'][b][f]:.2f} ({r['mac_ratio'][f]:.2f})" for f in FORMS]
+        cells.append(row)
     out = [
         f"## Export forms per layer: {doc['model']} at {doc['input_size']} px",
         "",
@@ -155,15 +152,8 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
         f"{args.repeats}), batch b, t intra-op threads; in brackets the form's MAC ratio. "
         + (f"Ranks from `{args.report}`." if args.report else "Half ranks (smoke)."),
         "",
-        f"| layer | c_in→c_out @ px | ranks | {head} |",
-        "|---" * n_cols + "|",
+        *table(head, "l" * len(head), cells),
     ]
-    for r in doc["layers"]:
-        cells = [r["layer"].removeprefix("net."), f"{r['shape'][0]}→{r['shape'][1]} @ {r['shape'][2]}", str(r["ranks"])]
-        for x in t:
-            for b in ("b1", "b32"):
-                cells += [f"{r[f'speedup_t{x}'][b][f]:.2f} ({r['mac_ratio'][f]:.2f})" for f in FORMS]
-        out.append("| " + " | ".join(cells) + " |")
     best = [
         r["layer"].removeprefix("net.")
         for r in doc["layers"]
@@ -191,26 +181,17 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("bench_forms").setLevel(logging.INFO)
-    torch.set_num_threads(1)
-    start = time.perf_counter()
+    run = Run(__file__, args, argv, torch_threads=1)
     doc = measure(args)
-    doc["run"] = {"argv": sys.argv[1:] if argv is None else argv, "wall_seconds": time.perf_counter() - start}
-    doc["run"]["cores"] = os.cpu_count()
+    doc["run"] = {k: v for k, v in run.record().items() if k != "torch_threads"}
     doc["markdown"] = md = render(args, doc)
-    write_text(args.out, dumps(doc))
-    print(md)
-    benchmarks_md.update_section(
+    run.publish(
         "forms",
+        doc,
         md,
-        script="bench_forms.py",
-        argv=list(sys.argv[1:] if argv is None else argv),
-        path=args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH),
         measured="onnxruntime speedup of each export form of every factorized conv over its dense conv, beside "
         "the form's MAC ratio, per batch size and thread count.",
     )
-    print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 
 

@@ -14,27 +14,17 @@ BENCHMARKS.md. ``--dense-cache FILE`` keeps the dense weights for a rerun with o
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from harness import lib
+from harness.measure import dense_weights
+from harness.report import table
+from harness.run import Run, add_run_options, check_run_options, parser
 from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-
-import benchmarks_md  # noqa: E402
-
-from compressor.atomic import write_text  # noqa: E402
-from compressor.data import build_data, set_epoch  # noqa: E402
-from compressor.factorize import factorize_  # noqa: E402
-from compressor.models import create_model  # noqa: E402
-from compressor.recipe import BaselineSection, DataSection, TrainSection  # noqa: E402
-from compressor.runtime import compression_stats  # noqa: E402
-from compressor.train import Trainer, clean_accuracy  # noqa: E402
 
 
 def _tiny_cnn(classes: int) -> nn.Module:
@@ -55,29 +45,17 @@ def _tiny_cnn(classes: int) -> nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny CNN, 96 images, 1 epoch (CI)")
+    ap = parser(__doc__)
     ap.add_argument("--model", default="tv:vgg16")
     ap.add_argument("--dense-epochs", type=int, default=4)
     ap.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 150])
     ap.add_argument("--r-max", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument(
-        "--dense-cache",
-        type=Path,
-        default=None,
-        help="reuse the dense weights saved here by an earlier run with the same settings (or save them)",
-    )
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "init.json")
-    ap.add_argument(
-        "--benchmarks-md",
-        type=Path,
-        default=None,
-        help="page whose 'init' section the table replaces (default: BENCHMARKS.md; --smoke: none)",
-    )
+    ap.add_argument("--dense-cache", type=Path, default=None, help="reuse the dense weights saved here (or save them)")
+    add_run_options(ap, "init", smoke="tiny CNN, 96 images, 1 epoch (CI)", threads=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    section = DataSection(
+    check_run_options(ap, args, "init")
+    run = Run(__file__, args, argv)
+    section = lib.DataSection(
         name="digits",
         batch_size=32,
         eval_batch_size=128,
@@ -85,41 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.smoke:
         args.dense_epochs, args.ranks, args.r_max = 1, [4], 16
-    data = build_data(section, input_size=32, seed=0)
+    data = lib.build_data(section, input_size=32, seed=0)
     torch.manual_seed(0)
     if args.smoke:
         dense = _tiny_cnn(data.num_classes)
     else:
-        dense, _ = create_model(
+        dense, _ = lib.create_model(
             args.model, data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std, input_size=32
         )
-
+    cfg = lib.BaselineSection(epochs=args.dense_epochs, lr=1e-4, schedule="cosine", checkpoint_every=0)
     t = time.perf_counter()
-    if args.dense_cache is not None and args.dense_cache.is_file():
-        dense.load_state_dict(torch.load(args.dense_cache, weights_only=True))
-    else:
-        torch.manual_seed(1)
-        Trainer(
-            dense,
-            data.train_loader,
-            BaselineSection(epochs=args.dense_epochs, lr=1e-4, schedule="cosine", checkpoint_every=0),
-            set_epoch=set_epoch,
-            name="dense",
-        ).fit()
-        if args.dense_cache is not None:
-            args.dense_cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(dense.state_dict(), args.dense_cache)
+    dense_weights(dense, data.train_loader, cfg, seed=0, cache=args.dense_cache, name="dense")
     dense_seconds = time.perf_counter() - t
     cpu = torch.device("cpu")
-    dense_acc = clean_accuracy(dense, data.val_loader, cpu)
+    dense_acc = lib.clean_accuracy(dense, data.val_loader, cpu)
 
     rows = []
     for rank in args.ranks:
         for init in ("svd", "activations"):
             model = copy.deepcopy(dense)
             t = time.perf_counter()
-            set_epoch(data.train_loader, 0)
-            report = factorize_(
+            lib.set_epoch(data.train_loader, 0)
+            report = lib.factorize_(
                 model,
                 init_rank=rank,
                 r_min=2,
@@ -127,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                 calibration=data.train_loader if init == "activations" else None,
             )
             seconds = time.perf_counter() - t
-            acc0, cr0 = clean_accuracy(model, data.val_loader, cpu), compression_stats(model).rate
+            acc0, cr0 = lib.clean_accuracy(model, data.val_loader, cpu), lib.compression_stats(model).rate
             torch.manual_seed(2)
-            history = Trainer(
+            history = lib.Trainer(
                 model,
                 data.train_loader,
-                TrainSection(
+                lib.TrainSection(
                     epochs=1,
                     optimizer="adamw",
                     lr=5e-4,
@@ -144,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     checkpoint_every=0,
                 ),
                 val_loader=data.val_loader,
-                set_epoch=set_epoch,
+                set_epoch=lib.set_epoch,
                 name=init,
             ).fit()
             rows.append(
@@ -161,23 +126,21 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     name = "tiny CNN" if args.smoke else args.model
+    head = ["initial rank", "init", "c.r. at init %", "accuracy at init %", "after 1 epoch %"]
+    cells = [
+        [r["init_rank"], r["init"], f"{r['compression_rate_at_init']:.2f}", f"{100 * r['accuracy_at_init']:.1f}"]
+        + [f"{100 * r['accuracy_after_one_epoch']:.1f}", f"{r['compression_rate_after_one_epoch']:.2f}"]
+        + [f"{r['factorize_seconds']:.1f}"]
+        for r in rows
+    ]
     lines = [
         f"{name} on digits ({data.n_train} training / {data.n_val} validation images, 32×32): dense baseline "
         f"{args.dense_epochs} epoch(s) of Adam 1e-4 from random init → **{100 * dense_acc:.1f} %** validation "
         f"accuracy. Then factorized (policy: first conv and classifier dense, r_max {args.r_max}, break-even "
         "caps) and trained one RobustDLRT epoch (β 0.075, τ 0.1, AdamW 5e-4, clip 1.0).",
         "",
-        "| initial rank | init | c.r. at init % | accuracy at init % | after 1 epoch % | c.r. after 1 epoch % "
-        "| factorize s |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        *table([*head, "c.r. after 1 epoch %", "factorize s"], "rlrrrrr", cells),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['init_rank']} | {r['init']} | {r['compression_rate_at_init']:.2f} | "
-            f"{100 * r['accuracy_at_init']:.1f} | {100 * r['accuracy_after_one_epoch']:.1f} | "
-            f"{r['compression_rate_after_one_epoch']:.2f} | {r['factorize_seconds']:.1f} |"
-        )
-    print("\n".join(lines))
     result = {
         "model": name,
         "dense_accuracy": dense_acc,
@@ -186,15 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "smoke": args.smoke,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, json.dumps(result, indent=2) + "\n")
-    md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
-    benchmarks_md.update_section(
+    run.publish(
         "init",
+        result,
         "\n".join(lines),
-        script="bench_init.py",
-        argv=list(sys.argv[1:] if argv is None else argv),
-        path=md,
         measured="validation accuracy of the same briefly trained dense model right after factorizing it with "
         "weight-SVD vs activation-aware initial bases, and after one RobustDLRT epoch.",
     )
@@ -202,4 +160,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -39,11 +39,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import logging
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -51,33 +49,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import benchmarks_md  # noqa: E402
 import torch
-from common import resolve_threads  # noqa: E402
+from harness import lib, page
+from harness.entries import EntryStore
+from harness.measure import dense_weights, sizes, slim
+from harness.report import table
+from harness.run import RESULTS, Run, add_run_options, check_run_options, parser, recipe
 from torch.utils.data import DataLoader, Subset
 
-from compressor.atomic import write_text  # noqa: E402
-from compressor.cli import enable_huge_pages  # noqa: E402
-from compressor.data import (
-    FASHION_MNIST_DEFAULT_ROOT,
-    TensorImages,
-    build_data,
-    read_idx_images,  # noqa: E402
-    read_idx_labels,
-    set_epoch,
-)
-from compressor.evaluate import evaluate  # noqa: E402
-from compressor.layers import low_rank_layers  # noqa: E402
-from compressor.models import create_model  # noqa: E402
-from compressor.recipe import Recipe, recipe_from_dict  # noqa: E402
-from compressor.report import plot_kappa, plot_spectra  # noqa: E402
-from compressor.runtime import compression_stats, dumps, silent_progress  # noqa: E402
-from compressor.stages import factorize_and_train, layer_spectrum, layer_summary  # noqa: E402
-from compressor.train import Trainer  # noqa: E402
-
 log = logging.getLogger("bench_quality")
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # (attack, [ε], options, unit): unit "arg" = --eps-unit, "pixel" = always pixel units
 ATTACKS: list[tuple[str, list[float], dict[str, Any], str]] = [
@@ -93,79 +73,38 @@ ATTACK_LABELS = {"l2_fgsm": "ℓ2-FGSM", "jitter": "Jitter", "mixup": "Mixup", "
 # RobustDLRT release 1.0, torchvision VGG16 at 32×32, 5,000 train / 2,000 test images, dense
 # Adam 1e-4 batch 64 3 epochs, then 3 epochs of the reference DLRT, ℓ2-FGSM in normalized
 # units). They are the peer's measurements, not ours; copied here as data for the side-by-side.
+_PEER_ROWS = [  # config, label, c.r. %, clean, ℓ2-FGSM at 0.05 / 0.1 / 0.3, κ median, train s per epoch
+    ("dense", "dense (3 epochs)", 0.0, 75.9, (72.6, 69.6, 58.3), None, 246),
+    ("beta=0", "reference DLRT, β = 0", 93.73, 78.0, (74.7, 71.5, 58.6), 1.70, 65),
+    ("beta=0.075", "reference RobustDLRT, β = 0.075", 93.69, 72.7, (69.5, 66.6, 51.9), 1.68, 81),
+]
 REFERENCE_PEERS = {
     "source": "docs/peers.md, section 'Fashion-MNIST subset (real data), one seed'",
     "rows": [
-        {
-            "config": "dense",
-            "label": "dense (3 epochs)",
-            "compression_rate": 0.0,
-            "clean": 75.9,
-            "l2_fgsm": {"0.05": 72.6, "0.1": 69.6, "0.3": 58.3},
-            "kappa_median": None,
-            "train_s_per_epoch": 246,
-        },
-        {
-            "config": "beta=0",
-            "label": "reference DLRT, β = 0",
-            "compression_rate": 93.73,
-            "clean": 78.0,
-            "l2_fgsm": {"0.05": 74.7, "0.1": 71.5, "0.3": 58.6},
-            "kappa_median": 1.70,
-            "train_s_per_epoch": 65,
-        },
-        {
-            "config": "beta=0.075",
-            "label": "reference RobustDLRT, β = 0.075",
-            "compression_rate": 93.69,
-            "clean": 72.7,
-            "l2_fgsm": {"0.05": 69.5, "0.1": 66.6, "0.3": 51.9},
-            "kappa_median": 1.68,
-            "train_s_per_epoch": 81,
-        },
+        dict(
+            config=c,
+            label=lab,
+            compression_rate=cr,
+            clean=clean,
+            l2_fgsm=dict(zip(("0.05", "0.1", "0.3"), fg)),
+            kappa_median=k,
+            train_s_per_epoch=t,
+        )  # fmt: skip
+        for c, lab, cr, clean, fg, k, t in _PEER_ROWS
     ],
 }
 
 # settings that change the figures: a checkpoint made with other values is not reused
-_FINGERPRINT_KEYS = (
-    "data",
-    "model",
-    "init",
-    "train_subset",
-    "val_subset",
-    "eval_split",
-    "dense_epochs",
-    "epochs",
-    "batch_size",
-    "dense_lr",
-    "optimizer",
-    "lr",
-    "grad_clip",
-    "init_rank",
-    "r_max",
-    "tau",
-    "coefficient_steps",
-    "eps_unit",
-    "max_samples",
-    "fgsm_samples",
-    "input_size",
-    "attack_steps",
-)
+_FINGERPRINT_KEYS = ("data", "model", "init", "train_subset", "val_subset", "eval_split", "dense_epochs", "epochs")
+_FINGERPRINT_KEYS += ("batch_size", "dense_lr", "optimizer", "lr", "grad_clip", "init_rank", "r_max", "tau")
+_FINGERPRINT_KEYS += ("coefficient_steps", "eps_unit", "max_samples", "fgsm_samples", "input_size", "attack_steps")
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    ap.add_argument(
-        "--smoke",
-        action="store_true",
-        help="< 1 min: digits, tv:resnet18, tiny subsets, 1 epoch each, 1 seed, β ∈ {0, 0.075}, "
-        "16 attacked images; writes quality-smoke.*",
-    )
+    ap = parser(__doc__)
     ap.add_argument("--data", default="fashion-mnist", help="compressor data set name")
     ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: default Debian package files)")
     ap.add_argument("--model", default="tv:vgg16")
@@ -174,79 +113,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.05, 0.075, 0.15])
     ap.add_argument("--train-subset", type=int, default=5000)
     ap.add_argument("--val-subset", type=int, default=2000, help="images in the evaluation set")
-    ap.add_argument(
-        "--eval-split",
-        choices=["auto", "test", "val"],
-        default="auto",
-        help="test: official test file (fashion-mnist/mnist); val: held out of the training file; "
-        "auto: test where there is one",
-    )
+    help_ = "test: the official test file (fashion-mnist/mnist); val: held out of the training file; auto: test if any"
+    ap.add_argument("--eval-split", choices=["auto", "test", "val"], default="auto", help=help_)
     ap.add_argument("--dense-epochs", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3, help="rank-adaptive (Robust)DLRT epochs")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--eval-batch-size", type=int, default=128)
     ap.add_argument("--dense-lr", type=float, default=1e-4, help="dense baseline: Adam, cosine")
-    ap.add_argument(
-        "--optimizer",
-        choices=["adam", "adamw", "sgd"],
-        default="adamw",
-        help="DLRT optimizer (default: the reference code's AdamW 5e-4, clip 1.0)",
-    )
+    help_ = "DLRT optimizer (default: the reference code's AdamW 5e-4, clip 1.0)"
+    ap.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adamw", help=help_)
     ap.add_argument("--lr", type=float, default=5e-4, help="DLRT learning rate (cosine schedule)")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="DLRT gradient-norm clip (0: none)")
-    ap.add_argument(
-        "--init",
-        choices=["activations", "svd"],
-        default="activations",
-        help="initial bases: activation-aware (the recipes' default) or SVD/HOSVD of the weights",
-    )
+    help_ = "initial bases: activation-aware (the recipes' default) or SVD/HOSVD of the weights"
+    ap.add_argument("--init", choices=["activations", "svd"], default="activations", help=help_)
     ap.add_argument("--init-rank", type=int, default=150)
     ap.add_argument("--r-max", type=int, default=200)
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--coefficient-steps", type=int, default=10)
-    ap.add_argument(
-        "--eps-unit",
-        choices=["normalized", "pixel"],
-        default="normalized",
-        help="unit of the ℓ2-FGSM/Jitter/Mixup ε (PGD is always 8/255 pixel)",
-    )
+    help_ = "unit of the ℓ2-FGSM/Jitter/Mixup ε (PGD is always 8/255 pixel)"
+    ap.add_argument("--eps-unit", choices=["normalized", "pixel"], default="normalized", help=help_)
     ap.add_argument("--max-samples", type=int, default=250, help="images attacked by Jitter, Mixup and PGD")
     ap.add_argument("--fgsm-samples", type=int, default=None, help="images attacked by ℓ2-FGSM (default: all)")
-    ap.add_argument(
-        "--attack-steps",
-        type=int,
-        default=None,
-        help="override the iterations of Jitter/Mixup/PGD (smoke runs); default: the attacks' own",
-    )
-    ap.add_argument(
-        "--spectrum-layer",
-        default=None,
-        help="layer of Fig. 1/2 (module name, e.g. net.features.14); default: the middle factorized one",
-    )
-    ap.add_argument(
-        "--threads",
-        default="auto",
-        help="torch CPU threads; auto: 1 when the 1-min load average is at least the core count (on a "
-        "shared machine 2 spinning OpenMP threads ran 5-10x slower than 1 here), else torch's default",
-    )
+    help_ = "override the iterations of Jitter/Mixup/PGD (smoke runs); default: the attacks' own"
+    ap.add_argument("--attack-steps", type=int, default=None, help=help_)
+    help_ = "layer of Fig. 1/2 (module name, e.g. net.features.14); default: the middle factorized one"
+    ap.add_argument("--spectrum-layer", default=None, help=help_)
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--tag", default=None, help="output names quality-<tag>.* (--smoke: tag smoke)")
-    ap.add_argument(
-        "--benchmarks-md",
-        default=None,
-        help="page whose 'quality[-tag]' section the tables replace (default: BENCHMARKS.md; --smoke: none)",
-    )
-    ap.add_argument(
-        "--report-only",
-        action="store_true",
-        help="compute nothing: aggregate and render the finished entries of --checkpoint-dir",
-    )
-    ap.add_argument(
-        "--checkpoint-dir",
-        default=None,
-        help="save finished (seed, model) entries here as they finish; a rerun skips them",
-    )
+    smoke = "< 1 min: digits, tv:resnet18, tiny subsets, 1 epoch each, 1 seed, β ∈ {0, 0.075}, 16 attacked images"
+    add_run_options(ap, "quality[-tag]", smoke=smoke + "; writes quality-smoke.*", resumable=True, out=False)
     args = ap.parse_args(argv)
+    check_run_options(ap, args, "quality")
     if args.smoke:
         args.data, args.model, args.seeds, args.betas = "digits", "tv:resnet18", [0], [0.0, 0.075]
         args.train_subset, args.val_subset, args.dense_epochs, args.epochs = 96, 32, 1, 1
@@ -256,8 +153,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.eval_split = "test" if args.data in ("fashion-mnist", "mnist") else "val"
     args.betas = list(dict.fromkeys(args.betas))
     args.seeds = list(dict.fromkeys(args.seeds))
-    if args.report_only and not args.checkpoint_dir:
-        ap.error("--report-only renders the entries of --checkpoint-dir: give one")
     return args
 
 
@@ -276,41 +171,13 @@ def config_label(config: str) -> str:
     return "DLRT, β = 0" if beta == 0 else f"RobustDLRT, β = {beta:g}"
 
 
-def fingerprint(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _FINGERPRINT_KEYS}
-
-
-def recipe_for(args: argparse.Namespace, seed: int, beta: float) -> Recipe:
+def recipe_for(args: argparse.Namespace, seed: int, beta: float) -> lib.Recipe:
     """The library recipe of one (seed, β): the same sections the compress command reads."""
-    return recipe_from_dict(
-        {
-            "seed": seed,
-            "model": {"name": args.model, "input_size": args.input_size},
-            "data": {
-                "name": args.data,
-                "root": args.data_root,
-                "train_subset": args.train_subset,
-                "val_subset": args.val_subset,
-                "batch_size": args.batch_size,
-                "eval_batch_size": args.eval_batch_size,
-            },
-            "baseline": {"epochs": args.dense_epochs, "optimizer": "adam", "lr": args.dense_lr, "schedule": "cosine"},
-            "factorize": {"init": args.init, "init_rank": args.init_rank, "r_min": 2, "r_max": args.r_max},
-            "train": {
-                "epochs": args.epochs,
-                "optimizer": args.optimizer,
-                "lr": args.lr,
-                "schedule": "cosine",
-                "grad_clip": args.grad_clip or None,
-                "beta": beta,
-                "tau": args.tau,
-                "coefficient_steps": args.coefficient_steps,
-                "device": "cpu",
-                "checkpoint_every": 0,
-            },
-        },
-        source="bench_quality",
-    )
+    train = dict(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, grad_clip=args.grad_clip or None)
+    train.update(beta=beta, tau=args.tau, coefficient_steps=args.coefficient_steps, schedule="cosine")
+    factorize = {"init": args.init, "init_rank": args.init_rank, "r_min": 2, "r_max": args.r_max}
+    data = {"eval_batch_size": args.eval_batch_size}
+    return recipe(args, seed, source="bench_quality", data=data, factorize=factorize, train=train)
 
 
 # ----------------------------------------------------------------------------- data
@@ -318,7 +185,7 @@ def recipe_for(args: argparse.Namespace, seed: int, beta: float) -> Recipe:
 
 def test_loader(args: argparse.Namespace, seed: int, batch_size: int) -> tuple[DataLoader, int]:
     """A random ``--val-subset`` (by seed) of the official test file, unshuffled, [0, 1] 3×S×S."""
-    root = Path(args.data_root or FASHION_MNIST_DEFAULT_ROOT)
+    root = Path(args.data_root or lib.FASHION_MNIST_DEFAULT_ROOT)
     if args.data == "mnist" and args.data_root is None:
         raise SystemExit("--eval-split test with mnist needs --data-root")
 
@@ -329,12 +196,12 @@ def test_loader(args: argparse.Namespace, seed: int, batch_size: int) -> tuple[D
                     return d / name
         raise SystemExit(f"no {stem}[.gz] under {root}: use --eval-split val")
 
-    images = read_idx_images(find("t10k-images-idx3-ubyte"))
-    labels = read_idx_labels(find("t10k-labels-idx1-ubyte"))
+    images = lib.read_idx_images(find("t10k-images-idx3-ubyte"))
+    labels = lib.read_idx_labels(find("t10k-labels-idx1-ubyte"))
     g = torch.Generator()
     g.manual_seed(seed + 2)
     keep = sorted(torch.randperm(len(labels), generator=g)[: args.val_subset].tolist())
-    ds = TensorImages(images[keep], labels[keep], args.input_size)
+    ds = lib.TensorImages(images[keep], labels[keep], args.input_size)
     return DataLoader(ds, batch_size=batch_size, shuffle=False), len(ds)
 
 
@@ -362,10 +229,10 @@ def run_attacks(
         n = args.fgsm_samples if name == "l2_fgsm" else args.max_samples
         full = clean is None  # the first call scores every image (clean accuracy); the others only theirs
         loader = eval_loader if full else head_loader(eval_loader, n, args.eval_batch_size)
-        res = evaluate(
+        res = lib.evaluate(
             model,
             loader,
-            [{"name": name, "eps": eps, "options": opts}],
+            attacks=[{"name": name, "eps": eps, "options": opts}],
             max_samples=n,
             eps_unit=args.eps_unit if unit == "arg" else "pixel",
             std=std,
@@ -391,7 +258,7 @@ def _finite(d: dict[str, Any]) -> dict[str, Any]:
 
 def kappa_stats(model: torch.nn.Module) -> dict[str, Any]:
     """κ(S) of every core: median, mean, max over layers (an infinite κ counts as inf)."""
-    summary = layer_summary(model)
+    summary = lib.layer_summary(model)
     ks = [d["condition_number"] if d["condition_number"] is not None else math.inf for d in summary.values()]
     finite = [k for k in ks if math.isfinite(k)]
     return {
@@ -411,28 +278,20 @@ def _rounded(values: list[float], digits: int = 6) -> list[float]:
 # ----------------------------------------------------------------------------- one seed
 
 
-def run_seed(args: argparse.Namespace, seed: int, state: State) -> None:
-    todo = [c for c in config_names(args) if not state.has(seed, c)]
-    if not todo:
+def run_seed(args: argparse.Namespace, seed: int, state: EntryStore) -> None:
+    if not state.missing(*((seed, c) for c in config_names(args))):
         log.info("seed %d: every entry already finished (checkpoint)", seed)
         return
     rec0 = recipe_for(args, seed, 0.0)
     torch.manual_seed(seed)
-    data = build_data(rec0.data, input_size=args.input_size, seed=seed)
+    data = lib.build_data(rec0.data, input_size=args.input_size, seed=seed)
     if args.eval_split == "test":
         eval_loader, n_eval = test_loader(args, seed, args.eval_batch_size)
     else:
         eval_loader, n_eval = data.val_loader, data.n_val
-    data_info = {
-        "name": data.name,
-        "n_train": data.n_train,
-        "n_eval": n_eval,
-        "eval_split": args.eval_split,
-        "mean": data.mean,
-        "std": data.std,
-        "train_batches_per_epoch": len(data.train_loader),
-    }
-    model, info = create_model(
+    data_info = dict(name=data.name, n_train=data.n_train, n_eval=n_eval, eval_split=args.eval_split)
+    data_info.update(mean=data.mean, std=data.std, train_batches_per_epoch=len(data.train_loader))
+    model, info = lib.create_model(
         args.model, data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std, input_size=args.input_size
     )
     std = info.std
@@ -442,109 +301,67 @@ def run_seed(args: argparse.Namespace, seed: int, state: State) -> None:
             f"--spectrum-layer {args.spectrum_layer!r} is not a module of {args.model}; "
             f"its conv/linear layers: {', '.join(conv_lin)}"
         )
-
-    dense_file = state.dense_weights_path(seed)
-    if dense_file is not None and dense_file.is_file() and state.has(seed, "dense"):
-        model.load_state_dict(torch.load(dense_file, map_location="cpu", weights_only=True))
-        log.info("seed %d: dense weights restored from %s", seed, dense_file)
-    else:
-        log.info("seed %d: dense baseline, %d epochs of %d batches", seed, args.dense_epochs, len(data.train_loader))
+    dense_file, has_dense = state.weights(seed), state.get(seed, "dense") is not None
+    history, train_s = dense_weights(
+        model, data.train_loader, rec0.baseline, seed=seed, cache=dense_file, reuse=has_dense,
+        val_loader=eval_loader, name="dense baseline",
+    )  # fmt: skip
+    if train_s is not None and not has_dense:
+        hist = history.to_dict() if history else {}
         t0 = time.perf_counter()
-        history: dict[str, Any] = {}
-        if args.dense_epochs > 0:
-            torch.manual_seed(seed + 1)
-            trainer = Trainer(
-                model,
-                data.train_loader,
-                rec0.baseline,
-                val_loader=eval_loader,
-                device="cpu",
-                seed=seed,
-                name="dense baseline",
-                set_epoch=set_epoch,
-            )
-            history = trainer.fit().to_dict()
-        train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ev = run_attacks(model, eval_loader, args, std, seed)
-        entry = {
-            "seed": seed,
-            "config": "dense",
-            "data": data_info,
-            "model": info.to_dict(),
-            "params": sum(p.numel() for p in model.parameters()),
-            "compression_rate": 0.0,
-            **ev,
-            "kappa": None,
-            "train_seconds": train_s,
-            "eval_seconds": time.perf_counter() - t0,
-            "train_seconds_per_epoch": _per_epoch(history),
-            "history": _slim_history(history),
-            "train_steps": args.dense_epochs * len(data.train_loader),
-        }
-        if dense_file is not None:
-            torch.save(model.state_dict(), dense_file)
-        if not state.has(seed, "dense"):  # (retrained only because its weights file was removed)
-            state.add(entry)
-            _log_entry(entry)
+        entry = dict(seed=seed, config="dense", data=data_info, model=info.to_dict())
+        entry.update(params=sum(p.numel() for p in model.parameters()), compression_rate=0.0)
+        entry.update(run_attacks(model, eval_loader, args, std, seed), kappa=None, train_seconds=train_s)
+        entry.update(eval_seconds=time.perf_counter() - t0, train_seconds_per_epoch=_per_epoch(hist))
+        entry.update(history=slim(hist, *HISTORY), train_steps=args.dense_epochs * len(data.train_loader))
+        add(state, entry)
 
     for beta in args.betas:
         config = beta_key(beta)
-        if state.has(seed, config):
+        if state.get(seed, config) is not None:
             continue
         rec = recipe_for(args, seed, beta)
         work = copy.deepcopy(model)
         log.info("seed %d: %s: factorize + %d epochs", seed, config_label(config), args.epochs)
         kappa0: dict[str, float] = {}
-        fact, history, timings = factorize_and_train(
-            work,
-            data.train_loader,
-            rec,
-            val_loader=eval_loader,
-            device=torch.device("cpu"),
-            set_epoch=set_epoch,
+        fact, history, timings = lib.factorize_and_train(
+            work, data.train_loader, rec, val_loader=eval_loader, device=torch.device("cpu"), set_epoch=lib.set_epoch,
             progress=_initial_kappa_probe(work, kappa0),
-        )
+        )  # fmt: skip
         factorized = [d.name for d in fact.factorized]
         layer = args.spectrum_layer or (factorized[len(factorized) // 2] if factorized else None)
         t0 = time.perf_counter()
         ev = run_attacks(work, eval_loader, args, std, seed)
-        stats = compression_stats(work)
-        hist = history.to_dict()
-        entry = {
-            "seed": seed,
-            "config": config,
-            "beta": beta,
-            "data": data_info,
-            "params": stats.params,
-            "params_dense": stats.params_dense,
-            "compression_rate": stats.rate,
-            **ev,
-            "kappa": kappa_stats(work),
-            "train_seconds": timings["train"],
-            "factorize_seconds": timings["factorize"],
-            "eval_seconds": time.perf_counter() - t0,
-            "train_seconds_per_epoch": _per_epoch(hist),
-            "history": _slim_history(hist),
-            "train_steps": args.epochs * len(data.train_loader),
-            "n_factorized": len(factorized),
-            "figure_layer": layer,
-        }
+        hist, size = history.to_dict(), sizes(work)
+        entry = dict(seed=seed, config=config, beta=beta, data=data_info, params=size["params"])
+        entry.update(params_dense=size["params_dense"], compression_rate=size["compression_rate"], **ev)
+        entry.update(kappa=kappa_stats(work), train_seconds=timings["train"], factorize_seconds=timings["factorize"])
+        entry.update(eval_seconds=time.perf_counter() - t0, train_seconds_per_epoch=_per_epoch(hist))
+        entry.update(history=slim(hist, *HISTORY), train_steps=args.epochs * len(data.train_loader))
+        entry.update(n_factorized=len(factorized), figure_layer=layer)
         if layer is not None:
-            entry["kappa_trace"] = ([[0, _finite({"k": kappa0.get(layer)})["k"]]] if layer in kappa0 else []) + [
-                [t["step"], _finite({"k": t["kappa"].get(layer)})["k"]]
-                for t in hist["kappa_trace"]
-                if layer in t["kappa"]
-            ]
+            trace = [[0, kappa0.get(layer)]] if layer in kappa0 else []
+            trace += [[t["step"], t["kappa"].get(layer)] for t in hist["kappa_trace"] if layer in t["kappa"]]
+            entry["kappa_trace"] = [[step, _finite({"k": k})["k"]] for step, k in trace]
             entry["kappa_initial"] = _finite({k: v for k, v in kappa0.items() if k})
             if seed == args.seeds[0]:  # Fig. 1: this layer's dense weight (the model every β starts from) and core
-                entry["spectrum"] = _rounded(layer_spectrum(dict(work.named_modules())[layer]))
-                entry["spectrum_dense"] = _rounded(layer_spectrum(dict(model.named_modules())[layer]))
-        state.add(entry)
-        _log_entry(entry)
+                entry["spectrum"] = _rounded(lib.layer_spectrum(dict(work.named_modules())[layer]))
+                entry["spectrum_dense"] = _rounded(lib.layer_spectrum(dict(model.named_modules())[layer]))
+        add(state, entry)
         del work
     if dense_file is not None:
         dense_file.unlink(missing_ok=True)  # every entry of this seed is saved: the weights are not needed
+
+
+def add(state: EntryStore, e: dict[str, Any]) -> None:
+    e["torch_threads"] = torch.get_num_threads()
+    state.add(e)
+    acc = e["adversarial_accuracy"]
+    log.info(
+        "seed %d %s: c.r. %.2f%%, clean %.2f%%, ℓ2-FGSM(0.1) %.2f%%, PGD %.2f%%, train %.0f s, eval %.0f s",
+        *(e["seed"], e["config"], e["compression_rate"], 100 * e["clean_accuracy"], 100 * acc["l2_fgsm"]["0.1"]),
+        *(100 * next(iter(acc["pgd"].values())), e["train_seconds"], e["eval_seconds"]),
+    )
 
 
 def _initial_kappa_probe(model: torch.nn.Module, sink: dict[str, float]):
@@ -557,9 +374,9 @@ def _initial_kappa_probe(model: torch.nn.Module, sink: dict[str, float]):
     def factory(total: int, desc: str):
         if not sink:
             with torch.no_grad():
-                sink.update({n: float(l.condition_number()) for n, l in low_rank_layers(model).items()})
+                sink.update({n: float(l.condition_number()) for n, l in lib.low_rank_layers(model).items()})
             sink.setdefault("", math.nan)  # marks "recorded" even with no factorized layer
-        return silent_progress(total, desc)
+        return lib.silent_progress(total, desc)
 
     return factory
 
@@ -569,84 +386,8 @@ def _per_epoch(history: dict[str, Any]) -> float | None:
     return statistics.fmean(secs) if secs else None
 
 
-def _slim_history(history: dict[str, Any]) -> list[dict[str, Any]]:
-    keep = (
-        "epoch",
-        "phase",
-        "train_loss",
-        "train_accuracy",
-        "regularizer",
-        "val_accuracy",
-        "compression_rate",
-        "seconds",
-        "seconds_augment",
-        "seconds_truncate",
-        "nonfinite_steps_total",
-    )
-    return [{k: e.get(k) for k in keep} for e in history.get("epochs", [])]
-
-
-def _log_entry(e: dict[str, Any]) -> None:
-    acc = e["adversarial_accuracy"]
-    log.info(
-        "seed %d %s: c.r. %.2f%%, clean %.2f%%, ℓ2-FGSM(0.1) %.2f%%, PGD %.2f%%, train %.0f s, eval %.0f s",
-        e["seed"],
-        e["config"],
-        e["compression_rate"],
-        100 * e["clean_accuracy"],
-        100 * acc["l2_fgsm"]["0.1"],
-        100 * next(iter(acc["pgd"].values())),
-        e["train_seconds"],
-        e["eval_seconds"],
-    )
-
-
-# ----------------------------------------------------------------------------- results on disk
-
-
-class State:
-    """Finished entries, saved after each one when there is a checkpoint folder."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.entries: list[dict[str, Any]] = []
-        self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-        self.fp = fingerprint(args)
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / "entries.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") != self.fp:
-                diff = sorted(k for k in self.fp if saved.get("fingerprint", {}).get(k) != self.fp[k])
-                raise SystemExit(
-                    f"{path} was made with other settings ({', '.join(diff)}): "
-                    "use another --checkpoint-dir or the same settings"
-                )
-            self.entries = saved["entries"]
-            log.info("checkpoint: %d finished entries in %s", len(self.entries), path)
-
-    def has(self, seed: int, config: str) -> bool:
-        return any(e["seed"] == seed and e["config"] == config for e in self.entries)
-
-    def add(self, entry: dict[str, Any]) -> None:
-        entry["measured_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        entry["load_avg"], entry["torch_threads"] = _load(), torch.get_num_threads()
-        self.entries.append(entry)
-        if self.dir is not None:
-            write_json(self.dir / "entries.json", {"fingerprint": self.fp, "entries": self.entries})
-
-    def dense_weights_path(self, seed: int) -> Path | None:
-        return self.dir / f"dense-seed{seed}.pt" if self.dir is not None else None
-
-    def selected(self) -> list[dict[str, Any]]:
-        configs = set(config_names(self.args))
-        return [e for e in self.entries if e["seed"] in self.args.seeds and e["config"] in configs]
-
-
-def write_json(path: Path, doc: Any) -> None:
-    write_text(path, dumps(doc))  # non-finite numbers become null (read back as NaN by _num)
+HISTORY = ("epoch", "phase", "train_loss", "train_accuracy", "regularizer", "val_accuracy", "compression_rate")
+HISTORY += ("seconds", "seconds_augment", "seconds_truncate", "nonfinite_steps_total")
 
 
 def _num(v: Any) -> float:
@@ -666,23 +407,13 @@ def metric_rows(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
     ]
     for name, eps, _, _unit in ATTACKS:
         for x in eps:
-            k = str(float(x))
-            label = "8/255 px" if name == "pgd" else f"ε={x:g}"
-            rows.append(
-                (
-                    f"{name}@{k}",
-                    f"{ATTACK_LABELS[name]} {label}",
-                    lambda e, n=name, k=k: 100 * e["adversarial_accuracy"][n][k],
-                )
-            )
-    rows += [
-        ("kappa_median", "κ median", lambda e: _num(e["kappa"]["median"]) if e["kappa"] else None),
-        ("kappa_mean", "κ mean", lambda e: _num(e["kappa"]["mean"]) if e["kappa"] else None),
-        ("kappa_max", "κ max", lambda e: _num(e["kappa"]["max"]) if e["kappa"] else None),
-        ("train_s_per_epoch", "train s/epoch", lambda e: e["train_seconds_per_epoch"]),
-        ("eval_s", "eval s", lambda e: e["eval_seconds"]),
-    ]
-    return rows
+            head = f"{ATTACK_LABELS[name]} {'8/255 px' if name == 'pgd' else f'ε={x:g}'}"
+            get = lambda e, n=name, k=str(float(x)): 100 * e["adversarial_accuracy"][n][k]  # noqa: E731
+            rows.append((f"{name}@{float(x)}", head, get))
+    for key in ("median", "mean", "max"):
+        rows.append((f"kappa_{key}", f"κ {key}", lambda e, k=key: _num(e["kappa"][k]) if e["kappa"] else None))
+    rows.append(("train_s_per_epoch", "train s/epoch", lambda e: e["train_seconds_per_epoch"]))
+    return rows + [("eval_s", "eval s", lambda e: e["eval_seconds"])]
 
 
 def aggregate(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -720,40 +451,6 @@ def _fmt(stat: dict[str, Any] | None, digits: int = 1, kappa: bool = False) -> s
     if len(stat["values"]) > 1 and s is not None:
         text += f" ± {s:.2g}" if kappa else f" ± {s:.{digits}f}"
     return text
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import importlib.metadata as md
-
-    vers = {}
-    for pkg in ("torch", "torchvision"):
-        try:
-            vers[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            vers[pkg] = "not installed"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        **vers,
-    }
-
-
-def _load() -> str:
-    try:
-        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") -> str:
@@ -857,23 +554,16 @@ def _n_attacked(doc: dict[str, Any], attack: str) -> str:
 
 
 def _table(header: list[str], agg: dict[str, Any], rows: list, doc: dict[str, Any] | None = None) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    digits = {"train_s_per_epoch": 0, "eval_s": 0, "compression_rate": 2}
+    cells = []
     for config, a in agg.items():
-        cells = [config_label(config)]
-        for key, _, _ in rows:
-            if key.startswith("kappa"):
-                cells.append(_fmt(a.get(key), kappa=True))
-            elif key in ("train_s_per_epoch", "eval_s"):
-                cells.append(_fmt(a.get(key), digits=0))
-            elif key == "compression_rate":
-                cells.append(_fmt(a.get(key), digits=2))
-            else:
-                cells.append(_fmt(a.get(key)))
+        row = [config_label(config)]
+        row += [_fmt(a.get(key), digits.get(key, 1), kappa=key.startswith("kappa")) for key, _, _ in rows]
         if doc is not None:
             fs = [e["factorize_seconds"] for e in doc["entries"] if e["config"] == config and "factorize_seconds" in e]
-            cells.append(f"{statistics.fmean(fs):.0f}" if fs else "—")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            row.append(f"{statistics.fmean(fs):.0f}" if fs else "—")
+        cells.append(row)
+    return "\n".join(table(header, "l" + "r" * (len(header) - 1), cells))
 
 
 def render_peers(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
@@ -884,16 +574,9 @@ def render_peers(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
     if not ours:
         return []
     d0 = next((e["data"] for e in doc["entries"]), {})
-    same = (
-        d0.get("n_train"),
-        d0.get("n_eval"),
-        args.eval_split,
-        args.dense_epochs,
-        args.epochs,
-        args.batch_size,
-        args.dense_lr,
-        args.eps_unit,
-    ) == (5000, 2000, "test", 3, 3, 64, 1e-4, "normalized")
+    ours_setup = (d0.get("n_train"), d0.get("n_eval"), args.eval_split, args.dense_epochs, args.epochs)
+    ours_setup += (args.batch_size, args.dense_lr, args.eps_unit)
+    same = ours_setup == (5000, 2000, "test", 3, 3, 64, 1e-4, "normalized")
     lines = [
         "### docs/peers.md setup: compressor beside the reference implementation",
         "",
@@ -912,23 +595,23 @@ def render_peers(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
         + "The random subsets are not the same images and the dense baselines are trained separately. "
         "Accuracies in %.",
         "",
-        "| model | c.r. % | clean | ℓ2-FGSM ε=0.05 | ε=0.1 | ε=0.3 | κ median | train s/epoch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cells = []
     for r in ours:
-        a = agg[r["config"]]
-        f = r["l2_fgsm"]
+        a, f = agg[r["config"]], r["l2_fgsm"]
         k = "—" if r["kappa_median"] is None else f"{r['kappa_median']:.2f}"
-        lines.append(
-            f"| {r['label']} (docs/peers.md) | {r['compression_rate']:.2f} | {r['clean']:.1f} | {f['0.05']:.1f} | "
-            f"{f['0.1']:.1f} | {f['0.3']:.1f} | {k} | {r['train_s_per_epoch']} |"
+        cells.append(
+            [f"{r['label']} (docs/peers.md)", f"{r['compression_rate']:.2f}", f"{r['clean']:.1f}"]
+            + [f"{f[x]:.1f}" for x in ("0.05", "0.1", "0.3")]
+            + [k, r["train_s_per_epoch"]]
         )
-        lines.append(
-            f"| compressor {config_label(r['config'])} | {_fmt(a['compression_rate'], 2)} | "
-            f"{_fmt(a['clean'])} | {_fmt(a['l2_fgsm@0.05'])} | {_fmt(a['l2_fgsm@0.1'])} | "
-            f"{_fmt(a['l2_fgsm@0.3'])} | {_fmt(a['kappa_median'], kappa=True)} | "
-            f"{_fmt(a['train_s_per_epoch'], 0)} |"
+        cells.append(
+            [f"compressor {config_label(r['config'])}", _fmt(a["compression_rate"], 2), _fmt(a["clean"])]
+            + [_fmt(a[f"l2_fgsm@{x}"]) for x in ("0.05", "0.1", "0.3")]
+            + [_fmt(a["kappa_median"], kappa=True), _fmt(a["train_s_per_epoch"], 0)]
         )
+    head = ["model", "c.r. %", "clean", "ℓ2-FGSM ε=0.05", "ε=0.1", "ε=0.3", "κ median", "train s/epoch"]
+    lines += table(head, "lrrrrrrr", cells)
     lines.append("")
     return lines
 
@@ -950,7 +633,7 @@ def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Pa
     for e in comp:
         if e.get("spectrum") and e.get("figure_layer") == layer:
             spectra[config_label(e["config"])] = e["spectrum"]
-    if plot_spectra(
+    if lib.plot_spectra(
         spectra, out_dir / f"{stem}_spectra.png", f"Singular values of {layer} ({args.model}, {args.data}, seed {seed})"
     ):
         figs["spectra"] = f"{stem}_spectra.png"
@@ -963,7 +646,9 @@ def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Pa
     if trace:
         labels = [config_label(e["config"]) for e in comp]
         trace[-1]["kappa"] = {lab: trace[-1]["kappa"].get(lab, math.nan) for lab in labels}  # legend order
-        if plot_kappa(trace, out_dir / f"{stem}_kappa.png", f"κ of {layer}'s core over training, per β (seed {seed})"):
+        if lib.plot_kappa(
+            trace, out_dir / f"{stem}_kappa.png", f"κ of {layer}'s core over training, per β (seed {seed})"
+        ):
             figs["kappa"] = f"{stem}_kappa.png"
     return figs
 
@@ -972,39 +657,31 @@ def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    enable_huge_pages()  # as the compress command does, before the first tensor
+    lib.enable_huge_pages()  # as the compress command does, before the first tensor
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("compressor").setLevel(logging.INFO)
-    threads = resolve_threads(args.threads)
-    if threads:
-        torch.set_num_threads(threads)
-    log.info("torch threads: %d (load average %s, %d cores)", torch.get_num_threads(), _load(), os.cpu_count())
+    run = Run(__file__, args, argv)
+    log.info("torch threads: %d (load average %s, %d cores)", torch.get_num_threads(), page.load(), os.cpu_count())
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = args.tag or ("smoke" if args.smoke else None)
     stem = f"quality-{tag}" if tag else "quality"
-    start, load_start = time.perf_counter(), _load()
+    load_start = page.load()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    state = State(args)
-    n_restored = len(state.selected())
-    if not args.report_only:
-        for seed in args.seeds:
-            run_seed(args, seed, state)
-    entries = state.selected()
+    state = EntryStore.of(args, _FINGERPRINT_KEYS, keys=("seed", "config"))
+    configs = set(config_names(args))
+    selected = lambda: [e for e in state.entries if e["seed"] in args.seeds and e["config"] in configs]  # noqa: E731
+    n_restored = len(selected())
+    for seed in [] if args.report_only else args.seeds:
+        run_seed(args, seed, state)
+    entries = selected()
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
+    wall = run.record()["wall_seconds"]
     doc: dict[str, Any] = {
         "what": "dense vs DLRT (β=0) vs RobustDLRT (β>0) on real data: accuracy, adversarial accuracy, "
         "compression rate, κ of the cores, training time",
-        "run": {
-            "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
-            "date": date,
-            "wall_seconds": time.perf_counter() - start,
-            "load_start": load_start,
-            "load_end": _load(),
-            "smoke": args.smoke,
-            "from_checkpoint": n_restored,
-        },
-        "machine": machine(),
+        "run": dict(command=command, date=date, wall_seconds=wall, load_start=load_start, load_end=page.load())
+        | dict(smoke=args.smoke, from_checkpoint=n_restored),
+        "machine": page.machine(),
         "settings": {
             **vars(args),
             "attacks": [{"name": n, "eps": e, "options": o, "unit": u} for n, e, o, u in ATTACKS],
@@ -1016,24 +693,18 @@ def main(argv: list[str] | None = None) -> int:
     doc["figures"] = figures(args, entries, out_dir, stem)
     doc["projection"] = None if args.smoke else projection(args, entries)
     md = render(args, doc)
-    write_json(out_dir / f"{stem}.json", doc)
-    (out_dir / f"{stem}.md").write_text(md + "\n")
-    print(md)
-    page = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
-    if page is not None:
-        figure_dir = os.path.relpath(out_dir.resolve(), Path(page).resolve().parent)
-        benchmarks_md.update_section(
-            stem,
-            f"## Quality: {args.model} on {args.data}"
-            + (f" ({tag})" if tag else "")
-            + "\n\n"
-            + render(args, doc, figure_dir),
-            script="bench_quality.py",
-            argv=list(sys.argv[1:] if argv is None else argv),
-            path=page,
-            measured="clean and adversarial accuracy, compression rate, κ of the cores and training time "
-            "of dense vs DLRT vs RobustDLRT from the same dense weights, per seed, aggregated.",
-        )
+    lib.write_text(out_dir / f"{stem}.md", md + "\n")
+    figure_dir = os.path.relpath(out_dir.resolve(), run.page.resolve().parent) if run.page else ""
+    title = f"## Quality: {args.model} on {args.data}" + (f" ({tag})" if tag else "")
+    run.publish(
+        stem,
+        doc,
+        md,
+        body=title + "\n\n" + render(args, doc, figure_dir),
+        out=out_dir / f"{stem}.json",
+        measured="clean and adversarial accuracy, compression rate, κ of the cores and training time "
+        "of dense vs DLRT vs RobustDLRT from the same dense weights, per seed, aggregated.",
+    )
     if doc["projection"]:
         p = doc["projection"]
         print(
@@ -1041,10 +712,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.smoke:
         check_smoke(args, doc, out_dir)
-    print(
-        f"\nwrote {out_dir / (stem + '.json')}, {out_dir / (stem + '.md')}"
-        + "".join(f", {out_dir / v}" for k, v in doc["figures"].items() if k in ("spectra", "kappa"))
-    )
     return 0
 
 

@@ -69,28 +69,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import benchmarks_md
 import torch
-from common import add_run_options, check_run_options, parse_device, start_run
-from entries import EntryStore
+from harness import lib
+from harness.entries import EntryStore
+from harness.measure import dense_weights, ranks, sizes, slim
+from harness.report import figure, mean, mean_std, met, table
+from harness.run import Run, add_run_options, at_least, check_run_options, parse_device, parser, refuse
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from compressor.atomic import atomic_path, write_text
-from compressor.cli import enable_huge_pages
-from compressor.data import FASHION_MNIST_DEFAULT_ROOT, build_data, set_epoch
-from compressor.errors import CompressorError
-from compressor.evaluate import evaluate
-from compressor.factorize import break_even_rank, factorize_
-from compressor.layers import low_rank_layers
-from compressor.models import NormalizedClassifier
-from compressor.recipe import BaselineSection, Recipe
-from compressor.runtime import compression_stats, dumps
-from compressor.stages import certificate, factorize_and_train, layer_spectrum
-from compressor.train import Trainer
-
 log = logging.getLogger("bench_regime")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # the paper's attacks and budgets (Table 5 / Appendix B); PGD-ℓ∞ is the usual 8/255 in pixel units
 L2_EPS = [0.05, 0.1, 0.3]
@@ -135,10 +123,7 @@ _FINGERPRINT += ("r_max", "params", "ramp", "adv_eps", "attack_samples", "eps_un
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    ap.add_argument("--smoke", action="store_true", help="< 1 min: --preset smoke (CI)")
+    ap = parser(__doc__)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes; explicit flags override")
     p = "(default: from --preset)"
     ap.add_argument("--vgg", choices=sorted(VGG_CFGS), default=None, help=f"depth {p}")
@@ -175,14 +160,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--target-slack", type=float, default=1.0, help="… points below dense allowed (ℓ2-FGSM, clean)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--amp", choices=("off", "bf16"), default=None, help="autocast: off on the CPU, bf16 on CUDA")
-    add_run_options(ap, "regime")
+    add_run_options(ap, "regime", smoke="< 1 min: --preset smoke (CI)", resumable=True)
     ap.add_argument("--estimate-only", action="store_true", help="print the wall-time estimate, run nothing")
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset = "smoke"
+    args.smoke = args.preset == "smoke"
     preset = dict(PRESETS[args.preset])
-    if args.smoke and args.data is None and args.data_root is None and not Path(FASHION_MNIST_DEFAULT_ROOT).is_dir():
-        preset["data"] = "digits"  # CI without the Debian package: the embedded set
+    if args.smoke and args.data is None and args.data_root is None:
+        if not Path(lib.FASHION_MNIST_DEFAULT_ROOT).is_dir():
+            preset["data"] = "digits"  # CI without the Debian package: the embedded set
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -192,38 +179,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.amp is None:
         args.amp = "bf16" if device.type == "cuda" else "off"
 
-    if not 0.0 < args.width <= 4.0:
-        ap.error(f"--width {args.width:g}: give a channel multiplier in (0, 4]")
-    for key in ("batch_size", "epochs", "coefficient_steps", "input_size"):
-        if getattr(args, key) < 1:
-            ap.error(f"--{key.replace('_', '-')} must be at least 1")
-    if args.coefficient_steps < 2:
-        ap.error("--coefficient-steps must be at least 2 (augment on the first batch, truncate after the last)")
-    for key in ("train_subset", "val_subset", "attack_samples", "dense_epochs"):
-        if getattr(args, key) < 0:
-            ap.error(f"--{key.replace('_', '-')} must not be negative (0: all)")
-    if args.input_size < 32:
-        ap.error("--input-size must be at least 32 (VGG pools five times)")
-    if any(s < 0 for s in args.seeds):
-        ap.error("--seeds must not be negative")
-    if not 0.0 < args.params <= 1.0 or not 0.0 < args.ramp <= 1.0:
-        ap.error("--params and --ramp must be fractions in (0, 1]")
-    if not 0.0 <= args.tau < 1.0:
-        ap.error("--tau must be in [0, 1)")
-    if any(b < 0 for b in args.betas) or args.nuclear_beta < 0 or args.adv_beta < 0:
-        ap.error("β must not be negative")
-    if not 0.0 <= args.dense_target <= 1.0:
-        ap.error("--dense-target is a held-out accuracy in [0, 1]")
-    if args.kappa_max < 1.0:
-        ap.error("--kappa-max must be at least 1")
-    if not 0.0 < args.adv_eps <= 1.0:
-        ap.error("--adv-eps must be in (0, 1] (pixel units)")
-    for key in ("lr", "dense_lr"):
-        if not 0.0 < getattr(args, key) <= 10.0:
-            ap.error(f"--{key.replace('_', '-')} must be in (0, 10]")
-    if args.hidden is not None and args.hidden < 1:
-        ap.error("--hidden must be at least 1")
-    check_run_options(ap, args)
+    at_least(ap, args, 1, "batch_size", "epochs", "coefficient_steps", "input_size")
+    negative = [k for k in ("train_subset", "val_subset", "attack_samples", "dense_epochs") if getattr(args, k) < 0]
+    refuse(
+        ap,
+        (not 0.0 < args.width <= 4.0, f"--width {args.width:g}: give a channel multiplier in (0, 4]"),
+        (args.coefficient_steps < 2, "--coefficient-steps must be at least 2 (augment first, truncate after the last)"),
+        (bool(negative), f"--{negative[0].replace('_', '-')} must not be negative (0: all)" if negative else ""),
+        (args.input_size < 32, "--input-size must be at least 32 (VGG pools five times)"),
+        (any(s < 0 for s in args.seeds), "--seeds must not be negative"),
+        (not (0.0 < args.params <= 1.0 and 0.0 < args.ramp <= 1.0), "--params and --ramp must be fractions in (0, 1]"),
+        (not 0.0 <= args.tau < 1.0, "--tau must be in [0, 1)"),
+        (min(args.betas + [args.nuclear_beta, args.adv_beta]) < 0, "β must not be negative"),
+        (not 0.0 <= args.dense_target <= 1.0, "--dense-target is a held-out accuracy in [0, 1]"),
+        (args.kappa_max < 1.0, "--kappa-max must be at least 1"),
+        (not 0.0 < args.adv_eps <= 1.0, "--adv-eps must be in (0, 1] (pixel units)"),
+        (not (0.0 < args.lr <= 10.0 and 0.0 < args.dense_lr <= 10.0), "--lr and --dense-lr must be in (0, 10]"),
+        (args.hidden is not None and args.hidden < 1, "--hidden must be at least 1"),
+    )
+    check_run_options(ap, args, "regime")
     widest = max(c for c in VGG_CFGS[args.vgg] if c != "M")
     args.widest = max(1, round(widest * args.width))
     if args.init_rank is None:
@@ -234,7 +208,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--init-rank must be at least 2 and at most --r-max")
     args.seeds, args.betas = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.betas))
     args.arms = [a for a in ARM_KINDS if a in args.arms]
-    args.out = Path(args.out or RESULTS / f"regime{'-smoke' if args.preset == 'smoke' else ''}.json")
     return args
 
 
@@ -288,61 +261,26 @@ def build_vgg(args: argparse.Namespace, num_classes: int, mean: list[float], std
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
-    return NormalizedClassifier(net, mean, std)
+    return lib.NormalizedClassifier(net, mean, std)
 
 
 def data_section(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "name": args.data,
-        "root": args.data_root,
-        "train_subset": args.train_subset or None,
-        "val_subset": args.val_subset or None,
-        "batch_size": args.batch_size,
-        "eval_batch_size": 256,
-    }
+    subsets = dict(train_subset=args.train_subset or None, val_subset=args.val_subset or None)
+    return dict(name=args.data, root=args.data_root, **subsets, batch_size=args.batch_size, eval_batch_size=256)
 
 
-def dense_section(args: argparse.Namespace) -> BaselineSection:
-    return BaselineSection.model_validate(
-        {
-            "epochs": args.dense_epochs,
-            "optimizer": "adam",
-            "lr": args.dense_lr,
-            "schedule": "cosine",
-            "amp": args.amp,
-            "checkpoint_every": 0,
-        }
-    )
+def dense_section(args: argparse.Namespace) -> lib.BaselineSection:
+    keys = dict(epochs=args.dense_epochs, optimizer="adam", lr=args.dense_lr, schedule="cosine", amp=args.amp)
+    return lib.BaselineSection.model_validate({**keys, "checkpoint_every": 0})
 
 
-def arm_recipe(args: argparse.Namespace, seed: int, arm: dict[str, Any]) -> Recipe:
-    train = {
-        "epochs": args.epochs,
-        "finetune_epochs": 0,
-        "optimizer": "adam",
-        "lr": args.lr,
-        "schedule": "cosine",
-        "grad_clip": None,
-        "tau": args.tau,
-        "coefficient_steps": args.coefficient_steps,
-        "target": {"params": args.params, "ramp": args.ramp},
-        "amp": args.amp,
-        "device": args.device,
-        "checkpoint_every": 0,
-        **arm["train"],
-    }
+def arm_recipe(args: argparse.Namespace, seed: int, arm: dict[str, Any]) -> lib.Recipe:
+    train = dict(epochs=args.epochs, finetune_epochs=0, optimizer="adam", lr=args.lr, schedule="cosine")
+    train.update(grad_clip=None, tau=args.tau, coefficient_steps=args.coefficient_steps, amp=args.amp)
+    train.update(target={"params": args.params, "ramp": args.ramp}, device=args.device, checkpoint_every=0)
     factorize = {"init": "svd", "init_rank": args.init_rank, "r_min": 2, "r_max": args.r_max}
-    return Recipe.model_validate(
-        {"seed": seed, "data": data_section(args), "factorize": factorize, "train": train, "run_name": "regime"}
-    )
-
-
-# ----------------------------------------------------------------------------- checkpoint state
-
-
-def State(args: argparse.Namespace) -> EntryStore:
-    """Finished entries, written to ``<checkpoint-dir>/entries.json`` after each one."""
-    return EntryStore(args.checkpoint_dir, {k: getattr(args, k) for k in _FINGERPRINT}, keys=("seed", "arm"))
+    doc = {"seed": seed, "data": data_section(args), "factorize": factorize, "train": {**train, **arm["train"]}}
+    return lib.recipe_from_dict({**doc, "run_name": "regime"}, source="bench_regime")
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -355,29 +293,19 @@ def attack_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
 def measure(model: nn.Module, loader, args, seed: int, std: list[float]) -> dict[str, Any]:
     """Clean and attacked accuracy, sensitivity and size (every model sees the same attack draws)."""
     t0 = time.perf_counter()
-    res = evaluate(
+    res = lib.evaluate(
         model,
         loader,
-        attack_suite(args),
+        attacks=attack_suite(args),
         max_samples=args.attack_samples or None,
         eps_unit=args.eps_unit,
         std=std,
         seed=seed,
         device=args.device,
     )
-    stats = compression_stats(model)
-    return {
-        "clean": res.clean_accuracy,
-        "acc": res.adversarial_accuracy,
-        "sensitivity": res.sensitivity,
-        "n_eval": res.n_clean,
-        "n_attacked": res.n_attacked,
-        "params": stats.params,
-        "params_dense": stats.params_dense,
-        "params_fraction": stats.params / stats.params_dense,
-        "compression_rate": stats.rate,
-        "eval_seconds": time.perf_counter() - t0,
-    }
+    out = {"clean": res.clean_accuracy, "acc": res.adversarial_accuracy, "sensitivity": res.sensitivity}
+    out.update(n_eval=res.n_clean, n_attacked=res.n_attacked, **sizes(model))
+    return {**out, "eval_seconds": time.perf_counter() - t0}
 
 
 def eligible_layers(model: nn.Module, args: argparse.Namespace) -> list[str]:
@@ -385,7 +313,7 @@ def eligible_layers(model: nn.Module, args: argparse.Namespace) -> list[str]:
     cands = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n]
     first = next((n for n, m in cands if isinstance(m, nn.Conv2d)), None)
     head = cands[-1][0] if cands else None
-    return [n for n, m in cands if n not in (first, head) and break_even_rank(m, args.r_max) >= 2]
+    return [n for n, m in cands if n not in (first, head) and lib.break_even_rank(m, args.r_max) >= 2]
 
 
 def kappa_stats(kappas: dict[str, float]) -> dict[str, Any]:
@@ -399,17 +327,15 @@ def kappa_stats(kappas: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def slim(history) -> list[dict[str, Any]]:
-    keep = ("epoch", "phase", "train_loss", "train_accuracy", "val_accuracy", "regularizer", "compression_rate")
-    keep += ("seconds", "budget")
-    return [{k: e.get(k) for k in keep} for e in history.to_dict()["epochs"]]
+HISTORY = ("epoch", "phase", "train_loss", "train_accuracy", "val_accuracy", "regularizer", "compression_rate")
+HISTORY += ("seconds", "budget")
 
 
 def probe(args: argparse.Namespace, data, dense: nn.Module) -> dict[str, float]:
     """Seconds per training step (dense, one DLRT cycle of s* steps, FGSM) and per attacked image,
     timed on the first batches of this seed's data with an untrained copy of the model."""
     dev = torch.device(args.device)
-    set_epoch(data.train_loader, 0)
+    lib.set_epoch(data.train_loader, 0)
     batches = []
     for x, y in data.train_loader:
         batches.append((x, y))
@@ -420,7 +346,7 @@ def probe(args: argparse.Namespace, data, dense: nn.Module) -> dict[str, float]:
 
     def timed(model: nn.Module, cfg, n: int) -> float:
         t = time.perf_counter()
-        Trainer(model, batches[:n], cfg, device=dev, name="probe", set_epoch=no_epoch).fit()
+        lib.Trainer(model, batches[:n], cfg, device=dev, name="probe", set_epoch=no_epoch).fit()
         _sync(dev)
         return (time.perf_counter() - t) / n
 
@@ -428,7 +354,7 @@ def probe(args: argparse.Namespace, data, dense: nn.Module) -> dict[str, float]:
     timed(model, dense_section(args).model_copy(update={"epochs": 1}), 1)  # warm-up
     out["dense_step"] = timed(model, dense_section(args).model_copy(update={"epochs": 1}), min(4, len(batches)))
     rec = arm_recipe(args, 0, {"train": {"beta": 0.075}})
-    factorize_(model, rec.factorize, seed=0)
+    lib.factorize_(model, rec.factorize, seed=0)
     out["dlrt_step"] = timed(model, rec.train.model_copy(update={"epochs": 1}), len(batches))
     adv = rec.train.model_copy(
         update={"epochs": 1, "adversarial": rec.train.adversarial.model_copy(update={"attack": "fgsm"})}
@@ -438,7 +364,15 @@ def probe(args: argparse.Namespace, data, dense: nn.Module) -> dict[str, float]:
     x, y = next(iter(data.val_loader))
     for key, net in (("attack_image", model), ("attack_image_dense", dense)):
         t = time.perf_counter()
-        evaluate(net, [(x[:n], y[:n])], attack_suite(args), eps_unit=args.eps_unit, std=data.std, device=dev)
+        lib.evaluate(
+            net,
+            [(x[:n], y[:n])],
+            attacks=attack_suite(args),
+            max_samples=None,
+            eps_unit=args.eps_unit,
+            std=data.std,
+            device=dev,
+        )
         out[key] = (time.perf_counter() - t) / n
     return out
 
@@ -448,7 +382,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def predict(args: argparse.Namespace, state: State, data, t: dict[str, float]) -> dict[tuple[int, str], float]:
+def predict(args: argparse.Namespace, state: EntryStore, data, t: dict[str, float]) -> dict[tuple[int, str], float]:
     """Seconds each entry still to do should take at the probed pace, by (seed, arm key)."""
     batches = len(data.train_loader)
     attacked = min(args.attack_samples or data.n_val, data.n_val)
@@ -472,13 +406,15 @@ class EstimateOnly(Exception):
     """--estimate-only: the estimate is printed, nothing else is run or written."""
 
 
-def run_seed(args: argparse.Namespace, seed: int, state: State, clock: dict[str, Any]) -> None:
+def run_seed(args: argparse.Namespace, seed: int, state: EntryStore, clock: dict[str, Any]) -> None:
     todo = [a for a in arms(args) if state.get(seed, a["key"]) is None]
     if not todo and state.get(seed, "dense"):
         return
     dev = torch.device(args.device)
     torch.manual_seed(seed)
-    data = build_data(Recipe.model_validate({"data": data_section(args)}).data, input_size=args.input_size, seed=seed)
+    data = lib.build_data(
+        lib.recipe_from_dict({"data": data_section(args)}).data, input_size=args.input_size, seed=seed
+    )
     dense = build_vgg(args, data.num_classes, data.mean, data.std).to(dev)
     if not clock["estimated"]:
         clock["estimated"] = True
@@ -496,33 +432,11 @@ def run_seed(args: argparse.Namespace, seed: int, state: State, clock: dict[str,
         clock["probe"], clock["estimate_seconds"] = t, secs
         if args.estimate_only:
             raise EstimateOnly
-    weights = state.weights(seed)
-    history = None
-    train_s = None
     t_dense = time.perf_counter()
-    if weights is not None and weights.is_file():
-        dense.load_state_dict(torch.load(weights, map_location=dev, weights_only=True))
-        log.info("seed %d: dense weights restored from %s", seed, weights)
-    else:
-        log.info("seed %d: dense, %d epoch(s) of %d batches", seed, args.dense_epochs, len(data.train_loader))
-        t0 = time.perf_counter()
-        torch.manual_seed(seed + 1)
-        trainer = Trainer(
-            dense,
-            data.train_loader,
-            dense_section(args),
-            val_loader=data.val_loader,
-            device=dev,
-            seed=seed,
-            name="dense",
-            set_epoch=set_epoch,
-        )
-        history = trainer.fit() if args.dense_epochs else None
-        train_s = time.perf_counter() - t0
-        if weights is not None:
-            weights.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(weights) as tmp:
-                torch.save(dense.state_dict(), tmp)
+    history, train_s = dense_weights(
+        dense, data.train_loader, dense_section(args), seed=seed, cache=state.weights(seed), device=dev,
+        val_loader=data.val_loader, name="dense",
+    )  # fmt: skip
     dense.eval()
     if not state.get(seed, "dense"):
         m = measure(dense, data.val_loader, args, seed, data.std)
@@ -534,7 +448,7 @@ def run_seed(args: argparse.Namespace, seed: int, state: State, clock: dict[str,
             )
         with torch.no_grad():
             modules = dict(dense.named_modules())
-            spectra = {n: layer_spectrum(modules[n]) for n in eligible_layers(dense, args)}
+            spectra = {n: lib.layer_spectrum(modules[n]) for n in eligible_layers(dense, args)}
         kappas = {n: s[0] / s[-1] if s[-1] > 0 else math.inf for n, s in spectra.items()}
         state.add(
             {
@@ -545,7 +459,7 @@ def run_seed(args: argparse.Namespace, seed: int, state: State, clock: dict[str,
                 **kappa_stats(kappas),
                 "n_train": data.n_train,
                 "train_seconds": train_s,
-                "history": slim(history) if history else [],
+                "history": slim(history, *HISTORY) if history else [],
             }
         )
         done(clock, (seed, "dense"), t_dense, state)
@@ -556,16 +470,17 @@ def run_seed(args: argparse.Namespace, seed: int, state: State, clock: dict[str,
         model = copy.deepcopy(dense)
         model.train()
         log.info("seed %d: %s, factorize + %d epoch(s)", seed, arm["label"], args.epochs)
-        fact, history, secs = factorize_and_train(model, data.train_loader, rec, device=dev, set_epoch=set_epoch)
+        fact, history, secs = lib.factorize_and_train(
+            model, data.train_loader, rec, device=dev, set_epoch=lib.set_epoch
+        )
         model.eval()
         m = measure(model, data.val_loader, args, seed, data.std)
         modules = dict(dense.named_modules())
         with torch.no_grad():
             for d in fact.factorized:
                 if d.name not in spectra_cache:
-                    spectra_cache[d.name] = layer_spectrum(modules[d.name])
-        cert = certificate(model, fact, spectra_cache, {}, {})
-        layers = low_rank_layers(model)
+                    spectra_cache[d.name] = lib.layer_spectrum(modules[d.name])
+        cert = lib.certificate(model, fact, spectra_cache, {}, {})
         state.add(
             {
                 "seed": seed,
@@ -573,14 +488,14 @@ def run_seed(args: argparse.Namespace, seed: int, state: State, clock: dict[str,
                 "label": arm["label"],
                 "train_config": arm["train"],
                 **m,
-                **kappa_stats({n: layer.condition_number() for n, layer in layers.items()}),
+                **kappa_stats({n: layer.condition_number() for n, layer in lib.low_rank_layers(model).items()}),
                 "dense_log_prod_kappa": cert["dense_log_prod_kappa"],
                 "certificate_layers": cert["layers"],
-                "ranks": {n: list(layer.ranks) for n, layer in layers.items()},
+                "ranks": ranks(model),
                 "train_seconds": secs["train"],
                 "factorize_seconds": secs["factorize"],
                 "nonfinite_steps": history.nonfinite_steps,
-                "history": slim(history),
+                "history": slim(history, *HISTORY),
                 "kappa_trace": history.kappa_trace,
             }
         )
@@ -588,7 +503,7 @@ def run_seed(args: argparse.Namespace, seed: int, state: State, clock: dict[str,
         del model
 
 
-def done(clock: dict[str, Any], key: tuple[int, str], t0: float, state: State) -> None:
+def done(clock: dict[str, Any], key: tuple[int, str], t0: float, state: EntryStore) -> None:
     """Log the entry and how long the rest should take: the probe's prediction for the entries
     left, scaled by how the finished ones compared with theirs."""
     secs = time.perf_counter() - t0
@@ -618,19 +533,6 @@ def sens(e: dict[str, Any], attack: str = "l2_fgsm", eps: float = MID) -> float 
 
 def fmt_kappa(k: float | None) -> str:
     return "—" if k is None else f"{k:.3g}"
-
-
-def mean_std(vals: list[float | None], digits: int = 1, scale: float = 1.0, g: bool = False) -> str:
-    vals = [scale * v for v in vals if v is not None]
-    if not vals:
-        return "—"
-    f = (lambda v: f"{v:.3g}") if g else (lambda v: f"{v:.{digits}f}")
-    return f(statistics.fmean(vals)) + (f" ± {f(statistics.stdev(vals))}" if len(vals) > 1 else "")
-
-
-def mean(vals: list[float | None]) -> float | None:
-    vals = [v for v in vals if v is not None]
-    return statistics.fmean(vals) if vals else None
 
 
 def groups(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -684,7 +586,7 @@ def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]
         ok = all(e["clean"] >= args.dense_target for e in dense["entries"])
         lines.append(
             f"- Dense reached {mean_std([e['clean'] for e in dense['entries']], scale=100)} % held-out clean "
-            f"accuracy (well trained = ≥ {100 * args.dense_target:g} % for every seed: **{'met' if ok else 'not met'}**"
+            f"accuracy (well trained = ≥ {100 * args.dense_target:g} % for every seed: {met(ok)}"
             + ("" if ok else "; the regime's premise does not hold, read the rest with care")
             + ")."
         )
@@ -751,7 +653,7 @@ def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]
     lines.append(
         f"- Target (the best conditioned arm's ℓ2-FGSM accuracy at ε={MID:g} ≥ DLRT's + {args.target_gain:g} "
         f"points and ≥ dense's − {args.target_slack:g}, at c.r. ≥ {args.target_cr:g} % and clean ≥ dense − "
-        f"{args.target_slack:g}; differences paired by seed): **{'met' if ok else 'not met'}** — {text}."
+        f"{args.target_slack:g}; differences paired by seed): {met(ok)} — {text}."
         + ("" if ok else " No conditioned arm meets all four.")
     )
     xs, ys = [], []
@@ -777,7 +679,7 @@ def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]
 
 
 def render(args: argparse.Namespace, doc: dict[str, Any], plot: str | None = None) -> str:
-    table = groups(args, doc["entries"])
+    arms_ = groups(args, doc["entries"])
     cols = [(a["name"], e) for a in ATTACKS for e in a["eps"]]
     head = []
     for i, (name, e) in enumerate(cols):
@@ -800,10 +702,9 @@ def render(args: argparse.Namespace, doc: dict[str, Any], plot: str | None = Non
         "factorized layers at the end (dense: the same layers' weights); log ∏κ = the certificate of eq. (2); "
         f"sens. = the measured relative sensitivity of eq. (1) under ℓ2-FGSM ε={MID:g}.",
         "",
-        "| arm | c.r. % | clean | " + " | ".join(head) + " | κ median | κ max | log ∏κ | sens. | train s |",
-        "|---|" + "---:|" * (len(cols) + 7),
     ]
-    for g in table:
+    rows = []
+    for g in arms_:
         es = g["entries"]
         cells = [
             g["label"],
@@ -813,9 +714,10 @@ def render(args: argparse.Namespace, doc: dict[str, Any], plot: str | None = Non
         cells += [mean_std([acc(e, n, x) for e in es], scale=100) for n, x in cols]
         cells += [mean_std([e["kappa_median"] for e in es], g=True), mean_std([e["kappa_top"] for e in es], g=True)]
         cells += [mean_std([e["log_prod_kappa"] for e in es]), mean_std([sens(e) for e in es], 2)]
-        cells += [mean_std([e.get("train_seconds") for e in es], 0)]
-        out.append("| " + " | ".join(cells) + " |")
-    out += ["", "Verdict:", ""] + verdicts(args, table)
+        rows.append(cells + [mean_std([e.get("train_seconds") for e in es], 0)])
+    head = ["arm", "c.r. %", "clean", *head, "κ median", "κ max", "log ∏κ", "sens.", "train s"]
+    out += table(head, "l" + "r" * (len(head) - 1), rows)
+    out += ["", "Verdict:", ""] + verdicts(args, arms_)
     if plot:
         out += ["", f"![κ over training: median and max over the factorized layers, per arm and seed]({plot})"]
     return "\n".join(out)
@@ -824,9 +726,6 @@ def render(args: argparse.Namespace, doc: dict[str, Any], plot: str | None = Non
 def kappa_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: Path) -> bool:
     """One panel per arm: median (solid) and max (dashed) κ over the factorized layers after each
     truncation, one colour per seed, log scale, shared axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     panels = [
         g for g in groups(args, entries) if g["key"] != "dense" and any(e.get("kappa_trace") for e in g["entries"])
     ]
@@ -834,40 +733,35 @@ def kappa_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: Pa
         return False
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(3.4 * cols, 2.8 * rows + 0.5))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
-    for ax in axes.flat[len(panels) :]:
-        ax.set_visible(False)
-    for ax, g in zip(axes.flat, panels):
-        for e in g["entries"]:
-            trace = e.get("kappa_trace") or []
-            steps, med, top = [], [], []
-            for t in trace:
-                ks = [k for k in t["kappa"].values() if k is not None and math.isfinite(k)]
-                if ks:
-                    steps.append(t["step"])
-                    med.append(statistics.median(ks))
-                    top.append(max(ks))
-            color = f"C{args.seeds.index(e['seed']) % 10}"
-            mark = "o" if len(steps) < 20 else None
-            ax.plot(steps, med, color=color, lw=1.2, marker=mark, ms=3, label=f"seed {e['seed']} median")
-            ax.plot(steps, top, color=color, lw=1.0, ls="--", marker=mark, ms=3, label=f"seed {e['seed']} max")
-        cap = next((e.get("train_config", {}).get("kappa_max") for e in g["entries"]), None)
-        if cap:
-            ax.axhline(cap, color="0.5", ls=":", lw=1.0)  # the clamp's bound, held after each step
-        ax.set_yscale("log")
-        ax.set_title(g["label"], fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-    for ax in axes[-1]:
-        ax.set_xlabel("training step")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("κ(S)")
-    axes.flat[0].legend(fontsize=6)
-    fig.suptitle(f"κ of the cores over fine-tuning: {args.vgg} ×{args.width:g} on {args.data}", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    with figure(path, (3.4 * cols, 2.8 * rows + 0.5), 110) as fig:
+        axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+        for ax in axes.flat[len(panels) :]:
+            ax.set_visible(False)
+        for ax, g in zip(axes.flat, panels):
+            for e in g["entries"]:
+                steps, med, top = [], [], []
+                for t in e.get("kappa_trace") or []:
+                    ks = [k for k in t["kappa"].values() if k is not None and math.isfinite(k)]
+                    if ks:
+                        steps.append(t["step"])
+                        med.append(statistics.median(ks))
+                        top.append(max(ks))
+                color = f"C{args.seeds.index(e['seed']) % 10}"
+                mark = "o" if len(steps) < 20 else None
+                ax.plot(steps, med, color=color, lw=1.2, marker=mark, ms=3, label=f"seed {e['seed']} median")
+                ax.plot(steps, top, color=color, lw=1.0, ls="--", marker=mark, ms=3, label=f"seed {e['seed']} max")
+            cap = next((e.get("train_config", {}).get("kappa_max") for e in g["entries"]), None)
+            if cap:
+                ax.axhline(cap, color="0.5", ls=":", lw=1.0)  # the clamp's bound, held after each step
+            ax.set_yscale("log")
+            ax.set_title(g["label"], fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+        for ax in axes[-1]:
+            ax.set_xlabel("training step")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("κ(S)")
+        axes.flat[0].legend(fontsize=6)
+        fig.suptitle(f"κ of the cores over fine-tuning: {args.vgg} ×{args.width:g} on {args.data}", fontsize=10)
     return True
 
 
@@ -875,16 +769,12 @@ def kappa_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    enable_huge_pages()
+    lib.enable_huge_pages()
     args = parse_args(argv)
-    start_run(args, "bench_regime", cpu=args.device_type == "cpu")
-    start = time.perf_counter()
+    run = Run(__file__, args, argv, cpu=args.device_type == "cpu")
     try:
-        state = State(args)
-        left = sum(
-            (state.get(s, "dense") is None) + sum(state.get(s, a["key"]) is None for a in arms(args))
-            for s in args.seeds
-        )
+        state = EntryStore.of(args, _FINGERPRINT, keys=("seed", "arm"))
+        left = len(state.missing(*((s, a) for s in args.seeds for a in ["dense"] + [x["key"] for x in arms(args)])))
         log.info(
             "work: %d seed(s) × (dense %d epoch(s) + %d arm(s) × %d epoch(s)) on %s ×%g; %d entries to do",
             *(len(args.seeds), args.dense_epochs, len(arms(args)), args.epochs, args.vgg, args.width, left),
@@ -892,55 +782,38 @@ def main(argv: list[str] | None = None) -> int:
         clock: dict[str, Any] = {"estimated": False, "predicted": {}, "spent": 0.0, "spent_predicted": 0.0}
         for seed in [] if args.report_only else args.seeds:
             run_seed(args, seed, state, clock)
-    except CompressorError as err:
+    except lib.CompressorError as err:
         print(f"bench_regime.py: error: {err}", file=sys.stderr)
         return 2
     except EstimateOnly:
         return 0
     entries = [e for e in state.entries if e["seed"] in args.seeds]
-    doc: dict[str, Any] = {
-        "what": "the regime experiment: DLRT vs dense and vs conditioned arms at equal compression, "
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device_type == "cuda" else None
+    record = run.record(estimated_seconds=clock.get("estimate_seconds"), probe=clock.get("probe"))
+    doc = run.document(
+        "the regime experiment: DLRT vs dense and vs conditioned arms at equal compression, "
         "fine-tuning well-trained weights",
-        "run": {
-            "argv": sys.argv[1:] if argv is None else argv,
-            "wall_seconds": time.perf_counter() - start,
-            "estimated_seconds": clock.get("estimate_seconds"),
-            "probe": clock.get("probe"),
-            "torch_threads": torch.get_num_threads(),
-            "cores": os.cpu_count(),
-            "device": args.device,
-            "gpu": torch.cuda.get_device_name(torch.device(args.device)) if args.device_type == "cuda" else None,
-        },
-        "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "attacks": ATTACKS},
-        "arms": arms(args),
-        "n_train": next((e["n_train"] for e in entries if "n_train" in e), args.train_subset),
-        "n_eval": next((e["n_eval"] for e in entries), args.val_subset),
-        "n_attacked": next((e["n_attacked"] for e in entries), args.attack_samples),
-        "entries": entries,
-    }
+        entries,
+        run=record | {"device": args.device, "gpu": gpu},
+        settings={**{k: v for k, v in vars(args).items() if k != "out"}, "attacks": ATTACKS},
+        arms=arms(args),
+    )
     png = args.out.with_name(args.out.stem + "_kappa.png")
     doc["kappa_plot"] = str(png) if kappa_plot(args, entries, png) else None
     doc["markdown"] = md = render(args, doc, doc["kappa_plot"])
-    table = groups(args, entries)
-    doc["verdicts"] = verdicts(args, table)
-    write_text(args.out, dumps(doc))
-    print(md)
-    page = args.benchmarks_md or (None if args.preset == "smoke" else benchmarks_md.DEFAULT_PATH)
-    shown = benchmarks_md.publish_figure(doc["kappa_plot"], page)
-    benchmarks_md.update_section(
+    doc["verdicts"] = verdicts(args, groups(args, entries))
+    run.publish(
         "regime",
-        render(args, doc, shown),
-        script="bench_regime.py",
-        argv=list(sys.argv[1:] if argv is None else argv),
-        path=page,
+        doc,
+        md,
+        body=render(args, doc, run.figure(doc["kappa_plot"])),
         measured="clean and attacked accuracy (ℓ2-FGSM, Jitter, Mixup, PGD), c.r., κ and the log ∏κ certificate "
         "beside the measured sensitivity of DLRT, RobustDLRT (β grid), κ clamp, nuclear norm and FGSM "
         "fine-tuning from the same well-trained dense weights at one parameter budget, mean ± std over seeds.",
     )
-    missing = sum(state.get(s, a["key"]) is None for s in args.seeds for a in arms(args))
-    if args.preset == "smoke" and (missing or not doc["kappa_plot"]):
+    missing = state.missing(*((s, a["key"]) for s in args.seeds for a in arms(args)))
+    if args.smoke and (missing or not doc["kappa_plot"]):
         raise SystemExit("smoke check failed: an entry or the κ plot is missing")
-    print(f"\nwrote {args.out}" + (f", {png}" if doc["kappa_plot"] else ""), file=sys.stderr)
     return 0
 
 

@@ -19,31 +19,21 @@ bench/results/truncation.json (``--smoke``: truncation-smoke.json) and its BENCH
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-import benchmarks_md  # noqa: E402
-from bench_dlrt import build_model, digits_batches  # noqa: E402
-
-from compressor.atomic import write_text  # noqa: E402
-from compressor.cli import enable_huge_pages  # noqa: E402
-from compressor.recipe import TrainSection  # noqa: E402
-from compressor.train import Trainer  # noqa: E402
-from compressor.train.common import guarded_step  # noqa: E402
+from bench_dlrt import build_model, digits_batches
+from harness import lib
+from harness.report import table
+from harness.run import Run, add_run_options, check_run_options, parser
 
 
-def _orthonormality_error(trainer: Trainer) -> float:
+def _orthonormality_error(trainer: lib.Trainer) -> float:
     worst = 0.0
     for layer in trainer.layers.values():
         for basis in layer.bases():
@@ -55,7 +45,7 @@ def _orthonormality_error(trainer: Trainer) -> float:
 def measure_model(name: str, args) -> dict:
     model = build_model("lowrank_reference_ranks" if name == "reference_ranks" else "lowrank", args)[0]
     batches = digits_batches(args.s_star, args.batch_size, size=args.size)
-    cfg = TrainSection(
+    cfg = lib.TrainSection(
         epochs=1,
         optimizer="adamw",
         lr=5e-4,
@@ -66,13 +56,13 @@ def measure_model(name: str, args) -> dict:
         amp="off",
         checkpoint_every=0,
     )
-    trainer = Trainer(model, batches, cfg, set_epoch=lambda loader, epoch: None)
+    trainer = lib.Trainer(model, batches, cfg, set_epoch=lambda loader, epoch: None)
     model.train()
     for i, (x, y) in enumerate(batches):  # one cycle up to its truncation
         if i == 0:
             trainer._set_bases_trainable(True)
         loss, _, _ = trainer._forward_backward(x, y)
-        guarded_step(trainer.params, trainer.optimizer, cfg.grad_clip, loss)
+        lib.guarded_step(trainer.params, trainer.optimizer, cfg.grad_clip, loss)
         if i == 0:
             trainer._augment()
             trainer._set_bases_trainable(False)
@@ -103,30 +93,31 @@ def measure_model(name: str, args) -> dict:
 
 
 def markdown(res: dict, args) -> str:
+    head = ["model", "layers", "refactored, median", "rotated, median", "rotated / refactored"]
+    head += ["trainer's mean per truncation (7 rotated + 1 refactored) / refactored"]
+    head += ["‖UᵀU − I‖ after refactored / rotated", "same ranks"]
+    cells = []
+    for name, r in res["models"].items():
+        e, med = r["orthonormality_error"], r["median"]
+        cells.append(
+            [name, r["layers"], f"{med['refactored'] * 1e3:.0f} ms", f"{med['rotated'] * 1e3:.0f} ms"]
+            + [f"{r['rotated_over_refactored']:.2f}", f"{r['run_mean_over_refactored']:.2f}"]
+            + [f"{e['refactored']:.1e} / {e['rotated']:.1e}", r["same_ranks"]]
+        )
     lines = [
         f"Truncation (every layer's truncate_ + the optimizer state's map) of torchvision {args.model} at "
         f"{args.size}×{args.size}, after one cycle (s* = {args.s_star}, τ = {args.tau}), {args.repeats} "
         "repeats of each form, alternating, on copies of the same state.",
         "",
-        "| model | layers | refactored, median | rotated, median | rotated / refactored | trainer's mean per "
-        "truncation (7 rotated + 1 refactored) / refactored | ‖UᵀU − I‖ after refactored / rotated | same ranks |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        *table(head, "lrrrrrrl", cells),
+        "",
+        f"Load average before / after: {res['load_before']} / {res['load_after']} on {os.cpu_count()} cores.",
     ]
-    for name, r in res["models"].items():
-        e = r["orthonormality_error"]
-        lines.append(
-            f"| {name} | {r['layers']} | {r['median']['refactored'] * 1e3:.0f} ms | "
-            f"{r['median']['rotated'] * 1e3:.0f} ms | {r['rotated_over_refactored']:.2f} | "
-            f"{r['run_mean_over_refactored']:.2f} | {e['refactored']:.1e} / {e['rotated']:.1e} | "
-            f"{r['same_ranks']} |"
-        )
-    lines += ["", f"Load average before / after: {res['load_before']} / {res['load_after']} on {os.cpu_count()} cores."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="ResNet-18, ranks ≤ 16, 2 repeats (seconds; CI)")
+    ap = parser(__doc__, raw=True)
     ap.add_argument("--model", default="vgg16")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--init-rank", type=int, default=150)
@@ -134,20 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--s-star", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None)
-    ap.add_argument(
-        "--benchmarks-md",
-        type=Path,
-        default=None,
-        help="page whose 'truncation' section the table replaces (default: BENCHMARKS.md; --smoke: none)",
-    )
+    add_run_options(ap, "truncation", smoke="ResNet-18, ranks ≤ 16, 2 repeats (seconds; CI)", threads=2)
     args = ap.parse_args(argv)
+    check_run_options(ap, args, "truncation")
     args.size = 32
     if args.smoke:
         args.model, args.batch_size, args.init_rank, args.r_max, args.s_star, args.repeats = "resnet18", 8, 8, 16, 3, 2
-    torch.set_num_threads(args.threads)
-    enable_huge_pages()
+    run = Run(__file__, args, argv)
+    lib.enable_huge_pages()
     load_before = [round(x, 2) for x in os.getloadavg()]
     models = {name: measure_model(name, args) for name in ("ours", "reference_ranks")}
     res = {
@@ -157,22 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
     }
-    out = (
-        Path(args.out)
-        if args.out
-        else ROOT / "bench" / "results" / ("truncation-smoke.json" if args.smoke else "truncation.json")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, json.dumps(res, indent=2, default=str) + "\n")
     text = markdown(res, args)
-    print(text)
-    md = args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH)
-    benchmarks_md.update_section(
+    run.publish(
         "truncation",
+        res,
         text,
-        script="bench_truncation.py",
-        argv=list(sys.argv[1:] if argv is None else argv),
-        path=md,
         measured="seconds of one DLRT truncation with the tall bases re-factored (Cholesky QR of U·P) and without "
         "(U·P, P orthonormal to float64 round-off), alternating on copies of one training state; "
         "orthonormality of the bases after each.",
@@ -181,4 +155,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

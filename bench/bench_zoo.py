@@ -35,37 +35,21 @@ import copy
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import benchmarks_md
 import torch
-from common import add_run_options, check_run_options, start_run
-from entries import EntryStore
-
-from compressor.atomic import write_text
-from compressor.cli import enable_huge_pages
-from compressor.data import build_data, set_epoch
-from compressor.errors import CompressorError
-from compressor.evaluate import evaluate
-from compressor.export import export_onnx, onnx_latencies, parity_check
-from compressor.layers import low_rank_layers
-from compressor.models import create_model
-from compressor.recipe import Recipe, recipe_from_dict
-from compressor.runtime import compression_stats, count_macs, dumps, macs_by_layer
-from compressor.stages import factorize_and_train
-from compressor.train import Trainer
-from compressor.train.batchnorm import reestimate_batchnorm_
+from harness import lib
+from harness.entries import EntryStore
+from harness.measure import EPS_L2 as EPS
+from harness.measure import dense_weights, latency_vs_dense, parity, ranks, robustness, sizes
+from harness.report import met, table
+from harness.run import Run, add_run_options, at_least, check_run_options, parser, recipe
 
 log = logging.getLogger("bench_zoo")
-RESULTS = Path(__file__).resolve().parent / "results"
-EPS = [0.05, 0.1, 0.3]  # ℓ2-FGSM, pixel units
-PGD_EPS = 8 / 255
 
 # model → (input size, dense learning rate, family). CNNs at 32 px; the ViT at 64 px, a 4×4 grid
 # of its 16-pixel patches. VGG16 has no batch norm and diverges at Adam 1e-3 from random init.
@@ -86,10 +70,7 @@ _FINGERPRINT += ("beta", "macs", "attack_samples", "pgd_steps", "latency_repeats
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    ap.add_argument("--smoke", action="store_true", help="< 2 min: timm test models on digits, tiny sizes (CI)")
+    ap = parser(__doc__)
     ap.add_argument("--models", nargs="+", default=None, help=f"subset of {', '.join(ZOO)}")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: the Debian package's files)")
@@ -105,9 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pgd-steps", type=int, default=10)
     ap.add_argument("--latency-repeats", type=int, default=20)
     ap.add_argument("--latency-threads", type=int, default=1, help="onnxruntime intra-op threads")
-    add_run_options(ap, "zoo")
+    add_run_options(ap, "zoo", smoke="< 2 min: timm test models on digits, tiny sizes (CI)", resumable=True)
     args = ap.parse_args(argv)
-    check_run_options(ap, args)
+    check_run_options(ap, args, "zoo")
     table = SMOKE if args.smoke else ZOO
     if args.smoke:
         args.data, args.train_subset, args.val_subset, args.batch_size = "digits", 128, 64, 32
@@ -117,38 +98,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(table)}")
     args.zoo = {m: table[m] for m in args.models}
-    for key in ("train_subset", "val_subset", "batch_size", "epochs", "attack_samples", "latency_repeats"):
-        if getattr(args, key) < 1:
-            ap.error(f"--{key.replace('_', '-')} must be at least 1")
+    at_least(ap, args, 1, "train_subset", "val_subset", "batch_size", "epochs", "attack_samples", "latency_repeats")
     if args.dense_epochs < 0 or args.seed < 0 or args.pgd_steps < 1:
         ap.error("--dense-epochs and --seed must not be negative, --pgd-steps at least 1")
     if not 0.0 < args.macs <= 1.0:
         ap.error(f"--macs {args.macs:g} is not a fraction in (0, 1]")
-    args.out = Path(args.out or RESULTS / f"zoo{'-smoke' if args.smoke else ''}.json")
     return args
 
 
-def recipe_for(args: argparse.Namespace, model: str, arm: str) -> Recipe:
+def recipe_for(args: argparse.Namespace, model: str, arm: str) -> lib.Recipe:
     size, dense_lr, _ = args.zoo[model]
     train: dict[str, Any] = {"epochs": args.epochs, "beta": 0.0 if arm == "dlrt" else args.beta}
     if arm == "budget":
         train["target"] = {"macs": args.macs, "ramp": 0.5}
-    return recipe_from_dict(
-        {
-            "seed": args.seed,
-            "model": {"name": model, "input_size": size},
-            "data": {
-                "name": args.data,
-                "root": args.data_root,
-                "train_subset": args.train_subset,
-                "val_subset": args.val_subset,
-                "batch_size": args.batch_size,
-            },
-            "baseline": {"epochs": args.dense_epochs, "optimizer": "adam", "lr": dense_lr, "checkpoint_every": 0},
-            "factorize": {"init": "activations", "init_rank": 150, "r_min": 2, "r_max": 200},
-            "train": {**train, "device": "cpu", "checkpoint_every": 0},
-        },
-        source="bench_zoo",
+    factorize = {"init": "activations", "init_rank": 150, "r_min": 2, "r_max": 200}
+    model_ = {"name": model, "input_size": size}
+    return recipe(
+        args, args.seed, source="bench_zoo", model=model_, baseline={"lr": dense_lr}, factorize=factorize, train=train
     )
 
 
@@ -157,10 +123,10 @@ def recipe_for(args: argparse.Namespace, model: str, arm: str) -> Recipe:
 
 def where_it_stays(model: torch.nn.Module, fact, size: int, top: int = 3) -> dict[str, Any]:
     """The layers holding most of the compressed model's parameters and MACs, and why layers stayed dense."""
-    macs = macs_by_layer(model, size)
+    macs = lib.macs_by_layer(model, size)
     total_macs = sum(macs.values()) or 1
     params = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules()}
-    for name, layer in low_rank_layers(model).items():
+    for name, layer in lib.low_rank_layers(model).items():
         params[name] = layer.num_parameters()
     total_params = sum(p.numel() for p in model.parameters())
     dense_reasons: dict[str, list[int]] = {}
@@ -172,82 +138,48 @@ def where_it_stays(model: torch.nn.Module, fact, size: int, top: int = 3) -> dic
         "macs_top": [(n, v / total_macs) for n, v in sorted(macs.items(), key=lambda kv: -kv[1])[:top]],
         "params_top": [(n, v / total_params) for n, v in sorted(params.items(), key=lambda kv: -kv[1])[:top]],
         "dense_reasons": {r: {"layers": n, "params": p} for r, (n, p) in dense_reasons.items()},
-        "factorized_layers": len(low_rank_layers(model)),
+        "factorized_layers": len(lib.low_rank_layers(model)),
     }
 
 
 def measure(model, data, args, size: int, onnx: dict[str, Path], fact=None) -> dict[str, Any]:
-    attacks = [
-        {"name": "l2_fgsm", "eps": EPS},
-        {"name": "pgd", "eps": [PGD_EPS], "options": {"steps": args.pgd_steps}},
-    ]
-    res = evaluate(model, data.val_loader, attacks, max_samples=args.attack_samples, seed=args.seed, device="cpu")
-    stats = compression_stats(model)
-    out: dict[str, Any] = {
-        "clean": res.clean_accuracy,
-        "l2_fgsm": res.adversarial_accuracy["l2_fgsm"],
-        "pgd": next(iter(res.adversarial_accuracy["pgd"].values())),
-        "n_eval": res.n_clean,
-        "n_attacked": res.n_attacked,
-        "params": stats.params,
-        "params_dense": stats.params_dense,
-        "compression_rate": stats.rate,  # %
-        "macs": count_macs(model, size),
-        "macs_dense": count_macs(model, size, dense_equivalent=True),
-    }
-    kappas = [layer.condition_number() for layer in low_rank_layers(model).values()]
+    out = robustness(model, data.val_loader, samples=args.attack_samples, seed=args.seed, pgd_steps=args.pgd_steps)
+    out.update((k, v) for k, v in sizes(model, size).items() if not k.endswith("_fraction"))
+    kappas = [layer.condition_number() for layer in lib.low_rank_layers(model).values()]
     kappas = [k for k in kappas if math.isfinite(k)]
     out["kappa_median"] = statistics.median(kappas) if kappas else None
     out["kappa_max"] = max(kappas) if kappas else None
     path = onnx["compressed"] if fact is not None else onnx["dense"]
-    export_onnx(model, path, input_size=size)
-    parity = parity_check(path, model, input_size=size, batches=(1, 8))
-    out["parity_rel"] = max(b["rel_diff"] for b in parity["batches"].values())
-    out["parity_passed"] = bool(parity["passed"])
+    out.update(parity(model, path, size))
     if fact is not None:
-        lat = onnx_latencies(
-            onnx, input_size=size, threads=args.latency_threads, repeats=args.latency_repeats, warmup=2, seed=args.seed
-        )
-        out["latency_ms"] = {m: {str(b): s["median_ms"] for b, s in lat[m].items()} for m in lat}
-        dense_ms = out["latency_ms"]["dense"]
-        out["speedup"] = {b: dense_ms[b] / ms for b, ms in out["latency_ms"]["compressed"].items()}
-        out["where"] = where_it_stays(model, fact, size)
+        lat = latency_vs_dense(onnx, size, threads=args.latency_threads, repeats=args.latency_repeats, seed=args.seed)
+        out.update(lat, where=where_it_stays(model, fact, size))
         path.unlink(missing_ok=True)
     return out
 
 
 def run_model(args: argparse.Namespace, name: str, state: EntryStore, work: Path) -> None:
     size, _, family = args.zoo[name]
-    todo = [a for a in ARMS if state.get(name, a) is None]
-    if not todo:
+    if not state.missing(*((name, a) for a in ARMS)):
         return
     rec = recipe_for(args, name, "robustdlrt")
     torch.manual_seed(args.seed)
-    data = build_data(rec.data, input_size=size, seed=args.seed)
-    dense, _ = create_model(name, data.num_classes, in_chans=3, mean=data.mean, std=data.std, input_size=size)
+    data = lib.build_data(rec.data, input_size=size, seed=args.seed)
+    dense, _ = lib.create_model(name, data.num_classes, in_chans=3, mean=data.mean, std=data.std, input_size=size)
     slug = name.replace(":", "-")
-    weights = state.dir / f"dense-{slug}.pt" if state.dir else None
+    weights = state.weights(slug)
     onnx = {"dense": work / f"{slug}-dense.onnx", "compressed": work / f"{slug}-compressed.onnx"}
     timing = weights.with_suffix(".json") if weights is not None else None  # its training seconds
-    if weights is not None and weights.is_file():
-        dense.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        log.info("%s: dense weights restored from %s", name, weights)
+    _, secs = dense_weights(dense, data.train_loader, rec.baseline, seed=args.seed, cache=weights, name="dense")
+    if secs is None:
         secs = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
-    else:
-        log.info("%s: dense, %d epoch(s) of %d batches at %d px", name, args.dense_epochs, len(data.train_loader), size)
-        torch.manual_seed(args.seed + 1)
-        t0 = time.perf_counter()
-        trainer = Trainer(dense, data.train_loader, rec.baseline, seed=args.seed, name="dense", set_epoch=set_epoch)
-        if args.dense_epochs:
-            trainer.fit()
-        secs = time.perf_counter() - t0
-        if timing is not None:
-            write_text(timing, json.dumps({"seconds": secs}))
+    elif timing is not None:
+        lib.write_text(timing, json.dumps({"seconds": secs}))
     if state.get(name, "dense") is None:
         # the dense reference gets what every arm gets after training: BatchNorm statistics estimated
         # on the training data (brief training leaves e.g. MobileNetV3's momentum-0.01 ones far off)
-        set_epoch(data.train_loader, 0)
-        reestimate_batchnorm_(dense, data.train_loader, torch.device("cpu"), rec.train.bn_batches)
+        lib.set_epoch(data.train_loader, 0)
+        lib.reestimate_batchnorm_(dense, data.train_loader, torch.device("cpu"), rec.train.bn_batches)
         if weights is not None:
             torch.save(dense.state_dict(), weights)
         m = measure(dense, data, args, size, onnx)
@@ -256,18 +188,17 @@ def run_model(args: argparse.Namespace, name: str, state: EntryStore, work: Path
                        seconds_per_epoch=per_epoch))  # fmt: skip
         report(state)
     else:
-        export_onnx(dense, onnx["dense"], input_size=size, check=False)
+        lib.export_onnx(dense, onnx["dense"], input_size=size, check=False)
     for arm in ("dlrt", "robustdlrt", "budget"):
         if state.get(name, arm) is not None:
             continue
         model = copy.deepcopy(dense)
         log.info("%s: %s, factorize + %d epoch(s)", name, ARMS[arm], args.epochs)
-        fact, _, secs = factorize_and_train(
-            model, data.train_loader, recipe_for(args, name, arm), device=torch.device("cpu"), set_epoch=set_epoch
+        fact, _, secs = lib.factorize_and_train(
+            model, data.train_loader, recipe_for(args, name, arm), device=torch.device("cpu"), set_epoch=lib.set_epoch
         )
         m = measure(model, data, args, size, onnx, fact)
-        ranks = {n: list(layer.ranks) for n, layer in low_rank_layers(model).items()}
-        state.add(dict(model=name, arm=arm, family=family, input_size=size, **m, ranks=ranks,
+        state.add(dict(model=name, arm=arm, family=family, input_size=size, **m, ranks=ranks(model),
                        seconds_per_epoch=secs["train"] / args.epochs, factorize_seconds=secs["factorize"]))  # fmt: skip
         report(state)
         del model
@@ -359,10 +290,9 @@ def verdicts(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[tu
         out.append(
             (
                 name,
-                f"{cr:.1f} % vs ≥ {target:g} %: **{'met' if cr >= target else 'not met'}**",
-                f"{gap:+.1f} points: **{'met' if gap >= -1.0 else 'not met'}**",
-                f"{sp:.2f}× vs 0.8 × {mac_ratio:.2f} = {0.8 * mac_ratio:.2f}×: "
-                f"**{'met' if sp >= 0.8 * mac_ratio else 'not met'}**",
+                f"{cr:.1f} % vs ≥ {target:g} %: {met(cr >= target)}",
+                f"{gap:+.1f} points: {met(gap >= -1.0)}",
+                f"{sp:.2f}× vs 0.8 × {mac_ratio:.2f} = {0.8 * mac_ratio:.2f}×: {met(sp >= 0.8 * mac_ratio)}",
                 why(rob),
                 remedy(rob, cr < target, sp < 0.8 * mac_ratio) or "—",
             )
@@ -372,7 +302,6 @@ def verdicts(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[tu
 
 def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
     entries = doc["entries"]
-    eps_h = " | ".join(f"ℓ2-FGSM {x:g}" for x in EPS)
     out = [
         f"## The zoo: {len(args.models)} architectures on {args.data}",
         "",
@@ -385,10 +314,8 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
         f"({args.latency_threads} thread(s)), the compressed graph timed interleaved with the dense one, median "
         f"of {args.latency_repeats}. Parity: max |ONNX − PyTorch| / max |logit|. Accuracies in %.",
         "",
-        f"| model | px | arm | params | c.r. % | MACs (ratio) | clean | {eps_h} | PGD | κ med / max | parity "
-        "| ORT b1 | ORT b32 | s/epoch |",
-        "|---" * 16 + "|",
     ]
+    cells = []
     for name in args.models:
         for arm, label in ARMS.items():
             e = next((x for x in entries if x["model"] == name and x["arm"] == arm), None)
@@ -396,7 +323,7 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
                 continue
             ratio = e["macs_dense"] / e["macs"]
             sp = e.get("speedup")
-            cells = [
+            row = [
                 name if arm == "dense" else "",
                 str(e["input_size"]) if arm == "dense" else "",
                 label,
@@ -412,7 +339,9 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
                 "—" if sp is None else f"{sp['32']:.2f}×",
                 "—" if e["seconds_per_epoch"] is None else f"{e['seconds_per_epoch']:.3g}",
             ]
-            out.append("| " + " | ".join(cells) + " |")
+            cells.append(row)
+    head = ["model", "px", "arm", "params", "c.r. %", "MACs (ratio)", "clean", *(f"ℓ2-FGSM {x:g}" for x in EPS)]
+    out += table([*head, "PGD", "κ med / max", "parity", "ORT b1", "ORT b32", "s/epoch"], "l" * 16, cells)
     rows = verdicts(args, entries)
     if rows:
         out += [
@@ -422,10 +351,9 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
             "largest shares of the compressed model's parameters and MACs, and the layers left dense with "
             "their reason and parameters.",
             "",
-            "| model | c.r. | clean vs dense | speedup b1 | where it stays | what would change a missed target |",
-            "|---|---|---|---|---|---|",
         ]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
+        head = ["model", "c.r.", "clean vs dense", "speedup b1", "where it stays", "what would change a missed target"]
+        out += table(head, "l" * 6, rows)
     return "\n".join(out)
 
 
@@ -436,51 +364,32 @@ def _l2_keys(entries: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    enable_huge_pages()
+    lib.enable_huge_pages()
     args = parse_args(argv)
-    start_run(args, "bench_zoo")
-    start = time.perf_counter()
-    fingerprint = {k: getattr(args, k) for k in _FINGERPRINT}
-    state = EntryStore(args.checkpoint_dir, fingerprint, keys=("model", "arm"))
+    run = Run(__file__, args, argv)
+    state = EntryStore.of(args, _FINGERPRINT, keys=("model", "arm"))
     try:
         with tempfile.TemporaryDirectory(prefix="bench-zoo-") as tmp:
             for name in [] if args.report_only else args.models:
                 run_model(args, name, state, Path(tmp))
-    except CompressorError as err:
+    except lib.CompressorError as err:
         print(f"bench_zoo.py: error: {err}", file=sys.stderr)
         return 2
     entries = [e for e in state.entries if e["model"] in args.models]
     _l2_keys(entries)
-    doc: dict[str, Any] = {
-        "what": "the zoo: dense vs DLRT vs RobustDLRT vs a MAC budget on the architectures edge users deploy",
-        "run": {
-            "argv": sys.argv[1:] if argv is None else argv,
-            "wall_seconds": time.perf_counter() - start,
-            "torch_threads": torch.get_num_threads(),
-            "cores": os.cpu_count(),
-        },
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "zoo")},
-        "n_train": next((e["n_train"] for e in entries if "n_train" in e), args.train_subset),
-        "n_eval": next((e["n_eval"] for e in entries), args.val_subset),
-        "n_attacked": next((e["n_attacked"] for e in entries), args.attack_samples),
-        "entries": entries,
-    }
+    what = "the zoo: dense vs DLRT vs RobustDLRT vs a MAC budget on the architectures edge users deploy"
+    doc = run.document(what, entries, skip=("out", "zoo"))
     doc["markdown"] = md = render(args, doc)
-    write_text(args.out, dumps(doc))
-    print(md)
-    benchmarks_md.update_section(
+    run.publish(
         "zoo",
+        doc,
         md,
-        script="bench_zoo.py",
-        argv=list(sys.argv[1:] if argv is None else argv),
-        path=args.benchmarks_md or (None if args.smoke else benchmarks_md.DEFAULT_PATH),
         measured="per architecture: size, MACs, clean and attacked accuracy, κ, ONNX parity and onnxruntime "
         "speedup of DLRT, RobustDLRT and a MAC budget against the dense model they started from.",
     )
-    missing = [(m, a) for m in args.models for a in ARMS if state.get(m, a) is None]
+    missing = state.missing(*((m, a) for m in args.models for a in ARMS))
     if args.smoke and missing:
         raise SystemExit(f"smoke check failed: missing entries {missing}")
-    print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 
 

@@ -66,20 +66,45 @@ def test_smoke_run_writes_results_and_its_section(script: str, tmp_path: Path) -
     assert "Reproduce: `python bench/" + script in body and "Measured 20" in body and "cores" in body
 
 
-def test_update_section_replaces_only_its_own_section(tmp_path: Path) -> None:
+def _harness():
     sys.path.insert(0, str(ROOT / "bench"))
-    import benchmarks_md
+    import harness.entries
+    import harness.page
+    import harness.report
 
+    return harness
+
+
+def test_update_section_replaces_only_its_own_section(tmp_path: Path) -> None:
+    md = _harness().page
     page = tmp_path / "B.md"
-    benchmarks_md.update_section("a", "| x |\n|---|\n| 1 |", script="s.py", argv=["--n", "1"], measured="m.", path=page)
+    md.update_section("a", "| x |\n|---|\n| 1 |", script="s.py", argv=["--n", "1"], measured="m.", path=page)
     assert page.read_text().startswith("# Benchmarks")  # a new page gets the intro
-    benchmarks_md.update_section("b", "B1", script="t.py", argv=[], measured="m.", path=page)
-    benchmarks_md.update_section("a", "A2", script="s.py", argv=["--n", "2"], measured="m.", path=page)
+    md.update_section("b", "B1", script="t.py", argv=[], measured="m.", path=page)
+    md.update_section("a", "A2", script="s.py", argv=["--n", "2"], measured="m.", path=page)
     text = page.read_text()
     assert text.count("<!-- bench:a -->") == 1 and "A2" in text and "| 1 |" not in text
     assert "B1" in text and text.index("<!-- bench:a -->") < text.index("<!-- bench:b -->")  # order kept
     assert "Reproduce: `python bench/s.py --n 2`" in text
-    assert benchmarks_md.update_section("c", "x", script="s.py", argv=[], measured="m.", path=None) is None
+    assert md.update_section("c", "x", script="s.py", argv=[], measured="m.", path=None) is None
+
+
+def test_entry_store_resumes_its_entries_and_refuses_other_settings(tmp_path: Path) -> None:
+    store = _harness().entries.EntryStore
+    first = store(tmp_path, {"epochs": 2}, keys=("seed", "arm"))
+    first.add({"seed": 0, "arm": "dense", "clean": 0.5})
+    again = store(tmp_path, {"epochs": 2}, keys=("seed", "arm"))
+    assert again.get(0, "dense")["clean"] == 0.5 and again.get(0, "dlrt") is None
+    assert again.missing((0, "dense"), (0, "dlrt")) == [(0, "dlrt")]
+    with pytest.raises(SystemExit, match="epochs"):  # mixing entries of other settings is refused
+        store(tmp_path, {"epochs": 3}, keys=("seed", "arm"))
+
+
+def test_mean_std_cells_and_tables() -> None:
+    report = _harness().report
+    assert report.mean_std([0.5, None, 0.7], scale=100) == "60.0 ± 14.1"
+    assert report.mean_std([2.0], 2, suffix="×") == "2.00×" and report.mean_std([None]) == "—"
+    assert report.table(["a", "b"], "lr", [["x", 1]]) == ["| a | b |", "|---|---:|", "| x | 1 |"]
 
 
 @pytest.mark.parametrize(

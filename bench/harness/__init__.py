@@ -1,0 +1,17 @@
+"""What the bench scripts share, so that each script states only its experiment: its arms, sizes,
+table columns and verdicts.
+
+- ``lib``: every name bench takes from compressor (the one file to edit when that API moves);
+- ``run``: options (--smoke, --threads, --out, --benchmarks-md, --checkpoint-dir, --report-only),
+  logging, threads and device, a sweep's recipe, the results document and its publication;
+- ``page``: BENCHMARKS.md sections, the machine line, plots published to docs/figures/;
+- ``entries``: the resumable entry store (fingerprinted settings) and the time-left clock;
+- ``measure``: the dense start of every arm (trained once, weights cached), accuracy under
+  attack (clean, ℓ2-FGSM, PGD), sizes (parameters, MACs, c.r.), ONNX parity and onnxruntime
+  latency against dense;
+- ``report``: mean ± std cells, Markdown tables, verdict words, a Pareto plot.
+
+A sweep script: ``parser`` + ``add_run_options`` + its own options; ``Run(__file__, args, argv)``;
+``EntryStore.of(args, fingerprint, keys)``; per missing entry, train and measure, ``store.add``;
+then ``run.document(...)``, its table and verdicts, and ``run.publish(section, doc, markdown)``.
+"""
