@@ -553,27 +553,12 @@ def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], fn) -> list[float]:
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
-    if len(xs) < 3:
+    """Spearman's rank correlation (ties share their mean rank); None below 3 points or without spread."""
+    from scipy.stats import spearmanr
+
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return None
-
-    def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
-    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
-    return None if sx == 0 or sy == 0 else sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / (sx * sy)
+    return float(spearmanr(xs, ys).statistic)
 
 
 def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]:
