@@ -109,7 +109,7 @@ def _export_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", type=Path, help="model.safetensors written by a compress run")
     p.add_argument("--out", type=Path, help="output folder (default: the file's folder)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the recipe's export.opset)")
     p.add_argument(
         "--int8",
         action="store_true",
@@ -276,11 +276,16 @@ def _cmd_export(argv: list[str]) -> int:
             f"{args.path}: compress export reads the model.safetensors of a run (it writes the ONNX "
             f"file); give e.g. {args.path.with_suffix('.safetensors')}"
         )
-    if not 17 <= args.opset <= 23:
-        raise CompressorError(f"--opset {args.opset}: use an ONNX opset from 17 to 23 (default 18)")
-    from .export import export_saved
-    from .export.bundle import ONNX_NAME, SUMMARY_NAME
+    from .export import SUMMARY_NAME
+    from .recipe import ExportSection
+    from .reexport import export_saved
+    from .sections import resolve_section
 
+    options = {"int8": args.int8, "latency": not args.no_latency}
+    if args.opset is not None:
+        options["opset"] = args.opset
+    # checked before the file is read: a bad value is refused with nothing done
+    section = resolve_section(ExportSection, None, options, source=f"--opset {args.opset}")
     out = args.out or args.path.parent
     calibration, source = None, "given images"
     if args.calibration is not None and args.calibration != "random":
@@ -294,20 +299,18 @@ def _cmd_export(argv: list[str]) -> int:
     result = export_saved(
         args.path,
         out,
-        int8=args.int8,
+        section,
         calibration=calibration,
         calibration_source=source,
         data=data,
         random_calibration=args.calibration == "random",
-        latency=not args.no_latency,
-        opset=args.opset,
     )
     from .report import export_table
 
     print(export_table(result.to_dict()))
     if warning := (result.int8 or {}).get("warning"):
         print(f"\nWARNING: {warning}")
-    print(f"\noutputs: {out}/ ({ONNX_NAME}{', model.int8.onnx' if args.int8 else ''}, {SUMMARY_NAME})")
+    print(f"\noutputs: {out}/ ({', '.join([*result.files.values(), SUMMARY_NAME])})")
     return 0
 
 

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .attacks import Attack, create_attack, list_attacks
-from .errors import ConfigError, DataError, unknown_name
+from .attacks.suite import BuiltAttack, build_suite
+from .errors import ConfigError, DataError
+from .recipe import EvaluateSection
 from .runtime import DistContext, jsonable, ort_session
 from .runtime.batches import split_batch
+from .sections import resolve_section
 
 _log = logging.getLogger(__name__)
 
@@ -107,61 +110,34 @@ class OnnxEvalResult:
 # ----------------------------------------------------------------------------- shared parts
 
 
-@dataclass
-class _Built:
-    key: str
-    eps: float
-    attack: Attack
-    seed: int
-
-
-def _spec_fields(spec: Any) -> tuple[str, list[float], dict[str, Any]]:
-    if isinstance(spec, Mapping):
-        extra = set(spec) - {"name", "eps", "options"}
-        if extra:
-            raise ConfigError(f"attack spec: unknown key {sorted(extra)[0]!r} (valid: name, eps, options)")
-        name, eps, options = spec.get("name"), spec.get("eps"), spec.get("options") or {}
-    else:
-        name, eps, options = (
-            getattr(spec, "name", None),
-            getattr(spec, "eps", None),
-            getattr(spec, "options", None) or {},
-        )
-    if not isinstance(name, str):
-        raise ConfigError(f"attack spec needs a 'name' (one of {', '.join(list_attacks())}), got {name!r}")
-    if isinstance(eps, (int, float)):
-        eps = [eps]
-    if not isinstance(eps, Sequence) or len(eps) == 0:
-        raise ConfigError(f"attack {name!r}: 'eps' must be a non-empty list of numbers, got {eps!r}")
-    if not isinstance(options, Mapping):
-        raise ConfigError(f"attack {name!r}: 'options' must be a mapping, got {type(options).__name__}")
-    return name, list(dict.fromkeys(float(e) for e in eps)), dict(options)  # dedupe, keep order
-
-
 def _build_attacks(
-    model: nn.Module, attacks: Iterable[Any], *, eps_unit: str, std: Sequence[float] | None, round_8bit: bool, seed: int
-) -> tuple[list[_Built], list[dict[str, Any]]]:
+    model: nn.Module, attacks: Iterable[Any], section: EvaluateSection, std: Sequence[float] | None
+) -> tuple[list[BuiltAttack], list[dict[str, Any]]]:
     """Create every (attack, ε) up front so a bad name or option fails before any work."""
-    built, described, seen = [], [], {}
-    for spec in attacks:
-        name, eps_list, options = _spec_fields(spec)
-        if name not in list_attacks():
-            raise unknown_name("attack", name, list_attacks())
-        seen[name] = seen.get(name, 0) + 1
-        key = name if seen[name] == 1 else f"{name}#{seen[name]}"
-        kwargs = {"eps_unit": eps_unit, "std": std, "round_8bit": round_8bit, "seed": seed, **options}
-        for e in eps_list:
-            built.append(_Built(key, e, create_attack(name, model, eps=e, **kwargs), int(kwargs["seed"])))
-        described.append({"key": key, "name": name, "eps": eps_list, "options": options})
-    return built, described
+    common = {"eps_unit": section.eps_unit, "std": std, "round_8bit": section.round_8bit, "seed": section.seed}
+    return build_suite(model, attacks, common)
 
 
-def check_attacks(attacks: Iterable[Any], *, eps_unit: str = "pixel", round_8bit: bool = False, seed: int = 0) -> None:
+def check_attacks(attacks: Iterable[Any], section: EvaluateSection | None = None, **options: Any) -> None:
     """Raise ConfigError/UnknownNameError for a bad attack name, option or option value, at once.
 
-    Builds every (attack, ε) on a stand-in model, as evaluation will on the real one.
+    Builds every (attack, ε) on a stand-in model, as evaluation will on the real one, with the
+    section's (or the keyword shortcuts') ``eps_unit``, ``round_8bit`` and ``seed``. The attack
+    options are checked by the attacks themselves, so that a bad value is named with its range.
     """
-    _build_attacks(nn.Identity(), attacks, eps_unit=eps_unit, std=(1.0, 1.0, 1.0), round_8bit=round_8bit, seed=seed)
+    section = resolve_section(EvaluateSection, section, options, source="check_attacks")
+    _build_attacks(nn.Identity(), attacks, section, std=(1.0, 1.0, 1.0))
+
+
+def _settings(section: EvaluateSection, std: Sequence[float] | None, described: list[dict[str, Any]]) -> dict:
+    return {
+        "eps_unit": section.eps_unit,
+        "std": list(std) if std is not None else None,
+        "round_8bit": section.round_8bit,
+        "seed": section.seed,
+        "max_samples": section.max_samples,
+        "attacks": described,
+    }
 
 
 def _unpack(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -176,11 +152,6 @@ def _model_device(model: nn.Module, device: str | torch.device | None) -> torch.
     return p.device if p is not None else torch.device("cpu")
 
 
-def _check_max_samples(max_samples: int | None) -> None:
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-        raise ConfigError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
-
-
 def _shard_layout(loader: Any, dist: DistContext | None) -> tuple[list[int], int] | None:
     """(global batch index of each local batch, global batch size) under several processes."""
     if dist is None or not dist.enabled or dist.world_size <= 1:
@@ -192,6 +163,19 @@ def _shard_layout(loader: Any, dist: DistContext | None) -> tuple[list[int], int
             "compressor.data.build_data(rank=, world_size=) (batches sharded by ShardBatchSampler)"
         )
     return list(sampler.global_batches), int(sampler.batch_size)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module | None) -> Iterator[None]:
+    """``model`` in eval mode for the block; every submodule's own mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()] if model is not None else []
+    if model is not None:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _sync(device: torch.device) -> None:
@@ -209,28 +193,26 @@ def _eps_key(e: float) -> str:
 def evaluate(
     model: nn.Module,
     loader: Iterable[Any],
-    attacks: Iterable[Any],
+    section: EvaluateSection | None = None,
     *,
-    max_samples: int | None = None,
-    eps_unit: str = "pixel",
     std: Sequence[float] | None = None,
-    round_8bit: bool = False,
-    seed: int = 0,
     device: str | torch.device | None = None,
     progress: Callable[[int], Any] | None = None,
     dist: DistContext | None = None,
     keep_adversarial: bool = False,
+    **options: Any,
 ) -> EvalResult:
     """Clean and adversarial accuracy, worst case and sensitivity of ``model``.
 
     Args:
         model: classifier on [0, 1] NCHW images (normalization inside), already on ``device``.
         loader: yields ``(images, labels)``; images in [0, 1]. Keep it unshuffled.
-        attacks: objects or dicts with ``name``, ``eps`` (list) and ``options`` (dict), e.g.
-            ``recipe.evaluate.attacks``.
-        max_samples: attack only the first this-many samples (None: all).
-        eps_unit, std, round_8bit: passed to every attack (see ``compressor.attacks.base``).
-        seed: base seed of the attacks' generators (batch b uses ``seed + b``).
+        section: the recipe's ``evaluate`` section (default: its defaults): the attacks, the
+            samples attacked (``max_samples``), ``eps_unit``, ``round_8bit`` and the attacks'
+            base ``seed`` (batch b uses ``seed + b``). ``options``: keyword shortcuts for its
+            keys (``evaluate(model, loader, attacks=[...], max_samples=64)``), validated as
+            recipe keys are.
+        std: the model's normalization, passed to every attack (see ``compressor.attacks.base``).
         device: where batches go (default: the model's device).
         progress: called with the number of samples of each finished batch.
         dist: a :class:`~compressor.runtime.DistContext`; with several processes, ``loader``
@@ -239,10 +221,11 @@ def evaluate(
         keep_adversarial: return the adversarial images (``EvalResult.adversarial``; this
             process's samples only).
     """
-    _check_max_samples(max_samples)
+    section = resolve_section(EvaluateSection, section, options, source="evaluate")
+    max_samples = section.max_samples
     shard = _shard_layout(loader, dist)
     dev = _model_device(model, device)
-    built, described = _build_attacks(model, attacks, eps_unit=eps_unit, std=std, round_8bit=round_8bit, seed=seed)
+    built, described = _build_attacks(model, section.attacks, section, std)
     pairs = [(b.key, b.eps) for b in built]
     ok = {p: [] for p in pairs}
     sens = {p: [0.0, 0] for p in pairs}
@@ -252,9 +235,7 @@ def evaluate(
     n_clean = n_correct = n_attacked = 0
     t_start = time.perf_counter()
     t_clean = 0.0
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with _eval_mode(model):
         for b, batch in enumerate(loader):
             x, y = _unpack(batch, dev)
             # g: the batch's index in the global order, start: its first sample's position there
@@ -296,9 +277,6 @@ def evaluate(
             n_attacked += max(take, 0)
             if progress is not None:
                 progress(len(x))
-    finally:
-        for m, training in modes:
-            m.training = training
 
     # Everything below is a ratio of sums; the sums are all-reduced under torch.distributed.
     clean_vec = torch.cat(clean_ok) if clean_ok else torch.zeros(0, dtype=torch.bool)
@@ -354,14 +332,7 @@ def evaluate(
             "attack_seconds": attack_secs,
             "total_seconds": time.perf_counter() - t_start,
         },
-        settings={
-            "eps_unit": eps_unit,
-            "std": list(std) if std is not None else None,
-            "round_8bit": round_8bit,
-            "seed": seed,
-            "max_samples": max_samples,
-            "attacks": described,
-        },
+        settings=_settings(section, std, described),
         adversarial={p: torch.cat(v) for p, v in kept.items() if v},
     )
 
@@ -404,40 +375,37 @@ def _precomputed(adversarial: Mapping[tuple[str, float], Tensor], key: tuple[str
 def evaluate_onnx(
     onnx_path: str | Path,
     loader: Iterable[Any],
+    section: EvaluateSection | None = None,
     *,
     torch_model: nn.Module | None = None,
-    attacks: Iterable[Any] | None = None,
-    max_samples: int | None = None,
-    eps_unit: str = "pixel",
     std: Sequence[float] | None = None,
-    round_8bit: bool = False,
-    seed: int = 0,
     device: str | torch.device | None = None,
     progress: Callable[[int], Any] | None = None,
     adversarial: Mapping[tuple[str, float], Tensor] | None = None,
+    **options: Any,
 ) -> OnnxEvalResult:
     """Accuracy of the exported ONNX model under onnxruntime (CPU provider).
 
     With ``torch_model``: also its clean accuracy, the torch/ONNX prediction agreement and the
-    largest logit difference. With ``torch_model`` and ``attacks``: adversarial images are
-    crafted against ``torch_model`` on the first ``max_samples`` samples (same seeds as
-    :func:`evaluate`) and scored by both models — does the attack transfer to the deployed
+    largest logit difference, and the attacks of ``section`` (the recipe's ``evaluate``
+    section, default its defaults; ``options`` are keyword shortcuts for its keys): adversarial
+    images are crafted against ``torch_model`` on the first ``max_samples`` samples (same seeds
+    as :func:`evaluate`) and scored by both models — does the attack transfer to the deployed
     artifact, and do the two still agree there? ``adversarial``: the images
-    ``evaluate(torch_model, loader, attacks, keep_adversarial=True)`` made with the same
-    settings (``EvalResult.adversarial``); they are scored instead of crafted again.
+    ``evaluate(torch_model, loader, section, keep_adversarial=True)`` made with the same
+    settings (``EvalResult.adversarial``); they are scored instead of crafted again. Without
+    ``torch_model`` only the clean accuracy is measured (attacks need the model's gradients).
     """
-    _check_max_samples(max_samples)
-    if attacks and torch_model is None:
+    if options.get("attacks") and torch_model is None:
         raise ConfigError("evaluate_onnx: attacks need torch_model (the examples are crafted against it)")
+    section = resolve_section(EvaluateSection, section, options, source="evaluate_onnx")
+    max_samples = section.max_samples
     session = ort_session(onnx_path)
     built, described = [], []
     dev = torch.device("cpu")
     if torch_model is not None:
         dev = _model_device(torch_model, device)
-        if attacks:
-            built, described = _build_attacks(
-                torch_model, attacks, eps_unit=eps_unit, std=std, round_8bit=round_8bit, seed=seed
-            )
+        built, described = _build_attacks(torch_model, section.attacks, section, std)
     pairs = [(b.key, b.eps) for b in built]
     onnx_ok = {p: [] for p in pairs}
     torch_ok = {p: [] for p in pairs}
@@ -445,10 +413,7 @@ def evaluate_onnx(
     n_clean = n_onnx = n_torch = n_agree = n_attacked = 0
     max_diff = 0.0
     t_start = time.perf_counter()
-    modes = [(m, m.training) for m in torch_model.modules()] if torch_model is not None else []
-    if torch_model is not None:
-        torch_model.eval()
-    try:
+    with _eval_mode(torch_model):
         for b, batch in enumerate(loader):
             x, y = _unpack(batch, dev)
             z_onnx = _onnx_logits(session, x)
@@ -482,9 +447,6 @@ def evaluate_onnx(
                 n_attacked += take
             if progress is not None:
                 progress(len(x))
-    finally:
-        for m, training in modes:
-            m.training = training
     if n_clean == 0:
         raise DataError("the loader yielded no samples")
 
@@ -506,13 +468,5 @@ def evaluate_onnx(
         torch_adversarial_accuracy=table(torch_ok),
         agreement_adversarial=table(agree),
         timing={"total_seconds": time.perf_counter() - t_start},
-        settings={
-            "onnx_path": str(onnx_path),
-            "eps_unit": eps_unit,
-            "std": list(std) if std is not None else None,
-            "round_8bit": round_8bit,
-            "seed": seed,
-            "max_samples": max_samples,
-            "attacks": described,
-        },
+        settings={"onnx_path": str(onnx_path), **_settings(section, std, described)},
     )

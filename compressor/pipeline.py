@@ -30,7 +30,6 @@ from .errors import INPUTS_CHECKED
 from .recipe import Recipe, recipe_to_yaml
 from .rundir import RunPaths, check_output, finalize_output, prepare_output
 from .runtime import DistContext, ProgressFactory, resolve_device, silent_progress
-from .runtime.batches import first_images
 from .stages import (
     budget_report,
     build_model,
@@ -108,22 +107,13 @@ def run(
         "inputs checked; %s %s", "resuming in" if resume else "staging in", paths.staging, extra={INPUTS_CHECKED: True}
     )
 
-    eval_kwargs = dict(
-        max_samples=recipe.evaluate.max_samples,
-        eps_unit=recipe.evaluate.eps_unit,
-        std=info.std,
-        round_8bit=recipe.evaluate.round_8bit,
-        seed=recipe.evaluate.seed,
-        device=device,
-        dist=dist,
-    )  # sharded under torchrun, results summed over processes
-    attacks = [a.model_dump() for a in recipe.evaluate.attacks]
+    eval_kwargs = dict(std=info.std, device=device, dist=dist)  # sharded under torchrun, results summed over processes
 
     def evaluate_with_bar(desc: str, **extra: Any):
         shard = getattr(data.val_loader, "batch_sampler", None)  # under torchrun: this process's images only
         bar = progress(getattr(shard, "num_samples", None) or len(data.val_loader.dataset), desc)
         try:
-            return evaluate(model, data.val_loader, attacks, progress=bar.update, **eval_kwargs, **extra)
+            return evaluate(model, data.val_loader, recipe.evaluate, progress=bar.update, **eval_kwargs, **extra)
         finally:
             bar.close()
 
@@ -266,48 +256,38 @@ def _export(
     paths: RunPaths,
     adversarial: dict | None,
 ) -> dict[str, Any]:
-    """safetensors + ONNX + checks (+ INT8, latency) into the staging folder, by the one export path."""
-    from .export import CALIBRATION_IMAGES, export_model
+    """Export (safetensors, ONNX, INT8) into the staging folder, then check what was written
+    (parity, ONNX and INT8 accuracy with the INT8 remedies, latency against the dense model)."""
+    from .check import calibration_images, check_export
+    from .export import export_model
 
     e = recipe.export
-    calibration = None
-    if e.int8 and e.onnx:
-        from .data import set_epoch
-
-        set_epoch(data.train_loader, 0)  # epoch 0's first images, as `compress export` takes them
-        calibration = first_images(data.train_loader, CALIBRATION_IMAGES)
-    evaluation = dict(
-        attacks=[a.model_dump() for a in recipe.evaluate.attacks],
-        max_samples=recipe.evaluate.max_samples,
-        eps_unit=recipe.evaluate.eps_unit,
-        std=info.std,
-        round_8bit=recipe.evaluate.round_8bit,
-        seed=recipe.evaluate.seed,
-    )
-    result = export_model(
+    if not e.onnx:  # INT8 and latency need the ONNX model; the recipe may ask for them regardless
+        e = e.model_copy(update={"int8": False, "latency": False})
+    calibration = calibration_images(data.train_loader) if e.int8 else None  # as `compress export` takes them
+    exported = export_model(
         model,
         paths.staging,
+        e,
         input_size=recipe.model.input_size,
         in_chans=data.in_chans,
         model_info=info.to_dict(),
         class_names=data.class_names,
         preprocess=data.preprocess,
         recipe=recipe.model_dump(mode="json"),
-        safetensors=e.safetensors,
-        onnx=e.onnx,
-        opset=e.opset,
-        int8=e.int8 and e.onnx,
         calibration=calibration,
         calibration_source=f"{len(calibration)} training images" if calibration is not None else "",
-        latency=e.latency and e.onnx,
-        dense_model=dense_model,
-        threads=e.latency_threads,
-        repeats=e.latency_repeats,
-        val_loader=data.val_loader,
-        evaluation=evaluation,
-        adversarial=adversarial,
     )
-    return result.to_dict()
+    checked = check_export(
+        model,
+        exported,
+        recipe.evaluate,
+        val_loader=data.val_loader,
+        std=info.std,
+        adversarial=adversarial,
+        dense_model=dense_model,
+    )
+    return checked.to_dict()
 
 
 def _plots(

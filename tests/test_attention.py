@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from compressor.check import check_export
 from compressor.export import export_model, load_compressed
 from compressor.factorize import factorize_
 from compressor.layers import LowRankLinear, ProjectedMultiheadAttention, low_rank_layers
@@ -56,7 +57,7 @@ def test_vit_with_factorized_attention_exports_and_reloads(tmp_path):
                                 mlp_dim=128, num_classes=5).eval()  # fmt: skip
     factorize_(vit, init_rank=12, r_max=32)
     assert any(n.endswith("self_attention.in_proj") for n in low_rank_layers(vit))
-    result = export_model(vit, tmp_path, input_size=32, latency=False)
+    result = check_export(vit, export_model(vit, tmp_path, input_size=32, latency=False))
     assert result.parity["passed"] and result.parity["rel_diff"] <= 1e-4, result.parity
     skeleton = tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
                                      mlp_dim=128, num_classes=5)  # fmt: skip
@@ -100,6 +101,6 @@ def test_a_layer_read_through_weight_exports_dense_with_parity(tmp_path):
     model = ReadsWeight().eval()
     factorize_(model, init_rank=8, r_max=16, keep_classifier=True)
     assert isinstance(model.proj, LowRankLinear)
-    result = export_model(model, tmp_path, input_size=4, latency=False, safetensors=False)
+    result = check_export(model, export_model(model, tmp_path, input_size=4, latency=False, safetensors=False))
     assert result.onnx["plan"]["proj"] == "dense"  # the parent needs a .weight: written as one matrix
     assert result.parity["passed"], result.parity

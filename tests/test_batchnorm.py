@@ -82,6 +82,7 @@ def test_a_model_with_broken_statistics_gets_a_warning(caplog):
 def test_batchnorm_after_factorized_convs_is_folded_in_the_onnx_export(tmp_path):
     import onnx
 
+    from compressor.check import check_export
     from compressor.export import export_model
     from compressor.factorize import factorize_
 
@@ -91,7 +92,7 @@ def test_batchnorm_after_factorized_convs_is_folded_in_the_onnx_export(tmp_path)
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2.0)
     factorize_(model, init_rank=8, r_max=16, keep_first_conv=False)
-    result = export_model(model, tmp_path, input_size=8, latency=False, safetensors=False)
+    result = check_export(model, export_model(model, tmp_path, input_size=8, latency=False, safetensors=False))
     ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
     assert "BatchNormalization" not in ops, ops  # folded into the factorized convs' weights
     assert result.parity["passed"] and result.structure["matches"], (result.parity, result.structure)

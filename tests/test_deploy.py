@@ -16,10 +16,11 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from compressor import compress, export_model, load_compressed
+from compressor import check_export, compress, export_model, load_compressed
+from compressor.check import int8 as I
+from compressor.check import list_remedies
 from compressor.errors import WeightsError
 from compressor.export import DEPLOYMENT_KEY
-from compressor.export import bundle as B
 from compressor.factorize import factorize_
 from compressor.layers import low_rank_layers
 
@@ -58,7 +59,8 @@ def test_custom_module_compressed_exported_and_reloaded_exactly(tmp_path):
     result = compress(SmallNet(), _loader(), 0.075, overrides={"train.epochs": 1, "factorize.init_rank": 4})
     assert low_rank_layers(result.model), "nothing was factorized"
     exported = export_model(result.model, tmp_path, input_size=16, class_names=["a", "b", "c", "d"], latency=False)
-    assert exported.ok and exported.files == {"safetensors": "model.safetensors", "onnx": "model.onnx"}
+    assert exported.files == {"safetensors": "model.safetensors", "onnx": "model.onnx"}
+    assert check_export(result.model, exported).ok and exported.parity["passed"]
     with pytest.raises(WeightsError, match="model=<a new SmallNet>"):
         load_compressed(tmp_path / "model.safetensors")  # no architecture to rebuild by name
     reloaded, manifest = load_compressed(tmp_path / "model.safetensors", model=SmallNet())
@@ -87,16 +89,39 @@ def test_int8_is_checked_against_fp32_and_remedies_are_tried(tmp_path, monkeypat
     factorize_(model, init_rank=4, r_max=8, keep_first_conv=False)
     val = _loader(n=48, seed=1)
     calib = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    monkeypatch.setattr(B, "INT8_MAX_DROP", -1.0)  # nothing can meet it: every remedy is tried, then a warning
-    result = export_model(model, tmp_path, input_size=16, int8=True, calibration=calib, val_loader=val, latency=False)
+
+    def exported_and_checked():
+        out = export_model(model, tmp_path, input_size=16, int8=True, calibration=calib, latency=False)
+        written = out.int8["size_bytes"]
+        return check_export(model, out, val_loader=val), written
+
+    monkeypatch.setattr(I, "INT8_MAX_DROP", -1.0)  # nothing can meet it: every remedy is tried, then a warning
+    result, _ = exported_and_checked()
     q = result.int8
-    assert [t["variant"] for t in q["tried"]] == [v for v, _ in B._INT8_ATTEMPTS]
+    variants = [t["variant"] for t in q["tried"]]
+    assert variants[0] == I.EXPORTED_VARIANT and len(variants) >= 1 + len(list_remedies()) >= 2  # each remedy tried
+    assert "per-channel weights, first and last layers in float" in variants
     assert "INT8 loses" in q["warning"] and q["fp32_clean_accuracy"] == result.onnx_eval["clean_accuracy"]
-    assert q["float_nodes"] or q["variant"] == B._INT8_ATTEMPTS[0][0]  # the kept variant says what stayed float
+    assert q["float_nodes"] or q["variant"] == I.EXPORTED_VARIANT  # the kept variant says what stayed float
+    best = max(t["clean_accuracy"] for t in q["tried"])
+    assert q["clean_accuracy"] == best  # the best candidate is kept
+    assert result.sizes["int8"] == q["size_bytes"] == (tmp_path / "model.int8.onnx").stat().st_size
     assert (tmp_path / "model.int8.onnx").is_file() and not list(tmp_path.glob(".int8-*"))
-    monkeypatch.setattr(B, "INT8_MAX_DROP", 1.0)  # anything passes: the first variant is kept
-    result = export_model(model, tmp_path, input_size=16, int8=True, calibration=calib, val_loader=val, latency=False)
+    monkeypatch.setattr(I, "INT8_MAX_DROP", 1.0)  # anything passes: the exported file is kept as written
+    result, written = exported_and_checked()
     assert len(result.int8["tried"]) == 1 and "warning" not in result.int8
+    assert result.int8["variant"] == I.EXPORTED_VARIANT and result.int8["size_bytes"] == written
+
+
+def test_int8_without_validation_data_says_it_is_unchecked(tmp_path):
+    torch.manual_seed(0)
+    model = SmallNet()
+    calib = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    out = export_model(model, tmp_path, input_size=16, int8=True, calibration=calib, latency=False)
+    assert "warning" not in out.int8 and out.parity is None  # export/ writes; it measures nothing
+    checked = check_export(model, out)
+    assert checked.parity["passed"] and "not measured" in checked.int8["warning"]
+    assert checked.int8["calibration"] == "given images" and checked.onnx_eval is None
 
 
 def _image_folder(root: Path, classes: list[str], per_class: int = 8) -> None:
@@ -144,6 +169,8 @@ def test_report_md_is_for_people(folder_run):
     text = (folder_run / "report.md").read_text()
     assert "```" not in text and ".partial" not in text and str(folder_run.parent) not in text
     assert "INT8 clean accuracy" in text and "images" in text  # accuracies say how many images they count
+    report = json.loads((folder_run / "report.json").read_text())  # the INT8 file as named in the run folder
+    assert report["export"]["int8"]["eval"]["settings"]["onnx_path"] == "model.int8.onnx"
 
 
 def test_export_command_uses_the_runs_own_data_for_int8(folder_run, tmp_path):

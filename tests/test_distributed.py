@@ -124,7 +124,7 @@ def _train(rank: int, world: int, epochs: int, ckpt: Path | None = None, resume:
 
 
 def _summary(model: nn.Module, history, val_loader) -> dict:
-    ev = evaluate(model, val_loader, ATTACKS, max_samples=24, dist=DistContext()).to_dict()
+    ev = evaluate(model, val_loader, attacks=ATTACKS, max_samples=24, dist=DistContext()).to_dict()
     ev.pop("timing")
     return {
         "state": {k: v.clone() for k, v in model.state_dict().items()},

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from compressor.attacks import list_attacks
 from compressor.errors import ConfigError, DataError, UnknownNameError, WeightsError
 from compressor.evaluate import EvalResult, evaluate, evaluate_onnx
-from compressor.recipe import AttackSpec
+from compressor.recipe import AttackSpec, EvaluateSection
 from compressor.report import plot_accuracy_vs_eps
 
 FAST = {"pgd": {"steps": 3}, "apgd": {"steps": 4}, "jitter": {"steps": 2}, "mixup": {"steps": 1}}
@@ -71,7 +71,7 @@ def specs(eps: list[float]) -> list[dict]:
 
 
 def test_eps_zero_gives_clean_accuracy(model, loader):
-    r = evaluate(model, loader, specs([0.0, 0.1]), max_samples=70)
+    r = evaluate(model, loader, attacks=specs([0.0, 0.1]), max_samples=70)
     assert r.n_clean == 150 and r.n_attacked == 70
     x, y = loader.dataset.tensors
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_eps_zero_gives_clean_accuracy(model, loader):
 
 
 def test_worst_case_is_below_every_attack_and_monotone(model, loader):
-    r = evaluate(model, loader, specs([0.02, 0.05]), max_samples=64)
+    r = evaluate(model, loader, attacks=specs([0.02, 0.05]), max_samples=64)
     for e in ("0.02", "0.05"):
         below = [a[k] for a in r.adversarial_accuracy.values() for k in a if float(k) <= float(e)]
         assert r.worst_case_accuracy[e] <= min(below)
@@ -101,8 +101,8 @@ def test_result_is_json_deterministic_and_reports_progress(model, loader):
         AttackSpec(name="pgd", eps=[0.05], options={"steps": 2}),
         {"name": "pgd", "eps": [0.5], "options": {"norm": "l2", "steps": 2}},
     ]
-    a = evaluate(model, loader, attacks, max_samples=40, seed=3, progress=seen.append)
-    b = evaluate(model, loader, attacks, max_samples=40, seed=3)
+    a = evaluate(model, loader, attacks=attacks, max_samples=40, seed=3, progress=seen.append)
+    b = evaluate(model, loader, attacks=attacks, max_samples=40, seed=3)
     assert sum(seen) == 150
     assert set(a.adversarial_accuracy) == {"pgd", "pgd#2"}  # duplicate names get a suffix
     assert a.adversarial_accuracy == b.adversarial_accuracy and a.sensitivity == b.sensitivity
@@ -110,10 +110,25 @@ def test_result_is_json_deterministic_and_reports_progress(model, loader):
     assert d["settings"]["attacks"][1]["options"]["norm"] == "l2" and "attack_seconds" in d["timing"]
 
 
+def test_the_section_and_its_keyword_shortcuts_agree(model, loader):
+    """evaluate() takes the recipe's evaluate section; keywords change its keys, validated as
+    recipe keys, and what is not given is the recipe's default."""
+    section = EvaluateSection(attacks=[AttackSpec(name="fgsm", eps=[0.05])], max_samples=32, seed=2)
+    a = evaluate(model, loader, section)
+    b = evaluate(model, loader, attacks=[{"name": "fgsm", "eps": [0.05]}], max_samples=32, seed=2)
+    assert a.adversarial_accuracy == b.adversarial_accuracy and a.settings == b.settings and a.n_attacked == 32
+    assert evaluate(model, loader, section, max_samples=64).n_attacked == 64  # one key changed, the rest kept
+    assert evaluate(model, loader, attacks=[]).settings["max_samples"] == EvaluateSection().max_samples
+    with pytest.raises(ConfigError, match="evaluate.eps_unit"):
+        evaluate(model, _Exploding(), attacks=[], eps_unit="pixels")
+    with pytest.raises(ConfigError, match="EvaluateSection"):  # attacks go by keyword, not in the section's place
+        evaluate(model, _Exploding(), [{"name": "fgsm", "eps": [0.1]}])
+
+
 def test_mode_restored_and_no_grads(model, loader):
     model.train()
     try:
-        evaluate(model, loader, [{"name": "fgsm", "eps": [0.1]}], max_samples=32)
+        evaluate(model, loader, attacks=[{"name": "fgsm", "eps": [0.1]}], max_samples=32)
         assert all(m.training for m in model.modules())
     finally:
         model.eval()
@@ -127,20 +142,20 @@ class _Exploding:
 
 def test_bad_specs_fail_before_any_work(model):
     with pytest.raises(UnknownNameError, match="pgd"):
-        evaluate(model, _Exploding(), [{"name": "pdg", "eps": [0.1]}])
+        evaluate(model, _Exploding(), attacks=[{"name": "pdg", "eps": [0.1]}])
     with pytest.raises(ConfigError, match="stepz"):
-        evaluate(model, _Exploding(), [{"name": "pgd", "eps": [0.1], "options": {"stepz": 1}}])
+        evaluate(model, _Exploding(), attacks=[{"name": "pgd", "eps": [0.1], "options": {"stepz": 1}}])
     with pytest.raises(ConfigError, match="max_samples"):
-        evaluate(model, _Exploding(), [], max_samples=0)
+        evaluate(model, _Exploding(), attacks=[], max_samples=0)
 
 
 def test_empty_loader_raises(model):
     with pytest.raises(DataError):
-        evaluate(model, [], [{"name": "fgsm", "eps": [0.1]}])
+        evaluate(model, [], attacks=[{"name": "fgsm", "eps": [0.1]}])
 
 
 def test_plot_accuracy_vs_eps(model, loader, tmp_path):
-    r = evaluate(model, loader, [{"name": "fgsm", "eps": [0.02, 0.1]}], max_samples=32)
+    r = evaluate(model, loader, attacks=[{"name": "fgsm", "eps": [0.02, 0.1]}], max_samples=32)
     out = plot_accuracy_vs_eps(
         {"dense": r, "compressed": EvalResult(**r.__dict__).to_dict()}, tmp_path / "p" / "acc.png"
     )
@@ -161,7 +176,7 @@ def test_evaluate_onnx(model, loader, tmp_path, fixed_batch):
     path = tmp_path / "tiny.onnx"
     _export(model, path, fixed_batch)  # a fixed batch of 8 exercises the chunking path
     plain = evaluate_onnx(path, loader)
-    ref = evaluate(model, loader, [])
+    ref = evaluate(model, loader, attacks=[])
     assert plain.n_clean == 150 and plain.clean_accuracy == pytest.approx(ref.clean_accuracy)
     attacks = [{"name": "pgd", "eps": [0.03], "options": {"steps": 3}}]
     r = evaluate_onnx(path, loader, torch_model=model, attacks=attacks, max_samples=50, seed=1)
@@ -195,14 +210,18 @@ def test_fgsm_family_shares_one_clean_gradient_across_eps(model, loader, name, o
     eps = [0.02, 0.05, 0.1]
     counted = _CountingForward(model)
     together = evaluate(
-        counted, loader, [{"name": name, "eps": eps, "options": options}], max_samples=64, keep_adversarial=True
+        counted, loader, attacks=[{"name": name, "eps": eps, "options": options}], max_samples=64, keep_adversarial=True
     )
     steps = options.get("steps", 1)
     n_batches = 2  # 64 attacked samples in batches of 32
     assert counted.grad_passes == n_batches * (1 + (steps - 1) * len(eps))
     for e in eps:
         alone = evaluate(
-            model, loader, [{"name": name, "eps": [e], "options": options}], max_samples=64, keep_adversarial=True
+            model,
+            loader,
+            attacks=[{"name": name, "eps": [e], "options": options}],
+            max_samples=64,
+            keep_adversarial=True,
         )
         assert torch.equal(together.adversarial[(name, e)], alone.adversarial[(name, e)])
         assert together.adversarial_accuracy[name][str(e)] == alone.adversarial_accuracy[name][str(e)]
@@ -215,7 +234,10 @@ def test_clean_gradient_is_not_shared_across_settings_or_outside_evaluate(model,
     evaluate(
         counted,
         loader,
-        [{"name": "l2_fgsm", "eps": [0.05, 0.1]}, {"name": "l2_fgsm", "eps": [0.05], "options": {"alpha": 0.02}}],
+        attacks=[
+            {"name": "l2_fgsm", "eps": [0.05, 0.1]},
+            {"name": "l2_fgsm", "eps": [0.05], "options": {"alpha": 0.02}},
+        ],
         max_samples=32,
     )
     assert counted.grad_passes == 2  # one per setting on the single attacked batch

@@ -84,6 +84,7 @@ def exported(tmp_path_factory):
     probabilities; the validation images as native 8×8 .npy files in class folders."""
     from sklearn.datasets import load_digits
 
+    from compressor.check import check_export
     from compressor.data import build_data, set_epoch
     from compressor.export import export_model
     from compressor.factorize import factorize_
@@ -119,7 +120,8 @@ def exported(tmp_path_factory):
         preprocess=data.preprocess,
         latency=False,
     )
-    assert result.ok, result.parity
+    result = check_export(model, result)
+    assert result.ok and result.parity["passed"], result.parity
 
     device = torch.device("cpu")
     accuracy = clean_accuracy(model, data.val_loader, device)

@@ -24,7 +24,6 @@ from compressor.errors import ConfigError, WeightsError
 from compressor.export import (
     build_low_rank_like,
     export_onnx,
-    export_saved,
     load_compressed,
     onnx_latencies,
     onnx_latency,
@@ -39,6 +38,7 @@ from compressor.export import onnx_export as OE
 from compressor.factorize import factorize_
 from compressor.layers import LowRankLinear, TuckerConv2d, low_rank_layers
 from compressor.models import ModelInfo, NormalizedClassifier, create_model
+from compressor.reexport import export_saved
 from compressor.runtime import count_macs
 
 

@@ -65,6 +65,29 @@ def test_report_has_the_promised_keys(tiny_run: Path) -> None:
     assert report["history"]["epochs"], "training history missing"
 
 
+def _strings(doc):
+    if isinstance(doc, dict):
+        for value in doc.values():
+            yield from _strings(value)
+    elif isinstance(doc, list):
+        for value in doc:
+            yield from _strings(value)
+    elif isinstance(doc, str):
+        yield doc
+
+
+def test_no_report_path_points_into_the_staging_folder(tiny_run: Path) -> None:
+    """The run is written into .tiny.partial and renamed into place at the end: the reports name
+    the files they describe relative to the run folder, where they are."""
+    report = json.loads((tiny_run / "report.json").read_text())
+    staging = str(tiny_run.parent / f".{tiny_run.name}.partial")
+    for text in [*_strings(report), (tiny_run / "report.md").read_text()]:
+        assert ".partial" not in text and staging not in text, text
+    assert report["export"]["onnx_eval"]["settings"]["onnx_path"] == "model.onnx"  # the file it scored
+    named = [s for s in _strings(report) if s.endswith((".onnx", ".safetensors", ".png"))]
+    assert len(named) >= 4 and all((tiny_run / name).is_file() for name in named), named
+
+
 def test_resolved_recipe_reloads(tiny_run: Path) -> None:
     from compressor.recipe import load_recipe
 

@@ -1,15 +1,16 @@
-"""Export: compressed safetensors with a manifest, plain-op ONNX, INT8, latency.
+"""Export: compressed safetensors with a manifest, plain-op ONNX, INT8 QDQ ONNX, metadata.
 
-    result = export_model(model, "out/", input_size=32, model_info=info.to_dict())  # everything, checked
+    result = export_model(model, "out/", input_size=32, model_info=info.to_dict())  # the files
     model, manifest = load_compressed("out/model.safetensors")                        # rebuilt from the file
-    export_saved("out/model.safetensors", "out/")                                     # `compress export`
 
-The pieces: save_compressed / load_compressed (safetensors), export_onnx / parity_check /
-structure_check (ONNX), quantize_int8, onnx_latencies.
+export/ writes artifacts; what they are worth (parity, accuracy, INT8 against FP32, latency)
+is measured by :mod:`compressor.check` afterwards. The pieces: save_compressed /
+load_compressed (safetensors), export_onnx / parity_check / structure_check (ONNX),
+quantize_int8, onnx_latencies (the timing tool the latency check uses).
 """
 
-from .bundle import CALIBRATION_IMAGES, INT8_MAX_DROP, ExportResult, export_model, export_saved
-from .latency import onnx_latencies, onnx_latency
+from .bundle import INT8_NAME, ONNX_NAME, SAFETENSORS_NAME, SUMMARY_NAME, ExportResult, export_model
+from .latency import LATENCY_BATCH_SIZES, onnx_latencies, onnx_latency
 from .metadata import DEPLOYMENT_KEY, deployment_metadata
 from .onnx_export import (
     PARITY_TOLERANCE,
@@ -32,20 +33,22 @@ from .safetensors_io import (
 )
 
 __all__ = [
-    "CALIBRATION_IMAGES",
     "DEPLOYMENT_KEY",
-    "INT8_MAX_DROP",
-    "deployment_metadata",
     "FORMAT_VERSION",
+    "INT8_NAME",
+    "LATENCY_BATCH_SIZES",
+    "ONNX_NAME",
     "PARITY_TOLERANCE",
+    "SAFETENSORS_NAME",
+    "SUMMARY_NAME",
     "ExportResult",
     "LayerForm",
     "OnnxExportInfo",
     "build_low_rank_like",
     "build_manifest",
+    "deployment_metadata",
     "export_model",
     "export_onnx",
-    "export_saved",
     "load_compressed",
     "onnx_latencies",
     "onnx_latency",

@@ -10,16 +10,20 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..recipe import ExportSection
 from ..runtime import ort_session
+
+LATENCY_BATCH_SIZES: tuple[int, ...] = (1, 32)
+"""The batch sizes a model is timed at: one image (an edge device's request) and a batch."""
 
 
 def onnx_latency(
     onnx_path: str | Path,
     *,
-    batch_sizes: tuple[int, ...] = (1, 32),
-    threads: int = 2,
+    batch_sizes: tuple[int, ...] = LATENCY_BATCH_SIZES,
+    threads: int | None = None,
     warmup: int = 5,
-    repeats: int = 30,
+    repeats: int | None = None,
     input_size: int,
     in_chans: int = 3,
     seed: int = 0,
@@ -27,8 +31,9 @@ def onnx_latency(
     """Wall-clock time of one ``session.run`` per batch size: {batch: {median_ms, p90_ms, mean_ms, min_ms}}.
 
     onnxruntime CPU provider, all graph optimizations, ``threads`` intra-op threads, one
-    inter-op thread, sequential execution; random inputs in [0, 1]. On a shared machine the
-    median is the figure to quote; the p90 shows the noise. To compare models, time them
+    inter-op thread, sequential execution; random inputs in [0, 1]. ``threads`` and ``repeats``
+    default to the recipe's ``export.latency_threads`` and ``export.latency_repeats``. On a
+    shared machine the median is the figure to quote; the p90 shows the noise. To compare models, time them
     together with :func:`onnx_latencies`: their runs are interleaved, so a change of the
     machine's speed reaches all of them alike.
     """
@@ -54,10 +59,10 @@ _LEAD_IN_S = 0.05
 def onnx_latencies(
     onnx_paths: Mapping[str, str | Path],
     *,
-    batch_sizes: tuple[int, ...] = (1, 32),
-    threads: int = 2,
+    batch_sizes: tuple[int, ...] = LATENCY_BATCH_SIZES,
+    threads: int | None = None,
     warmup: int = 5,
-    repeats: int = 30,
+    repeats: int | None = None,
     input_size: int,
     in_chans: int = 3,
     seed: int = 0,
@@ -72,6 +77,9 @@ def onnx_latencies(
     them alike. Each block is timed in a tight loop, as
     a deployed model runs, after an untimed lead-in (see ``_LEAD_IN_S``).
     """
+    defaults = ExportSection()
+    threads = defaults.latency_threads if threads is None else threads
+    repeats = defaults.latency_repeats if repeats is None else repeats
     for key, value in (
         ("threads", threads),
         ("repeats", repeats),

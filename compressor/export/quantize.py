@@ -3,7 +3,8 @@
 Weights are quantized per output channel (int8, symmetric), activations per tensor (int8)
 with ranges calibrated (MinMax) on training images. The low-rank graph quantizes like any
 other: each factor is its own Conv/MatMul weight with its own scales. Accuracy is measured
-by the pipeline (``compressor.evaluate.evaluate_onnx``); this module only makes the file.
+by the check stage (``compressor.check``), which also re-quantizes with the remedies; this
+module only makes the file.
 """
 
 from __future__ import annotations
