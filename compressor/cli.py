@@ -228,7 +228,7 @@ def _cmd_run(argv: list[str]) -> int:
     recipe = load_recipe(args.recipe, overrides)
 
     if args.dry_run:
-        from .checks import validate_inputs
+        from .preflight import validate_inputs
         from .stages import dry_run
 
         validate_inputs(recipe)

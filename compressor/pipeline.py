@@ -4,7 +4,7 @@
 
 Outputs go to ``<output_dir>/<run_name>/``: model.safetensors, model.onnx, report.json,
 report.md, recipe.yaml and plots, written as a transaction (:mod:`compressor.rundir`): every
-input is checked before any long work (:func:`compressor.checks.validate_inputs`), nothing is
+input is checked before any long work (:func:`compressor.preflight.validate_inputs`), nothing is
 written until data and model are built, checkpoints (dense baseline per epoch, the dense stage,
 RobustDLRT per epoch) are written atomically, so ``--resume`` continues a killed run to the
 same ranks and accuracies on the same machine. See docs/reliability.md.
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from . import atomic
-from .checks import validate_inputs
 from .errors import INPUTS_CHECKED
+from .preflight import validate_inputs
 from .recipe import Recipe, recipe_to_yaml
 from .rundir import RunPaths, check_output, finalize_output, prepare_output
 from .runtime import DistContext, ProgressFactory, resolve_device, silent_progress

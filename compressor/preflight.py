@@ -1,5 +1,5 @@
-"""Checks of a recipe against what is installed and on disk: model, data set and attack names,
-attack options, weight files, data folders, the device. Run before any long work.
+"""Preflight: a recipe's inputs checked against what is installed and on disk (model, data set
+and attack names, attack options, weight files, data folders, the device) before any long work.
 
 Types, ranges and the relations between keys are the recipe's own validation
 (:mod:`compressor.recipe`); this module checks what the recipe cannot know by itself.
