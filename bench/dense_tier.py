@@ -6,8 +6,9 @@ Plateau: held-out accuracy after the last two epochs moved by less than ``PLATEA
 last three evaluations span < 0.5 point), after at least one learning-rate drop. Adam at the
 architecture's rate; the rate is multiplied by 0.3 whenever held-out accuracy fails to improve on
 its best by 0.2 point. BatchNorm statistics that average slower than torch's default are
-re-estimated before each held-out evaluation (see ``lagging_batchnorm``). Each epoch is checkpointed (model, optimizer, history), so an interrupted
-tier resumes at the epoch it reached; a finished one is only loaded.
+re-estimated before each held-out evaluation (see ``lagging_batchnorm``). Each epoch is
+checkpointed (model, optimizer, history), so an interrupted tier resumes at the epoch it
+reached; a finished one is only loaded.
 
     python bench/dense_tier.py --models tv:resnet18 tv:mobilenet_v3_small --checkpoint-dir bench/results/dense-tier
     python bench/dense_tier.py --smoke --checkpoint-dir /tmp/tier      # tiny sizes (CI)

@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 
 
 def load_compressed(path, **kwargs):
-    """Rebuild a compressed model from its model.safetensors (see compressor.export)."""
-    from .export import load_compressed as _load
+    """Rebuild a compressed model from its model.safetensors (see compressor.load)."""
+    from .load import load_compressed as _load
 
     return _load(path, **kwargs)
 

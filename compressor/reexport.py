@@ -20,8 +20,9 @@ from torch import Tensor
 from .atomic import write_text
 from .check import calibration_images, check_export
 from .errors import INPUTS_CHECKED, ConfigError, WeightsError
-from .export import ONNX_NAME, SUMMARY_NAME, ExportResult, export_model, load_compressed
+from .export import ONNX_NAME, SUMMARY_NAME, ExportResult, export_model
 from .export.safetensors_io import CUSTOM_SOURCE
+from .load import load_compressed
 from .recipe import DataSection, EvaluateSection, ExportSection, recipe_from_dict
 from .runtime import dumps
 from .sections import resolve_section

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 from compressor.attacks import Attack, attack_options, create_attack, list_attacks
 from compressor.errors import ConfigError, UnknownNameError
+from compressor.runtime import registering
 
 ATTACKS = list_attacks()
 # few iterations: the invariants do not depend on the step count, and the suite must stay fast
@@ -348,6 +351,18 @@ def test_registry_lists_every_attack():
     assert {"fgsm", "pgd", "apgd", "l2_fgsm", "l1_fgsm", "jitter", "mixup"} <= set(ATTACKS)
     assert attack_options("pgd")["steps"] == 10 and attack_options("apgd")["steps"] == 20
     assert create_attack("pgd", nn.Identity(), eps=0.1).alpha == pytest.approx(0.025)
+
+
+def test_registering_files_a_class_and_warns_when_another_takes_its_name(caplog):
+    table: dict[str, type] = {}
+    log = logging.getLogger("test.registry")
+    first = registering(table, "a", "thing", log)(type("First", (), {}))
+    assert table == {"a": first} and first.name == "a"
+    with caplog.at_level(logging.WARNING, logger="test.registry"):
+        registering(table, "a", "thing", log)(first)  # the same class again: nothing to say
+        second = registering(table, "a", "thing", log)(type("Second", (), {}))
+    assert table == {"a": second}
+    assert [r.getMessage() for r in caplog.records] == [f"thing 'a' re-registered: {second} replaces {first}"]
 
 
 def test_unknown_attack_lists_valid_names(model):

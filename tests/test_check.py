@@ -142,17 +142,11 @@ def _imported_modules(path: Path, package: str) -> set[str]:
 
 
 FORBIDDEN = ("compressor.evaluate", "compressor.data", "compressor.factorize", "compressor.models",
-             "compressor.check", "compressor.pipeline", "compressor.reexport")  # fmt: skip
+             "compressor.check", "compressor.pipeline", "compressor.reexport", "compressor.load")  # fmt: skip
 EXPORT_FILES = sorted((ROOT / "compressor" / "export").glob("*.py"))
-_REBUILDS_BY_NAME = pytest.mark.xfail(
-    strict=True, reason="load_compressed rebuilds a model by name through compressor.models (not yet moved out)"
-)
 
 
-@pytest.mark.parametrize(
-    "path", [pytest.param(p, marks=_REBUILDS_BY_NAME) if p.name == "safetensors_io.py" else p for p in EXPORT_FILES],
-    ids=[p.name for p in EXPORT_FILES],
-)  # fmt: skip
+@pytest.mark.parametrize("path", EXPORT_FILES, ids=[p.name for p in EXPORT_FILES])
 def test_export_imports_no_evaluation_data_or_model_building_code(path: Path):
     bad = sorted(m for m in _imported_modules(path, "compressor.export") if m.startswith(FORBIDDEN))
     assert not bad, f"{path.name} imports {bad}"

@@ -24,7 +24,6 @@ from compressor.errors import ConfigError, WeightsError
 from compressor.export import (
     build_low_rank_like,
     export_onnx,
-    load_compressed,
     onnx_latencies,
     onnx_latency,
     parity_check,
@@ -34,9 +33,11 @@ from compressor.export import (
     save_compressed,
     structure_check,
 )
+from compressor.export import load_compressed as fill_skeleton
 from compressor.export import onnx_export as OE
 from compressor.factorize import factorize_
 from compressor.layers import LowRankLinear, TuckerConv2d, low_rank_layers
+from compressor.load import load_compressed
 from compressor.models import ModelInfo, NormalizedClassifier, create_model
 from compressor.reexport import export_saved
 from compressor.runtime import count_macs
@@ -228,6 +229,18 @@ def test_bad_files_raise_weights_error(saved_file, tmp_path, corrupt, message):
 def test_missing_file_raises_weights_error(tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         load_compressed(tmp_path / "nope.safetensors")
+
+
+def test_export_fills_a_skeleton_and_builds_no_model(saved_file):
+    with pytest.raises(ConfigError, match=r"compressor\.load_compressed\(path\)"):
+        fill_skeleton(saved_file)  # rebuilding by name is compressor.load's part
+    skeleton, _ = _tiny_create_model("tiny", 10)
+    filled, _ = fill_skeleton(saved_file, model=skeleton)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "create_model", _tiny_create_model)
+        rebuilt, _ = load_compressed(saved_file)
+    assert filled is skeleton and filled.state_dict().keys() == rebuilt.state_dict().keys()
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in filled.state_dict().items())
 
 
 # ----------------------------------------------------------------------------- ONNX

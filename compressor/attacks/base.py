@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..runtime import registering
 
 _log = logging.getLogger(__name__)
 
@@ -56,15 +57,7 @@ MAX_SEED = 2**32 - 1
 
 def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
     """Class decorator: make an attack available to ``create_attack(name, ...)``."""
-
-    def deco(cls: type[Attack]) -> type[Attack]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            _log.warning("attack %r re-registered: %s replaces %s", name, cls, _REGISTRY[name])
-        _REGISTRY[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+    return registering(_REGISTRY, name, "attack", _log)
 
 
 def _require(ok: bool, msg: str) -> None:

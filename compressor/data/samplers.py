@@ -25,16 +25,20 @@ class SeededShuffleSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> torch.Tensor:
+        """This epoch's permutation of ``range(n)``."""
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
 
     def __len__(self) -> int:
         return self.n
 
 
-class GlobalBatchShardSampler(Sampler[int]):
+class GlobalBatchShardSampler(SeededShuffleSampler):
     """Process ``rank``'s part of the one-process training order, global batch by global batch.
 
     Epoch ``e``'s order is ``randperm(n, seed + e)`` (as :class:`SeededShuffleSampler`); it is
@@ -55,17 +59,12 @@ class GlobalBatchShardSampler(Sampler[int]):
                 f"the training split has {n} images, fewer than one global batch "
                 f"(data.batch_size {global_batch}): lower data.batch_size or use more images"
             )
-        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        super().__init__(n, seed)
+        self.rank, self.world_size = rank, world_size
         self.global_batch, self.local_batch = global_batch, global_batch // world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
+        perm = self.order()
         full = (self.n // self.global_batch) * self.global_batch
         mine = perm[:full].view(-1, self.world_size, self.local_batch)[:, self.rank]
         return iter(mine.reshape(-1).tolist())

@@ -1,12 +1,13 @@
 """Export: compressed safetensors with a manifest, plain-op ONNX, INT8 QDQ ONNX, metadata.
 
     result = export_model(model, "out/", input_size=32, model_info=info.to_dict())  # the files
-    model, manifest = load_compressed("out/model.safetensors")                        # rebuilt from the file
+    model, manifest = load_compressed("out/model.safetensors", model=skeleton)      # filled from the file
 
 export/ writes artifacts; what they are worth (parity, accuracy, INT8 against FP32, latency)
-is measured by :mod:`compressor.check` afterwards. The pieces: save_compressed /
-load_compressed (safetensors), export_onnx / parity_check / structure_check (ONNX),
-quantize_int8, onnx_latencies (the timing tool the latency check uses).
+is measured by :mod:`compressor.check` afterwards, and a model is rebuilt by name from its file
+alone by :func:`compressor.load_compressed` (export/ builds no model). The pieces:
+save_compressed / read_compressed / load_compressed (safetensors), export_onnx / parity_check /
+structure_check (ONNX), quantize_int8, onnx_latencies (the timing tool the latency check uses).
 """
 
 from .bundle import INT8_NAME, ONNX_NAME, SAFETENSORS_NAME, SUMMARY_NAME, ExportResult, export_model
@@ -28,6 +29,7 @@ from .safetensors_io import (
     build_low_rank_like,
     build_manifest,
     load_compressed,
+    read_compressed,
     read_header,
     save_compressed,
 )
@@ -56,6 +58,7 @@ __all__ = [
     "plain_model",
     "plan_export",
     "quantize_int8",
+    "read_compressed",
     "read_header",
     "save_compressed",
     "structure_check",

@@ -3,9 +3,11 @@
 The file holds the NormalizedClassifier's state dict at the layers' current ranks (no r_max
 padding) and, in the safetensors ``__metadata__``, a manifest: the model name and shape
 (enough for :func:`compressor.models.create_model`), the normalization, and for every
-factorized layer its kind, ranks and rank bounds. :func:`load_compressed` rebuilds the dense
-architecture, swaps the listed layers for empty factorized ones of the recorded ranks and loads
-the tensors strictly: the loaded model computes bit for bit what the saved one did.
+factorized layer its kind, ranks and rank bounds. :func:`load_compressed` takes a dense
+skeleton of the architecture, swaps the listed layers for empty factorized ones of the recorded
+ranks and loads the tensors strictly: the loaded model computes bit for bit what the saved one
+did. Building that skeleton by name is :func:`compressor.load.load_compressed`'s part: export/
+builds no model.
 
 The header is checked here before the safetensors library sees the file, so that a corrupt,
 truncated or foreign file fails with one line that says what is wrong.
@@ -297,47 +299,48 @@ def build_low_rank_like(
     return factorized.empty_like(dense, ranks, r_min, r_max)
 
 
-def _model_spec(model: Mapping[str, Any]) -> str:
+def model_spec(model: Mapping[str, Any]) -> str:
+    """The create_model spec of a manifest's ``model`` section (``tv:vgg16``, ``timm:resnet18``)."""
     prefix = {"torchvision": "tv", "timm": "timm"}.get(model["source"])
     return f"{prefix}:{model['name']}" if prefix else model.get("spec") or model["name"]
 
 
-def load_compressed(
-    path: str | Path, *, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model saved by :func:`save_compressed`; return (model in eval mode, manifest).
+def read_compressed(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """A file written by :func:`save_compressed`, checked: ({tensor: {dtype, shape}}, manifest).
 
-    For a model built by create_model the file alone suffices: the architecture comes from
-    create_model by name. For any other module pass ``model``, a freshly built (dense) instance
-    of the same architecture: its layers listed in the manifest are replaced by factorized ones
-    in place. Then every tensor comes from the file (strict load). Raises WeightsError for a
-    missing, corrupt, truncated or foreign file, a missing or malformed manifest, or tensors
-    that do not match the manifest or the architecture.
+    Raises WeightsError for a missing, corrupt, truncated or foreign file, a missing or
+    malformed manifest, or factors whose shapes contradict the manifest's ranks.
     """
     p = Path(path)
     header, metadata = read_header(p)
     manifest = _parse_manifest(p, metadata)
     _check_factor_shapes(p, header, manifest["layers"])
+    return header, manifest
 
+
+def load_compressed(
+    path: str | Path, *, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fill ``model`` with the file :func:`save_compressed` wrote; return (model in eval mode, manifest).
+
+    ``model``: a freshly built (dense) instance of the saved architecture; its layers listed in
+    the manifest are replaced by factorized ones in place, then every tensor comes from the file
+    (strict load). :func:`compressor.load_compressed` builds that skeleton by name for a model
+    made by create_model. Raises WeightsError for a missing, corrupt, truncated or foreign
+    file, a missing or malformed manifest, or tensors that do not match the manifest or the
+    architecture.
+    """
+    p = Path(path)
+    header, manifest = read_compressed(p)
     m = manifest["model"]
-    spec = _model_spec(m)
-    if model is not None:
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"model must be a torch.nn.Module (a skeleton of {spec}), got {type(model).__name__}")
-    elif m["source"] == CUSTOM_SOURCE:
-        raise WeightsError(
-            f"{p} holds a {m['name']} (a model not built by create_model): pass load_compressed(path, "
-            f"model=<a new {m['name']}>) so that its weights have an architecture to go into"
+    spec = model_spec(m)
+    if model is None:
+        raise ConfigError(
+            f"compressor.export.load_compressed fills a skeleton: pass model=<a new {spec}>, or call "
+            "compressor.load_compressed(path), which rebuilds a model made by create_model from its name"
         )
-    else:
-        from ..models import create_model
-
-        try:
-            model, _ = create_model(
-                spec, m["num_classes"], in_chans=m["in_chans"], input_size=m["input_size"], mean=m["mean"], std=m["std"]
-            )
-        except ConfigError as err:
-            raise WeightsError(f"{p}: cannot rebuild its model {spec!r}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module (a skeleton of {spec}), got {type(model).__name__}")
 
     project_attention_(model, names=list(manifest.get("attention") or []))
     factorized = low_rank_layers(model)  # a skeleton may be factorized already

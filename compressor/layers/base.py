@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -149,6 +150,12 @@ class LowRankLayer(LayerProtocol, nn.Module):
     def num_parameters(self) -> int:
         """Parameters at the current ranks (the paper's compression-rate count)."""
         return sum(p.numel() for p in self.parameters())
+
+    @staticmethod
+    def _options_like(dense: nn.Module, r_min: int, r_max: int | None) -> dict[str, Any]:
+        """The constructor options every layer type takes from the dense layer it replaces."""
+        w = dense.weight
+        return {"bias": dense.bias is not None, "r_min": r_min, "r_max": r_max, "device": w.device, "dtype": w.dtype}
 
     def _store_ranks(self) -> None:
         self.rank_state.copy_(torch.tensor(self.ranks, dtype=torch.long))

@@ -160,21 +160,7 @@ class TuckerConv2d(LowRankLayer):
     def _from_factors(
         cls, conv: nn.Conv2d, u_out: Tensor, core: Tensor, u_in: Tensor, *, r_min: int, r_max: int | None
     ) -> TuckerConv2d:
-        w = conv.weight
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            (core.shape[0], core.shape[1]),
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            r_min=r_min,
-            r_max=r_max,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        layer = cls.empty_like(conv, (core.shape[0], core.shape[1]), r_min, r_max)
         with torch.no_grad():
             layer.U_out.copy_(u_out)
             layer.U_in.copy_(u_in)
@@ -346,7 +332,7 @@ class TuckerConv2d(LowRankLayer):
             self.channels_last = bool(entry["channels_last"])
 
     @classmethod
-    def empty_like(cls, dense: nn.Module, ranks: Sequence[int], r_min: int, r_max: int) -> TuckerConv2d:
+    def empty_like(cls, dense: nn.Module, ranks: Sequence[int], r_min: int, r_max: int | None) -> TuckerConv2d:
         if not isinstance(dense, nn.Conv2d):
             raise WeightsError(f"expected an nn.Conv2d to factorize, found {type(dense).__name__}")
         if dense.groups != 1 or dense.padding_mode != "zeros":
@@ -358,7 +344,6 @@ class TuckerConv2d(LowRankLayer):
             raise WeightsError(
                 f"ranks {list(ranks)} exceed the conv's channels ({dense.out_channels}, {dense.in_channels})"
             )
-        w = dense.weight
         return cls(
             dense.in_channels,
             dense.out_channels,
@@ -367,11 +352,7 @@ class TuckerConv2d(LowRankLayer):
             stride=dense.stride,
             padding=dense.padding,
             dilation=dense.dilation,
-            bias=dense.bias is not None,
-            r_min=r_min,
-            r_max=r_max,
-            device=w.device,
-            dtype=w.dtype,
+            **cls._options_like(dense, r_min, r_max),
         )
 
     @classmethod

@@ -115,17 +115,7 @@ class LowRankLinear(LowRankLayer):
     def _from_factors(
         cls, linear: nn.Linear, u: Tensor, s: Tensor, v: Tensor, *, r_min: int, r_max: int
     ) -> LowRankLinear:
-        w = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            u.shape[1],
-            bias=linear.bias is not None,
-            r_min=r_min,
-            r_max=r_max,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        layer = cls.empty_like(linear, (u.shape[1],), r_min, r_max)
         with torch.no_grad():
             layer.U.copy_(u)
             layer.S.copy_(s)
@@ -264,18 +254,8 @@ class LowRankLinear(LowRankLayer):
     def empty_like(cls, dense: nn.Module, ranks: Sequence[int], r_min: int, r_max: int) -> LowRankLinear:
         if not isinstance(dense, nn.Linear):
             raise WeightsError(f"expected an nn.Linear to factorize, found {type(dense).__name__}")
-        w = dense.weight
         (rank,) = ranks
-        return cls(
-            dense.in_features,
-            dense.out_features,
-            int(rank),
-            bias=dense.bias is not None,
-            r_min=r_min,
-            r_max=r_max,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        return cls(dense.in_features, dense.out_features, int(rank), **cls._options_like(dense, r_min, r_max))
 
     @classmethod
     def factor_ranks(cls, ranks: Sequence[int]) -> dict[str, tuple[int, int]]:

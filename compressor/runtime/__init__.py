@@ -11,6 +11,7 @@ from .device import autocast_context, resolve_device
 from .distributed import DistContext, init_from_env, shutdown
 from .factorized import FactorizedLayer, factorized_modules, is_factorized
 from .progress import Progress, ProgressFactory, silent_progress
+from .registry import registering
 from .serialize import dumps, jsonable, ort_session
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "linear_costs",
     "macs_by_layer",
     "ort_session",
+    "registering",
     "resolve_device",
     "shutdown",
     "silent_progress",

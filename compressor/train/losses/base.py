@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ...errors import unknown_name
 from ...layers import LowRankLayer
-from ...runtime import DistContext
+from ...runtime import DistContext, registering
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +102,7 @@ class LayerPenalty(LossTerm):
 
 def register(name: str) -> Callable[[type[LossTerm]], type[LossTerm]]:
     """Class decorator: make a term available to :func:`create` under ``name``."""
-
-    def deco(cls: type[LossTerm]) -> type[LossTerm]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            log.warning("loss term %r re-registered: %s replaces %s", name, cls, _REGISTRY[name])
-        _REGISTRY[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+    return registering(_REGISTRY, name, "loss term", log)
 
 
 def list_terms() -> list[str]:
