@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
+LatencySettingsLike = Any
+"""compressor.latency.LatencySettings (imported where used: latency/ imports torch and onnx)."""
+
 MAX_SEED = 2**32 - 1
 """Largest accepted seed (seeds are combined with epochs and steps into torch generator seeds)."""
 
@@ -166,27 +169,63 @@ class DistillSection(_Section):
 
 class TargetSection(_Section):
     params: float | None = Field(None, gt=0.0, le=1.0)
-    """Budget: the compressed model's parameters as a fraction of the dense model's (e.g. 0.05). At most one of params and macs."""
+    """Budget: the compressed model's parameters as a fraction of the dense model's (e.g. 0.05). At most one of params, macs and latency."""
     macs: float | None = Field(None, gt=0.0, le=1.0)
     """Budget: multiply-adds per image at model.input_size as a fraction of the dense model's (e.g. 0.2)."""
+    latency: float | None = Field(None, gt=0.0, le=1.0)
+    """Budget: the compressed model's onnxruntime CPU latency as a fraction of the dense model's (e.g. 0.2: 5× faster), at `batch`, `threads`, `input_size` and `precision` below, predicted by a latency model of this machine: every factorized layer's export forms timed on a grid of ranks, cached in ~/.cache/compressor/latency ($COMPRESSOR_CACHE_DIR/latency); each layer is exported in its fastest measured form, dense included (see docs/dlrt.md)."""
+    batch: int = Field(32, ge=1, le=65536)
+    """With `latency`: the batch size the latency is measured at (the export reports batch 1 and 32)."""
+    threads: int | None = Field(None, ge=1, le=256)
+    """With `latency`: onnxruntime intra-op threads (null: export.latency_threads)."""
+    input_size: int | None = Field(None, ge=8, le=1024)
+    """With `latency`: the square input side the latency is measured at (null: model.input_size); e.g. 224 to train at 32 px and deploy at 224."""
+    precision: Literal["fp32", "int8"] = "fp32"
+    """With `latency`: the graph the target applies to: fp32, or int8 (the static QDQ INT8 graph; needs export.int8), both against the dense FP32 model."""
     ramp: float = Field(0.5, gt=0.0, le=1.0)
     """Share of the rank-adaptive truncations over which the budget is reached, from the factorized model's cost (gradually, so that accuracy can follow)."""
     multiple: int = Field(1, ge=1, le=256)
-    """With a budget: every rank moves in steps of this many directions and ends on a multiple of it (8: onnxruntime's CPU kernels ran Tucker convs at multiples of 8 faster than at one rank fewer, see BENCHMARKS.md); a layer's minimum rank, and a rank smaller than one step, stay as they are."""
+    """With a budget: every rank moves in steps of this many directions and ends on a multiple of it (8: onnxruntime's CPU kernels ran Tucker convs at multiples of 8 faster than at one rank fewer, see BENCHMARKS.md); a layer's minimum rank, and a rank smaller than one step, stay as they are. With `latency`, 1 means 8, the step of the measured grid."""
 
     @model_validator(mode="after")
     def _one_budget(self) -> TargetSection:
-        if self.params is not None and self.macs is not None:
-            raise ValueError("give either params or macs, not both")
+        given = [k for k in ("params", "macs", "latency") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of params, macs and latency, not {' and '.join(given)}")
+        if self.latency is None:
+            defaults = {"batch": 32, "threads": None, "input_size": None, "precision": "fp32"}
+            stray = [k for k, v in defaults.items() if getattr(self, k) != v]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)}: only a latency target is measured at a batch, threads, input size "
+                    "and precision; set train.target.latency too, or leave them out"
+                )
         return self
 
     @property
     def kind(self) -> str | None:
-        return "params" if self.params is not None else ("macs" if self.macs is not None else None)
+        return next((k for k in ("params", "macs", "latency") if getattr(self, k) is not None), None)
 
     @property
     def fraction(self) -> float | None:
-        return self.params if self.params is not None else self.macs
+        kind = self.kind
+        return getattr(self, kind) if kind is not None else None
+
+    def latency_settings(self, *, in_chans: int, input_size: int, threads: int = 2) -> LatencySettingsLike | None:
+        """How the latency target is measured (None without one): ``input_size`` and ``threads``
+        stand in for this section's unset ones (:meth:`Recipe.latency_settings` passes the
+        model's and the export's)."""
+        if self.latency is None:
+            return None
+        from .latency import LatencySettings
+
+        return LatencySettings(
+            batch=self.batch,
+            threads=self.threads or threads,
+            input_size=self.input_size or input_size,
+            in_chans=in_chans,
+            precision=self.precision,
+        )
 
 
 class TrainSection(OptimSection):
@@ -324,6 +363,37 @@ class Recipe(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     export: ExportSection = Field(default_factory=ExportSection)
+
+    @model_validator(mode="after")
+    def _latency_target_graph(self) -> Recipe:
+        target = self.train.target
+        if target.latency is not None and target.precision == "int8" and not (self.export.onnx and self.export.int8):
+            raise ValueError(
+                "train.target.precision int8 targets the INT8 graph: set export.int8 (and export.onnx) true, "
+                "or use precision fp32"
+            )
+        return self
+
+    def latency_settings(self, in_chans: int = 3) -> LatencySettingsLike | None:
+        """How ``train.target.latency`` is measured (None without one), the defaults resolved
+        (threads: the export's, input size: the model's), as :class:`compressor.latency.LatencySettings`."""
+        return self.train.target.latency_settings(
+            in_chans=in_chans, input_size=self.model.input_size, threads=self.export.latency_threads
+        )
+
+    def resolved_train(self) -> TrainSection:
+        """``train`` with a latency target's threads and input size filled in from the export and
+        the model sections (the trainer sees only its own section); unchanged without one."""
+        t = self.train.target
+        if t.latency is None:
+            return self.train
+        target = t.model_copy(
+            update={
+                "threads": t.threads or self.export.latency_threads,
+                "input_size": t.input_size or self.model.input_size,
+            }
+        )
+        return self.train.model_copy(update={"target": target})
 
 
 # ----------------------------------------------------------------------------- loading

@@ -219,6 +219,10 @@ def budget_table(budget: Mapping[str, Any]) -> str:
         lines.append(
             f"| {name} | {','.join(map(str, d['ranks']))} | {d['macs_dense'] / 1e6:.2f} → {d['macs'] / 1e6:.2f} |"
         )
+    if latency := budget.get("latency"):  # asked, predicted, measured (compressor.latency.markdown)
+        from .latency.markdown import latency_section
+
+        lines += ["", latency_section(latency)]
     return "\n".join(lines)
 
 

@@ -94,7 +94,7 @@ def factorize_and_train(
     trainer = Trainer(
         model,
         train_loader,
-        recipe.train,
+        recipe.resolved_train(),
         val_loader=val_loader,
         device=device,
         seed=recipe.seed,
@@ -111,8 +111,29 @@ def factorize_and_train(
         set_epoch(train_loader, 0)  # a fixed pass: a resumed run re-estimates the same way
         reestimate_batchnorm_(model, train_loader, device, recipe.train.bn_batches, dist)
         warn_on_mismatch(model, val_loader if val_loader is not None else train_loader, device, "after compression")
+    if recipe.train.target.latency is not None:  # each layer is exported in its fastest measured form
+        from .latency import set_export_forms
+
+        budget = trainer.budget
+        latency = budget.latency_model if budget is not None else latency_model(model, recipe, _in_chans(model))
+        forms = set_export_forms(model, latency)
+        log.info(
+            "latency target: export forms %s", {f: sum(v == f for v in forms.values()) for f in set(forms.values())}
+        )
     timings["train"] = time.perf_counter() - t
     return fact, history, timings
+
+
+def latency_model(model: nn.Module, recipe: Recipe, in_chans: int) -> Any:
+    """The latency model of ``train.target.latency`` for ``model`` (from the cache once built)."""
+    from .latency import build_latency_model
+
+    return build_latency_model(model, recipe.latency_settings(in_chans))
+
+
+def _in_chans(model: nn.Module) -> int:
+    """The input channels of the model's first conv or linear layer (3 if it has none)."""
+    return next((int(m.in_channels) for m in model.modules() if hasattr(m, "in_channels")), 3)
 
 
 def layer_spectrum(module: nn.Module) -> list[float]:
@@ -181,18 +202,22 @@ class DryRun:
     macs: tuple[int, int]
     """(dense, factorized) multiply-adds per image at the recipe's input size."""
     macs_by_layer: dict[str, tuple[int, int]]
+    budget: dict[str, Any] | None = None
+    """With ``train.target``: what the allocation would choose at the target (:func:`budget_preview`)."""
 
     def summary(self) -> str:
         (pd, pf), (md, mf) = self.params, self.macs
-        return "\n".join(
-            [
-                self.factorization.table(self.macs_by_layer),
-                "",
-                f"parameters: {pd:,} -> {pf:,} (c.r. {100 * (1 - pf / pd):.2f} %)",
-                f"multiply-adds per image: {md / 1e6:,.1f}M -> {mf / 1e6:,.1f}M ({md / max(mf, 1):.2f}x fewer)",
-                "These are the initial ranks; RobustDLRT then adapts them (tolerance train.tau).",
-            ]
-        )
+        lines = [
+            self.factorization.table(self.macs_by_layer),
+            "",
+            f"parameters: {pd:,} -> {pf:,} (c.r. {100 * (1 - pf / pd):.2f} %)",
+            f"multiply-adds per image: {md / 1e6:,.1f}M -> {mf / 1e6:,.1f}M ({md / max(mf, 1):.2f}x fewer)",
+        ]
+        if self.budget is None:
+            return "\n".join(
+                [*lines, "These are the initial ranks; RobustDLRT then adapts them (tolerance train.tau)."]
+            )
+        return "\n".join([*lines, "", *budget_preview_lines(self.budget)])
 
 
 def dry_run(recipe: Recipe) -> DryRun:
@@ -220,7 +245,88 @@ def dry_run(recipe: Recipe) -> DryRun:
         (dense_params, sum(p.numel() for p in model.parameters())),
         (count_macs(model, size, dense_equivalent=True), count_macs(model, size)),
         per_layer,
+        budget_preview(model, recipe, data.in_chans) if recipe.train.target.kind is not None else None,
     )
+
+
+def budget_preview(model: nn.Module, recipe: Recipe, in_chans: int) -> dict[str, Any]:
+    """The ranks the budget's allocation (``train.target``) would choose at the target from the
+    factorized model's initial spectra, every layer's cost there (for a latency target: its
+    predicted milliseconds and fastest form) and the model's."""
+    from .train.budget import Budget
+
+    target = recipe.train.target
+    budget = Budget(
+        model,
+        target.kind,
+        target.fraction,
+        input_size=recipe.model.input_size,
+        in_chans=in_chans,
+        multiple=target.multiple,
+        latency=recipe.latency_settings(in_chans),
+    )
+    initial = {n: tuple(layer.ranks) for n, layer in budget.layers.items()}
+    ranks = budget.preview()
+    layers = {
+        n: {"initial": list(initial[n]), "ranks": list(r), "cost": budget.layer_cost(n, r)} for n, r in ranks.items()
+    }
+    out = {
+        "kind": target.kind,
+        "fraction": target.fraction,
+        "dense": budget.dense,
+        "target": budget.target,
+        "initial": budget.cost(initial),
+        "reached": budget.cost(ranks),
+        "multiple": budget.multiple,
+        "layers": layers,
+    }
+    if budget.latency_model is not None:
+        lm = budget.latency_model
+        for n, r in ranks.items():
+            layers[n]["form"] = lm.layer_ms(n, r)[0]
+        out["latency"] = {"settings": lm.settings.to_dict(), "rest_ms": lm.rest_ms, "model": lm.summary()}
+    return out
+
+
+def budget_preview_lines(preview: dict[str, Any]) -> list[str]:
+    """:func:`budget_preview` as text: the per-layer table and what it sums to."""
+    kind, unit = preview["kind"], {"params": "parameters", "macs": "multiply-adds", "latency": "ms"}[preview["kind"]]
+
+    def cost(v: float) -> str:
+        return f"{v:,.2f}" if kind == "latency" else f"{v:,.0f}"
+
+    head = ("layer", "initial ranks", "ranks at the target", *(("form",) if kind == "latency" else ()), unit)
+    rows = [head]
+    for name, d in preview["layers"].items():
+        form = (d["form"],) if kind == "latency" else ()
+        rows.append((name, ",".join(map(str, d["initial"])), ",".join(map(str, d["ranks"])), *form, cost(d["cost"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    what = f"train.target.{kind} = {preview['fraction']}"
+    lines = [
+        f"With {what} the budget chooses every layer's ranks at each truncation; τ (train.tau) is not used.",
+        f"The allocation at the target from the initial spectra (ranks in steps of {preview['multiple']}):",
+        "",
+        *table,
+        "",
+    ]
+    if kind == "latency":
+        lat = preview["latency"]
+        s = lat["settings"]
+        lines.append(
+            f"predicted onnxruntime latency at batch {s['batch']}, {s['threads']} thread(s), {s['input_size']} px, "
+            f"{s['precision']}: {preview['dense']:.2f} ms dense -> {preview['reached']:.2f} ms "
+            f"({preview['reached'] / preview['dense']:.3f} of dense; target {preview['fraction']}, "
+            f"rest of the network {lat['rest_ms']:.2f} ms)"
+        )
+    else:
+        lines.append(
+            f"{unit}: {cost(preview['dense'])} dense -> {cost(preview['reached'])} "
+            f"({preview['reached'] / preview['dense']:.3f} of dense; target {preview['fraction']})"
+        )
+    lines.append("Training reaches the target over the first train.target.ramp of the truncations; RobustDLRT's")
+    lines.append("gradients then decide which directions each layer keeps, so the final ranks differ.")
+    return lines
 
 
 def budget_report(model: nn.Module, recipe: Recipe, *, in_chans: int, dense_params: int) -> dict[str, Any] | None:
@@ -237,7 +343,7 @@ def budget_report(model: nn.Module, recipe: Recipe, *, in_chans: int, dense_para
         macs_by_layer(model, size, in_chans=in_chans, dense_equivalent=True),
     )
     stats = compression_stats(model)
-    return {
+    out = {
         "target": {"kind": target.kind, "fraction": target.fraction, "ramp": target.ramp},
         "reached": {
             "params_fraction": stats.params / dense_params,
@@ -251,6 +357,89 @@ def budget_report(model: nn.Module, recipe: Recipe, *, in_chans: int, dense_para
             for name, layer in low_rank_layers(model).items()
         },
     }
+    if target.latency is not None:
+        out["latency"] = latency_prediction(model, recipe, in_chans)
+        for name, d in out["latency"]["layers"].items():
+            out["layers"][name]["form"] = d["form"]
+    return out
+
+
+def latency_prediction(model: nn.Module, recipe: Recipe, in_chans: int) -> dict[str, Any]:
+    """A latency target asked for and what the latency model predicts at the model's ranks."""
+    lm = latency_model(model, recipe, in_chans)
+    ranks = {n: tuple(layer.ranks) for n, layer in low_rank_layers(model).items() if n in lm.tables}
+    p = lm.predict(ranks)
+    return {
+        "asked": {"fraction": recipe.train.target.latency, **lm.settings.to_dict()},
+        "predicted": {
+            "ms": p["ms"],
+            "dense_ms": p["dense_ms"],
+            "fraction": p["fraction"],
+            "speedup": 1 / p["fraction"] if p["fraction"] > 0 else None,
+            "rest_ms": p["rest_ms"],
+        },
+        "model": lm.summary(),
+        "layers": p["layers"],
+    }
+
+
+def measure_latency_target(
+    model: nn.Module,
+    dense_model: nn.Module | None,
+    recipe: Recipe,
+    *,
+    in_chans: int,
+    export_dir: Path | None = None,
+    export_latency: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a latency target reached, measured: the exported graph (``export_dir``'s
+    model.onnx, or model.int8.onnx for an INT8 target) against the dense one, side by side at
+    batch 1 and the target's batch (taken from the export's own latency check when it timed
+    them under the same settings), and the layers holding most of the predicted time timed
+    alone against their prediction (:mod:`compressor.latency.verify`)."""
+    from .latency import verify
+
+    lm = latency_model(model, recipe, in_chans)
+    settings = lm.settings
+    batches = sorted({1, settings.batch})
+    out: dict[str, Any] = {}
+    key = "int8" if settings.precision == "int8" else "compressed"
+    same = (
+        export_latency is not None
+        and export_latency.get("threads") == settings.threads
+        and settings.input_size == recipe.model.input_size
+    )
+    network = verify.from_export_latency(export_latency, key, batches) if same else None
+    if network is not None:
+        out["source"] = "the export's latency check"
+    elif dense_model is not None:
+        onnx_name = "model.int8.onnx" if key == "int8" else "model.onnx"
+        given = (
+            export_dir / onnx_name
+            if export_dir is not None and settings.input_size == recipe.model.input_size
+            else None
+        )
+        network = verify.network_latency(
+            model,
+            dense_model,
+            settings,
+            batch_sizes=batches,
+            repeats=recipe.export.latency_repeats,
+            compressed_onnx=given if given is not None and given.is_file() else None,
+        )
+        out["source"] = "timed here"
+    if network is not None:
+        out["network"] = {str(b): v for b, v in network.items()}
+        at = network[settings.batch]
+        predicted = lm.predict({n: tuple(l.ranks) for n, l in low_rank_layers(model).items() if n in lm.tables})
+        out["fraction"] = at["fraction"]
+        out["speedup"] = at["speedup"]
+        out["predicted_fraction"] = predicted["fraction"]
+        out["prediction_error"] = predicted["fraction"] / at["fraction"] - 1
+        out["met"] = at["fraction"] <= recipe.train.target.latency
+    top = verify.slowest_layers(latency_prediction(model, recipe, in_chans)["layers"])
+    out["layers_alone"] = verify.layers_alone(model, lm, top)
+    return out
 
 
 def certificate(

@@ -12,6 +12,11 @@ factored form. A LowRankLinear (W = U S Vᵀ) becomes ``merged`` (x·(V Sᵀ)·U
 MatMul/Gemm) or ``dense`` near full rank; a TuckerConv2d ``tucker3`` (Conv 1×1 → k×k → 1×1),
 ``fold_out``, ``fold_in`` or ``dense`` when one of them is cheaper, which needs a rank near its
 channel count (see each class). ``fold="none"`` keeps the trained form, for comparison.
+
+A layer whose ``export_form`` attribute names one of its forms (set by a latency budget,
+:func:`compressor.latency.set_export_forms`: the fastest form measured at the layer's final
+ranks, ``dense`` included) takes that form under ``fold="auto"``; the multiply-add rule
+applies to the others. The attribute lives on the module, not in the safetensors manifest.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers import low_rank_layers
+
+EXPORT_FORM_ATTR = "export_form"
+"""The attribute of a factorized layer naming the form a latency model measured fastest."""
 
 PLAN_KEY = "compressor.export_plan"
 """The ONNX ``metadata_props`` key holding {layer: form} of the exported graph."""
@@ -54,8 +62,11 @@ def plan_export(model: nn.Module, fold: str = "auto", *, called: set[str] | None
             plan[name] = LayerForm(layer.kind, "dense", *costs["dense"])
             continue
         base = layer.trained_form
+        measured = getattr(layer, EXPORT_FORM_ATTR, None)
         if fold == "none":
             choice = base
+        elif measured in layer.forms:
+            choice = measured
         else:
             limit = costs[base][0]
             allowed = [f for f in layer.export_forms if costs[f][0] <= limit]

@@ -1,6 +1,8 @@
 """Compress to a budget: choose every layer's ranks together at each truncation.
 
-A budget is a fraction of the dense model's parameters or multiply-adds (``train.target``).
+A budget is a fraction of the dense model's parameters, multiply-adds or measured onnxruntime
+latency (``train.target``; latency from :mod:`compressor.latency`, a layer's cost at any ranks
+being the time of its fastest export form there, dense included).
 At a truncation every factorized layer offers its singular values per low-rank mode (one mode
 for a linear core, two channel modes for a Tucker core), its rank caps and its cost at any ranks
 (``LowRankLayer.spectra``, ``rank_caps``, ``cost_of_ranks``). Starting from the ranks the tolerance
@@ -8,7 +10,10 @@ for a linear core, two channel modes for a Tucker core), its rank caps and its c
 least for what it costs: its normalized energy σᵢ² / Σσ² (the share of that mode's spectrum it
 carries) divided by the parameters or multiply-adds its removal saves, which differ per layer
 and per Tucker mode (a Tucker mode's saving depends on the other mode's rank, so savings are
-re-evaluated lazily). It stops when the whole model fits the budget. With a budget the budget
+re-evaluated lazily). A measured cost can stay flat over a step (a layer whose dense form is
+faster than its factorized ones until a much lower rank); such a step is priced as the jump
+to the first lower rank that saves time, so that the saving beyond the flat stretch is seen.
+It stops when the whole model fits the budget. With a budget the budget
 chooses the ranks and the tolerance τ is not used: every nonzero singular value is on offer, so
 the model ends at the budget (within one singular value's cost), not wherever τ would have cut.
 
@@ -24,12 +29,16 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..functional import truncation_rank
 from ..layers import CostFn, LowRankLayer, low_rank_layers
+
+if TYPE_CHECKING:
+    from ..latency import LatencyModel, LatencySettings
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +72,8 @@ def allocate_ranks(
     docstring). If even the minimum ranks do not fit, the minimum ranks are returned.
 
     ``multiple``: ranks move in steps of this many singular values and end on its multiples
-    (runtimes' GEMM kernels work in blocks); a mode's minimum rank, and a τ rank below one
-    block, stay as they are."""
+    (runtimes' GEMM kernels work in blocks); a mode's minimum rank, a τ rank below one block,
+    and a layer whose rounded ranks would cost no less, stay as they are."""
     if multiple < 1:
         raise ValueError(f"multiple must be at least 1, got {multiple}")
 
@@ -73,6 +82,9 @@ def allocate_ranks(
         return down if down >= max(lo, 1) else r
 
     ranks = {name: [start(r, lo) for r, lo in zip(o.max_ranks, o.min_ranks, strict=True)] for name, o in offers.items()}
+    for name, o in offers.items():  # rounding that saves nothing (a flat measured cost) keeps the directions
+        if o.cost(tuple(ranks[name])) >= o.cost(tuple(o.max_ranks)):
+            ranks[name] = list(o.max_ranks)
     costs = {name: o.cost(tuple(ranks[name])) for name, o in offers.items()}
     total = fixed_cost + sum(costs.values())
     if total <= budget:
@@ -82,35 +94,38 @@ def allocate_ranks(
         for name, o in offers.items()
     }
 
-    def key(name: str, mode: int) -> float | None:
-        """Worth per unit saved of dropping this mode's last step of singular values (None: cannot)."""
+    def move(name: str, mode: int) -> tuple[float, int] | None:
+        """(worth per unit saved, the rank to move to) of this mode's next move (None: it cannot):
+        one step, or the jump to the first lower rank that saves anything (a flat cost)."""
         r = ranks[name]
-        lower = _step_down(r[mode], offers[name].min_ranks[mode], multiple)
-        if lower is None:
-            return None
-        smaller = list(r)
-        smaller[mode] = lower
-        saving = costs[name] - offers[name].cost(tuple(smaller))
-        worth = sum(energy[name][mode][lower : r[mode]])
-        return worth / saving if saving > 0 else math.inf
+        lo = offers[name].min_ranks[mode]
+        first = lower = _step_down(r[mode], lo, multiple)
+        while lower is not None:
+            smaller = list(r)
+            smaller[mode] = lower
+            saving = costs[name] - offers[name].cost(tuple(smaller))
+            if saving > 0:
+                return sum(energy[name][mode][lower : r[mode]]) / saving, lower
+            lower = _step_down(lower, lo, multiple)
+        return None if first is None else (math.inf, first)
 
-    heap = [(k, name, m) for name in offers for m in range(len(ranks[name])) if (k := key(name, m)) is not None]
+    heap = [(m[0], name, k) for name in offers for k in range(len(ranks[name])) if (m := move(name, k)) is not None]
     heapq.heapify(heap)
     while total > budget and heap:
         k, name, mode = heapq.heappop(heap)
-        current = key(name, mode)
+        current = move(name, mode)
         if current is None:
             continue
-        if current > k + 1e-18 * max(1.0, abs(k)):  # stale (the other mode changed): re-queue
-            heapq.heappush(heap, (current, name, mode))
+        if current[0] > k + 1e-18 * max(1.0, abs(k)):  # stale (the other mode changed): re-queue
+            heapq.heappush(heap, (current[0], name, mode))
             continue
-        ranks[name][mode] = _step_down(ranks[name][mode], offers[name].min_ranks[mode], multiple)
+        ranks[name][mode] = current[1]
         new_cost = offers[name].cost(tuple(ranks[name]))
         total += new_cost - costs[name]
         costs[name] = new_cost
         for m in range(len(ranks[name])):  # this layer's keys changed
-            if (nk := key(name, m)) is not None:
-                heapq.heappush(heap, (nk, name, m))
+            if (nm := move(name, m)) is not None:
+                heapq.heappush(heap, (nm[0], name, m))
     return {n: tuple(r) for n, r in ranks.items()}
 
 
@@ -120,11 +135,18 @@ def allocate_ranks(
 class Budget:
     """The trainer's budget: target, ramp, and the cost of every layer at any ranks.
 
-    ``kind`` is ``params`` or ``macs``; ``fraction`` of the dense model's count; MACs at
-    ``input_size`` (per image). ``ramp_truncations``: how many truncations the target is
+    ``kind`` is ``params``, ``macs`` or ``latency``; ``fraction`` of the dense model's count;
+    MACs at ``input_size`` (per image). ``ramp_truncations``: how many truncations the target is
     reached over; ``start``: the cost the ramp starts from, or ``start_ranks``: the ranks that
     cost is computed at (default: the model's ranks now); ``multiple``: round ranks to it
-    (see :func:`allocate_ranks`).
+    (see :func:`allocate_ranks`; with ``latency``, 1 means 8, the step of the measured grid).
+
+    ``latency``: how a latency target is measured (:class:`compressor.latency.LatencySettings`;
+    default: batch 32, 2 threads, fp32 at ``input_size``); ``latency_model``: a latency model
+    to use instead of building one (:func:`compressor.latency.build_latency_model`, which
+    times what its cache does not hold). The cost is then milliseconds: the model's ``rest``
+    is fixed, and each layer costs its fastest form's time at its ranks; the layers the
+    forward does not call are not offered (they keep their ranks and are exported dense).
     """
 
     def __init__(
@@ -139,14 +161,30 @@ class Budget:
         start: float | None = None,
         start_ranks: Mapping[str, tuple[int, ...]] | None = None,
         multiple: int = 1,
+        latency: LatencySettings | None = None,
+        latency_model: LatencyModel | None = None,
     ) -> None:
-        if kind not in ("params", "macs"):
-            raise ValueError(f"budget kind must be 'params' or 'macs', got {kind!r}")
+        if kind not in ("params", "macs", "latency"):
+            raise ValueError(f"budget kind must be 'params', 'macs' or 'latency', got {kind!r}")
         self.kind, self.fraction, self.multiple = kind, float(fraction), int(multiple)
         self.ramp = max(1, int(ramp_truncations))
         self.layers = low_rank_layers(model)
         self._cost_fns: dict[str, CostFn] = {}
-        if kind == "params":
+        self.latency_model: LatencyModel | None = None
+        if kind == "latency":
+            if latency_model is None:
+                from ..latency import LatencySettings, build_latency_model
+
+                settings = latency or LatencySettings(input_size=input_size, in_chans=in_chans)
+                latency_model = build_latency_model(model, settings)
+            self.latency_model = latency_model
+            self.multiple = 8 if self.multiple == 1 else self.multiple
+            self.layers = {n: layer for n, layer in self.layers.items() if n in latency_model.tables}
+            self.fixed = latency_model.rest_ms
+            self.dense = latency_model.dense_ms
+            for name in self.layers:
+                self._cost_fns[name] = latency_model.cost_fn(name)
+        elif kind == "params":
             total = sum(p.numel() for p in model.parameters())
             low_rank_now = sum(layer.num_parameters() for layer in self.layers.values())
             self.fixed = total - low_rank_now
@@ -170,10 +208,16 @@ class Budget:
         self.target = self.fraction * self.dense
         self.truncations = 0
 
-    def cost(self, ranks: Mapping[str, tuple[int, ...]] | None = None) -> int:
-        """The model's cost (parameters, or multiply-adds per image) at ``ranks`` (default: now)."""
+    def cost(self, ranks: Mapping[str, tuple[int, ...]] | None = None) -> float:
+        """The model's cost (parameters, multiply-adds per image, or milliseconds) at ``ranks``
+        (default: now)."""
         ranks = ranks or {n: tuple(layer.ranks) for n, layer in self.layers.items()}
-        return int(self.fixed + sum(fn(tuple(ranks[n])) for n, fn in self._cost_fns.items()))
+        total = self.fixed + sum(fn(tuple(ranks[n])) for n, fn in self._cost_fns.items())
+        return total if self.kind == "latency" else int(total)
+
+    def layer_cost(self, name: str, ranks: tuple[int, ...]) -> float:
+        """Layer ``name``'s cost at ``ranks`` (parameters, multiply-adds per image or milliseconds)."""
+        return self._cost_fns[name](tuple(ranks))
 
     def current_target(self) -> float:
         """The cap for the next truncation: the ramp from the starting cost to the target."""
@@ -204,6 +248,15 @@ class Budget:
             "reached": self.cost(),
             "reached_fraction": self.cost() / self.dense if self.dense else 0.0,
         }
+
+    def preview(self) -> dict[str, tuple[int, ...]]:
+        """The ranks the allocation chooses at the target (the ramp's end) from the layers'
+        spectra now, every nonzero singular value on offer (a dry run's preview)."""
+        truncations, self.truncations = self.truncations, self.ramp
+        try:
+            return self.caps()
+        finally:
+            self.truncations = truncations
 
 
 def _pixels(
