@@ -25,6 +25,7 @@ from compressor.latency import (
     LayerTable,
     build_latency_model,
     form_ops,
+    network_in_forms,
     rank_grid,
     set_export_forms,
 )
@@ -302,3 +303,22 @@ def test_dry_run_with_a_budget_says_tau_is_not_used(kind):
     assert "τ (train.tau) is not used" in text and "16,8" in text
     assert "RobustDLRT then adapts them (tolerance train.tau)" not in text
     assert ("tucker3" in text) == (kind == "latency")
+
+
+def test_network_in_forms_writes_each_layer_in_its_form_at_its_ranks():
+    net = _model()
+    choice = {"4": ("fold_in", (16, 8)), "8": ("merged", (8,))}
+    plain = network_in_forms(net, choice)
+    assert set(low_rank_layers(plain)) == {"2"}  # the layer not chosen stays as it is
+    assert [tuple(m.weight.shape) for m in plain[4]] == [(16, 48, 3, 3), (48, 16, 1, 1)]
+    assert [tuple(m.weight.shape) for m in plain[8]] == [(8, 48), (40, 8)]
+    assert plain(torch.rand(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_an_int8_form_graph_is_quantized_to_qdq():
+    from compressor.latency.quantized import quantize_graph
+
+    net = _model()
+    ops = [tuple(op) for op in form_ops(low_rank_layers(net)["8"], "merged")]
+    proto = quantize_graph(form_graph(ops, (4, 48)), (4, 48))
+    assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
