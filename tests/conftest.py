@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 
@@ -31,6 +33,26 @@ def train_config(adaptive_epochs: int = 3, fixed_epochs: int = 0, **keys):
 settings.register_profile("ci", derandomize=True, database=None)
 settings.register_profile("explore", max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def run_command(argv: list[str]) -> tuple[int, str, str]:
+    """``compress <argv>`` in this process (``compressor.cli.main``): its exit code, stdout and
+    stderr. The command's imports are then paid once for the whole suite, not once per run; the
+    tests about the process itself (exit codes of a real process, a kill and --resume, torchrun,
+    the allocator's environment) still start one."""
+    from compressor.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:  # main() configures the root logger for a process: a fixture may run outside _restore_logging
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(autouse=True)

@@ -4,14 +4,13 @@ INT8 checked against FP32, the export command on the run's own data, --dry-run."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import run_command
 from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -143,8 +142,8 @@ def folder_run(tmp_path_factory) -> Path:
     args = ["--recipe", str(TINY), "--data", "imagefolder", "--data-root", str(tmp / "images"), "--output-dir",
             str(tmp / "runs"), "--set", "model.name=timm:test_convnext", "--set", "data.train_subset=null",
             "--set", "data.val_subset=null", "--set", "export.int8=true", "--quiet"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _, stderr = run_command(args)
+    assert code == 0, stderr[-2000:]
     return tmp / "runs" / "tiny"
 
 
@@ -175,24 +174,9 @@ def test_report_md_is_for_people(folder_run):
 
 def test_export_command_uses_the_runs_own_data_for_int8(folder_run, tmp_path):
     out = tmp_path / "again"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "compressor.cli",
-            "export",
-            str(folder_run / "model.safetensors"),
-            "--int8",
-            "--no-latency",
-            "--out",
-            str(out),
-            "--quiet",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ["export", str(folder_run / "model.safetensors"), "--int8", "--no-latency", "--out", str(out), "--quiet"]
+    code, _, stderr = run_command(args)
+    assert code == 0, stderr[-2000:]
     doc = json.loads((out / "export.json").read_text())
     run = json.loads((folder_run / "report.json").read_text())
     assert doc["int8"]["calibration"].endswith("imagefolder training images")
@@ -202,12 +186,7 @@ def test_export_command_uses_the_runs_own_data_for_int8(folder_run, tmp_path):
 
 
 def test_dry_run_prints_ranks_and_costs_and_writes_nothing(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "compressor.cli", "--recipe", str(TINY), "--output-dir", str(tmp_path), "--dry-run"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "multiply-adds per image" in proc.stdout and "factorized" in proc.stdout and "MACs" in proc.stdout
+    code, stdout, stderr = run_command(["--recipe", str(TINY), "--output-dir", str(tmp_path), "--dry-run"])
+    assert code == 0, stderr[-2000:]
+    assert "multiply-adds per image" in stdout and "factorized" in stdout and "MACs" in stdout
     assert list(tmp_path.iterdir()) == []

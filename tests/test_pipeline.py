@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_command
 from torch import nn
 
 from compressor import compress
@@ -23,15 +24,9 @@ TINY = ROOT / "recipes" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    proc = subprocess.run(
-        [sys.executable, "-m", "compressor.cli", "--recipe", str(TINY), "--output-dir", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "compression rate" in proc.stdout  # the summary table
+    code, stdout, stderr = run_command(["--recipe", str(TINY), "--output-dir", str(out), "--quiet"])
+    assert code == 0, stderr
+    assert "compression rate" in stdout  # the summary table
     return out / "tiny"
 
 
