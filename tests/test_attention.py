@@ -37,10 +37,16 @@ def test_torchvision_vit_b_16_factorizes_its_attention_exactly_at_full_rank():
     tvm = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
     vit = tvm.vit_b_16(weights=None, image_size=32, num_classes=10).double().eval()
+    with torch.no_grad():  # the head starts at zero: the output would be 0 and the check below could not fail
+        vit.heads.head.weight.normal_(0, 0.05)
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         ref = vit(x)
-    report = factorize_(vit, init_rank=None, r_max=10_000, require_saving=False)
+    # the attention projections only: full-rank SVDs of the MLPs' 3072×768 matrices would triple
+    # the cost and are checked by the layer tests and test_factorize_zoo
+    report = factorize_(
+        vit, init_rank=None, r_max=10_000, require_saving=False, filter_fn=lambda m, name: ".self_attention." in name
+    )
     names = {d.name for d in report.factorized}
     assert len(report.attention) == 12
     assert all(f"encoder.layers.encoder_layer_{i}.self_attention.in_proj" in names for i in range(12))
