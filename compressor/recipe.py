@@ -339,7 +339,11 @@ class ExportSection(_Section):
     opset: int = Field(18, ge=17, le=23)
     """ONNX opset."""
     int8: bool = False
-    """Also write a static-QDQ INT8 ONNX model, calibrated on training images."""
+    """Also write a static-QDQ INT8 ONNX model, calibrated on training images (docs/int8.md)."""
+    int8_max_drop: float = Field(0.01, ge=0.0, le=1.0)
+    """INT8 clean accuracy may fall this far (a fraction: 0.01 is 1 point) below the FP32 ONNX model's on the validation split; beyond it the check tries the INT8 remedies (calibration chosen by validation, the first and last layers in float, the most sensitive layers in float) until it holds."""
+    int8_activations: Literal["auto", "uint8", "int8"] = "auto"
+    """INT8 activation type: `auto` is what onnxruntime's CPU kernels fuse where the export runs (uint8 on x86-64, int8 on ARM)."""
     latency: bool = True
     """Measure onnxruntime latency of the dense and the compressed model (batch 1 and 32), side by side."""
     latency_threads: int = Field(2, ge=1, le=256)

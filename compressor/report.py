@@ -135,6 +135,21 @@ def _mb(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e6:.2f} MB"
 
 
+def _int8_rows(q: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The INT8 check's choices: each calibration method's accuracy, the layers kept in float."""
+    rows = []
+    methods = q.get("calibration_methods") or {}
+    if len(methods) > 1:
+        each = ", ".join(f"{m} {_pct(a)} %" for m, a in methods.items())
+        rows.append(("INT8 calibration, chosen by validation accuracy", f"{q.get('calibrate_method')} ({each})"))
+    elif methods:
+        rows.append(("INT8 calibration", f"{q.get('calibrate_method')} (within tolerance: no other method tried)"))
+    if "clean_accuracy" in q:
+        floats = list(q.get("float_layers") or []) + (["first and last"] if q.get("float_ends") else [])
+        rows.append(("INT8 layers kept in float", ", ".join(floats) if floats else "none"))
+    return rows
+
+
 def export_table(export: Mapping[str, Any]) -> str:
     """The figures a deployer looks for: sizes, checks, multiply-adds, latency, INT8."""
     rows = [("", "value")]
@@ -166,6 +181,7 @@ def export_table(export: Mapping[str, Any]) -> str:
         where = f"{n} images; " if n else ""
         rows.append((f"INT8 clean accuracy ({where}calibrated on {q.get('calibration')}; {q.get('variant')})",
                      "not measured" if acc is None else f"{_pct(acc)} %"))  # fmt: skip
+        rows += _int8_rows(q)
     lat = export.get("latency") or {}
     threads = lat.get("threads")
     for name in ("dense", "compressed", "int8"):

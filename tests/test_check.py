@@ -91,7 +91,7 @@ def test_a_registered_remedy_is_tried_in_its_order(exported, monkeypatch):
     others, in order, and keeps the best candidate."""
     model, _, _, result = exported
     monkeypatch.setattr(R, "_REGISTRY", list(R._REGISTRY))  # the registration ends with the test
-    monkeypatch.setattr(I, "INT8_MAX_DROP", -1.0)  # nothing meets it: every remedy is tried
+    monkeypatch.setattr(I.Int8Search, "within", lambda self, accuracy: False)  # nothing holds: every remedy is tried
     seen = []
 
     @register_remedy(order=0)
@@ -106,7 +106,10 @@ def test_a_registered_remedy_is_tried_in_its_order(exported, monkeypatch):
     fp32 = check_export(model, result, val_loader=_val()).onnx_eval
     q = result.int8
     variants = [t["variant"] for t in q["tried"]]
-    assert variants[:2] == [I.EXPORTED_VARIANT, "per-tensor weights"] and len(variants) == 1 + len(list_remedies())
+    assert variants[:2] == [I.EXPORTED_VARIANT, "per-tensor weights"]
+    # then the standard remedies in their order: the other calibrations, the ends, the sensitive layers
+    assert variants[2:4] == ["percentile 99.999 calibration", "entropy calibration"]
+    assert "first and last layers in float" in variants[4] and "1 most sensitive layer in float" in variants[5]
     assert seen == [(fp32["clean_accuracy"], [I.EXPORTED_VARIANT])]  # the remedy saw what was measured before it
     assert q["clean_accuracy"] == max(t["clean_accuracy"] for t in q["tried"]) and "warning" in q
 

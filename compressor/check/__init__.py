@@ -6,10 +6,12 @@
 One check a file: ONNX-vs-PyTorch parity and ONNX accuracy (:mod:`.accuracy`), INT8 accuracy
 against FP32 with its remedies tried in turn (:mod:`.int8`, the remedies in :mod:`.remedies`),
 latency of the dense and the compressed model side by side (:mod:`.latency`); :mod:`.stage`
-runs them in order. A new INT8 remedy (calibration chosen by validation, layers kept in float
-by sensitivity) is one more file registering itself with :func:`register_remedy`.
+runs them in order. An INT8 remedy (:mod:`.calibrators`: calibration chosen by validation;
+:mod:`.sensitivity`: the most sensitive layers in float) is one file registering itself with
+:func:`register_remedy`, imported here.
 """
 
+from . import calibrators, sensitivity  # noqa: F401 (the remedies register themselves on import)
 from .calibration import CALIBRATION_IMAGES, calibration_images
 from .int8 import EXPORTED_VARIANT, INT8_MAX_DROP, Int8Search
 from .remedies import Candidate, Remedy, list_remedies, register_remedy

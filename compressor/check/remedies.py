@@ -5,17 +5,22 @@ A remedy proposes one or more :class:`Candidate` quantizations (keyword argument
 :mod:`compressor.check.int8` quantizes and scores every candidate of a remedy and stops after
 the first remedy that brings INT8 within the tolerance. A remedy sees the search
 (:class:`~compressor.check.int8.Int8Search`: the FP32 model, the calibration images, a scorer on
-the validation data, what was tried), so one that must measure before it proposes (which
-layers are sensitive, which calibration scores best) can. A new remedy is one file:
+the validation data, what was tried, the options of the best candidate so far), so one that
+must measure before it proposes can; its candidates are quantized and scored one by one as it
+yields them, so it may stop once the last one holds. A new remedy is one file, imported by the
+package's ``__init__``:
 
     @register_remedy(order=50)
-    class KeepSensitiveLayers:
-        name = "sensitive layers in float"
-        def candidates(self, search): ...
+    class PerTensorWeights:
+        name = "per-tensor weights"
+        def candidates(self, search):
+            yield Candidate("per-tensor weights", {**search.calibration_options(), "per_channel": False})
 
-The standard remedy below keeps the first and the last layers in float (the layers whose
-quantization error reaches the input features and the logits most directly; Nagel et al.,
-"A White Paper on Neural Network Quantization", 2021, §4).
+In order: calibration chosen by validation (:mod:`.calibrators`, order 10), the first and the
+last layers in float (below, order 100: the layers whose quantization error reaches the input
+features and the logits most directly; Nagel et al., "A White Paper on Neural Network
+Quantization", 2021, §4), the most sensitive layers in float (:mod:`.sensitivity`, order 200).
+The later ones keep the calibration the earlier ones chose.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from ..export.quantize import PERCENTILE
 
 if TYPE_CHECKING:
     from .int8 import Int8Search
@@ -67,6 +74,23 @@ def register_remedy(order: int) -> Callable[[type], type]:
     return deco
 
 
+def describe(options: Mapping[str, Any]) -> str:
+    """A quantization's name in the report, from :func:`quantize_int8`'s options."""
+    method = options.get("calibration", "minmax")
+    name = {"minmax": "MinMax", "entropy": "entropy"}.get(method, method)
+    if method == "percentile":
+        name += f" {options.get('percentile', PERCENTILE):g}"
+    parts = [f"{name} calibration"]
+    if options.get("float_ends"):
+        parts.append("first and last layers in float")
+    if options.get("float_layers"):
+        n = len(options["float_layers"])
+        parts.append(f"{n} most sensitive layer{'s' if n > 1 else ''} in float")
+    if options.get("per_channel") is False:
+        parts.append("per-tensor weights")
+    return ", ".join(parts)
+
+
 def list_remedies() -> list[Remedy]:
     """The registered remedies, in the order they are tried."""
     return [remedy for _, remedy in _REGISTRY]
@@ -79,6 +103,5 @@ class FloatEnds:
     name = "first and last layers in float"
 
     def candidates(self, search: Int8Search) -> Iterable[Candidate]:
-        yield Candidate(
-            "per-channel weights, first and last layers in float", {"per_channel": True, "float_ends": True}
-        )
+        options = {**search.calibration_options(), "float_ends": True}
+        yield Candidate(describe(options), options)

@@ -29,7 +29,7 @@ def check_export(
 
     Parity of the ONNX model with ``model``; with ``val_loader``: the ONNX model's accuracy
     (beside ``model``'s), and INT8 against it, with the remedies tried while INT8 loses more
-    than :data:`~compressor.check.INT8_MAX_DROP` (the best candidate replaces the INT8 file);
+    than the export section's ``int8_max_drop`` (the best candidate replaces the INT8 file);
     with the export section's ``latency``: onnxruntime latency of the compressed, INT8 and
     (``dense_model``, exported here for timing only) dense models side by side.
     ``evaluation``: the recipe's ``evaluate`` section whose attacks the ONNX models are also

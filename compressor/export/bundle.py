@@ -179,7 +179,9 @@ def export_model(
     macs_d = count_macs(model, input_size, in_chans=in_chans, dense_equivalent=True)
     result.macs = {"compressed": macs_c, "dense": macs_d, "ratio": macs_d / macs_c if macs_c else None}
     if section.int8:
-        result.int8 = quantize_int8(out / ONNX_NAME, out / INT8_NAME, calibration)
+        result.int8 = quantize_int8(
+            out / ONNX_NAME, out / INT8_NAME, calibration, activation_type=section.int8_activations
+        )
         result.int8.pop("path", None)
         result.int8["calibration"] = calibration_source
         result.record("int8", INT8_NAME)
