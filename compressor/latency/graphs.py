@@ -39,7 +39,7 @@ def plain_ops(module: nn.Module) -> list[nn.Module]:
 
 
 def op_shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...], bool, dict[str, Any]]]:
-    """(op, weight shape, has bias, conv attributes) per op: all that a timed graph needs,
+    """(ONNX op — Conv or Gemm —, weight shape, has bias, conv attributes) per op: all that a timed graph needs,
     and what decides whether two forms at two ranks are the same graph."""
     out = []
     for op in plain_ops(module):
@@ -47,9 +47,9 @@ def op_shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...], bool, dict[
             if op.padding_mode != "zeros" or isinstance(op.padding, str):
                 raise ConfigError(f"cannot time a conv with padding {op.padding!r} / {op.padding_mode!r}")
             attrs = {"stride": op.stride, "padding": op.padding, "dilation": op.dilation, "groups": op.groups}
-            out.append(("conv", tuple(op.weight.shape), op.bias is not None, attrs))
+            out.append(("Conv", tuple(op.weight.shape), op.bias is not None, attrs))
         else:
-            out.append(("linear", tuple(op.weight.shape), op.bias is not None, {}))
+            out.append(("Gemm", tuple(op.weight.shape), op.bias is not None, {}))
     return out
 
 
@@ -79,7 +79,7 @@ def form_graph(
             b = numpy_helper.from_array(_weights(rng, (wshape[0],)), f"b{i}")
             inits.append(b)
         y = _OUTPUT if i == len(ops) - 1 else f"h{i}"
-        if kind == "conv":
+        if kind == "Conv":
             ph, pw = attrs["padding"]
             shape = [shape[0], wshape[0]] + [
                 (n + 2 * p - d * (k - 1) - 1) // st + 1
@@ -106,7 +106,7 @@ def form_graph(
             nodes.append(helper.make_node("MatMul", [x, t.name], [mm]))
             if bias:
                 nodes.append(helper.make_node("Add", [mm, f"b{i}"], [y]))
-        if kind == "linear":
+        if kind == "Gemm":
             shape = [*shape[:-1], wshape[0]]
         x = y
     dims: list[Any] = ["batch", *[int(d) for d in input_shape[1:]]]
