@@ -77,10 +77,15 @@ def _fake_latency(net: nn.Module, tables: dict[str, LayerTable], rest: float) ->
     layers = low_rank_layers(net)
     forms = {n: tuple(t.forms) for n, t in tables.items()}
     small = {n: tuple(min(8, c) for c in layers[n].rank_caps) for n in tables}
-    dense = sum(t.predict("dense", ()) for t in tables.values())
-    smallest = sum(tables[n].fastest(small[n], forms[n])[1] for n in tables)
-    calibration = Calibration(rest + dense, rest + smallest)
-    return LatencyModel(LatencySettings(), tables, forms, calibration, small)
+    versions = {
+        "dense": {n: ("dense", tuple(layers[n].ranks)) for n in tables},
+        "smallest": {n: (tables[n].fastest(small[n], forms[n])[0], small[n]) for n in tables},
+    }
+    networks = {
+        label: rest + sum(tables[n].predict(f, r) for n, (f, r) in version.items())
+        for label, version in versions.items()
+    }
+    return LatencyModel(LatencySettings(), tables, forms, Calibration(networks), versions)
 
 
 # ----------------------------------------------------------------------------- allocation
@@ -206,9 +211,9 @@ def no_network_export(monkeypatch):
     """The calibration exports two whole networks; here it only counts."""
     calls = []
 
-    def fake(model, small, settings, timer):
+    def fake(model, versions, settings, timer):
         calls.append(settings)
-        return Calibration(10.0, 2.0)
+        return Calibration({label: 10.0 / (i + 1) for i, label in enumerate(versions)})
 
     monkeypatch.setattr(latency_model_module, "calibrate", fake)
     return calls
@@ -222,7 +227,7 @@ def test_the_cache_is_reused_under_its_key_and_rebuilt_under_another(tmp_path, m
     def build(s: LatencySettings = settings) -> _CountingTimer:
         timer = _CountingTimer()
         built = build_latency_model(net, s, cache=cache, timer=timer)
-        assert built.measured_graphs == timer.graphs + (2 if timer.graphs else 0)
+        assert built.measured_graphs == timer.graphs + (3 if timer.graphs else 0)
         return timer
 
     assert build().graphs > 0 and len(no_network_export) == 1
@@ -322,3 +327,14 @@ def test_an_int8_form_graph_is_quantized_to_qdq():
     ops = [tuple(op) for op in form_ops(low_rank_layers(net)["8"], "merged")]
     proto = quantize_graph(form_graph(ops, (4, 48)), (4, 48))
     assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+
+
+@pytest.mark.parametrize("target", ["params", "macs"])
+def test_dry_run_preview_allocates_at_the_target(target):
+    from compressor.stages import budget_preview
+
+    net = _model()
+    recipe = load_recipe(None, [f"train.target.{target}=0.5", "model.input_size=8"])
+    preview = budget_preview(net, recipe, in_chans=3)
+    assert preview["reached"] <= preview["target"] <= preview["initial"]
+    assert all(r <= i for d in preview["layers"].values() for r, i in zip(d["ranks"], d["initial"]))

@@ -43,10 +43,14 @@ def latency_section(latency: Mapping[str, Any]) -> str:
         )
         lines.append("")
     if model:
+        networks = ", ".join(
+            f"{label} {ms:.2f} ms (model {model['networks_predicted_ms'].get(label, float('nan')):.2f})"
+            for label, ms in model["networks_ms"].items()
+        )
         lines.append(
-            f"Latency model: {model['layer_shapes']} layer shapes; the network {model['dense_ms']:.2f} ms dense, "
-            f"{model['small_ms']:.2f} ms at the smallest timed ranks; rest {model['rest_ms']:.2f} ms, κ "
-            f"{model['kappa']:.2f} (see docs/dlrt.md); {model['measured_graphs']} graphs timed in this run "
+            f"Latency model: {model['layer_shapes']} layer shapes; the network timed in three versions: {networks}; "
+            f"fit ({model['fit']}): rest {model['rest_ms']:.2f} ms, κ {model['kappa']:.3f}, ω {model['omega_ms']:.3f} "
+            f"ms per op (see docs/dlrt.md); {model['measured_graphs']} graphs timed in this run "
             f"({model['seconds']:.1f} s)."
         )
         lines.append("")

@@ -3,22 +3,24 @@ lookup tables, here per export form on a grid of ranks).
 
 :func:`build_latency_model` times, for every distinct :class:`~compressor.layers.LatencyKey`
 of the network's factorized layers, each export form on its rank grid as a stand-alone graph
-(:mod:`.timing`), then the whole network side by side in two versions — every factorized layer
-dense, and every one in its fastest form at its smallest timed ranks (:mod:`.networks`). A
-stand-alone graph does not take what its layer takes inside the network (it pays its own
-session call and layout conversions, and on a loaded machine graphs timed seconds apart see
-different loads), so the tables are tied to the network by a straight line through both
-versions:
+(:mod:`.timing`), then the whole network side by side in three versions — every factorized
+layer dense, every one in its fastest form at its smallest timed ranks, and every one in its
+fastest form in the middle of its grid (:mod:`.networks`). A stand-alone graph does not take
+what its layer takes inside the network: it pays its own session call and layout conversions,
+its timing is the fastest of a few runs, and in a network every op also waits for the
+runtime's worker threads, which on a loaded machine is a large part of the time. The tables
+are tied to the network by a line fitted through the three versions:
 
-    network(ranks) = rest + κ · Σ_layers min over forms f of table_layer,f(ranks_layer)
+    network = rest + Σ_layers min over forms f of (κ · table_layer,f(ranks_layer) + ω · ops_f)
 
-κ = (dense network − small network) / Σ_layers (dense − smallest) in the tables: the share of a
-stand-alone saving that the network sees; rest = dense network − κ · Σ_layers dense: what the
-layers do not account for (the first conv, pooling, activations, the classifier head). Both
-versions are predicted at their measured times, and a target, a fraction of the dense network,
-is a ratio of two networks timed side by side. Should the line not fit (κ ≤ 0 or a negative
-rest, from noise), κ = dense network / Σ dense and rest = 0. The fastest form may be
-``dense``; the export then writes the layer dense (:func:`set_export_forms`).
+κ scales the tables to the network, ω is the time of one op beyond its table (``ops_f``: the
+form's op count, 3 for ``tucker3``, 2 for a folded or merged form, 1 for dense), and rest is
+what the factorized layers do not account for (the first conv, pooling, activations, the
+classifier head). The fit is exact at the three versions; where it would make a term negative
+(noise), ω = 0 and rest and κ come from the dense and smallest versions, and failing that
+rest = ω = 0 and κ = dense network / Σ dense tables. A target, a fraction of the dense network,
+is thus a ratio of networks timed side by side. The fastest form may be ``dense``; the export
+then writes the layer dense (:func:`set_export_forms`).
 
 Tables and the networks' timings are cached on disk (:mod:`.cache`): a second build on the
 same machine, runtime and settings measures nothing.
@@ -36,10 +38,10 @@ from torch import nn
 
 from ..layers import LatencyKey, LowRankLayer, low_rank_layers
 from .cache import LatencyCache
-from .networks import Calibration, calibrate, layer_inputs, model_fingerprint
+from .networks import Calibration, Version, calibrate, layer_inputs, model_fingerprint
 from .settings import LatencySettings
 from .table import LayerTable, rank_grid
-from .timing import Timer, layer_forms, measure_layer, time_onnx
+from .timing import Timer, form_ops, layer_forms, measure_layer, time_onnx
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +56,20 @@ class LatencyModel:
     forms: dict[str, tuple[str, ...]]
     """Layer name → the forms the export may write it in (its export forms and dense)."""
     calibration: Calibration
-    small: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    """Layer name → the smallest timed ranks (the small network's)."""
+    versions: dict[str, Version] = field(default_factory=dict)
+    """Calibration label → the network version timed (layer → (form, ranks))."""
+    ops: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Layer name → form → how many ops the form has."""
     keys: dict[str, LatencyKey] = field(default_factory=dict)
     measured_graphs: int = 0
     """Graphs timed by the build (0: everything came from the cache)."""
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        c = self.calibration
-        dense = sum(t.predict("dense", ()) for t in self.tables.values())
-        small = sum(self.tables[n].fastest(self.small[n], self.forms[n])[1] for n in self.tables if n in self.small)
-        kappa = (
-            (c.dense_ms - c.small_ms) / (dense - small) if dense > small and len(self.small) == len(self.tables) else 0
-        )
-        rest = c.dense_ms - kappa * dense
-        if kappa <= 0 or rest < 0:
-            kappa, rest = (c.dense_ms / dense if dense > 0 else 1.0), 0.0
-        self.kappa, self.rest_ms = kappa, rest
+        self.rest_ms, self.kappa, self.omega, self.fit = _fit(self)
+
+    def _ops(self, name: str, form: str) -> int:
+        return self.ops.get(name, {}).get(form, 1)
 
     @property
     def dense_ms(self) -> float:
@@ -80,12 +78,13 @@ class LatencyModel:
 
     def layer_ms(self, name: str, ranks: tuple[int, ...]) -> tuple[str, float]:
         """(form, milliseconds inside the network) of the fastest form of layer ``name`` at ``ranks``."""
-        form, ms = self.tables[name].fastest(ranks, self.forms[name])
-        return form, ms * self.kappa
+        times = [(self.layer_form_ms(name, f, ranks), i, f) for i, f in enumerate(self.forms[name])]
+        ms, _, form = min(times)
+        return form, ms
 
     def layer_form_ms(self, name: str, form: str, ranks: tuple[int, ...]) -> float:
         """Milliseconds inside the network of layer ``name`` in ``form`` at ``ranks``."""
-        return self.tables[name].predict(form, ranks) * self.kappa
+        return self.kappa * self.tables[name].predict(form, ranks) + self.omega * self._ops(name, form)
 
     def standalone_ms(self, name: str, form: str, ranks: tuple[int, ...]) -> float:
         """Milliseconds of the layer's stand-alone graph in ``form`` at ``ranks`` (the table)."""
@@ -120,13 +119,20 @@ class LatencyModel:
         """Layer → its fastest form at ``ranks``: what the export writes."""
         return {name: self.layer_ms(name, tuple(ranks[name]))[0] for name in self.tables}
 
+    def version_ms(self, label: str) -> float:
+        """The model's time for calibration version ``label`` (each layer in that version's form)."""
+        return self.rest_ms + sum(self.layer_form_ms(n, f, r) for n, (f, r) in self.versions[label].items())
+
     def summary(self) -> dict[str, Any]:
         return {
             "settings": self.settings.to_dict(),
             "dense_ms": self.dense_ms,
-            "small_ms": self.calibration.small_ms,
+            "networks_ms": dict(self.calibration.networks),
+            "networks_predicted_ms": {label: self.version_ms(label) for label in self.versions},
             "rest_ms": self.rest_ms,
             "kappa": self.kappa,
+            "omega_ms": self.omega,
+            "fit": self.fit,
             "layer_shapes": len(set(self.keys.values())),
             "measured_graphs": self.measured_graphs,
             "seconds": self.seconds,
@@ -149,6 +155,36 @@ def set_export_forms(model: nn.Module, latency: LatencyModel) -> dict[str, str]:
 def smallest_ranks(layer: LowRankLayer) -> tuple[int, ...]:
     """Every mode at the smallest rank its tables are timed at."""
     return tuple(rank_grid(int(cap))[0] for cap in layer.rank_caps)
+
+
+def middle_ranks(layer: LowRankLayer) -> tuple[int, ...]:
+    """Every mode at the middle point of its two-mode grid."""
+    grids = [rank_grid(int(cap), coarse=True) for cap in layer.rank_caps]
+    return tuple(g[len(g) // 2] for g in grids)
+
+
+def _fit(m: LatencyModel) -> tuple[float, float, float, str]:
+    """(rest, κ, ω, which fit) from the calibration versions (see the module docstring)."""
+    import numpy as np
+
+    measured = m.calibration.networks
+    rows, times = [], []
+    for label, version in m.versions.items():
+        if label in measured and set(version) == set(m.tables):
+            table = sum(m.tables[n].predict(f, r) for n, (f, r) in version.items())
+            rows.append((1.0, table, float(sum(m._ops(n, f) for n, (f, _) in version.items()))))
+            times.append(measured[label])
+    a, w = np.array(rows), np.array(times)
+    if len(rows) >= 3:
+        rest, kappa, omega = np.linalg.lstsq(a, w, rcond=None)[0]
+        if rest >= 0 and kappa > 0 and omega >= 0:
+            return float(rest), float(kappa), float(omega), "rest, kappa, omega"
+    if len(rows) >= 2:
+        rest, kappa = np.linalg.lstsq(a[:2, :2], w[:2], rcond=None)[0]
+        if rest >= 0 and kappa > 0:
+            return float(rest), float(kappa), 0.0, "rest, kappa"
+    dense = sum(t.predict("dense", ()) for t in m.tables.values())
+    return 0.0, (m.calibration.dense_ms / dense if dense > 0 else 1.0), 0.0, "kappa"
 
 
 def build_latency_model(
@@ -186,23 +222,38 @@ def build_latency_model(
     tables = {name: by_key[key] for name, key in keys.items()}
     forms = {name: layer_forms(layers[name]) for name in keys}
     entry = {**context, "network": model_fingerprint(model, keys, settings)}
-    small = {name: smallest_ranks(layers[name]) for name in keys}
+    ops: dict[LatencyKey, dict[str, int]] = {}
+    for name, key in keys.items():
+        if key not in ops:
+            ops[key] = {f: len(form_ops(layers[name], f)) for f in forms[name]}
+    versions: dict[str, Version] = {"dense": {n: ("dense", tuple(layers[n].ranks)) for n in keys}}
+    for label, ranks_of in (("smallest", smallest_ranks), ("middle", middle_ranks)):
+        at = {n: ranks_of(layers[n]) for n in keys}
+        versions[label] = {n: (tables[n].fastest(at[n], forms[n])[0], at[n]) for n in keys}
     stored = cache.load(entry)
-    if stored is not None:
+    if stored is not None and set(stored.get("networks", {})) == set(versions):
         calibration = Calibration.from_dict(stored)
     else:
         t = time.perf_counter()
-        small_forms = {name: (tables[name].fastest(small[name], forms[name])[0], small[name]) for name in keys}
-        calibration = calibrate(model, small_forms, settings, timer)
-        measured += 2
+        calibration = calibrate(model, versions, settings, timer)
+        measured += len(versions)
         cache.store(entry, calibration.to_dict())
         log.info(
-            "latency model: the network takes %.2f ms dense, %.2f ms at the smallest ranks (timed in %.1fs)",
-            calibration.dense_ms,
-            calibration.small_ms,
+            "latency model: the network takes %s (timed in %.1fs)",
+            ", ".join(f"{v:.2f} ms {k}" for k, v in calibration.networks.items()),
             time.perf_counter() - t,
         )
-    result = LatencyModel(settings, tables, forms, calibration, small, keys, measured, time.perf_counter() - start)
+    result = LatencyModel(
+        settings,
+        tables,
+        forms,
+        calibration,
+        versions,
+        {name: ops[key] for name, key in keys.items()},
+        keys,
+        measured,
+        time.perf_counter() - start,
+    )
     if measured:
         log.info(
             "latency model: %d layer shapes, %d graphs timed in %.1fs (cached in %s)",
@@ -220,4 +271,4 @@ def _describe(key: LatencyKey) -> str:
     return ", ".join(f"{k} {v}" for k, v in key.to_dict().items())
 
 
-__all__ = ["LatencyModel", "build_latency_model", "set_export_forms", "smallest_ranks"]
+__all__ = ["LatencyModel", "build_latency_model", "middle_ranks", "set_export_forms", "smallest_ranks"]

@@ -1,9 +1,10 @@
 """Timing whole networks, to tie the layers' stand-alone tables to the network they sit in.
 
-Two versions of the network are exported and timed side by side (in turns, so that both see
-the same load of the machine): every factorized layer in its dense form, and every one in its
-fastest form at its smallest timed ranks. :class:`Calibration` holds the two times, which
-:class:`~.model.LatencyModel` fits its straight line through.
+The network is exported in a few versions — every factorized layer dense, every one in its
+fastest form at its smallest timed ranks, and every one at ranks in the middle of its grid —
+and the versions are timed side by side (in turns, so that all see the same load of the
+machine). :class:`Calibration` holds their times, which :class:`~.model.LatencyModel` fits its
+line through.
 """
 
 from __future__ import annotations
@@ -23,22 +24,26 @@ from ..layers import LatencyKey, low_rank_layers
 from .settings import LatencySettings
 from .timing import Timer
 
+Version = Mapping[str, tuple[str, tuple[int, ...]]]
+"""One version of the network: factorized layer → (form, ranks)."""
+
 
 @dataclass(frozen=True)
 class Calibration:
-    """Milliseconds of the network, timed side by side in two versions."""
+    """Milliseconds of the network in each version (label → ms), timed side by side."""
 
-    dense_ms: float
-    """Every factorized layer dense."""
-    small_ms: float
-    """Every factorized layer in its fastest form at its smallest timed ranks."""
+    networks: dict[str, float]
+
+    @property
+    def dense_ms(self) -> float:
+        return self.networks["dense"]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
-        return cls(float(d["dense_ms"]), float(d["small_ms"]))
+        return cls({str(k): float(v) for k, v in d["networks"].items()})
 
 
 def layer_inputs(model: nn.Module, settings: LatencySettings) -> dict[str, tuple[int, ...]]:
@@ -107,21 +112,15 @@ def network_in_forms(model: nn.Module, choice: Mapping[str, tuple[str, tuple[int
 
 
 def calibrate(
-    model: nn.Module,
-    small: Mapping[str, tuple[str, tuple[int, ...]]],
-    settings: LatencySettings,
-    timer: Timer,
+    model: nn.Module, versions: Mapping[str, Version], settings: LatencySettings, timer: Timer
 ) -> Calibration:
-    """Export and time the network with every factorized layer dense and with every layer as
-    ``small`` says (layer → (form, ranks)), side by side."""
+    """Export the network in each of ``versions`` (label → version) and time them side by side."""
     from ..export import export_onnx
 
-    layers = low_rank_layers(model)
     shape = (settings.batch, settings.in_chans, settings.input_size, settings.input_size)
-    dense = {name: ("dense", tuple(layers[name].ranks)) for name in small}
     with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
         nets = []
-        for label, choice in (("dense", dense), ("small", small)):
+        for label, choice in versions.items():
             path = Path(tmp) / f"{label}.onnx"
             # only timed: no checker, no simplification (onnxruntime optimizes as it loads)
             export_onnx(
@@ -137,8 +136,8 @@ def calibrate(
 
                 path = quantize_file(path, Path(tmp) / f"{label}.int8.onnx", shape)
             nets.append((path, shape))
-        dense_ms, small_ms = timer(nets, settings.threads)
-    return Calibration(dense_ms, small_ms)
+        times = timer(nets, settings.threads)
+    return Calibration(dict(zip(versions, times)))
 
 
-__all__ = ["Calibration", "calibrate", "layer_inputs", "model_fingerprint", "network_in_forms"]
+__all__ = ["Calibration", "Version", "calibrate", "layer_inputs", "model_fingerprint", "network_in_forms"]

@@ -33,10 +33,10 @@ Timer = Callable[[Sequence[tuple[Path, tuple[int, ...]]], int], list[float]]
 """([(ONNX file, input shape), ...], intra-op threads) → milliseconds of one run of each."""
 
 # A table has hundreds of graphs; each is timed until it has MIN_RUNS runs and MIN_SECONDS of
-# them, at most MAX_RUNS (after WARMUP untimed runs), and the fastest run counts: on a shared
-# machine other processes only ever add time, in bursts that would otherwise bend a table's
-# shape. What a loaded machine adds to every run of a whole network is the calibration's part
-# (see .model: the two networks are timed by their medians).
+# them, at most MAX_RUNS (after WARMUP untimed runs), and their median counts: inside a network
+# every op pays what a typical run pays — on a loaded machine, chiefly the wait for the
+# runtime's worker threads, which the fastest of a few runs leaves out (a model built on those
+# predicted VGG16 faster than it ran). Bursts are the lower envelope's part (.table).
 WARMUP, MIN_RUNS, MAX_RUNS, MIN_SECONDS = 1, 4, 9, 0.05
 ROUNDS = 5
 """Rounds of several graphs timed side by side (a lead-in and one timed run each per round)."""
@@ -47,8 +47,8 @@ others would share the cores with all of them."""
 
 
 def time_onnx(graphs: Sequence[tuple[Path, tuple[int, ...]]], threads: int) -> list[float]:
-    """Milliseconds of one ``session.run`` of each graph on random inputs. One graph: the fastest
-    of its timed runs. Several (whole networks): the median of runs taken in turns
+    """Milliseconds of one ``session.run`` of each graph on random inputs, the median of its timed
+    runs. One graph runs in a tight loop; several (whole networks) take turns
     (:data:`ROUNDS`), so that a change of the machine's load between them reaches all alike,
     each timed run after an untimed lead-in (:data:`LEAD_IN_S`; its weights back in the caches,
     the other sessions' threads idle again)."""
@@ -80,7 +80,7 @@ def time_onnx(graphs: Sequence[tuple[Path, tuple[int, ...]]], threads: int) -> l
                 t = time.perf_counter()
                 sess.run(None, feed)
                 ts.append((time.perf_counter() - t) * 1e3)
-    return [min(times[0])] if len(runs) == 1 else [statistics.median(ts) for ts in times]
+    return [statistics.median(ts) for ts in times]
 
 
 def _ops_at(layer: LowRankLayer, form: str, ranks: Sequence[int]) -> tuple:
