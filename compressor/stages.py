@@ -284,7 +284,7 @@ def budget_preview(model: nn.Module, recipe: Recipe, in_chans: int) -> dict[str,
         lm = budget.latency_model
         for n, r in ranks.items():
             layers[n]["form"] = lm.layer_ms(n, r)[0]
-        out["latency"] = {"settings": lm.settings.to_dict(), "rest_ms": lm.rest_ms, "model": lm.summary()}
+        out["latency"] = {"settings": lm.settings.to_dict(), "model": lm.summary()}
     return out
 
 
@@ -295,6 +295,7 @@ def budget_preview_lines(preview: dict[str, Any]) -> list[str]:
     def cost(v: float) -> str:
         return f"{v:,.2f}" if kind == "latency" else f"{v:,.0f}"
 
+    unit = "ms alone" if kind == "latency" else unit
     head = ("layer", "initial ranks", "ranks at the target", *(("form",) if kind == "latency" else ()), unit)
     rows = [head]
     for name, d in preview["layers"].items():
@@ -316,9 +317,15 @@ def budget_preview_lines(preview: dict[str, Any]) -> list[str]:
         lines.append(
             f"predicted onnxruntime latency at batch {s['batch']}, {s['threads']} thread(s), {s['input_size']} px, "
             f"{s['precision']}: {preview['dense']:.2f} ms dense -> {preview['reached']:.2f} ms "
-            f"({preview['reached'] / preview['dense']:.3f} of dense; target {preview['fraction']}, "
-            f"rest of the network {lat['rest_ms']:.2f} ms)"
+            f"({preview['reached'] / preview['dense']:.3f} of dense; target {preview['fraction']}); the ms column "
+            "is each layer's stand-alone graph"
         )
+        if model := lat.get("model"):
+            versions = ", ".join(
+                f"{k} {v:.2f} ms (Σ tables {model['networks_tables_ms'].get(k, float('nan')):.2f})"
+                for k, v in model["networks_ms"].items()
+            )
+            lines.append(f"latency model: the network timed {versions}")
     else:
         lines.append(
             f"{unit}: {cost(preview['dense'])} dense -> {cost(preview['reached'])} "
@@ -376,7 +383,7 @@ def latency_prediction(model: nn.Module, recipe: Recipe, in_chans: int) -> dict[
             "dense_ms": p["dense_ms"],
             "fraction": p["fraction"],
             "speedup": 1 / p["fraction"] if p["fraction"] > 0 else None,
-            "rest_ms": p["rest_ms"],
+            "tables_ms": p["tables_ms"],
         },
         "model": lm.summary(),
         "layers": p["layers"],

@@ -73,7 +73,8 @@ def _linear_table(cap: int, per_rank: float, dense: float) -> LayerTable:
 
 
 def _fake_latency(net: nn.Module, tables: dict[str, LayerTable], rest: float) -> LatencyModel:
-    """A latency model on given tables, its calibration chosen so that κ = 1 and the rest is ``rest``."""
+    """A latency model on given tables, its calibration chosen so that the network takes
+    ``rest`` + the sum of its layers' tables."""
     layers = low_rank_layers(net)
     forms = {n: tuple(t.forms) for n, t in tables.items()}
     small = {n: tuple(min(8, c) for c in layers[n].rank_caps) for n in tables}
@@ -101,9 +102,9 @@ def test_allocation_meets_a_latency_target_on_given_tables():
         "8": _linear_table(layers["8"].rank_caps[0], 0.03, 2.0),
     }
     fake = _fake_latency(net, tables, rest=1.0)
-    assert fake.kappa == pytest.approx(1.0) and fake.rest_ms == pytest.approx(1.0)
+    assert fake.network_ms(10.0) == pytest.approx(11.0) and fake.tables_budget(11.0) == pytest.approx(10.0)
     full = {n: tuple(r // 8 * 8 for r in layer.ranks) for n, layer in layers.items()}  # where the allocation starts
-    start = fake.rest_ms + sum(fake.layer_ms(n, r)[1] for n, r in full.items())
+    start = fake.network_ms(sum(fake.layer_ms(n, r)[1] for n, r in full.items()))
     for share in (0.8, 0.6, 0.4):
         fraction = share * start / 16.0
         budget = Budget(net, "latency", fraction, input_size=8, latency_model=fake)
@@ -153,6 +154,19 @@ def test_a_flat_cost_is_jumped_over_instead_of_blocking_the_layer():
     ranks = allocate_ranks(offers, budget=8.0, multiple=8)
     assert flat(ranks["flat"]) + 0.2 * ranks["linear"][0] <= 8.0
     assert ranks["flat"][0] <= 64 and ranks["linear"][0] > 8
+
+
+def test_the_calibration_curve_passes_through_every_version_and_never_decreases():
+    from compressor.latency.model import _along, _curve
+
+    curve = _curve([(50.0, 400.0), (5.0, 60.0), (20.0, 90.0)])
+    for x, y in ((50.0, 400.0), (5.0, 60.0), (20.0, 90.0)):
+        assert _along(curve, x) == pytest.approx(y)
+    assert _along(curve, 12.5) == pytest.approx(75.0) and _along(curve, 100.0) > 400.0
+    noisy = _curve([(5.0, 60.0), (20.0, 50.0), (50.0, 400.0)])  # a bigger version timed faster: pooled
+    ys = [y for _, y in noisy]
+    assert ys == sorted(ys) and _along(noisy, 50.0) == pytest.approx(400.0)
+    assert _along(_curve([(10.0, 30.0)]), 5.0) == pytest.approx(15.0)  # one version: through the origin
 
 
 # ----------------------------------------------------------------------------- tables
@@ -302,7 +316,7 @@ def test_dry_run_with_a_budget_says_tau_is_not_used(kind):
         "reached": 19.0,
         "multiple": 8,
         "layers": {"conv": {"initial": [32, 32], "ranks": [16, 8], "cost": 5.0, "form": "tucker3"}},
-        "latency": {"settings": LatencySettings().to_dict(), "rest_ms": 2.0},
+        "latency": {"settings": LatencySettings().to_dict()},
     }
     text = "\n".join(budget_preview_lines(preview))
     assert "τ (train.tau) is not used" in text and "16,8" in text

@@ -44,23 +44,24 @@ def latency_section(latency: Mapping[str, Any]) -> str:
         lines.append("")
     if model:
         networks = ", ".join(
-            f"{label} {ms:.2f} ms (model {model['networks_predicted_ms'].get(label, float('nan')):.2f})"
+            f"{label} {ms:.2f} ms (Σ tables {model['networks_tables_ms'].get(label, float('nan')):.2f})"
             for label, ms in model["networks_ms"].items()
         )
         lines.append(
-            f"Latency model: {model['layer_shapes']} layer shapes; the network timed in three versions: {networks}; "
-            f"fit ({model['fit']}): rest {model['rest_ms']:.2f} ms, κ {model['kappa']:.3f}, ω {model['omega_ms']:.3f} "
-            f"ms per op (see docs/dlrt.md); {model['measured_graphs']} graphs timed in this run "
+            f"Latency model: {model['layer_shapes']} layer shapes, each form timed alone on a grid of ranks; the "
+            f"network timed in three versions, {networks}, through which the network's time is a curve of the sum "
+            f"of the tables (see docs/dlrt.md); {model['measured_graphs']} graphs timed in this run "
             f"({model['seconds']:.1f} s)."
         )
         lines.append("")
     lines += [
-        "| layer | form | ranks | predicted in network (ms) | dense (ms) |",
-        "|---|---|---|---:|---:|",
+        "| layer | form | ranks | alone (ms) | dense alone (ms) | share of the network (ms) |",
+        "|---|---|---|---:|---:|---:|",
     ]
     for name, d in latency["layers"].items():
         lines.append(
-            f"| {name} | {d['form']} | {','.join(map(str, d['ranks']))} | {d['ms']:.2f} | {d['dense_ms']:.2f} |"
+            f"| {name} | {d['form']} | {','.join(map(str, d['ranks']))} | {d['standalone_ms']:.2f} | "
+            f"{d['dense_standalone_ms']:.2f} | {d['ms']:.2f} |"
         )
     alone = measured.get("layers_alone") or {}
     if alone:

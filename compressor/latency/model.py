@@ -7,20 +7,19 @@ of the network's factorized layers, each export form on its rank grid as a stand
 layer dense, every one in its fastest form at its smallest timed ranks, and every one in its
 fastest form in the middle of its grid (:mod:`.networks`). A stand-alone graph does not take
 what its layer takes inside the network: it pays its own session call and layout conversions,
-its timing is the fastest of a few runs, and in a network every op also waits for the
-runtime's worker threads, which on a loaded machine is a large part of the time. The tables
-are tied to the network by a line fitted through the three versions:
+and a network's ops wait on one another and on the runtime's worker threads, which on a loaded
+machine is a large part of the time, in a proportion that changes with the ops' size. So the
+tables only rank the layers' forms and ranks, and the network's time is a calibration curve
+of the sum of its layers' tables:
 
-    network = rest + Σ_layers min over forms f of (κ · table_layer,f(ranks_layer) + ω · ops_f)
+    network(ranks) = g(Σ_layers min over forms f of table_layer,f(ranks_layer))
 
-κ scales the tables to the network, ω is the time of one op beyond its table (``ops_f``: the
-form's op count, 3 for ``tucker3``, 2 for a folded or merged form, 1 for dense), and rest is
-what the factorized layers do not account for (the first conv, pooling, activations, the
-classifier head). The fit is exact at the three versions; where it would make a term negative
-(noise), ω = 0 and rest and κ come from the dense and smallest versions, and failing that
-rest = ω = 0 and κ = dense network / Σ dense tables. A target, a fraction of the dense network,
-is thus a ratio of networks timed side by side. The fastest form may be ``dense``; the export
-then writes the layer dense (:func:`set_export_forms`).
+g is piecewise linear through the three versions timed (exact there, linear between them and
+beyond), made non-decreasing where noise says otherwise. g is increasing, so a budget on the
+network is a budget on the sum of the tables, g⁻¹(target), which the allocation spends layer by
+layer; a target, a fraction of the dense network, is thus a ratio of networks timed side by
+side. The fastest form may be ``dense``; the export then writes the layer dense
+(:func:`set_export_forms`).
 
 Tables and the networks' timings are cached on disk (:mod:`.cache`): a second build on the
 same machine, runtime and settings measures nothing.
@@ -41,7 +40,7 @@ from .cache import LatencyCache
 from .networks import Calibration, Version, calibrate, layer_inputs, model_fingerprint
 from .settings import LatencySettings
 from .table import LayerTable, rank_grid
-from .timing import Timer, form_ops, layer_forms, measure_layer, time_onnx
+from .timing import Timer, layer_forms, measure_layer, time_onnx
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +57,19 @@ class LatencyModel:
     calibration: Calibration
     versions: dict[str, Version] = field(default_factory=dict)
     """Calibration label → the network version timed (layer → (form, ranks))."""
-    ops: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Layer name → form → how many ops the form has."""
     keys: dict[str, LatencyKey] = field(default_factory=dict)
     measured_graphs: int = 0
     """Graphs timed by the build (0: everything came from the cache)."""
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        self.rest_ms, self.kappa, self.omega, self.fit = _fit(self)
-
-    def _ops(self, name: str, form: str) -> int:
-        return self.ops.get(name, {}).get(form, 1)
+        self.curve = _curve(
+            [
+                (self.version_tables_ms(label), ms)
+                for label, ms in self.calibration.networks.items()
+                if label in self.versions
+            ]
+        )
 
     @property
     def dense_ms(self) -> float:
@@ -77,40 +77,52 @@ class LatencyModel:
         return self.calibration.dense_ms
 
     def layer_ms(self, name: str, ranks: tuple[int, ...]) -> tuple[str, float]:
-        """(form, milliseconds inside the network) of the fastest form of layer ``name`` at ``ranks``."""
-        times = [(self.layer_form_ms(name, f, ranks), i, f) for i, f in enumerate(self.forms[name])]
-        ms, _, form = min(times)
-        return form, ms
-
-    def layer_form_ms(self, name: str, form: str, ranks: tuple[int, ...]) -> float:
-        """Milliseconds inside the network of layer ``name`` in ``form`` at ``ranks``."""
-        return self.kappa * self.tables[name].predict(form, ranks) + self.omega * self._ops(name, form)
+        """(form, milliseconds of its stand-alone graph) of layer ``name``'s fastest form at ``ranks``."""
+        return self.tables[name].fastest(ranks, self.forms[name])
 
     def standalone_ms(self, name: str, form: str, ranks: tuple[int, ...]) -> float:
         """Milliseconds of the layer's stand-alone graph in ``form`` at ``ranks`` (the table)."""
         return self.tables[name].predict(form, ranks)
 
     def cost_fn(self, name: str) -> Callable[[tuple[int, ...]], float]:
-        """ranks → predicted milliseconds of layer ``name`` (its fastest form), for the budget."""
+        """ranks → layer ``name``'s fastest form's stand-alone milliseconds, for the budget (whose
+        sum :meth:`network_ms` turns into the network's)."""
         return lambda ranks: self.layer_ms(name, ranks)[1]
 
+    def version_tables_ms(self, label: str) -> float:
+        """Σ of the tables for calibration version ``label`` (each layer in that version's form)."""
+        return sum(self.tables[n].predict(f, r) for n, (f, r) in self.versions[label].items())
+
+    def network_ms(self, tables_ms: float) -> float:
+        """The network's milliseconds when its layers' tables sum to ``tables_ms`` (the
+        calibration curve, linear between the versions timed and beyond them)."""
+        return _along(self.curve, tables_ms)
+
+    def tables_budget(self, network_ms: float) -> float:
+        """The sum of the layers' tables at which the network takes ``network_ms`` (the inverse)."""
+        return _along([(w, t) for t, w in self.curve], network_ms)
+
     def predict(self, ranks: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-        """The network at ``ranks`` (every factorized layer): total and per-layer milliseconds,
-        the form each layer takes, and the fraction of the dense network's time."""
+        """The network at ``ranks`` (every factorized layer): its milliseconds and fraction of
+        the dense network's; per layer, the form, its stand-alone milliseconds and its share of
+        the network's time (stand-alone times scaled by network / Σ tables)."""
         layers = {}
         for name in self.tables:
             form, ms = self.layer_ms(name, tuple(ranks[name]))
             layers[name] = {
                 "ranks": list(ranks[name]),
                 "form": form,
-                "ms": ms,
-                "dense_ms": self.layer_form_ms(name, "dense", tuple(ranks[name])),
+                "standalone_ms": ms,
+                "dense_standalone_ms": self.tables[name].predict("dense", ()),
             }
-        total = self.rest_ms + sum(v["ms"] for v in layers.values())
+        tables = sum(v["standalone_ms"] for v in layers.values())
+        total = self.network_ms(tables)
+        for v in layers.values():
+            v["ms"] = v["standalone_ms"] * total / tables if tables > 0 else 0.0
         return {
             "ms": total,
             "dense_ms": self.dense_ms,
-            "rest_ms": self.rest_ms,
+            "tables_ms": tables,
             "fraction": total / self.dense_ms if self.dense_ms > 0 else 0.0,
             "layers": layers,
         }
@@ -119,24 +131,52 @@ class LatencyModel:
         """Layer → its fastest form at ``ranks``: what the export writes."""
         return {name: self.layer_ms(name, tuple(ranks[name]))[0] for name in self.tables}
 
-    def version_ms(self, label: str) -> float:
-        """The model's time for calibration version ``label`` (each layer in that version's form)."""
-        return self.rest_ms + sum(self.layer_form_ms(n, f, r) for n, (f, r) in self.versions[label].items())
-
     def summary(self) -> dict[str, Any]:
         return {
             "settings": self.settings.to_dict(),
             "dense_ms": self.dense_ms,
             "networks_ms": dict(self.calibration.networks),
-            "networks_predicted_ms": {label: self.version_ms(label) for label in self.versions},
-            "rest_ms": self.rest_ms,
-            "kappa": self.kappa,
-            "omega_ms": self.omega,
-            "fit": self.fit,
+            "networks_tables_ms": {label: self.version_tables_ms(label) for label in self.versions},
+            "networks_predicted_ms": {label: self.network_ms(self.version_tables_ms(label)) for label in self.versions},
+            "curve": [list(p) for p in self.curve],
             "layer_shapes": len(set(self.keys.values())),
             "measured_graphs": self.measured_graphs,
             "seconds": self.seconds,
         }
+
+
+def _curve(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(Σ tables, network) points sorted by the first, the second made non-decreasing (adjacent
+    violators pooled: a network version timed slower than a bigger one is noise), duplicates of
+    the first merged; one point gives the line through the origin."""
+    blocks: list[list[float]] = []  # [Σ x, Σ y, n] per pooled block
+    for x, y in sorted(points):
+        blocks.append([x, y, 1])
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
+            last = blocks.pop()
+            blocks[-1] = [a + b for a, b in zip(blocks[-1], last)]
+    curve: list[tuple[float, float]] = []
+    for sx, sy, n in blocks:
+        x, y = sx / n, sy / n
+        if curve and x <= curve[-1][0]:
+            continue
+        curve.append((x, y))
+    if len(curve) == 1:
+        curve.insert(0, (0.0, 0.0))
+    return curve
+
+
+def _along(curve: list[tuple[float, float]], x: float) -> float:
+    """The piecewise-linear function through ``curve`` at ``x`` (the end segments extended),
+    never below zero."""
+    if len(curve) < 2:
+        return max(0.0, x)
+    i = 1
+    while i < len(curve) - 1 and x > curve[i][0]:
+        i += 1
+    (x0, y0), (x1, y1) = curve[i - 1], curve[i]
+    slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+    return max(0.0, y0 + slope * (x - x0))
 
 
 def set_export_forms(model: nn.Module, latency: LatencyModel) -> dict[str, str]:
@@ -161,30 +201,6 @@ def middle_ranks(layer: LowRankLayer) -> tuple[int, ...]:
     """Every mode at the middle point of its two-mode grid."""
     grids = [rank_grid(int(cap), coarse=True) for cap in layer.rank_caps]
     return tuple(g[len(g) // 2] for g in grids)
-
-
-def _fit(m: LatencyModel) -> tuple[float, float, float, str]:
-    """(rest, κ, ω, which fit) from the calibration versions (see the module docstring)."""
-    import numpy as np
-
-    measured = m.calibration.networks
-    rows, times = [], []
-    for label, version in m.versions.items():
-        if label in measured and set(version) == set(m.tables):
-            table = sum(m.tables[n].predict(f, r) for n, (f, r) in version.items())
-            rows.append((1.0, table, float(sum(m._ops(n, f) for n, (f, _) in version.items()))))
-            times.append(measured[label])
-    a, w = np.array(rows), np.array(times)
-    if len(rows) >= 3:
-        rest, kappa, omega = np.linalg.lstsq(a, w, rcond=None)[0]
-        if rest >= 0 and kappa > 0 and omega >= 0:
-            return float(rest), float(kappa), float(omega), "rest, kappa, omega"
-    if len(rows) >= 2:
-        rest, kappa = np.linalg.lstsq(a[:2, :2], w[:2], rcond=None)[0]
-        if rest >= 0 and kappa > 0:
-            return float(rest), float(kappa), 0.0, "rest, kappa"
-    dense = sum(t.predict("dense", ()) for t in m.tables.values())
-    return 0.0, (m.calibration.dense_ms / dense if dense > 0 else 1.0), 0.0, "kappa"
 
 
 def build_latency_model(
@@ -222,10 +238,6 @@ def build_latency_model(
     tables = {name: by_key[key] for name, key in keys.items()}
     forms = {name: layer_forms(layers[name]) for name in keys}
     entry = {**context, "network": model_fingerprint(model, keys, settings)}
-    ops: dict[LatencyKey, dict[str, int]] = {}
-    for name, key in keys.items():
-        if key not in ops:
-            ops[key] = {f: len(form_ops(layers[name], f)) for f in forms[name]}
     versions: dict[str, Version] = {"dense": {n: ("dense", tuple(layers[n].ranks)) for n in keys}}
     for label, ranks_of in (("smallest", smallest_ranks), ("middle", middle_ranks)):
         at = {n: ranks_of(layers[n]) for n in keys}
@@ -249,7 +261,6 @@ def build_latency_model(
         forms,
         calibration,
         versions,
-        {name: ops[key] for name, key in keys.items()},
         keys,
         measured,
         time.perf_counter() - start,

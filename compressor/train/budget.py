@@ -144,9 +144,11 @@ class Budget:
     ``latency``: how a latency target is measured (:class:`compressor.latency.LatencySettings`;
     default: batch 32, 2 threads, fp32 at ``input_size``); ``latency_model``: a latency model
     to use instead of building one (:func:`compressor.latency.build_latency_model`, which
-    times what its cache does not hold). The cost is then milliseconds: the model's ``rest``
-    is fixed, and each layer costs its fastest form's time at its ranks; the layers the
-    forward does not call are not offered (they keep their ranks and are exported dense).
+    times what its cache does not hold). Each layer then costs its fastest form's measured
+    time at its ranks, and the model's time is the latency model's curve of their sum
+    (``LatencyModel.network_ms``; a target in milliseconds is a budget on the sum through its
+    inverse); the layers the forward does not call are not offered (they keep their ranks and
+    are exported dense).
     """
 
     def __init__(
@@ -180,7 +182,7 @@ class Budget:
             self.latency_model = latency_model
             self.multiple = 8 if self.multiple == 1 else self.multiple
             self.layers = {n: layer for n, layer in self.layers.items() if n in latency_model.tables}
-            self.fixed = latency_model.rest_ms
+            self.fixed = 0.0  # costs are the layers' tables; the network's time is a curve of their sum
             self.dense = latency_model.dense_ms
             for name in self.layers:
                 self._cost_fns[name] = latency_model.cost_fn(name)
@@ -213,10 +215,13 @@ class Budget:
         (default: now)."""
         ranks = ranks or {n: tuple(layer.ranks) for n, layer in self.layers.items()}
         total = self.fixed + sum(fn(tuple(ranks[n])) for n, fn in self._cost_fns.items())
-        return total if self.kind == "latency" else int(total)
+        if self.latency_model is not None:
+            return self.latency_model.network_ms(total)
+        return int(total)
 
     def layer_cost(self, name: str, ranks: tuple[int, ...]) -> float:
-        """Layer ``name``'s cost at ``ranks`` (parameters, multiply-adds per image or milliseconds)."""
+        """Layer ``name``'s cost at ``ranks`` (parameters, multiply-adds per image, or the
+        milliseconds of its stand-alone graph)."""
         return self._cost_fns[name](tuple(ranks))
 
     def current_target(self) -> float:
@@ -236,6 +241,8 @@ class Budget:
             )
             offers[name] = LayerOffer(sigmas, max_ranks, tuple(layer.r_min for _ in sigmas), self._cost_fns[name])
         target = self.current_target()
+        if self.latency_model is not None:  # the network's milliseconds → the sum of the layers' tables
+            target = self.latency_model.tables_budget(target)
         self.truncations += 1
         return allocate_ranks(offers, target, self.fixed, self.multiple)
 
