@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -53,6 +56,34 @@ def run_command(argv: list[str]) -> tuple[int, str, str]:
         root.setLevel(level)
         logging.captureWarnings(False)
     return code, out.getvalue(), err.getvalue()
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_bench(script: str, argv: list[str]) -> int:
+    """``python bench/<script> <argv>`` as its ``main(argv)`` in this process: the exit status
+    (a ``SystemExit``'s too, its message on stderr). The scripts' imports and the ONNX exporter's
+    start-up are paid once per suite, not once per run; the torch thread count and the log
+    levels a script sets are put back afterwards."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # where the scripts find harness/ and each other
+    stem = Path(script).stem
+    module = importlib.import_module(stem)
+    threads = torch.get_num_threads()
+    loggers = [logging.getLogger(name) for name in (stem, "compressor")]
+    levels = [logger.level for logger in loggers]
+    try:
+        return int(module.main(argv) or 0)
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)
+        return 1
+    finally:
+        torch.set_num_threads(threads)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,20 +37,18 @@ def _section(page: Path, section: str) -> str:
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_smoke_run_writes_results_and_its_section(script: str, tmp_path: Path) -> None:
+def test_smoke_run_writes_results_and_its_section(script: str, tmp_path: Path, capsys) -> None:
     section, flag, result = SCRIPTS[script]
     page = tmp_path / "BENCHMARKS.md"
     page.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
     target = tmp_path / result if flag == "--out" else tmp_path
-    cmd = [sys.executable, str(ROOT / "bench" / script), "--smoke", flag, str(target), "--benchmarks-md", str(page)]
+    argv = ["--smoke", flag, str(target), "--benchmarks-md", str(page)]
     if script in RESUMABLE:
-        cmd += ["--checkpoint-dir", str(tmp_path / "ckpt")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        argv += ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert run_bench(script, argv) == 0, capsys.readouterr().err[-3000:]
     if script in RESUMABLE:  # the table again from the checkpoint alone, and the plot published beside the page
         table = [line for line in _section(page, section).splitlines() if line.startswith("|")]
-        again = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-        assert again.returncode == 0, again.stderr[-3000:]
+        assert run_bench(script, [*argv, "--report-only"]) == 0, capsys.readouterr().err[-3000:]
         assert [line for line in _section(page, section).splitlines() if line.startswith("|")] == table
         assert "--report-only" not in _section(page, section)  # the reproduce line runs the measurement
         if RESUMABLE[script]:
@@ -117,13 +114,9 @@ def test_mean_std_cells_and_tables() -> None:
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "on a machine with a CUDA GPU")]),
 )
 def test_bench_dlrt_refuses_a_device_it_cannot_run_on(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
-    # the script's main() in this process: its refusal comes from argument parsing, before any work
-    _harness()
-    spec = importlib.util.spec_from_file_location("bench_dlrt", ROOT / "bench" / "bench_dlrt.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    with pytest.raises(SystemExit) as exit_:
-        script.main([*argv, "--out", str(tmp_path / "x.json"), "--benchmarks-md", str(tmp_path / "B.md")])
+    code = run_bench(
+        "bench_dlrt.py", [*argv, "--out", str(tmp_path / "x.json"), "--benchmarks-md", str(tmp_path / "B.md")]
+    )
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and message in err, err[-2000:]
+    assert code == 2 and message in err, err[-2000:]
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "B.md").exists()  # nothing half-done
