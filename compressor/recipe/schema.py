@@ -207,7 +207,7 @@ class TargetSection(_Section):
         model's and the export's)."""
         if self.latency is None:
             return None
-        from .latency import LatencySettings
+        from ..latency import LatencySettings
 
         return LatencySettings(
             batch=self.batch,
