@@ -1,7 +1,8 @@
 """INT8 versions of the graphs a latency model times (``precision: int8``).
 
 The same static QDQ quantization as the export's INT8 model (:mod:`compressor.export.quantize`:
-int8 weights per output channel, int8 activations per tensor, MinMax ranges), calibrated on
+int8 weights per output channel, activations per tensor in the type the export writes on this
+machine (uint8 on x86-64, int8 elsewhere: the kernels differ), MinMax ranges), calibrated on
 random inputs: the ranges change the values, not the kernels onnxruntime runs, so the time is
 that of the exported INT8 graph.
 """
@@ -28,6 +29,7 @@ def _quantize(src: Path, out: Path, input_shape: Sequence[int]) -> Path:
         quantize_static,
     )
 
+    from ..export.quantize import native_activation_type
     from ..runtime import ort_session
 
     name = ort_session(src).get_inputs()[0].name
@@ -48,7 +50,7 @@ def _quantize(src: Path, out: Path, input_shape: Sequence[int]) -> Path:
         _Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
-        activation_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8 if native_activation_type() == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
     )

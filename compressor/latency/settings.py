@@ -9,7 +9,7 @@ from typing import Any
 
 PRECISIONS = ("fp32", "int8")
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 """Version of how tables are measured and stored: a change of method makes old entries stale."""
 
 
