@@ -345,6 +345,29 @@ def test_truncate_tau_monotone_and_bounded(config):
     assert all(r == min(2, c) for r, c in zip(prev, caps))  # τ = 0.99 → r_min
 
 
+def test_a_hard_cap_on_one_mode_bounds_the_other_by_what_it_leaves_reachable():
+    # mode 1 capped at 2 directions of a 3×3 conv: the core's mode-0 unfolding has rank ≤ 2·9,
+    # so U_out keeps 18 columns, not its 40 (extra ones would make the core's spectrum singular)
+    torch.manual_seed(0)
+    layer = TuckerConv2d.from_dense(nn.Conv2d(48, 40, 3, padding=1).double(), rank=None)
+    layer.truncate_(0.0, rank_cap=(40, 2))
+    x = torch.randn(2, 48, 6, 6, dtype=torch.float64)
+    capped_once = layer(x).detach()
+    assert layer.ranks == (18, 2)
+    _assert_orthonormal(layer, 1e-12)
+    _assert_rank_state(layer)
+    sigma = torch.linalg.svdvals(layer.core_matrix().detach())
+    assert sigma.min() > 1e-8 * sigma.max()  # no direction of U_out left without energy
+    # lossless: the same as projecting mode 1 alone (U_out at its 40 columns)
+    torch.manual_seed(0)
+    reference = TuckerConv2d.from_dense(nn.Conv2d(48, 40, 3, padding=1).double(), rank=None)
+    with torch.no_grad():
+        core, u_out, u_in = reference.core.detach(), reference.U_out.detach(), reference.U_in.detach()
+        p1 = torch.linalg.svd(Fn.unfold(core, 1), full_matrices=False)[0][:, :2]
+        reference._set(u_out, Fn.mode_product(core, torch.eye(40, dtype=core.dtype), p1), u_in @ p1)
+    assert _rel(capped_once, reference(x).detach()) <= 1e-10
+
+
 def test_truncate_error_within_tau_linear():
     lin = _dense("linear", LINEAR_CONFIGS["square"])
     layer = LowRankLinear.from_dense(lin)

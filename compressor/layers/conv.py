@@ -236,12 +236,35 @@ class TuckerConv2d(LowRankLayer):
             r1 = truncation_rank(s1, tau, self.r_min, self.r_max_in)
             if rank_cap is not None:
                 r0, r1 = max(self.r_min, min(r0, int(rank_cap[0]))), max(self.r_min, min(r1, int(rank_cap[1])))
+            p0, p1, r0, r1 = self._reachable_ranks(core, p0, p1, r0, r1, tau)
             change, u_out, u_in = BasisChange.truncation(
                 self.U_out.to(work), self.U_in.to(work), p0[:, :r0], p1[:, :r1], refactor=reorthonormalize_bases
             )
             dt = self.C.dtype
             self._set(u_out.to(dt), change.apply(core).to(dt), u_in.to(dt))
         return change
+
+    def _reachable_ranks(
+        self, core: Tensor, p0: Tensor, p1: Tensor, r0: int, r1: int, tau: float
+    ) -> tuple[Tensor, Tensor, int, int]:
+        """Bases and ranks with each mode within what the other leaves reachable.
+
+        Once mode 1 keeps r1 directions, the core's mode-0 unfolding is r_out × r1·kh·kw: its
+        rank is at most r1·kh·kw, and directions of U_out beyond it carry nothing but make the
+        core's spectrum singular (κ unbounded, and a regularizer on it cannot help). A budget
+        that cuts one mode hard (e.g. where the export folds the core into U_out, whose rank
+        then costs nothing) reaches this; τ alone hardly ever does. The capped mode is then
+        taken from the core already projected on the other mode's kept basis, which keeps all
+        of its energy (sequential truncation, as ST-HOSVD); a bound below r_min is left alone.
+        """
+        area = self.kernel_size[0] * self.kernel_size[1]
+        if self.r_min <= r1 * area < r0:
+            p0, _ = left_singular(unfold(mode_product(core, torch.eye(core.shape[0]).to(core), p1[:, :r1]), 0), tol=tau)
+            r0 = r1 * area
+        elif self.r_min <= r0 * area < r1:
+            p1, _ = left_singular(unfold(mode_product(core, p0[:, :r0], torch.eye(core.shape[1]).to(core)), 1), tol=tau)
+            r1 = r0 * area
+        return p0, p1, r0, r1
 
     def set_ranks_(self, ranks: tuple[int, ...]) -> None:
         r_out, r_in = ranks
