@@ -21,14 +21,18 @@ SCRIPTS = {  # script → (section, output flag, output file name)
     "bench_init.py": ("init", "--out", "init.json"),
     "bench_quality.py": ("quality-smoke", "--out-dir", "quality-smoke.json"),
     "bench_truncation.py": ("truncation", "--out", "truncation.json"),
-    "bench_budget.py": ("budget", "--out", "budget.json"),
+    "bench_decision.py": ("decision", "--out", "decision.json"),
     "bench_regime.py": ("regime", "--out", "regime.json"),
     "bench_zoo.py": ("zoo", "--out", "zoo.json"),
     "bench_forms.py": ("forms", "--out", "forms.json"),
 }
 
 
-RESUMABLE = {"bench_budget.py": "budget_pareto.png", "bench_regime.py": "regime_kappa.png", "bench_zoo.py": None}
+RESUMABLE = {
+    "bench_decision.py": "decision_timm-test_resnet_pareto.png",
+    "bench_regime.py": "regime_kappa.png",
+    "bench_zoo.py": None,
+}
 """Scripts with --checkpoint-dir and --report-only → the plot they publish beside the page (None: no plot)."""
 
 

@@ -6,6 +6,7 @@ moves, this is the file to edit."""
 from compressor import functional
 from compressor.atomic import atomic_path, write_text
 from compressor.attacks import create_attack
+from compressor.check.calibration import calibration_images
 from compressor.cli import enable_huge_pages
 from compressor.data import (
     FASHION_MNIST_DEFAULT_ROOT,
@@ -17,7 +18,8 @@ from compressor.data import (
 )
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate, evaluate_onnx
-from compressor.export import export_onnx, onnx_latencies, parity_check
+from compressor.export import export_onnx, onnx_latencies, parity_check, quantize_int8
+from compressor.export.forms import EXPORT_FORM_ATTR
 from compressor.export.onnx_export import plain_model, plan_export
 from compressor.factorize import break_even_rank, factorize_
 from compressor.layers import LowRankLinear, TuckerConv2d, low_rank_layers

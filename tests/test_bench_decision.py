@@ -1,0 +1,62 @@
+"""bench/bench_decision.py's pure parts: the bisection to a measured latency, the decision table's
+choice and the dominance check behind the issue's target."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_decision as bd  # noqa: E402
+
+TOL = 0.05
+
+
+def row(arm: str, clean: float, fgsm: float, fraction: float | None, failed: str | None = None) -> dict:
+    return {"arm": arm, "clean": clean, "fgsm": fgsm, "fraction": fraction, "failed": failed}
+
+
+@pytest.mark.parametrize("target", [0.8, 0.5, 0.25, 0.12])
+def test_bisection_lands_within_tolerance_of_a_monotone_latency(target: float) -> None:
+    calls = []
+
+    def measure(ratio: float) -> float:  # a pruned network's latency: quadratic in the kept channels
+        calls.append(ratio)
+        return 0.05 + 0.95 * (1 - ratio) ** 2
+
+    ratio, fraction, trace = bd.bisect(measure, target, tol=TOL)
+    assert abs(fraction / target - 1) <= TOL and fraction == measure(ratio)
+    assert trace[-1] == (ratio, fraction) and len(trace) == len(calls) - 1 <= 8  # stops once within
+
+
+def test_bisection_returns_the_closest_ratio_when_the_target_is_out_of_reach() -> None:
+    ratio, fraction, trace = bd.bisect(lambda r: 0.6 - 0.1 * r, 0.3, tol=TOL, steps=5)  # never below 0.51
+    assert len(trace) == 5 and fraction == min(f for _, f in trace) and ratio == max(r for r, _ in trace)
+
+
+def test_choice_is_the_most_accurate_arm_meeting_the_latency_and_skips_failed_rows() -> None:
+    rows = [
+        row("dense-ish", 0.95, 0.5, 0.9),  # too slow
+        row("prune", 0.90, 0.3, 0.26),  # within the 5 % tolerance of 0.25
+        row("dlrt", 0.92, 0.2, 0.24, failed="below dense"),
+        row("oneshot", 0.88, 0.6, 0.2),
+    ]
+    assert bd.choose(rows, 0.25, TOL)["arm"] == "prune"
+    assert bd.choose(rows, 0.1, TOL) is None  # none is fast enough
+    tie = [row("a", 0.9, 0.2, 0.2), row("b", 0.9, 0.4, 0.2)]
+    assert bd.choose(tie, 0.25, TOL)["arm"] == "b"  # equal clean: the higher ℓ2-FGSM
+
+
+def test_dominance_needs_both_figures_and_the_latency() -> None:
+    dlrt = row("dlrt", 0.90, 0.40, 0.25)
+    rows = [
+        dlrt,
+        row("prune", 0.91, 0.40, 0.25),  # better clean, equal FGSM: dominates
+        row("oneshot", 0.95, 0.30, 0.25),  # better clean, worse FGSM: does not
+        row("int8", 0.99, 0.99, 0.60),  # better on both but misses the latency
+        row("same", 0.90, 0.40, 0.2),  # equal on both: does not
+    ]
+    assert bd.dominators(dlrt, rows, 0.25, TOL) == ["prune"]
+    assert bd.dominators(dlrt, rows[:1] + rows[2:], 0.25, TOL) == []
