@@ -2,16 +2,18 @@
 table columns and verdicts.
 
 - ``lib``: every name bench takes from compressor (the one file to edit when that API moves);
-- ``run``: options (--smoke, --threads, --out, --benchmarks-md, --checkpoint-dir, --report-only),
-  logging, threads and device, a sweep's recipe, the results document and its publication;
+- ``run``: options (--smoke, --threads, --out, --benchmarks-md, --checkpoint-dir, --report-only;
+  ``options(ap, name=default)`` for a script's own, ``pick`` for --models), logging, threads and
+  device, a sweep's recipe, errors that end a run, the results document and its publication;
 - ``page``: BENCHMARKS.md sections, the machine line, plots published to docs/figures/;
 - ``entries``: the resumable entry store (fingerprinted settings) and the time-left clock;
 - ``measure``: the dense start of every arm (trained once, weights cached), accuracy under
   attack (clean, ℓ2-FGSM, PGD), sizes (parameters, MACs, c.r.), ONNX parity and onnxruntime
-  latency against dense;
+  latency against dense, a CUDA time stamp's sync;
 - ``report``: mean ± std cells, Markdown tables, verdict words, a Pareto plot.
 
 A sweep script: ``parser`` + ``add_run_options`` + its own options; ``Run(__file__, args, argv)``;
-``EntryStore.of(args, fingerprint, keys)``; per missing entry, train and measure, ``store.add``;
-then ``run.document(...)``, its table and verdicts, and ``run.publish(section, doc, markdown)``.
+``EntryStore.of(args, fingerprint, keys)``; within ``run.failing(errors)``, per missing entry, train
+and measure, ``store.add``; then ``run.document(...)``, its table and verdicts,
+``run.publish(section, doc, markdown)`` and ``run.smoke_check(missing)``.
 """

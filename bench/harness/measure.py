@@ -86,6 +86,12 @@ def parity(model: nn.Module, path: Path, input_size: int) -> dict[str, Any]:
     return {"parity_rel": max(b["rel_diff"] for b in res["batches"].values()), "parity_passed": bool(res["passed"])}
 
 
+def sync(device: torch.device) -> None:
+    """Wait for a CUDA device's queued work (a time stamp counts only what finished before it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def ranks(model: nn.Module) -> dict[str, list[int]]:
     return {n: list(layer.ranks) for n, layer in lib.low_rank_layers(model).items()}
 

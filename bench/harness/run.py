@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,16 @@ def add_run_options(
         )
 
 
+def options(ap: argparse.ArgumentParser, **defaults: Any) -> None:
+    """``--name`` options from keyword defaults, ``name=default`` or ``name=(default, help)``: typed as
+    the default (a list: one or more values of its items' type)."""
+    for name, value in defaults.items():
+        default, help_ = value if isinstance(value, tuple) else (value, None)
+        many = {"nargs": "+"} if isinstance(default, list) else {}
+        kind = type(default[0] if many else default)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=help_, **many)
+
+
 def check_run_options(ap: argparse.ArgumentParser, args: argparse.Namespace, section: str) -> None:
     """Refuse bad --threads or a --report-only without a folder; ``args.out`` (if an option) becomes
     the JSON's path."""
@@ -65,6 +77,15 @@ def check_run_options(ap: argparse.ArgumentParser, args: argparse.Namespace, sec
         ap.error("--report-only reads --checkpoint-dir: give it")
     if hasattr(args, "out"):
         args.out = Path(args.out or RESULTS / f"{section}{'-smoke' if args.smoke else ''}.json")
+
+
+def pick(ap: argparse.ArgumentParser, chosen: list[str] | None, known) -> list[str]:
+    """``--models``: the ``chosen`` ones (default all ``known``) once each, in order; an unknown one is a
+    usage error."""
+    chosen = list(dict.fromkeys(chosen or known))
+    if unknown := [m for m in chosen if m not in known]:
+        ap.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    return chosen
 
 
 def refuse(ap: argparse.ArgumentParser, *checks: tuple[bool, str]) -> None:
@@ -147,6 +168,20 @@ class Run:
         if torch_threads:
             torch.set_num_threads(torch_threads)
 
+    @contextmanager
+    def failing(self, *errors: type[Exception]) -> Iterator[None]:
+        """``errors`` end the run as a usage error does: the message on stderr, exit status 2."""
+        try:
+            yield
+        except errors as err:
+            print(f"{self.script}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def smoke_check(self, missing: list) -> None:
+        """A --smoke run fails when an entry is ``missing``."""
+        if self.args.smoke and missing:
+            raise SystemExit(f"smoke check failed: missing entries {missing}")
+
     def record(self, **extra: Any) -> dict[str, Any]:
         """The ``run`` block of a results document."""
         return {
@@ -162,7 +197,7 @@ class Run:
         the data sizes its entries saw, ``extra`` (``run`` or ``settings`` replace this run's) and
         the entries."""
         args = self.args
-        first = lambda key, default: next((e[key] for e in entries if key in e), default)  # noqa: E731
+        first = lambda key, default: next((e[key] for e in entries if key in e), default)
         doc = {"what": what, "run": self.record(), "settings": {k: v for k, v in vars(args).items() if k not in skip}}
         doc.update(extra, n_train=first("n_train", args.train_subset), n_eval=first("n_eval", args.val_subset))
         return {**doc, "n_attacked": first("n_attacked", args.attack_samples), "entries": entries}
