@@ -2,7 +2,8 @@
 # On this machine, before a device call: what the GPU machine lacks, into .gpu-wheels/ (git-ignored),
 # which the call carries (docs/gpu.md). The GPU image has torch, torchvision, timm, onnx, onnxscript,
 # onnxruntime, safetensors, PyYAML, tqdm, matplotlib, scikit-learn, numpy, pytest and hypothesis;
-# it lacks pydantic (and its own dependencies) and torchattacks (the attack tests' reference), and
+# it lacks pydantic (and its own dependencies), torchattacks (the attack tests' reference) and
+# torch-pruning (the decision table's pruning arm), and
 # has no package registry. Fashion-MNIST's training files go along for the regime step.
 #
 #   bash bench/gpu_prepare.sh          # from the repository root; PYTHON=... picks the pip to use
@@ -22,6 +23,7 @@ WHEELS=(
   "typing-inspection==$(version typing-inspection 0.4.5)"
   "typing-extensions==$(version typing-extensions 4.16.0)"
   "torchattacks==$(version torchattacks 3.5.1)"
+  "torch-pruning==$(version torch-pruning 1.6.1)"
 )
 
 rm -rf "$DEST"

@@ -15,7 +15,7 @@ main() {
   rm -rf "$SITE"  # built for this interpreter only, every time
   echo "== what the image has (the whole list: pip-list.txt)"
   "$PY" -m pip list --format=freeze 2>/dev/null >"$OUT_DIR/pip-list.txt"
-  grep -i -E "^(torch|torchvision|timm|onnx|onnxscript|onnxruntime|safetensors|pyyaml|tqdm|matplotlib|scikit-learn|numpy|pytest|hypothesis|pydantic|pydantic.core|annotated.types|typing.inspection|typing.extensions|torchattacks|packaging)==" \
+  grep -i -E "^(torch|torchvision|timm|onnx|onnxscript|onnxruntime|safetensors|pyyaml|tqdm|matplotlib|scikit-learn|numpy|pytest|hypothesis|pydantic|pydantic.core|annotated.types|typing.inspection|typing.extensions|torchattacks|torch.pruning|packaging)==" \
     "$OUT_DIR/pip-list.txt"
 
   echo "== what is missing or older than the carried wheel"
