@@ -1,16 +1,9 @@
-"""Factorization benchmark: wall time of ``factorize_`` on torchvision VGG16 (10 classes).
+"""Factorization benchmark: wall time of ``factorize_`` on torchvision VGG16 (10 classes, random init,
+r_max 200, init_rank 150; target ≤ 15 s on 2 cores, the reference takes ~190 s).
 
-    python bench/bench_factorize.py              # VGG16, r_max 200, init_rank 150, median of 3
+    python bench/bench_factorize.py              # VGG16, median of 3 (--threads: torch threads, default 1)
     python bench/bench_factorize.py --smoke      # ResNet-18, 1 run (CI)
     python bench/bench_factorize.py --accuracy   # also: randomized SVD vs exact on 4096×25088
-    python bench/bench_factorize.py --threads 2  # torch threads (default 1)
-
-Random-init weights (the time does not depend on their values; the paper's setting: r_max 200,
-initial rank 150). Prints a Markdown table (total and the five slowest layers) and writes
-bench/results/factorize.json. Target: ≤ 15 s on the 2-core CPU box (the authors' reference
-takes ~190 s). ``--accuracy`` compares the randomized SVD used for the 4096×25088 classifier
-with torch.svd_lowrank(q=r+20, niter=4) and the exact truncation error, on a random and on a
-trained-like decaying spectrum.
 """
 
 from __future__ import annotations
@@ -86,15 +79,8 @@ def _accuracy(rank: int = 150) -> list[dict]:
             uu = uu[:, :rank].double()
             err = float(torch.linalg.matrix_norm(ad - uu @ (uu.mT @ ad)))
             rel_sv = float(((ss[:rank].double() - sigma[:rank]).abs() / sigma[:rank]).max())
-            rows.append(
-                {
-                    "matrix": name,
-                    "method": method,
-                    "seconds": secs,
-                    "error_over_optimal": err / optimal,
-                    "max_rel_sv_error": rel_sv,
-                }
-            )
+            row = dict(matrix=name, method=method, seconds=secs, error_over_optimal=err / optimal)
+            rows.append(row | {"max_rel_sv_error": rel_sv})
     return rows
 
 
@@ -118,27 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         model = getattr(torchvision.models, arch)(num_classes=10).eval()
         total, per_layer, report = _time_layers(model, init_rank, r_max)
         totals.append(total)
-        del model
     median = statistics.median(totals)
     n_fact = sum(1 for d in report["layers"] if d["factorized"])
-    result = {
-        "model": f"torchvision {arch}, 10 classes, random init",
-        "init_rank": init_rank,
-        "r_max": r_max,
-        "runs": runs,
-        "seconds": totals,
-        "median_seconds": median,
-        "target_seconds": 15.0,
-        "factorized_layers": n_fact,
-        "candidate_layers": len(report["layers"]),
-        "per_layer_seconds_last_run": per_layer,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-    }
+    result = dict(model=f"torchvision {arch}, 10 classes, random init", init_rank=init_rank, r_max=r_max, runs=runs)
+    result.update(seconds=totals, median_seconds=median, target_seconds=15.0, factorized_layers=n_fact)
+    result.update(candidate_layers=len(report["layers"]), per_layer_seconds_last_run=per_layer)
+    result.update(torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+    result.update(machine=platform.machine(), loadavg_before=load_before, loadavg_after=os.getloadavg())
     head = ["runs", "median s", "all runs s", "factorized / candidates", "target s", "threads"]
     row = [runs, f"{median:.2f}", ", ".join(f"{t:.2f}" for t in totals), f"{n_fact} / {len(report['layers'])}"]
     row += [15, torch.get_num_threads(), f"{load_before[0]:.1f} → {os.getloadavg()[0]:.1f}"]
