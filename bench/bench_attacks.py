@@ -1,12 +1,10 @@
-"""Throughput of our ``pgd`` against ``torchattacks.PGD`` (10 steps, ℓ∞) on the same model and batches.
+"""Throughput of our ``pgd`` against ``torchattacks.PGD`` (10 steps, ℓ∞) on the same model and batches:
+median images/s over repeats, the two alternating (which goes first flips every repeat), and the
+largest difference of their images without random start.
 
     python bench/bench_attacks.py            # small VGG-like CNN, 32x32, 10 classes
     python bench/bench_attacks.py --smoke    # a few seconds
     python bench/bench_attacks.py --model vgg16 --device cuda
-
-Runs alternate between the two implementations (which one goes first flips every repeat) and
-the median images/second over repeats is reported. Writes bench/results/attacks.json and
-prints a Markdown table. Also checks that both give the same images without random start.
 """
 
 from __future__ import annotations
@@ -19,41 +17,25 @@ import time
 import torch
 import torch.nn as nn
 from harness import lib
+from harness.measure import sync
 from harness.report import table
 from harness.run import Run, add_run_options, check_run_options, parser
 
 
-def small_vgg(num_classes: int = 10) -> nn.Module:
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-    return nn.Sequential(
-        *block(3, 32),
-        *block(32, 32),
-        nn.MaxPool2d(2),
-        *block(32, 64),
-        *block(64, 64),
-        nn.MaxPool2d(2),
-        *block(64, 128),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(128 * 4 * 4, 256),
-        nn.ReLU(inplace=True),
-        nn.Linear(256, num_classes),
-    )
-
-
 def build_model(name: str) -> nn.Module:
-    if name == "small":
-        return small_vgg()
-    from torchvision.models import vgg16
+    if name == "vgg16":
+        from torchvision.models import vgg16
 
-    return vgg16(weights=None, num_classes=10)  # random init; 32x32 works through its adaptive pool
+        return vgg16(weights=None, num_classes=10)  # random init; 32x32 works through its adaptive pool
+    from torchvision.models.vgg import make_layers
+
+    # conv-BN-ReLU blocks: 32, 32, pool, 64, 64, pool, 128, pool; then 2048 → 256 → 10
+    features = make_layers([32, 32, "M", 64, 64, "M", 128, "M"], batch_norm=True)
+    return nn.Sequential(features, nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(inplace=True), nn.Linear(256, 10))
 
 
 def timed(attack, batches, device: torch.device) -> float:
     """Images per second of one pass over all batches."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
     sync(device)
     t0 = time.perf_counter()
     for x, y in batches:
@@ -83,23 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = build_model(args.model).to(device).eval()
     g = torch.Generator().manual_seed(1)
-    batches = [
-        (
-            torch.rand(args.batch_size, 3, 32, 32, generator=g).to(device),
-            torch.randint(0, 10, (args.batch_size,), generator=g).to(device),
-        )
-        for _ in range(args.batches)
-    ]
-    alpha = 2.5 * args.eps / args.steps  # the same step size for both
-    impls = {
-        "ours": lib.create_attack("pgd", model, eps=args.eps, steps=args.steps, alpha=alpha),
-        "torchattacks": torchattacks.PGD(model, eps=args.eps, alpha=alpha, steps=args.steps, random_start=True),
-    }
+    n = args.batch_size
+    xy = [(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)) for _ in range(args.batches)]
+    batches = [(x.to(device), y.to(device)) for x, y in xy]
+    pgd = dict(eps=args.eps, alpha=2.5 * args.eps / args.steps, steps=args.steps)  # the same step size for both
+    impls = {"ours": lib.create_attack("pgd", model, **pgd), "torchattacks": torchattacks.PGD(model, **pgd)}
     # same function: without random start the two give the same images
-    x0, y0 = batches[0]
-    ref = torchattacks.PGD(model, eps=args.eps, alpha=alpha, steps=args.steps, random_start=False)(x0, y0)
-    ours = lib.create_attack("pgd", model, eps=args.eps, steps=args.steps, alpha=alpha, random_start=False)(x0, y0)
-    max_diff = float((ref - ours).abs().max())
+    ref = torchattacks.PGD(model, **pgd, random_start=False)(*batches[0])
+    max_diff = float((ref - lib.create_attack("pgd", model, **pgd, random_start=False)(*batches[0])).abs().max())
 
     for atk in impls.values():  # warm-up: allocator, kernels, lazy imports
         timed(atk, batches[:1], device)
@@ -111,12 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in runs.items()}
     ratio = med["ours"] / med["torchattacks"]
 
+    keys = ("model", "batch_size", "batches", "repeats", "steps", "eps", "threads", "device", "smoke")
     result = {
         "benchmark": "pgd_linf",
-        "config": {
-            k: getattr(args, k)
-            for k in ("model", "batch_size", "batches", "repeats", "steps", "eps", "threads", "device", "smoke")
-        },
+        "config": {k: getattr(args, k) for k in keys},
         "environment": {
             "torch": torch.__version__,
             "torchattacks": getattr(torchattacks, "__version__", "?"),
