@@ -1,14 +1,10 @@
-"""Export benchmark: dense vs factorized VGG16 (32×32, 10 classes) under onnxruntime on the CPU.
+"""Export benchmark: dense vs factorized VGG16 (32×32, 10 classes, random init) under onnxruntime on the CPU.
+
+Factorized to ≥ 94 % compression, exported (structure and parity checked), timed side by side (2 intra-op
+threads, ``onnx_latencies``); target: speedup (dense / compressed median) ≥ 0.8 × the MAC ratio.
 
     python bench/bench_export.py            # VGG16, batch 1 and 32, 30 repeats
     python bench/bench_export.py --smoke    # ResNet-18, batch 1, 5 repeats (CI)
-
-Random-init weights (latency and MACs do not depend on their values). Factorizes to >= 94%
-compression, exports dense and compressed ONNX (dynamo exporter), checks the compressed graph
-(structure, parity), measures onnxruntime latency with 2 intra-op threads (all variants side
-by side: blocks of 10 runs in turn, ``compressor.export.onnx_latencies``) and the MAC ratio,
-prints a Markdown table and writes bench/results/export.json. Speedup = dense median latency /
-compressed median latency; the target is speedup >= 0.8 × MAC ratio.
 """
 
 from __future__ import annotations
@@ -59,11 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     comp, report = _factorized(dense, arch, size, classes, init_rank=32)
     seconds = {"factorize_rank32": time.perf_counter() - t}
     ranks = {"init_rank=32": {d.name: d.ranks for d in report.factorized}}
-    variants["compressed"] = (
-        comp,
-        "auto",
-        "init_rank 32, r_max 200 (policy: first conv and classifier dense, every layer capped at its break-even rank)",
-    )
+    policy = "policy: first conv and classifier dense, every layer capped at its break-even rank"
+    variants["compressed"] = (comp, "auto", f"init_rank 32, r_max 200 ({policy})")
     if not args.smoke:
         variants["compressed_unfolded"] = (
             comp,
@@ -74,11 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         comp96, report96 = _factorized(dense, arch, size, classes, init_rank=96)
         seconds["factorize_rank96"] = time.perf_counter() - t
         ranks["init_rank=96"] = {d.name: d.ranks for d in report96.factorized}
-        variants["compressed_rank96"] = (
-            comp96,
-            "auto",
-            "ranks 96 (capped at break-even): closer to the paper's 94-96 % compression",
-        )
+        rank96 = "ranks 96 (capped at break-even): closer to the paper's 94-96 % compression"
+        variants["compressed_rank96"] = (comp96, "auto", rank96)
 
     p_dense = sum(p.numel() for p in dense.parameters())
     macs_dense = lib.count_macs(dense, size)
@@ -94,20 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             exp = lib.export_onnx(model, path, input_size=size, fold=fold)
             seconds[f"export_{name}"] = time.perf_counter() - t
-            row = {
-                "description": desc,
-                "params": params,
-                "compression_rate": (1 - params / p_dense) * 100,
-                "macs": macs,
-                "mac_ratio": macs_dense / macs,
-                "macs_in_dense_layers_pct": sum(v for n, v in by_layer.items() if n not in lowrank) / macs * 100,
-                "onnx": {
-                    "exporter": exp.exporter,
-                    "size_bytes": exp.size_bytes,
-                    "forms": sorted(set(exp.plan.values())),
-                    **{k: exp.structure[k] for k in STRUCTURE},
-                },
-            }
+            row = dict(description=desc, params=params, compression_rate=(1 - params / p_dense) * 100, macs=macs)
+            row.update(mac_ratio=macs_dense / macs)
+            row["macs_in_dense_layers_pct"] = sum(v for n, v in by_layer.items() if n not in lowrank) / macs * 100
+            onnx = dict(exporter=exp.exporter, size_bytes=exp.size_bytes, forms=sorted(set(exp.plan.values())))
+            row["onnx"] = onnx | {k: exp.structure[k] for k in STRUCTURE}
             if name != "dense":
                 par = lib.parity_check(path, model, size, batches=(1, 8))
                 row["parity"] = {k: par[k] for k in ("max_abs_diff", "rel_diff", "passed")}
@@ -125,28 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup"] = {b: rows["dense"]["latency"][b]["median_ms"] / row["latency"][b]["median_ms"] for b in batches}
         row["speedup_over_mac_ratio"] = {b: v / row["mac_ratio"] for b, v in row["speedup"].items()}
 
-    results = {
-        "arch": f"tv:{arch}",
-        "input_size": size,
-        "num_classes": classes,
-        "smoke": args.smoke,
-        "threads": args.threads,
-        "repeats": repeats,
-        "warmup": warmup,
-        "variants": rows,
-        "ranks": ranks,
-        "seconds": seconds,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "load_before": load_before,
-            "load_after": os.getloadavg(),
-            "note": f"shared, noisy machine (other jobs beside this one): medians of {repeats} runs, "
-            "p90 shows the spread",
-        },
-    }
+    results = dict(arch=f"tv:{arch}", input_size=size, num_classes=classes, smoke=args.smoke, threads=args.threads)
+    results.update(repeats=repeats, warmup=warmup, variants=rows, ranks=ranks, seconds=seconds)
+    machine = dict(cpus=os.cpu_count(), platform=platform.platform(), torch=torch.__version__)
+    machine.update(onnxruntime=onnxruntime.__version__, load_before=load_before, load_after=os.getloadavg())
+    machine["note"] = (
+        f"shared, noisy machine (other jobs beside this one): medians of {repeats} runs, p90 shows the spread"
+    )
+    results["machine"] = machine
 
     head = ["variant", "params", "c.r. %", "MACs (M)", "MAC ratio"]
     head += [f"b={b} {x}" for b in batches for x in ("median / p90 ms", "speedup (÷ MAC ratio)")]
