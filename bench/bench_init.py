@@ -1,15 +1,11 @@
 """Initial factors: SVD/HOSVD of the weights vs activation-aware bases, on a briefly trained VGG16.
 
-    python bench/bench_init.py            # torchvision VGG16 on digits (32×32): dense 4 epochs, then factorize
-    python bench/bench_init.py --smoke    # tiny CNN, 1 epoch (CI)
+The dense model (digits at 32×32, Adam 1e-4 from random init) is factorized at several initial ranks
+once per ``factorize.init``; for each, accuracy and c.r. right after factorizing and after one
+RobustDLRT epoch. ``--dense-cache FILE`` keeps the dense weights for a rerun with other ranks.
 
-The dense model is trained as the main job's baseline does (Adam 1e-4, cosine, batch 32, from
-random init: no pretrained weights offline), then factorized with the project's policy at
-several initial ranks, once per ``factorize.init`` (``svd``: the weights alone; ``activations``:
-bases from 8 calibration batches, compressor/calibration.py). For each: compression rate and
-validation accuracy right after factorization (no training), and after one RobustDLRT epoch
-(β 0.075, τ 0.1, AdamW 5e-4, clip 1.0, as the recipes). Writes bench/results/init.json and the "init" section of
-BENCHMARKS.md. ``--dense-cache FILE`` keeps the dense weights for a rerun with other ranks.
+    python bench/bench_init.py            # torchvision VGG16: dense 4 epochs, then factorize
+    python bench/bench_init.py --smoke    # tiny CNN, 1 epoch (CI)
 """
 
 from __future__ import annotations
@@ -28,20 +24,9 @@ from torch import nn
 
 
 def _tiny_cnn(classes: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(128, 64),
-        nn.ReLU(),
-        nn.Linear(64, classes),
-    )
+    conv = lambda i, o: (nn.Conv2d(i, o, 3, padding=1), nn.ReLU())  # built in order: the draws of their init
+    features = (*conv(3, 16), *conv(16, 32), nn.MaxPool2d(2), *conv(32, 32), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    return nn.Sequential(*features, nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, classes))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,12 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     check_run_options(ap, args, "init")
     run = Run(__file__, args, argv)
-    section = lib.DataSection(
-        name="digits",
-        batch_size=32,
-        eval_batch_size=128,
-        **({"train_subset": 96, "val_subset": 64} if args.smoke else {}),
-    )
+    subsets = {"train_subset": 96, "val_subset": 64} if args.smoke else {}
+    section = lib.DataSection(name="digits", batch_size=32, eval_batch_size=128, **subsets)
     if args.smoke:
         args.dense_epochs, args.ranks, args.r_max = 1, [4], 16
     data = lib.build_data(section, input_size=32, seed=0)
@@ -78,52 +59,27 @@ def main(argv: list[str] | None = None) -> int:
     cpu = torch.device("cpu")
     dense_acc = lib.clean_accuracy(dense, data.val_loader, cpu)
 
+    robust = dict(optimizer="adamw", lr=5e-4, grad_clip=1.0, beta=0.075, tau=0.1, coefficient_steps=10)
+    robust = lib.TrainSection(epochs=1, **robust, schedule="cosine", checkpoint_every=0)
     rows = []
     for rank in args.ranks:
         for init in ("svd", "activations"):
             model = copy.deepcopy(dense)
             t = time.perf_counter()
             lib.set_epoch(data.train_loader, 0)
-            report = lib.factorize_(
-                model,
-                init_rank=rank,
-                r_min=2,
-                r_max=args.r_max,
-                calibration=data.train_loader if init == "activations" else None,
-            )
+            calibration = data.train_loader if init == "activations" else None
+            report = lib.factorize_(model, init_rank=rank, r_min=2, r_max=args.r_max, calibration=calibration)
             seconds = time.perf_counter() - t
             acc0, cr0 = lib.clean_accuracy(model, data.val_loader, cpu), lib.compression_stats(model).rate
             torch.manual_seed(2)
             history = lib.Trainer(
-                model,
-                data.train_loader,
-                lib.TrainSection(
-                    epochs=1,
-                    optimizer="adamw",
-                    lr=5e-4,
-                    grad_clip=1.0,
-                    beta=0.075,
-                    tau=0.1,
-                    coefficient_steps=10,
-                    schedule="cosine",
-                    checkpoint_every=0,
-                ),
-                val_loader=data.val_loader,
-                set_epoch=lib.set_epoch,
-                name=init,
+                model, data.train_loader, robust, val_loader=data.val_loader, set_epoch=lib.set_epoch, name=init
             ).fit()
-            rows.append(
-                {
-                    "init_rank": rank,
-                    "init": init,
-                    "factorized_layers": len(report.factorized),
-                    "compression_rate_at_init": cr0,
-                    "factorize_seconds": seconds,
-                    "accuracy_at_init": acc0,
-                    "accuracy_after_one_epoch": history.epochs[-1]["val_accuracy"],
-                    "compression_rate_after_one_epoch": history.epochs[-1]["compression_rate"],
-                }
-            )
+            last = history.epochs[-1]
+            row = dict(init_rank=rank, init=init, factorized_layers=len(report.factorized))
+            row.update(compression_rate_at_init=cr0, factorize_seconds=seconds, accuracy_at_init=acc0)
+            row.update(accuracy_after_one_epoch=last["val_accuracy"])
+            rows.append(row | {"compression_rate_after_one_epoch": last["compression_rate"]})
 
     name = "tiny CNN" if args.smoke else args.model
     head = ["initial rank", "init", "c.r. at init %", "accuracy at init %", "after 1 epoch %"]
@@ -141,14 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *table([*head, "c.r. after 1 epoch %", "factorize s"], "rlrrrrr", cells),
     ]
-    result = {
-        "model": name,
-        "dense_accuracy": dense_acc,
-        "dense_epochs": args.dense_epochs,
-        "dense_seconds": dense_seconds,
-        "rows": rows,
-        "smoke": args.smoke,
-    }
+    result = dict(model=name, dense_accuracy=dense_acc, dense_epochs=args.dense_epochs, dense_seconds=dense_seconds)
+    result.update(rows=rows, smoke=args.smoke)
     run.publish(
         "init",
         result,
