@@ -1,20 +1,12 @@
 """Cost of one DLRT truncation with and without re-factoring the tall bases: VGG16 at 32×32.
 
+The trainer's truncation (every layer's ``truncate_`` and the optimizer state's map) after one real
+cycle (digits, AdamW), on copies of the same state, alternating: *refactored* (U·P re-factored by
+Cholesky QR; the trainer does it every 8th truncation) and *rotated* (U·P, P orthonormal). Reported:
+median seconds, their ratio, the trainer's mean per truncation, the worst ‖UᵀU − I‖ after each.
+
     python bench/bench_truncation.py            # VGG16, ours and the reference's ranks, 7 repeats
     python bench/bench_truncation.py --smoke    # ResNet-18, ranks ≤ 16, 2 repeats (seconds; CI)
-
-The trainer's truncation (``Trainer._truncate``: every layer's ``truncate_`` and the optimizer
-state's map) in its two forms, on copies of the same state, alternating, in one process:
-
-- refactored: ``truncate_(τ, reorthonormalize_bases=True)``: U·P re-factored by Cholesky QR, as
-  every truncation did before; the trainer does it at every 8th truncation of a run;
-- rotated: ``reorthonormalize_bases=False``: U·P with P orthonormal to float64 round-off.
-
-The state is that of a real cycle: factorize, one augmentation step and s* − 1 coefficient steps
-on real batches (digits), AdamW. Reported: median seconds of each form, their ratio, the
-trainer's mean per truncation over a run (7 rotated, 1 refactored), and the worst ‖UᵀU − I‖
-(float64) over all bases after each form. Writes
-bench/results/truncation.json (``--smoke``: truncation-smoke.json) and its BENCHMARKS.md section.
 """
 
 from __future__ import annotations
@@ -45,17 +37,8 @@ def _orthonormality_error(trainer: lib.Trainer) -> float:
 def measure_model(name: str, args) -> dict:
     model = build_model("lowrank_reference_ranks" if name == "reference_ranks" else "lowrank", args)[0]
     batches = digits_batches(args.s_star, args.batch_size, size=args.size)
-    cfg = lib.TrainSection(
-        epochs=1,
-        optimizer="adamw",
-        lr=5e-4,
-        grad_clip=1.0,
-        beta=0.075,
-        tau=args.tau,
-        coefficient_steps=args.s_star,
-        amp="off",
-        checkpoint_every=0,
-    )
+    cfg = dict(optimizer="adamw", lr=5e-4, grad_clip=1.0, beta=0.075, tau=args.tau, coefficient_steps=args.s_star)
+    cfg = lib.TrainSection(epochs=1, **cfg, amp="off", checkpoint_every=0)
     trainer = lib.Trainer(model, batches, cfg, set_epoch=lambda loader, epoch: None)
     model.train()
     for i, (x, y) in enumerate(batches):  # one cycle up to its truncation
@@ -80,16 +63,11 @@ def measure_model(name: str, args) -> dict:
             error[form] = _orthonormality_error(trainer)
             ranks[form] = [list(l.ranks) for l in trainer.layers.values()]
     med = {k: statistics.median(v) for k, v in seconds.items()}
-    return {
-        "layers": len(trainer.layers),
-        "seconds": seconds,
-        "median": med,
-        "rotated_over_refactored": med["rotated"] / med["refactored"],
-        "run_mean": (7 * med["rotated"] + med["refactored"]) / 8,
-        "run_mean_over_refactored": (7 * med["rotated"] + med["refactored"]) / 8 / med["refactored"],
-        "orthonormality_error": error,
-        "same_ranks": ranks["rotated"] == ranks["refactored"],
-    }
+    run_mean = (7 * med["rotated"] + med["refactored"]) / 8
+    out = dict(layers=len(trainer.layers), seconds=seconds, median=med)
+    out.update(rotated_over_refactored=med["rotated"] / med["refactored"], run_mean=run_mean)
+    out.update(run_mean_over_refactored=run_mean / med["refactored"], orthonormality_error=error)
+    return out | {"same_ranks": ranks["rotated"] == ranks["refactored"]}
 
 
 def markdown(res: dict, args) -> str:
@@ -135,13 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     lib.enable_huge_pages()
     load_before = [round(x, 2) for x in os.getloadavg()]
     models = {name: measure_model(name, args) for name in ("ours", "reference_ranks")}
-    res = {
-        "args": vars(args),
-        "models": models,
-        "load_before": load_before,
-        "load_after": [round(x, 2) for x in os.getloadavg()],
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-    }
+    res = dict(
+        args=vars(args), models=models, load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()]
+    )
+    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
     text = markdown(res, args)
     run.publish(
         "truncation",
