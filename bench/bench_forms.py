@@ -1,16 +1,10 @@
 """Per layer: does onnxruntime deliver a factorized conv's MAC saving, and in which export form?
 
-A compressed network's speedup at batch 32 falls short of its MAC ratio; this script finds
-where. For every Tucker-2 conv of a compressed run (its model, input size and final ranks read
-from the run's ``report.json``; the factors themselves do not matter for speed, so the layers
-are SVD-initialized at those ranks), each export form — ``tucker3`` (1×1 → k×k core → 1×1),
-``fold_out`` (1×1 → k×k), ``fold_in`` (k×k → 1×1) — is timed in onnxruntime beside the dense
-conv on the layer's own input shape, interleaved, and its speedup is set beside its MAC ratio.
-The forms are built by the exporter's own code (``compressor.export.onnx_export``).
+Every Tucker-2 conv of a compressed run (model, input size and final ranks from its ``report.json``;
+SVD-initialized at those ranks: the values do not matter for speed) is exported in each form by the
+exporter's own code and timed beside the dense conv on the layer's input shape, interleaved.
 
     python bench/bench_forms.py --smoke       # seconds: 2 convs of timm test_resnet at half ranks (CI)
-    compress --model vgg16 --recipe recipes/robust.yaml --set train.target.macs=0.2 \\
-        --set train.target.multiple=8 --output-dir runs/macs02-m8
     python bench/bench_forms.py --report runs/macs02-m8/robust-vgg16-digits/report.json
 """
 
@@ -31,8 +25,9 @@ from harness.report import table
 from harness.run import Run, add_run_options, check_run_options, parser
 
 log = logging.getLogger("bench_forms")
+# 1×1 → k×k core → 1×1; 1×1 → k×k; k×k → 1×1; the Tucker form at one rank fewer per mode (off the
+# multiple of 8 the ranks were rounded to)
 FORMS = ("tucker3", "fold_out", "fold_in", "tucker3-1")
-"""tucker3-1: the Tucker form at one rank fewer per mode (off the multiple of 8 the ranks were rounded to)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,11 +114,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             paths = {}
             for form in ("dense", *FORMS):
                 paths[form] = Path(tmp) / f"{form}.onnx"
-                plain = (
-                    lib.plain_layer(one_fewer(layer), "tucker3")
-                    if form == "tucker3-1"
-                    else lib.plain_layer(layer, form)
-                )
+                plain = lib.plain_layer(*((one_fewer(layer), "tucker3") if form == "tucker3-1" else (layer, form)))
                 lib.export_onnx(plain, paths[form], input_size=h, in_chans=c_in, check=False)
             row: dict[str, Any] = {"layer": n, "shape": [c_in, layer.out_channels, h], "ranks": list(layer.ranks)}
             row["mac_ratio"] = {f: macs(layer, "dense", out_px, in_px) / macs(layer, f, out_px, in_px) for f in FORMS}
@@ -156,27 +147,16 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
         "",
         *table(head, "l" * len(head), cells),
     ]
-    best = [
-        r["layer"].removeprefix("net.")
-        for r in doc["layers"]
-        if max(FORMS[:3], key=lambda f: r[f"speedup_t{t[0]}"]["b32"][f]) != "tucker3"
-    ]
-    slower = [
-        r["layer"].removeprefix("net.")
-        for r in doc["layers"]
-        if r[f"speedup_t{t[0]}"]["b32"]["tucker3-1"] < r[f"speedup_t{t[0]}"]["b32"]["tucker3"]
-    ]
+    b32 = lambda r: r[f"speedup_t{t[0]}"]["b32"]
+    best = [r["layer"].removeprefix("net.") for r in doc["layers"] if max(FORMS[:3], key=b32(r).get) != "tucker3"]
+    slower = [r for r in doc["layers"] if b32(r)["tucker3-1"] < b32(r)["tucker3"]]
+    n = len(doc["layers"])
+    where = f"{len(best)} of {n} layers ({', '.join(best)})." if best else f"none of the {n} layers."
     out += [
         "",
-        "At batch 32 and "
-        + f"{t[0]} thread(s), a folded form beats the Tucker form at "
-        + (
-            f"{len(best)} of {len(doc['layers'])} layers ({', '.join(best)})."
-            if best
-            else f"none of the {len(doc['layers'])} layers."
-        )
-        + f" One rank fewer per mode (tucker3-1: fewer MACs, off the multiple of 8) is slower than the ranks as they "
-        f"are at {len(slower)} of {len(doc['layers'])} layers.",
+        f"At batch 32 and {t[0]} thread(s), a folded form beats the Tucker form at {where} One rank fewer per mode "
+        f"(tucker3-1: fewer MACs, off the multiple of 8) is slower than the ranks as they are at {len(slower)} of {n} "
+        "layers.",
     ]
     return "\n".join(out)
 
