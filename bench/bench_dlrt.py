@@ -1,37 +1,16 @@
 """Training-step cost of RobustDLRT against dense fine-tuning: torchvision VGG16 at 32×32.
 
+Dense, low-rank (``factorize_``'s policy, init 150, r_max 200) and low-rank at the reference's ranks
+(every conv but the first and linear but the last, channel ranks min(C/2, 200): docs/peers.md's 0.49 s
+step) each train one epoch of the same digits batches by ``Trainer`` (AdamW 5e-4, cosine, clip 1.0; β
+0.075, τ 0.1, s* 10), one process per model, batch by batch in turn. Targets: epoch low-rank / dense ≤
+0.2; augment + truncate ≤ 10 % of the epoch; the step at the reference's ranks ≥ 1.5× faster than 0.49 s,
+raw and scaled by a dense step both measured (``plain_adamw_step_ratio``).
+
     python bench/bench_dlrt.py               # VGG16, 40 batches of 32 (≈ an epoch of digits)
     python bench/bench_dlrt.py --smoke       # ResNet-18, ranks ≤ 16, 4 batches, s* 3: seconds (CI)
     python bench/bench_dlrt.py --profile 4   # also profile a cycle of 4 steps of each low-rank model
-    python bench/bench_dlrt.py --device cuda # the same on a GPU, bf16 autocast (section "dlrt-gpu")
-
-Real data: scikit-learn's digits, 8×8 → 32×32 RGB (bilinear), normalized; the same N batches
-for every model. Three models train side by side, each by ``compressor.train.Trainer`` itself
-(AdamW lr 5e-4, per-step cosine, clip 1.0, as the authors' reference script):
-
-- dense: torchvision VGG16, 10 classes (a Trainer with no factorized layer = plain training);
-- low-rank (ours): ``factorize_(init_rank=150, r_max=200)`` with the project's policy (first conv
-  and classifier dense; layers whose factorization at r_max saves nothing stay dense: VGG16's
-  64- and 128-channel convs);
-- low-rank at the reference's ranks: every conv but the first and every linear but the last
-  factorized, channel ranks capped at min(C/2, 200) and started at the cap (convs) or 150
-  (linears), as ``transform_to_low_rank(max_rank=200, init_rank=150, tol=0.1)`` does: the
-  setting of the reference's 0.49 s step (docs/peers.md).
-
-RobustDLRT: β 0.075, τ 0.1, s* 10. Steps are interleaved round-robin (one process per model, a
-baton passed at every batch request, so exactly one model runs at a time) and share the noise
-of this shared machine; step time = from receiving a batch to requesting the next. Before the
-timed epoch each process builds its model and trains a copy for 2 batches (untimed), in turn. Targets:
-epoch low-rank / dense ≤ 0.2; augment + truncate ≤ 10 % of the low-rank epoch; median low-rank
-step at the reference's ranks ≥ 1.5× faster than its 0.49 s, in raw seconds and normalized
-by the machine's speed (docs/peers.md's 2.28 s dense step against a dense step here with the same,
-plain, AdamW: ``plain_adamw_step_ratio``). Writes bench/results/dlrt.json (``--smoke``:
-dlrt-smoke.json) and prints a Markdown table; the load average is recorded.
-
-``--device cuda`` runs the three models on the GPU with bf16 autocast (``--amp``, default bf16
-there; the trainer keeps the loss and the regularizer in float32), synchronizing before every
-time stamp, and writes the section "dlrt-gpu". docs/peers.md's reference step is a CPU figure, so
-the GPU table has the epoch ratio and the augment + truncate share, not the reference rows.
+    python bench/bench_dlrt.py --device cuda # bf16 autocast, synchronized time stamps (section "dlrt-gpu")
 """
 
 from __future__ import annotations
@@ -48,14 +27,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from harness import lib
-from harness.run import Run, add_run_options, check_run_options, parse_device, parser
+from harness.measure import sync
+from harness.run import Run, add_run_options, check_run_options, options, parse_device, parser
 from torch import nn
 
 REFERENCE_STEP_S = 0.49  # authors' RobustDLRT step, VGG16, batch 32, median (docs/peers.md)
 REFERENCE_DENSE_STEP_S = 2.28  # dense VGG16 step, batch 32, AdamW, median (docs/peers.md)
-
-
-# ----------------------------------------------------------------------------- data and models
 
 
 def digits_batches(
@@ -99,14 +76,9 @@ def factorize_like_reference(model: nn.Module, init_rank: int, r_max: int) -> in
     return count
 
 
-# ----------------------------------------------------------------------------- lockstep runner
-#
-# One process per model, not one thread: torch's OpenMP pool belongs to the thread that calls
-# it, and with more pool threads than cores (three 2-thread pools on 2 cores) libgomp stops
-# spin-waiting between parallel regions, so every op pays a futex wake-up. That slowed the
-# low-rank models' many small ops most (VGG16 at the reference's ranks on a 2-core Xeon, an
-# epoch alone 7.5 s, beside a second copy of itself in another thread 10.3 s, the truncation
-# 0.12 s → 0.44 s; alone with OMP_WAIT_POLICY=PASSIVE 10.0 s), which no single-model training
+# One process per model, not one thread: torch's OpenMP pool belongs to the thread that calls it,
+# and with more pool threads than cores libgomp stops spin-waiting between parallel regions, so
+# every op pays a futex wake-up (the low-rank models' many small ops most), which no single-model
 # run pays. In its own process each model has one pool, as in a real run.
 
 
@@ -150,8 +122,7 @@ class BatonLoader:
 
     def __init__(self, batches, baton: Baton, k: int, model: nn.Module, device: torch.device):
         self.batches, self.baton, self.k, self.model = batches, baton, k, model
-        # CUDA runs asynchronously: a time stamp only counts the work finished before it
-        self.sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        self.sync = lambda: sync(device)  # CUDA runs asynchronously
         self.seconds: list[float] = []
         self.ranks: list[float] = []
 
@@ -177,6 +148,16 @@ def _mean_rank(model: nn.Module) -> float:
 
 
 MODELS = ("dense", "lowrank", "lowrank_reference_ranks")
+NO_EPOCH = lambda loader, epoch: None  # fixed batches: no sampler to seed
+
+
+def train_section(args, s_star: int | None, amp: str):
+    """The bench's optimizer (the reference script's AdamW, cosine, clip); ``s_star``: a RobustDLRT
+    section with that cycle length, None: a dense one."""
+    common = dict(optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, amp=amp, checkpoint_every=0)
+    if s_star is None:
+        return lib.BaselineSection(epochs=1, **common)
+    return lib.TrainSection(epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=s_star, **common)
 
 
 def build_model(name: str, args) -> tuple[nn.Module, float, int]:
@@ -201,13 +182,7 @@ def train_in_turn(k: int, name: str, args, baton: Baton, results) -> None:
         lib.enable_huge_pages()
         torch.set_num_threads(args.threads)
         device = torch.device(args.device)
-        common = dict(
-            optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, amp=args.amp, checkpoint_every=0
-        )
-        if name == "dense":
-            cfg = lib.BaselineSection(epochs=1, **common)
-        else:
-            cfg = lib.TrainSection(epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=args.s_star, **common)
+        cfg = train_section(args, None if name == "dense" else args.s_star, args.amp)
         batches = digits_batches(args.batches, args.batch_size)
         baton.wait(k)  # set-up in turn too, so that factorize_ times are not shared
         try:
@@ -216,24 +191,16 @@ def train_in_turn(k: int, name: str, args, baton: Baton, results) -> None:
             # Warm-up, untimed: a 2-batch epoch (an augmentation and a truncation) of a copy, so
             # that oneDNN's kernels for these shapes are built and the allocator has its pages,
             # as in any epoch of a real run but its first
-            lib.Trainer(
-                copy.deepcopy(model), batches[:2], cfg, set_epoch=lambda loader, epoch: None, device=device
-            ).fit()
+            lib.Trainer(copy.deepcopy(model), batches[:2], cfg, set_epoch=NO_EPOCH, device=device).fit()
         finally:
             baton.pass_on(k)
         loader = BatonLoader(batches, baton, k, model, device)
-        trainer = lib.Trainer(model, loader, cfg, set_epoch=lambda loader, epoch: None, name=name, device=device)
+        trainer = lib.Trainer(model, loader, cfg, set_epoch=NO_EPOCH, name=name, device=device)
         trainer.fit()
-        figures = {
-            "seconds": loader.seconds,
-            "ranks": loader.ranks,
-            "record": trainer.history.epochs[0],
-            "nonfinite_steps": trainer.history.nonfinite_steps,
-            "layers": len(trainer.layers),
-            "final_ranks": {n: list(layer.ranks) for n, layer in trainer.layers.items()},
-            "factorize_seconds": seconds,
-            "factorized_layers": count,
-        }
+        figures = dict(seconds=loader.seconds, ranks=loader.ranks, record=trainer.history.epochs[0])
+        figures.update(nonfinite_steps=trainer.history.nonfinite_steps, layers=len(trainer.layers))
+        figures["final_ranks"] = {n: list(layer.ranks) for n, layer in trainer.layers.items()}
+        figures.update(factorize_seconds=seconds, factorized_layers=count)
     except BaseException:  # re-raised by the parent
         import traceback
 
@@ -278,9 +245,6 @@ def run_lockstep(args) -> dict[str, dict]:
     return {MODELS[k]: r for k, r in raw.items()}
 
 
-# ----------------------------------------------------------------------------- measurement
-
-
 def summarize(raw: dict, s_star: int, dense_epoch: float) -> dict:
     seconds, record = raw["seconds"], raw["record"]
     n = len(seconds)
@@ -291,35 +255,21 @@ def summarize(raw: dict, s_star: int, dense_epoch: float) -> dict:
     by = {k: [s for s, kk in zip(seconds, kinds) if kk == k] for k in ("augment", "coefficient", "truncate")}
     epoch = sum(seconds)
     n_aug, n_trunc = kinds.count("augment"), kinds.count("truncate")
-    med = statistics.median
-    coef = med(by["coefficient"]) if by["coefficient"] else float("nan")
+    med = {k: statistics.median(v) if v else float("nan") for k, v in by.items()}
     aug_op, trunc_op = record["seconds_augment"], record["seconds_truncate"]
     # the augmentation batch also back-propagates to the bases (∂L/∂U, ∂L/∂V): its extra time
-    aug_extra = max(0.0, med(by["augment"]) - aug_op / max(1, n_aug) - coef) if by["augment"] else 0.0
-    return {
-        "layers": raw["layers"],
-        "factorized_layers": raw["factorized_layers"],
-        "factorize_seconds": raw["factorize_seconds"],
-        "params": record["params"],
-        "compression_rate": record["compression_rate"],
-        "step_median": med(seconds),
-        "coefficient_step_median": coef,
-        "augment_step_median": med(by["augment"]) if by["augment"] else float("nan"),
-        "truncate_step_median": med(by["truncate"]) if by["truncate"] else float("nan"),
-        "augment_op_seconds_mean": aug_op / max(1, n_aug),
-        "truncate_op_seconds_mean": trunc_op / max(1, n_trunc),
-        "epoch_seconds": epoch,
-        "epoch_ratio_vs_dense": epoch / dense_epoch,
-        "augment_truncate_share": (aug_op + trunc_op) / epoch,
-        "augment_truncate_share_with_basis_backward": (aug_op + trunc_op + n_aug * aug_extra) / epoch,
-        "speedup_vs_reference_step": REFERENCE_STEP_S / med(seconds),
-        "mean_rank_per_step": raw["ranks"],
-        "final_ranks": raw["final_ranks"],
-        "step_seconds": seconds,
-        "step_kinds": kinds,
-        "train_loss": record["train_loss"],
-        "nonfinite_steps": raw["nonfinite_steps"],
-    }
+    aug_extra = max(0.0, med["augment"] - aug_op / max(1, n_aug) - med["coefficient"]) if by["augment"] else 0.0
+    out = {k: raw[k] for k in ("layers", "factorized_layers", "factorize_seconds")}
+    out.update(params=record["params"], compression_rate=record["compression_rate"])
+    out.update(step_median=statistics.median(seconds), coefficient_step_median=med["coefficient"])
+    out.update(augment_step_median=med["augment"], truncate_step_median=med["truncate"])
+    out.update(augment_op_seconds_mean=aug_op / max(1, n_aug), truncate_op_seconds_mean=trunc_op / max(1, n_trunc))
+    out.update(epoch_seconds=epoch, epoch_ratio_vs_dense=epoch / dense_epoch)
+    out["augment_truncate_share"] = (aug_op + trunc_op) / epoch
+    out["augment_truncate_share_with_basis_backward"] = (aug_op + trunc_op + n_aug * aug_extra) / epoch
+    out.update(speedup_vs_reference_step=REFERENCE_STEP_S / out["step_median"], mean_rank_per_step=raw["ranks"])
+    out.update(final_ranks=raw["final_ranks"], step_seconds=seconds, step_kinds=kinds)
+    return out | {"train_loss": record["train_loss"], "nonfinite_steps": raw["nonfinite_steps"]}
 
 
 def plain_adamw_step_ratio(model: nn.Module, batches, n_steps: int, lr: float, clip: float) -> dict:
@@ -343,40 +293,23 @@ def plain_adamw_step_ratio(model: nn.Module, batches, n_steps: int, lr: float, c
             opts[k].step()
             if i:
                 seconds[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in seconds.items()}
-    return {
-        "fused_step_median": med["fused"],
-        "plain_step_median": med["plain"],
-        "plain_over_fused": med["plain"] / med["fused"],
-        "steps": n_steps,
-    }
+    fused, plain = (statistics.median(v) for v in seconds.values())
+    return dict(fused_step_median=fused, plain_step_median=plain, plain_over_fused=plain / fused, steps=n_steps)
 
 
 def measure(args) -> dict:
     device = torch.device(args.device)
-    # the normalization is against docs/peers.md's CPU steps: meaningless for a GPU run
-    plain = (
-        plain_adamw_step_ratio(
-            build_model("dense", args)[0], digits_batches(2, args.batch_size), args.norm_steps, args.lr, args.clip
-        )
-        if device.type == "cpu"
-        else None
-    )
+    plain = None  # the normalization is against docs/peers.md's CPU steps: meaningless for a GPU run
+    if device.type == "cpu":
+        model, batches = build_model("dense", args)[0], digits_batches(2, args.batch_size)
+        plain = plain_adamw_step_ratio(model, batches, args.norm_steps, args.lr, args.clip)
     raw = run_lockstep(args)
-    dense_epoch = sum(raw["dense"]["seconds"])
-    out = {
-        "dense": {
-            "step_median": statistics.median(raw["dense"]["seconds"]),
-            "epoch_seconds": dense_epoch,
-            "params": raw["dense"]["record"]["params"],
-            "step_seconds": raw["dense"]["seconds"],
-        },
-        "lowrank": summarize(raw["lowrank"], args.s_star, dense_epoch),
-        "lowrank_reference_ranks": summarize(raw["lowrank_reference_ranks"], args.s_star, dense_epoch),
-    }
-    # The machine is shared and its speed drifts over a day (dense steps of 1.2-1.9 s measured
-    # here): scale our times by docs/peers.md's dense step over a dense step here with the same
-    # (plain) optimizer, i.e. our dense step × plain/fused.
+    secs = raw["dense"]["seconds"]
+    dense = dict(step_median=statistics.median(secs), epoch_seconds=sum(secs), params=raw["dense"]["record"]["params"])
+    out = {"dense": dense | {"step_seconds": secs}}
+    out.update({k: summarize(raw[k], args.s_star, dense["epoch_seconds"]) for k in MODELS[1:]})
+    # The machine is shared and its speed drifts over a day: scale our times by docs/peers.md's
+    # dense step over a dense step here with the same (plain) optimizer, our dense step × plain/fused.
     out["plain_adamw"] = plain
     if plain is None:
         return out
@@ -397,9 +330,7 @@ def profile_cycle(args, n_steps: int) -> str:
     for name in ("lowrank", "lowrank_reference_ranks"):
         model = build_model(name, args)[0]
         batches = digits_batches(n_steps, args.batch_size)
-        common = dict(optimizer="adamw", lr=args.lr, schedule="cosine", grad_clip=args.clip, checkpoint_every=0)
-        cfg = lib.TrainSection(epochs=1, beta=args.beta, tau=args.tau, coefficient_steps=n_steps, amp="off", **common)
-        trainer = lib.Trainer(model, batches, cfg, set_epoch=lambda loader, epoch: None)
+        trainer = lib.Trainer(model, batches, train_section(args, n_steps, "off"), set_epoch=NO_EPOCH)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             trainer.fit()
         table = prof.key_averages(group_by_input_shape=True).table(
@@ -409,15 +340,10 @@ def profile_cycle(args, n_steps: int) -> str:
     return "\n".join(tables)
 
 
-# ----------------------------------------------------------------------------- report
-
-
 def markdown(res: dict, args, load_before, load_after) -> str:
     d, a, b, p = res["dense"], res["lowrank"], res["lowrank_reference_ranks"], res["plain_adamw"]
-    ok = lambda c: "✅" if c else "❌"  # noqa: E731
-
-    def s(x: float) -> str:
-        return f"{x:.3f} s"
+    ok = lambda c: "✅" if c else "❌"
+    s = lambda x: f"{x:.3f} s"
 
     where = (
         f"{args.threads} thread(s)"
@@ -488,19 +414,8 @@ def markdown(res: dict, args, load_before, load_after) -> str:
 def main(argv: list[str] | None = None) -> int:
     lib.enable_huge_pages()  # as the compress command does, before the first tensor
     ap = parser(__doc__)
-    ap.add_argument("--model", default="vgg16")
-    ap.add_argument("--batches", type=int, default=40)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--init-rank", type=int, default=150)
-    ap.add_argument("--r-max", type=int, default=200)
-    ap.add_argument("--beta", type=float, default=0.075)
-    ap.add_argument("--tau", type=float, default=0.1)
-    ap.add_argument("--s-star", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument(
-        "--norm-steps", type=int, default=10, help="dense steps with plain and fused AdamW (normalized row)"
-    )
+    options(ap, model="vgg16", batches=40, batch_size=32, init_rank=150, r_max=200, beta=0.075, tau=0.1, s_star=10)
+    options(ap, lr=5e-4, clip=1.0, norm_steps=(10, "dense steps with plain and fused AdamW (normalized row)"))
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: the issue's GPU run, section dlrt-gpu")
     ap.add_argument("--amp", choices=("off", "bf16"), default=None, help="autocast (default: off on CPU, bf16 on CUDA)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a cycle of N steps (CPU)")
@@ -534,16 +449,11 @@ def main(argv: list[str] | None = None) -> int:
             "dense_step_s": REFERENCE_DENSE_STEP_S,
             "source": "shared/docs/peers.md",
         },
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if gpu else None,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "loadavg_before": load_before,
-        "loadavg_after": load_after,
-        "wall_seconds": time.perf_counter() - t0,
     }
+    payload.update(torch=torch.__version__, threads=args.threads, device=str(device))
+    payload.update(gpu=torch.cuda.get_device_name(device) if gpu else None, cpu_count=os.cpu_count())
+    payload.update(machine=platform.machine(), loadavg_before=load_before, loadavg_after=load_after)
+    payload["wall_seconds"] = time.perf_counter() - t0
     table = markdown(res, args, load_before, load_after)
     shown = table
     if args.profile:
