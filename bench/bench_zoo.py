@@ -1,31 +1,14 @@
 """The zoo: the architectures edge users deploy, compressed, trained, exported and measured in one table.
 
-Per model (Fashion-MNIST, the same training and held-out subsets for every model, random init —
-no pretrained weights on these machines):
-
-1. **dense**: trained briefly (Adam, cosine, ``--dense-epochs``) from random init; its weights
-   are the start of every arm below and are cached in ``--checkpoint-dir``;
-2. **arms**, each from those dense weights with ``recipes/robust.yaml``'s factorization and
-   training settings (activation-aware init, init rank 150, r_max 200, AdamW 5e-4 cosine, clip
-   1.0, τ 0.1, s* 10) for ``--epochs`` rank-adaptive epochs: **DLRT** (β = 0), **RobustDLRT**
-   (β ``--beta``) and **budget** (RobustDLRT with ``train.target.macs = --macs``);
-3. every model: parameters and MACs dense vs compressed, c.r., clean accuracy, ℓ2-FGSM (3 ε,
-   pixel units) and PGD-ℓ∞ accuracy, κ median / max of the factorized cores, ONNX parity (the
-   largest |ONNX − PyTorch| logit difference relative to the largest logit, batches 1 and 8),
-   onnxruntime latency at batch 1 and 32 of the compressed graph timed interleaved with the dense
-   one, and training seconds per epoch. Where a model compresses badly, the table names the
-   layers that hold what is left (parameters and MACs) and the reasons layers stayed dense.
-
-Outputs: ``--out`` (JSON, every entry), the Markdown tables on stdout and in the ``zoo`` section
-of ``--benchmarks-md`` (default BENCHMARKS.md; ``--smoke``: none), with the issue's targets
-stated as met or not per model.
+Per model (Fashion-MNIST, the same subsets for every model, random init): dense trained briefly (its
+weights cached in ``--checkpoint-dir``), then from those weights, with ``recipes/robust.yaml``'s
+settings for ``--epochs``: DLRT (β 0), RobustDLRT (``--beta``) and a budget arm (RobustDLRT with
+``train.target.macs = --macs``). Each: size, MACs, clean and attacked accuracy, κ, ONNX parity,
+onnxruntime speedup against dense, where its cost stays, and the issue's targets met or not.
 
     python bench/bench_zoo.py --smoke     # < 2 min: timm test_resnet and test_vit on digits (CI)
     python bench/bench_zoo.py --checkpoint-dir bench/results/zoo-ckpt            # the full table
     python bench/bench_zoo.py --models tv:resnet18 timm:convnext_atto --checkpoint-dir …  # a subset
-
-With ``--checkpoint-dir`` every finished entry is saved at once; a rerun with the same settings
-skips what is finished (models may be added).
 """
 
 from __future__ import annotations
@@ -47,7 +30,7 @@ from harness.entries import EntryStore
 from harness.measure import EPS_L2 as EPS
 from harness.measure import dense_weights, latency_vs_dense, parity, ranks, robustness, sizes
 from harness.report import met, table
-from harness.run import Run, add_run_options, at_least, check_run_options, parser, recipe
+from harness.run import Run, add_run_options, at_least, check_run_options, options, parser, pick, recipe
 
 log = logging.getLogger("bench_zoo")
 
@@ -74,18 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", default=None, help=f"subset of {', '.join(ZOO)}")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: the Debian package's files)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-subset", type=int, default=1500)
-    ap.add_argument("--val-subset", type=int, default=500, help="held-out images scored clean")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--dense-epochs", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=2, help="rank-adaptive epochs of every arm")
-    ap.add_argument("--beta", type=float, default=0.075, help="β of the RobustDLRT and budget arms")
-    ap.add_argument("--macs", type=float, default=0.25, help="train.target.macs of the budget arm")
-    ap.add_argument("--attack-samples", type=int, default=200, help="held-out images attacked")
-    ap.add_argument("--pgd-steps", type=int, default=10)
-    ap.add_argument("--latency-repeats", type=int, default=20)
-    ap.add_argument("--latency-threads", type=int, default=1, help="onnxruntime intra-op threads")
+    options(ap, seed=0, train_subset=1500, val_subset=(500, "held-out images scored clean"), batch_size=64)
+    options(ap, dense_epochs=4, epochs=(2, "rank-adaptive epochs of every arm"))
+    options(ap, beta=(0.075, "β of the RobustDLRT and budget arms"), macs=(0.25, "train.target.macs of the budget arm"))
+    options(ap, attack_samples=(200, "held-out images attacked"), pgd_steps=10, latency_repeats=20)
+    options(ap, latency_threads=(1, "onnxruntime intra-op threads"))
     add_run_options(ap, "zoo", smoke="< 2 min: timm test models on digits, tiny sizes (CI)", resumable=True)
     args = ap.parse_args(argv)
     check_run_options(ap, args, "zoo")
@@ -93,10 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.data, args.train_subset, args.val_subset, args.batch_size = "digits", 128, 64, 32
         args.dense_epochs, args.epochs, args.attack_samples, args.pgd_steps, args.latency_repeats = 1, 1, 32, 2, 3
-    args.models = list(dict.fromkeys(args.models or table))
-    unknown = [m for m in args.models if m not in table]
-    if unknown:
-        ap.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(table)}")
+    args.models = pick(ap, args.models, table)
     args.zoo = {m: table[m] for m in args.models}
     at_least(ap, args, 1, "train_subset", "val_subset", "batch_size", "epochs", "attack_samples", "latency_repeats")
     if args.dense_epochs < 0 or args.seed < 0 or args.pgd_steps < 1:
@@ -116,9 +89,6 @@ def recipe_for(args: argparse.Namespace, model: str, arm: str) -> lib.Recipe:
     return recipe(
         args, args.seed, source="bench_zoo", model=model_, baseline={"lr": dense_lr}, factorize=factorize, train=train
     )
-
-
-# ----------------------------------------------------------------------------- measuring
 
 
 def where_it_stays(model: torch.nn.Module, fact, size: int, top: int = 3) -> dict[str, Any]:
@@ -213,9 +183,6 @@ def report(state: EntryStore) -> None:
         *(e["model"], e["arm"], 100 * e["clean"], e["compression_rate"], e["macs"] / e["macs_dense"]),
         *(e["parity_rel"], speed, e["seconds_per_epoch"] or float("nan")),
     )
-
-
-# ----------------------------------------------------------------------------- report
 
 
 def pct(x: float | None, digits: int = 1) -> str:
@@ -368,13 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run = Run(__file__, args, argv)
     state = EntryStore.of(args, _FINGERPRINT, keys=("model", "arm"))
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-zoo-") as tmp:
-            for name in [] if args.report_only else args.models:
-                run_model(args, name, state, Path(tmp))
-    except lib.CompressorError as err:
-        print(f"bench_zoo.py: error: {err}", file=sys.stderr)
-        return 2
+    with run.failing(lib.CompressorError), tempfile.TemporaryDirectory(prefix="bench-zoo-") as tmp:
+        for name in [] if args.report_only else args.models:
+            run_model(args, name, state, Path(tmp))
     entries = [e for e in state.entries if e["model"] in args.models]
     _l2_keys(entries)
     what = "the zoo: dense vs DLRT vs RobustDLRT vs a MAC budget on the architectures edge users deploy"
@@ -387,9 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         measured="per architecture: size, MACs, clean and attacked accuracy, κ, ONNX parity and onnxruntime "
         "speedup of DLRT, RobustDLRT and a MAC budget against the dense model they started from.",
     )
-    missing = state.missing(*((m, a) for m in args.models for a in ARMS))
-    if args.smoke and missing:
-        raise SystemExit(f"smoke check failed: missing entries {missing}")
+    run.smoke_check(state.missing(*((m, a) for m in args.models for a in ARMS)))
     return 0
 
 
