@@ -1,25 +1,11 @@
 """Distillation from the dense model (issue 31): what logit and adversarial KD recover of a MAC budget's cost.
 
-Per model (tv:resnet18, tv:mobilenet_v3_small), on the dense tier's Fashion-MNIST images
-(bench/dense_tier.py: 8,000 training / 2,000 held-out images at 32 px):
-
-1. **dense**: the tier's plateau-trained weights (from ``--tier-dir``; trained there first if
-   missing), BatchNorm statistics re-estimated over 16 training batches as after every arm. It
-   is the reference row, the start of every arm and, as a frozen copy, the teacher;
-2. **arms**, each from those weights, the zoo's budget arm (recipes/robust.yaml's factorization
-   and training settings, β ``--beta``, ``train.target.macs = --macs``) for ``--epochs``
-   rank-adaptive epochs, once per seed in ``--seeds`` (the seed draws the factorization, the
-   training draws and the shuffle order; the images are the tier's): **no KD** (labels only),
-   **KD** (``train.distill``: weight ``--kd-weight``, T ``--temperature``), **adversarial KD** (the
-   same KD with ``train.adversarial`` FGSM-RS, ℓ∞ ``--adv-eps``, the regime's: the example is made
-   against the student, the target is the teacher's soft label of the clean image);
-3. every entry: clean accuracy on the held-out images, ℓ2-FGSM (ε 0.05/0.1/0.3, pixel units) and
-   PGD-ℓ∞ 8/255 accuracy on the first ``--attack-samples`` of them (the same images and draws for
-   every entry), MACs fraction, c.r., training seconds.
-
-Targets: KD ends at clean ≥ dense − 1 point; adversarial KD keeps ℓ2-FGSM (ε 0.1) and PGD ≥
-dense's at clean ≥ dense − 2. The ``distill`` section of ``--benchmarks-md`` says per model which
-are met, by how much a missed one is missed and what would meet it.
+Per model, from the dense tier's plateau-trained weights (bench/dense_tier.py; BatchNorm statistics
+re-estimated as after every arm), the zoo's budget arm (``train.target.macs = --macs``) once per seed
+without KD, with logit KD (the frozen dense model the teacher) and with adversarial KD (FGSM-RS examples
+against the student, the teacher's clean soft label the target). Targets: KD clean ≥ dense − 1 point;
+adversarial KD ℓ2-FGSM (ε 0.1) and PGD ≥ dense's at clean ≥ dense − 2; each verdict says by how much a
+missed one is missed and what would meet it.
 
     python bench/bench_distill.py --smoke     # < 2 min: timm test models, the tier's smoke sizes (CI)
     python bench/bench_distill.py --threads 1 --checkpoint-dir bench/results/distill-ckpt
@@ -42,7 +28,7 @@ from harness import lib
 from harness.entries import EntryStore
 from harness.measure import EPS_L2, robustness, sizes
 from harness.report import mean, mean_std, met, table
-from harness.run import RESULTS, Run, add_run_options, at_least, check_run_options, parser, recipe
+from harness.run import RESULTS, Run, add_run_options, at_least, check_run_options, options, parser, pick, recipe
 
 log = logging.getLogger("bench_distill")
 
@@ -57,23 +43,15 @@ _TIER_KEYS = ("epochs", "plateau", "train_images", "val_images", "val_acc", "las
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = parser(__doc__)
     ap.add_argument("--models", nargs="+", default=None, help=f"subset of {', '.join(MODELS)}")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--epochs", type=int, default=3, help="rank-adaptive epochs of every arm")
-    ap.add_argument("--macs", type=float, default=0.25, help="train.target.macs of every arm")
-    ap.add_argument("--beta", type=float, default=0.075, help="β of every arm (the zoo's budget arm)")
-    ap.add_argument("--kd-weight", type=float, default=0.5, help="train.distill.weight of the KD arms")
-    ap.add_argument("--temperature", type=float, default=4.0, help="train.distill.temperature")
-    ap.add_argument("--adv-eps", type=float, default=8 / 255, help="FGSM training: ℓ∞ ε in pixel units")
-    ap.add_argument("--attack-samples", type=int, default=1000, help="held-out images attacked")
-    ap.add_argument("--pgd-steps", type=int, default=10)
+    options(ap, seeds=[0, 1], epochs=(3, "rank-adaptive epochs of every arm"), macs=(0.25, "train.target.macs"))
+    options(ap, beta=(0.075, "β of every arm (the zoo's budget arm)"), kd_weight=(0.5, "train.distill.weight"))
+    options(ap, temperature=(4.0, "train.distill.temperature"), adv_eps=(8 / 255, "FGSM training: ℓ∞ ε in pixels"))
+    options(ap, attack_samples=(1000, "held-out images attacked"), pgd_steps=10)
     ap.add_argument("--tier-dir", default=None, help="the dense tier's cache (default bench/results/dense-tier)")
     add_run_options(ap, "distill", smoke="< 2 min: timm test models, the tier's smoke sizes (CI)", resumable=True)
     args = ap.parse_args(argv)
     check_run_options(ap, args, "distill")
-    known = SMOKE_MODELS if args.smoke else MODELS
-    args.models = list(dict.fromkeys(args.models or known))
-    if unknown := [m for m in args.models if m not in known]:
-        ap.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    args.models = pick(ap, args.models, SMOKE_MODELS if args.smoke else MODELS)
     if args.smoke:
         args.seeds, args.epochs, args.attack_samples, args.pgd_steps = [0, 1], 1, 16, 2
     args.seeds = list(dict.fromkeys(args.seeds))
@@ -83,11 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.tier = SMOKE_TIER if args.smoke else TierData()
     # the recipe's data section (harness.recipe) describes the tier's images
     args.data, args.data_root, args.dense_epochs = "fashion-mnist", None, 0
-    args.train_subset, args.val_subset, args.batch_size = (
-        args.tier.train_subset,
-        args.tier.val_subset,
-        args.tier.batch_size,
-    )
+    vars(args).update({k: getattr(args.tier, k) for k in ("train_subset", "val_subset", "batch_size")})
     return args
 
 
@@ -100,9 +74,6 @@ def recipe_for(args: argparse.Namespace, model: str, arm: str, seed: int) -> lib
     factorize = {"init": "activations", "init_rank": 150, "r_min": 2, "r_max": 200}
     model_ = {"name": model, "input_size": args.tier_input[model]}
     return recipe(args, seed, source="bench_distill", model=model_, factorize=factorize, train=train)
-
-
-# ----------------------------------------------------------------------------- measuring
 
 
 def measure(model: torch.nn.Module, data, args: argparse.Namespace, size: int) -> dict[str, Any]:
@@ -156,9 +127,6 @@ def report(state: EntryStore) -> None:
         *(e["model"], e["arm"], e["seed"], 100 * e["clean"], 100 * e["l2_fgsm"]["0.1"], 100 * e["pgd"]),
         *(e["macs_fraction"], e["compression_rate"], e["train_seconds"] or float("nan")),
     )
-
-
-# ----------------------------------------------------------------------------- report
 
 
 def cells(entries: list[dict[str, Any]], key: str, sub: str | None = None) -> list[float]:
@@ -265,16 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     args.tier_input = {m: TIER[m].input_size if m in TIER else 32 for m in args.models}
     run = Run(__file__, args, argv)
     state = EntryStore.of(args, _FINGERPRINT, keys=("model", "arm", "seed"))
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-distill-tier-") as tmp:
-            # the smoke run's tier lives with its checkpoint (or nowhere), never in the real tier's cache
-            default = (Path(args.checkpoint_dir) / "tier" if args.checkpoint_dir else Path(tmp)) if args.smoke else None
-            tier_dir = Path(args.tier_dir) if args.tier_dir else (default or RESULTS / "dense-tier")
-            for name in [] if args.report_only else args.models:
-                run_model(args, name, state, tier_dir)
-    except lib.CompressorError as err:
-        print(f"bench_distill.py: error: {err}", file=sys.stderr)
-        return 2
+    with run.failing(lib.CompressorError), tempfile.TemporaryDirectory(prefix="bench-distill-tier-") as tmp:
+        # the smoke run's tier lives with its checkpoint (or nowhere), never in the real tier's cache
+        default = (Path(args.checkpoint_dir) / "tier" if args.checkpoint_dir else Path(tmp)) if args.smoke else None
+        tier_dir = Path(args.tier_dir) if args.tier_dir else (default or RESULTS / "dense-tier")
+        for name in [] if args.report_only else args.models:
+            run_model(args, name, state, tier_dir)
     entries = [e for e in state.entries if e["model"] in args.models and e["seed"] in [None, *args.seeds]]
     doc = run.document("distillation from the dense model at a MAC budget", entries, skip=("out", "tier"))
     doc["markdown"] = md = render(args, doc)
@@ -286,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         "without distillation, with logit distillation and with adversarial distillation, against the dense "
         "tier model they start from and distill from.",
     )
-    missing = state.missing(*((m, a, s) for m in args.models for a in ("none", "kd", "adv-kd") for s in args.seeds))
-    if args.smoke and missing:
-        raise SystemExit(f"smoke check failed: missing entries {missing}")
+    run.smoke_check(
+        state.missing(*((m, a, s) for m in args.models for a in ("none", "kd", "adv-kd") for s in args.seeds))
+    )
     return 0
 
 
