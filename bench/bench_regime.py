@@ -1,65 +1,28 @@
 """The regime experiment: does DLRT lose robustness when it fine-tunes well-trained weights, and
 which conditioning method recovers it at equal compression?
 
-The paper's claim (Schotthöfer et al., arXiv 2505.08022) is about a regime: long rank-adaptive
-fine-tuning of *well-trained* weights, where unregularized DLRT cores grow ill-conditioned and
-the network loses adversarial robustness against the dense one, and the spectral regularizer
-β·R(S) wins it back. Per seed (a seed draws the split, the subsets, the initialization, the batch
-order and the attacks):
-
-1. **dense**: a VGG without batch norm (the paper's VGG16 has none), trained from random init with
-   Adam ``--dense-lr``, cosine, ``--dense-epochs`` until well trained (the target is ≥ 90 %
-   held-out accuracy on Fashion-MNIST); its weights are cached per seed in ``--checkpoint-dir``;
-2. **arms**, every one from those dense weights, with the paper's Table 3 fine-tuning setup
-   (Adam lr 1e-3, cosine, no clipping, τ 0.1, s* = 10 coefficient steps, SVD init at rank
-   150 — scaled to the model's width — r_max 200 likewise scaled) and all at the same parameter
-   budget ``train.target.params`` (``--params``, default 0.06: c.r. ≈ 94 %):
-   DLRT (β = 0); RobustDLRT for each β of ``--betas``; the CondLR-style clamp (``kappa_max``);
-   the nuclear-norm regularizer; FGSM adversarial fine-tuning (ℓ∞ ε 8/255) with β = 0 and with β;
-3. every model (the dense one is the reference row): c.r., clean accuracy, ℓ2-FGSM (ε 0.05, 0.1,
-   0.3), Jitter (0.035, 0.045), Mixup (0.025, 0.1, 0.75), PGD-ℓ∞ 8/255 (10 steps, always in pixel
-   units), κ median and max over the factorized layers, the certificate log ∏κ (the paper's
-   eq. 2) beside the measured relative sensitivity (eq. 1, ℓ2-FGSM at the middle ε), and the κ
-   trace over training.
-
-The model is torchvision's VGG feature stack (``torchvision.models.vgg.make_layers``, no batch
-norm, VGG's initialization) with a small classifier (global pool, two hidden Linear layers of the
-last conv's width, the head; torchvision's is 4096 wide). What the CPU default (``--preset cpu``)
-scales down from the paper's setup (VGG16 at full width, 64…512 channels, all training images, 20
-fine-tuning epochs): VGG11's depth (8 convs), a quarter of the width (16…128 channels, a
-128-wide classifier: 0.61 M parameters), initial rank 38 and r_max 50 (150 and 200 × 128/512),
-10 dense epochs (6 reached 90.5 % held-out accuracy in a probe), 5 fine-tuning epochs per arm
-(1,875 steps, 188 truncations; all 48,000 training images of the split, batch 128), 2,000
-held-out images scored clean and the first 500 attacked. Its estimate on the 2-core CPU it was sized on (under load,
-1 torch thread) was 63 min for 2 seeds × (dense + 8 arms). ``--preset paper`` is the paper's
-scale (VGG16, full width, all images, 30 dense and 20 fine-tuning epochs, every held-out image
-attacked; meant for ``--device cuda``, bf16 autocast).
-
-Images are Fashion-MNIST at 32×32 (the gray channel repeated to RGB; held-out images are a split
-of the training files, the Debian package ``dataset-fashion-mnist`` or ``--data-root``). The
-model normalizes inside (``NormalizedClassifier``), so every attack works on [0, 1] pixels; ε of
-ℓ2-FGSM, Jitter and Mixup are in pixel units, or normalized units (the paper's code) with
-``--eps-unit normalized``.
-
-Outputs: ``--out`` (JSON: every entry with its κ trace), the κ-over-training plot
-``<out stem>_kappa.png`` beside it, the Markdown table (mean ± std over seeds) on stdout and in
-the ``regime`` section of ``--benchmarks-md`` (default BENCHMARKS.md; ``--smoke``: none), with
-verdicts in plain words computed from the numbers.
+The paper's claim (Schotthöfer et al., arXiv 2505.08022): in long rank-adaptive fine-tuning of
+well-trained weights, unregularized DLRT cores grow ill-conditioned and lose adversarial robustness
+against the dense model, and β·R(S) wins it back. Per seed: a VGG without batch norm (torchvision's
+features at ``--width``, a small classifier) trained dense until well trained (its weights cached in
+``--checkpoint-dir``); then from those weights, with the paper's Table 3 fine-tuning and one parameter
+budget (``--params``): DLRT, RobustDLRT per β, the κ clamp, the nuclear norm, FGSM fine-tuning with β
+= 0 and with β. Every model: c.r., clean and attacked accuracy (ℓ2-FGSM, Jitter, Mixup, PGD-ℓ∞), κ,
+the certificate log ∏κ (eq. 2) beside the measured sensitivity (eq. 1), the κ trace (plotted), and
+the issue's target met or not. ``--preset cpu`` (the default) scales the paper's setup down (VGG11,
+a quarter of the width, 5 fine-tuning epochs); ``--preset paper`` is its scale, for ``--device cuda``.
+A run logs its estimated wall time first (the probe ``--estimate-only`` prints alone).
 
     python bench/bench_regime.py --smoke     # < 1 min: tiny VGG, 64 images, 1 epoch, 1 seed, 3 arms (CI)
     python bench/bench_regime.py --checkpoint-dir bench/results/regime-ckpt           # CPU default
     python bench/bench_regime.py --preset paper --device cuda --checkpoint-dir bench/results/regime-gpu
-
-The run prints its estimated wall time at the start (a few training steps and attacked images
-timed on the first seed's data). With ``--checkpoint-dir`` every finished entry is saved at once
-and the dense weights of each seed are kept; a rerun with the same settings skips what is
-finished (arms and seeds may be added).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import logging
 import math
 import os
@@ -72,9 +35,9 @@ from typing import Any
 import torch
 from harness import lib
 from harness.entries import EntryStore
-from harness.measure import dense_weights, ranks, sizes, slim
+from harness.measure import dense_weights, ranks, sizes, slim, sync
 from harness.report import figure, mean, mean_std, met, table
-from harness.run import Run, add_run_options, at_least, check_run_options, parse_device, parser, refuse
+from harness.run import Run, add_run_options, at_least, check_run_options, options, parse_device, parser, refuse
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
@@ -119,9 +82,6 @@ _FINGERPRINT += ("batch_size", "dense_epochs", "dense_lr", "epochs", "lr", "tau"
 _FINGERPRINT += ("r_max", "params", "ramp", "adv_eps", "attack_samples", "eps_unit", "device_type", "amp")
 
 
-# ----------------------------------------------------------------------------- arguments
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = parser(__doc__)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes; explicit flags override")
@@ -137,27 +97,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--val-subset", type=int, default=None, help=f"held-out images scored clean, 0 = all {p}")
     ap.add_argument("--batch-size", type=int, default=None, help=p)
     ap.add_argument("--dense-epochs", type=int, default=None, help=p)
-    ap.add_argument("--dense-lr", type=float, default=1e-3, help="Adam, cosine")
-    ap.add_argument("--dense-target", type=float, default=0.90, help="'well trained': held-out clean accuracy")
+    options(ap, dense_lr=(1e-3, "Adam, cosine"), dense_target=(0.90, "'well trained': held-out clean accuracy"))
     ap.add_argument("--epochs", type=int, default=None, help=f"rank-adaptive fine-tuning epochs of every arm {p}")
-    ap.add_argument("--lr", type=float, default=1e-3, help="fine-tuning: Adam, cosine, no clipping (Table 3)")
-    ap.add_argument("--tau", type=float, default=0.1)
+    options(ap, lr=(1e-3, "fine-tuning: Adam, cosine, no clipping (Table 3)"), tau=0.1)
     ap.add_argument("--coefficient-steps", type=int, default=None, help=f"s* {p}")
     ap.add_argument("--init-rank", type=int, default=None, help="SVD init rank (default: 150 × width)")
     ap.add_argument("--r-max", type=int, default=None, help="largest rank (default: 200 × width)")
-    ap.add_argument("--params", type=float, default=0.06, help="train.target.params: c.r. ≈ 1 − this")
-    ap.add_argument("--ramp", type=float, default=0.5, help="train.target.ramp")
+    options(ap, params=(0.06, "train.target.params: c.r. ≈ 1 − this"), ramp=(0.5, "train.target.ramp"))
     ap.add_argument("--arms", nargs="+", choices=ARM_KINDS, default=None, help=p)
     ap.add_argument("--betas", type=float, nargs="+", default=None, help=f"RobustDLRT β grid {p}")
-    ap.add_argument("--kappa-max", type=float, default=10.0, help="clamp arm: train.kappa_max")
-    ap.add_argument("--nuclear-beta", type=float, default=0.01, help="nuclear arm: β of ‖S‖_*")
-    ap.add_argument("--adv-eps", type=float, default=8 / 255, help="FGSM fine-tuning: ℓ∞ ε in pixel units")
-    ap.add_argument("--adv-beta", type=float, default=0.075, help="β of the fgsm-robust arm")
+    options(ap, kappa_max=(10.0, "clamp arm: train.kappa_max"), nuclear_beta=(0.01, "nuclear arm: β of ‖S‖_*"))
+    options(ap, adv_eps=(8 / 255, "FGSM fine-tuning: ℓ∞ ε in pixel units"), adv_beta=(0.075, "fgsm-robust arm's β"))
     ap.add_argument("--attack-samples", type=int, default=None, help=f"attacked held-out images, 0 = all {p}")
     ap.add_argument("--eps-unit", choices=("pixel", "normalized"), default="pixel", help="ℓ2-FGSM, Jitter, Mixup")
-    ap.add_argument("--target-cr", type=float, default=94.0, help="the issue's target: c.r. at least (%%)")
-    ap.add_argument("--target-gain", type=float, default=3.0, help="… ℓ2-FGSM points above DLRT at the middle ε")
-    ap.add_argument("--target-slack", type=float, default=1.0, help="… points below dense allowed (ℓ2-FGSM, clean)")
+    options(ap, target_cr=(94.0, "the issue's target: c.r. at least (%%)"))
+    options(ap, target_gain=(3.0, "… ℓ2-FGSM points above DLRT at the middle ε"))
+    options(ap, target_slack=(1.0, "… points below dense allowed (ℓ2-FGSM, clean)"))
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--amp", choices=("off", "bf16"), default=None, help="autocast: off on the CPU, bf16 on CUDA")
     add_run_options(ap, "regime", smoke="< 1 min: --preset smoke (CI)", resumable=True)
@@ -214,30 +169,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def arms(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The compressed arms in table order: key, label and the ``train`` overrides of each."""
     adv = {"attack": "fgsm", "eps": args.adv_eps}
-    out = []
-    for kind in args.arms:
-        if kind == "dlrt":
-            out.append(dict(key="dlrt", label="DLRT (β=0)", train={"beta": 0.0}))
-        elif kind == "robust":
-            for b in args.betas:
-                out.append(dict(key=f"robust b={b:g}", label=f"RobustDLRT β={b:g}", train={"beta": b}))
-        elif kind == "clamp":
-            k = args.kappa_max
-            out.append(dict(key=f"clamp k={k:g}", label=f"clamp κ≤{k:g}", train={"beta": 0.0, "kappa_max": k}))
-        elif kind == "nuclear":
-            b = args.nuclear_beta
-            train = {"beta": b, "regularizer": "nuclear"}
-            out.append(dict(key=f"nuclear b={b:g}", label=f"nuclear β={b:g}", train=train))
-        elif kind == "fgsm":
-            out.append(dict(key="fgsm", label="FGSM-AT (β=0)", train={"beta": 0.0, "adversarial": adv}))
-        else:
-            b = args.adv_beta
-            train = {"beta": b, "adversarial": adv}
-            out.append(dict(key=f"fgsm+robust b={b:g}", label=f"FGSM-AT + β={b:g}", train=train))
-    return out
-
-
-# ----------------------------------------------------------------------------- model and recipes
+    k, nb, ab = args.kappa_max, args.nuclear_beta, args.adv_beta
+    kinds = {  # kind → its arms: (key, label, train)
+        "dlrt": [("dlrt", "DLRT (β=0)", {"beta": 0.0})],
+        "robust": [(f"robust b={b:g}", f"RobustDLRT β={b:g}", {"beta": b}) for b in args.betas],
+        "clamp": [(f"clamp k={k:g}", f"clamp κ≤{k:g}", {"beta": 0.0, "kappa_max": k})],
+        "nuclear": [(f"nuclear b={nb:g}", f"nuclear β={nb:g}", {"beta": nb, "regularizer": "nuclear"})],
+        "fgsm": [("fgsm", "FGSM-AT (β=0)", {"beta": 0.0, "adversarial": adv})],
+        "fgsm-robust": [(f"fgsm+robust b={ab:g}", f"FGSM-AT + β={ab:g}", {"beta": ab, "adversarial": adv})],
+    }
+    return [dict(key=key, label=label, train=train) for kind in args.arms for key, label, train in kinds[kind]]
 
 
 def build_vgg(args: argparse.Namespace, num_classes: int, mean: list[float], std: list[float]) -> nn.Module:
@@ -283,26 +224,11 @@ def arm_recipe(args: argparse.Namespace, seed: int, arm: dict[str, Any]) -> lib.
     return lib.recipe_from_dict({**doc, "run_name": "regime"}, source="bench_regime")
 
 
-# ----------------------------------------------------------------------------- measuring
-
-
-def attack_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
-    return copy.deepcopy(ATTACKS)
-
-
 def measure(model: nn.Module, loader, args, seed: int, std: list[float]) -> dict[str, Any]:
     """Clean and attacked accuracy, sensitivity and size (every model sees the same attack draws)."""
     t0 = time.perf_counter()
-    res = lib.evaluate(
-        model,
-        loader,
-        attacks=attack_suite(args),
-        max_samples=args.attack_samples or None,
-        eps_unit=args.eps_unit,
-        std=std,
-        seed=seed,
-        device=args.device,
-    )
+    attacks = dict(attacks=copy.deepcopy(ATTACKS), eps_unit=args.eps_unit, std=std, device=args.device)
+    res = lib.evaluate(model, loader, max_samples=args.attack_samples or None, seed=seed, **attacks)
     out = {"clean": res.clean_accuracy, "acc": res.adversarial_accuracy, "sensitivity": res.sensitivity}
     out.update(n_eval=res.n_clean, n_attacked=res.n_attacked, **sizes(model))
     return {**out, "eval_seconds": time.perf_counter() - t0}
@@ -336,50 +262,32 @@ def probe(args: argparse.Namespace, data, dense: nn.Module) -> dict[str, float]:
     timed on the first batches of this seed's data with an untrained copy of the model."""
     dev = torch.device(args.device)
     lib.set_epoch(data.train_loader, 0)
-    batches = []
-    for x, y in data.train_loader:
-        batches.append((x, y))
-        if len(batches) == args.coefficient_steps:
-            break
-    no_epoch = lambda loader, epoch: None
+    batches = list(itertools.islice(data.train_loader, args.coefficient_steps))
     out: dict[str, float] = {}
 
     def timed(model: nn.Module, cfg, n: int) -> float:
         t = time.perf_counter()
-        lib.Trainer(model, batches[:n], cfg, device=dev, name="probe", set_epoch=no_epoch).fit()
-        _sync(dev)
+        lib.Trainer(model, batches[:n], cfg, device=dev, name="probe", set_epoch=lambda loader, epoch: None).fit()
+        sync(dev)
         return (time.perf_counter() - t) / n
 
     model = copy.deepcopy(dense).to(dev)
-    timed(model, dense_section(args).model_copy(update={"epochs": 1}), 1)  # warm-up
-    out["dense_step"] = timed(model, dense_section(args).model_copy(update={"epochs": 1}), min(4, len(batches)))
+    one = dense_section(args).model_copy(update={"epochs": 1})
+    timed(model, one, 1)  # warm-up
+    out["dense_step"] = timed(model, one, min(4, len(batches)))
     rec = arm_recipe(args, 0, {"train": {"beta": 0.075}})
     lib.factorize_(model, rec.factorize, seed=0)
     out["dlrt_step"] = timed(model, rec.train.model_copy(update={"epochs": 1}), len(batches))
-    adv = rec.train.model_copy(
-        update={"epochs": 1, "adversarial": rec.train.adversarial.model_copy(update={"attack": "fgsm"})}
-    )
-    out["fgsm_step"] = timed(model, adv, len(batches))
+    fgsm = rec.train.adversarial.model_copy(update={"attack": "fgsm"})
+    out["fgsm_step"] = timed(model, rec.train.model_copy(update={"epochs": 1, "adversarial": fgsm}), len(batches))
     n = max(1, min(args.attack_samples or len(data.val_loader.dataset), 32))
     x, y = next(iter(data.val_loader))
     for key, net in (("attack_image", model), ("attack_image_dense", dense)):
         t = time.perf_counter()
-        lib.evaluate(
-            net,
-            [(x[:n], y[:n])],
-            attacks=attack_suite(args),
-            max_samples=None,
-            eps_unit=args.eps_unit,
-            std=data.std,
-            device=dev,
-        )
+        attacks = dict(attacks=copy.deepcopy(ATTACKS), eps_unit=args.eps_unit, std=data.std, device=dev)
+        lib.evaluate(net, [(x[:n], y[:n])], max_samples=None, **attacks)
         out[key] = (time.perf_counter() - t) / n
     return out
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def predict(args: argparse.Namespace, state: EntryStore, data, t: dict[str, float]) -> dict[tuple[int, str], float]:
@@ -399,9 +307,6 @@ def predict(args: argparse.Namespace, state: EntryStore, data, t: dict[str, floa
     return out
 
 
-# ----------------------------------------------------------------------------- the runs
-
-
 class EstimateOnly(Exception):
     """--estimate-only: the estimate is printed, nothing else is run or written."""
 
@@ -412,9 +317,8 @@ def run_seed(args: argparse.Namespace, seed: int, state: EntryStore, clock: dict
         return
     dev = torch.device(args.device)
     torch.manual_seed(seed)
-    data = lib.build_data(
-        lib.recipe_from_dict({"data": data_section(args)}).data, input_size=args.input_size, seed=seed
-    )
+    section = lib.recipe_from_dict({"data": data_section(args)}).data
+    data = lib.build_data(section, input_size=args.input_size, seed=seed)
     dense = build_vgg(args, data.num_classes, data.mean, data.std).to(dev)
     if not clock["estimated"]:
         clock["estimated"] = True
@@ -450,18 +354,8 @@ def run_seed(args: argparse.Namespace, seed: int, state: EntryStore, clock: dict
             modules = dict(dense.named_modules())
             spectra = {n: lib.layer_spectrum(modules[n]) for n in eligible_layers(dense, args)}
         kappas = {n: s[0] / s[-1] if s[-1] > 0 else math.inf for n, s in spectra.items()}
-        state.add(
-            {
-                "seed": seed,
-                "arm": "dense",
-                "label": "dense",
-                **m,
-                **kappa_stats(kappas),
-                "n_train": data.n_train,
-                "train_seconds": train_s,
-                "history": slim(history, *HISTORY) if history else [],
-            }
-        )
+        entry = {"seed": seed, "arm": "dense", "label": "dense", **m, **kappa_stats(kappas), "n_train": data.n_train}
+        state.add(entry | {"train_seconds": train_s, "history": slim(history, *HISTORY) if history else []})
         done(clock, (seed, "dense"), t_dense, state)
     spectra_cache: dict[str, list[float]] = {}
     for arm in todo:
@@ -481,24 +375,12 @@ def run_seed(args: argparse.Namespace, seed: int, state: EntryStore, clock: dict
                 if d.name not in spectra_cache:
                     spectra_cache[d.name] = lib.layer_spectrum(modules[d.name])
         cert = lib.certificate(model, fact, spectra_cache, {}, {})
-        state.add(
-            {
-                "seed": seed,
-                "arm": arm["key"],
-                "label": arm["label"],
-                "train_config": arm["train"],
-                **m,
-                **kappa_stats({n: layer.condition_number() for n, layer in lib.low_rank_layers(model).items()}),
-                "dense_log_prod_kappa": cert["dense_log_prod_kappa"],
-                "certificate_layers": cert["layers"],
-                "ranks": ranks(model),
-                "train_seconds": secs["train"],
-                "factorize_seconds": secs["factorize"],
-                "nonfinite_steps": history.nonfinite_steps,
-                "history": slim(history, *HISTORY),
-                "kappa_trace": history.kappa_trace,
-            }
-        )
+        kappas = kappa_stats({n: layer.condition_number() for n, layer in lib.low_rank_layers(model).items()})
+        entry = {"seed": seed, "arm": arm["key"], "label": arm["label"], "train_config": arm["train"], **m, **kappas}
+        entry.update(dense_log_prod_kappa=cert["dense_log_prod_kappa"], certificate_layers=cert["layers"])
+        entry.update(ranks=ranks(model), train_seconds=secs["train"], factorize_seconds=secs["factorize"])
+        entry.update(nonfinite_steps=history.nonfinite_steps, history=slim(history, *HISTORY))
+        state.add(entry | {"kappa_trace": history.kappa_trace})
         done(clock, (seed, arm["key"]), t0, state)
         del model
 
@@ -518,9 +400,6 @@ def done(clock: dict[str, Any], key: tuple[int, str], t0: float, state: EntrySto
         *(e["seed"], e["label"], 100 * e["clean"], MID, 100 * acc(e, "l2_fgsm", MID), e["compression_rate"]),
         *(fmt_kappa(e["kappa_median"]), fmt_kappa(e["kappa_top"]), secs, len(clock["predicted"]), left / 60, ratio),
     )
-
-
-# ----------------------------------------------------------------------------- aggregation and report
 
 
 def acc(e: dict[str, Any], attack: str, eps: float) -> float | None:
@@ -626,11 +505,8 @@ def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]
             (cr >= args.target_cr, f"c.r. {cr:.2f} % (≥ {args.target_cr:g})"),
             (d_clean >= -args.target_slack, f"clean {d_clean:+.1f} vs dense (≥ −{args.target_slack:g})"),
         ]
-        ok = all(p for p, _ in parts)
-        text = f"{g['label']}: ℓ2-FGSM ε={MID:g} {100 * a:.1f} %, " + ", ".join(
-            t + ("" if p else " ✗") for p, t in parts
-        )
-        return ok, text
+        text = ", ".join(t + ("" if p else " ✗") for p, t in parts)
+        return all(p for p, _ in parts), f"{g['label']}: ℓ2-FGSM ε={MID:g} {100 * a:.1f} %, {text}"
 
     results = [(s, g, *check(g)) for s, g in cond]
     meeting = [r for r in results if r[2]]
@@ -641,24 +517,14 @@ def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]
         f"{args.target_slack:g}; differences paired by seed): {met(ok)} — {text}."
         + ("" if ok else " No conditioned arm meets all four.")
     )
-    xs, ys = [], []
-    for grp in comp:
-        for e in grp["entries"]:
-            if e.get("log_prod_kappa") is not None and sens(e) is not None:
-                xs.append(e["log_prod_kappa"])
-                ys.append(sens(e))
-    rho = spearman(xs, ys)
+    es = [e for g in comp for e in g["entries"] if e.get("log_prod_kappa") is not None and sens(e) is not None]
+    rho = spearman([e["log_prod_kappa"] for e in es], [sens(e) for e in es])
     if rho is not None:
+        order = "a larger bound goes with a more sensitive model" if rho > 0.3 else "no clear ordering"
+        order = "reversed: a larger bound goes with a less sensitive model" if rho < -0.3 else order
         lines.append(
-            f"- Certificate vs measurement: over the {len(xs)} compressed models, log ∏κ and the measured relative "
-            f"sensitivity (ℓ2-FGSM ε={MID:g}) have Spearman ρ = {rho:+.2f}"
-            + (
-                " (a larger bound goes with a more sensitive model)."
-                if rho > 0.3
-                else " (reversed: a larger bound goes with a less sensitive model)."
-                if rho < -0.3
-                else " (no clear ordering)."
-            )
+            f"- Certificate vs measurement: over the {len(es)} compressed models, log ∏κ and the measured relative "
+            f"sensitivity (ℓ2-FGSM ε={MID:g}) have Spearman ρ = {rho:+.2f} ({order})."
         )
     return lines
 
@@ -750,14 +616,11 @@ def kappa_plot(args: argparse.Namespace, entries: list[dict[str, Any]], path: Pa
     return True
 
 
-# ----------------------------------------------------------------------------- main
-
-
 def main(argv: list[str] | None = None) -> int:
     lib.enable_huge_pages()
     args = parse_args(argv)
     run = Run(__file__, args, argv, cpu=args.device_type == "cpu")
-    try:
+    with run.failing(lib.CompressorError):
         state = EntryStore.of(args, _FINGERPRINT, keys=("seed", "arm"))
         left = len(state.missing(*((s, a) for s in args.seeds for a in ["dense"] + [x["key"] for x in arms(args)])))
         log.info(
@@ -765,13 +628,11 @@ def main(argv: list[str] | None = None) -> int:
             *(len(args.seeds), args.dense_epochs, len(arms(args)), args.epochs, args.vgg, args.width, left),
         )
         clock: dict[str, Any] = {"estimated": False, "predicted": {}, "spent": 0.0, "spent_predicted": 0.0}
-        for seed in [] if args.report_only else args.seeds:
-            run_seed(args, seed, state, clock)
-    except lib.CompressorError as err:
-        print(f"bench_regime.py: error: {err}", file=sys.stderr)
-        return 2
-    except EstimateOnly:
-        return 0
+        try:
+            for seed in [] if args.report_only else args.seeds:
+                run_seed(args, seed, state, clock)
+        except EstimateOnly:
+            return 0
     entries = [e for e in state.entries if e["seed"] in args.seeds]
     gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device_type == "cuda" else None
     record = run.record(estimated_seconds=clock.get("estimate_seconds"), probe=clock.get("probe"))
