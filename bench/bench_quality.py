@@ -1,37 +1,14 @@
 """Accuracy, robustness and conditioning on real data: dense vs DLRT (β = 0) vs RobustDLRT (β > 0).
 
-The paper's Table 5 in spirit, on Fashion-MNIST (Debian package ``dataset-fashion-mnist``) with
-torchvision VGG16 at 32×32 RGB, random init (no download is possible here). Per seed:
-
-1. data: a random training subset (``--train-subset``, by seed) and an evaluation set
-   (``--eval-split test``: a random ``--val-subset`` of the official 10,000 test images, as in
-   docs/peers.md; ``val``: ``compressor.data.build_data``'s validation split, held out of the official
-   training file — the only choice for ``digits``);
-2. the dense baseline: ``compressor.train.Trainer`` with the recipe's ``baseline`` section
-   (Adam 1e-4, batch 64, ``--dense-epochs``), then ``compressor.evaluate.evaluate``;
-3. for every β: a deep copy of the dense model, ``compressor.stages.factorize_and_train`` (SVD /
-   Tucker-2 with init_rank 150, r_max 200, then rank-adaptive RobustDLRT with τ = 0.1 for
-   ``--epochs``), then the same evaluation (same images, same attack seeds).
-
-Attacks: ℓ2-FGSM ε ∈ {0.05, 0.1, 0.3}, Jitter ε ∈ {0.035, 0.045}, Mixup ε ∈ {0.025, 0.1, 0.75}
-in ``--eps-unit`` units (default ``normalized``, the reference code's unit, so the docs/peers.md
-table compares like with like), and PGD ℓ∞ ε = 8/255 in pixel units, 10 steps. ℓ2-FGSM runs on
-``--fgsm-samples`` images (default: the whole evaluation set, like docs/peers.md), the others on the
-first ``--max-samples``.
-
-Outputs (``--out-dir``, default bench/results; ``--smoke`` adds "-smoke" to the names):
-quality.json (every figure, per seed and aggregated), quality.md (the tables, also printed),
-quality_spectra.png (the paper's Fig. 1: one layer's singular values, dense vs β = 0 vs β > 0)
-and quality_kappa.png (Fig. 2: κ of that layer's core over training, per β).
+The paper's Table 5 in spirit: torchvision VGG16 at 32×32 on Fashion-MNIST (random init), per seed a
+dense baseline, then per β a copy factorized and trained rank-adaptively; every model scored on the
+same images under ℓ2-FGSM, Jitter, Mixup (``--eps-unit``, default the reference code's normalized
+units, as docs/peers.md) and PGD-ℓ∞ 8/255. Writes ``--out-dir``/quality[-tag].json, .md, _spectra.png
+(Fig. 1: one layer's singular values) and _kappa.png (Fig. 2: κ of its core over training, per β).
 
     python bench/bench_quality.py --smoke                    # < 1 min: digits, ResNet-18, CI
     python bench/bench_quality.py --checkpoint-dir bench/results/quality-ckpt   # the full run
     python bench/bench_quality.py --seeds 0 --betas 0 0.075 --checkpoint-dir bench/results/quality-ckpt  # docs/peers.md
-
-With ``--checkpoint-dir`` every finished (seed, model) entry is saved at once, with the dense
-weights of the seed in progress; a rerun with the same settings skips what is finished, and
-``--report-only`` renders what is there without computing the rest (rows may then rest on
-different seeds: the table says which).
 """
 
 from __future__ import annotations
@@ -54,7 +31,7 @@ from harness import lib, page
 from harness.entries import EntryStore
 from harness.measure import dense_weights, sizes, slim
 from harness.report import table
-from harness.run import RESULTS, Run, add_run_options, check_run_options, parser, recipe
+from harness.run import RESULTS, Run, add_run_options, check_run_options, options, parser, recipe
 from torch.utils.data import DataLoader, Subset
 
 log = logging.getLogger("bench_quality")
@@ -100,39 +77,25 @@ _FINGERPRINT_KEYS += ("batch_size", "dense_lr", "optimizer", "lr", "grad_clip", 
 _FINGERPRINT_KEYS += ("coefficient_steps", "eps_unit", "max_samples", "fgsm_samples", "input_size", "attack_steps")
 
 
-# ----------------------------------------------------------------------------- arguments
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = parser(__doc__)
     ap.add_argument("--data", default="fashion-mnist", help="compressor data set name")
     ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: default Debian package files)")
-    ap.add_argument("--model", default="tv:vgg16")
-    ap.add_argument("--input-size", type=int, default=32)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.05, 0.075, 0.15])
-    ap.add_argument("--train-subset", type=int, default=5000)
-    ap.add_argument("--val-subset", type=int, default=2000, help="images in the evaluation set")
+    options(ap, model="tv:vgg16", input_size=32, seeds=[0, 1, 2], betas=[0.0, 0.05, 0.075, 0.15], train_subset=5000)
+    options(ap, val_subset=(2000, "images in the evaluation set"))
     help_ = "test: the official test file (fashion-mnist/mnist); val: held out of the training file; auto: test if any"
     ap.add_argument("--eval-split", choices=["auto", "test", "val"], default="auto", help=help_)
-    ap.add_argument("--dense-epochs", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=3, help="rank-adaptive (Robust)DLRT epochs")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--eval-batch-size", type=int, default=128)
-    ap.add_argument("--dense-lr", type=float, default=1e-4, help="dense baseline: Adam, cosine")
+    options(ap, dense_epochs=3, epochs=(3, "rank-adaptive (Robust)DLRT epochs"), batch_size=64, eval_batch_size=128)
+    options(ap, dense_lr=(1e-4, "dense baseline: Adam, cosine"))
     help_ = "DLRT optimizer (default: the reference code's AdamW 5e-4, clip 1.0)"
     ap.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adamw", help=help_)
-    ap.add_argument("--lr", type=float, default=5e-4, help="DLRT learning rate (cosine schedule)")
-    ap.add_argument("--grad-clip", type=float, default=1.0, help="DLRT gradient-norm clip (0: none)")
+    options(ap, lr=(5e-4, "DLRT learning rate (cosine schedule)"), grad_clip=(1.0, "DLRT gradient-norm clip (0: none)"))
     help_ = "initial bases: activation-aware (the recipes' default) or SVD/HOSVD of the weights"
     ap.add_argument("--init", choices=["activations", "svd"], default="activations", help=help_)
-    ap.add_argument("--init-rank", type=int, default=150)
-    ap.add_argument("--r-max", type=int, default=200)
-    ap.add_argument("--tau", type=float, default=0.1)
-    ap.add_argument("--coefficient-steps", type=int, default=10)
+    options(ap, init_rank=150, r_max=200, tau=0.1, coefficient_steps=10)
     help_ = "unit of the ℓ2-FGSM/Jitter/Mixup ε (PGD is always 8/255 pixel)"
     ap.add_argument("--eps-unit", choices=["normalized", "pixel"], default="normalized", help=help_)
-    ap.add_argument("--max-samples", type=int, default=250, help="images attacked by Jitter, Mixup and PGD")
+    options(ap, max_samples=(250, "images attacked by Jitter, Mixup and PGD"))
     ap.add_argument("--fgsm-samples", type=int, default=None, help="images attacked by ℓ2-FGSM (default: all)")
     help_ = "override the iterations of Jitter/Mixup/PGD (smoke runs); default: the attacks' own"
     ap.add_argument("--attack-steps", type=int, default=None, help=help_)
@@ -180,9 +143,6 @@ def recipe_for(args: argparse.Namespace, seed: int, beta: float) -> lib.Recipe:
     return recipe(args, seed, source="bench_quality", data=data, factorize=factorize, train=train)
 
 
-# ----------------------------------------------------------------------------- data
-
-
 def test_loader(args: argparse.Namespace, seed: int, batch_size: int) -> tuple[DataLoader, int]:
     """A random ``--val-subset`` (by seed) of the official test file, unshuffled, [0, 1] 3×S×S."""
     root = Path(args.data_root or lib.FASHION_MNIST_DEFAULT_ROOT)
@@ -198,9 +158,8 @@ def test_loader(args: argparse.Namespace, seed: int, batch_size: int) -> tuple[D
 
     images = lib.read_idx_images(find("t10k-images-idx3-ubyte"))
     labels = lib.read_idx_labels(find("t10k-labels-idx1-ubyte"))
-    g = torch.Generator()
-    g.manual_seed(seed + 2)
-    keep = sorted(torch.randperm(len(labels), generator=g)[: args.val_subset].tolist())
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 2))
+    keep = sorted(order[: args.val_subset].tolist())
     ds = lib.TensorImages(images[keep], labels[keep], args.input_size)
     return DataLoader(ds, batch_size=batch_size, shuffle=False), len(ds)
 
@@ -213,41 +172,32 @@ def head_loader(loader: DataLoader, n: int | None, batch_size: int) -> DataLoade
     return DataLoader(Subset(ds, range(n)), batch_size=batch_size, shuffle=False)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
 def run_attacks(
     model: torch.nn.Module, eval_loader: DataLoader, args: argparse.Namespace, std: list[float], seed: int
 ) -> dict[str, Any]:
     """Clean accuracy on the whole evaluation set and accuracy under every attack."""
     out: dict[str, Any] = {"adversarial_accuracy": {}, "sensitivity": {}, "attack_seconds": {}, "n_attacked": {}}
     clean = None
-    for name, eps, options, unit in ATTACKS:
-        opts = dict(options)
+    for name, eps, defaults, unit in ATTACKS:
+        opts = dict(defaults)
         if args.attack_steps is not None and name != "l2_fgsm":
             opts["steps"] = args.attack_steps
         n = args.fgsm_samples if name == "l2_fgsm" else args.max_samples
+        eps_unit = args.eps_unit if unit == "arg" else "pixel"
         full = clean is None  # the first call scores every image (clean accuracy); the others only theirs
         loader = eval_loader if full else head_loader(eval_loader, n, args.eval_batch_size)
+        attack = [{"name": name, "eps": eps, "options": opts}]
         res = lib.evaluate(
-            model,
-            loader,
-            attacks=[{"name": name, "eps": eps, "options": opts}],
-            max_samples=n,
-            eps_unit=args.eps_unit if unit == "arg" else "pixel",
-            std=std,
-            seed=seed,
-            device="cpu",
+            model, loader, attacks=attack, max_samples=n, eps_unit=eps_unit, std=std, seed=seed, device="cpu"
         )
         if full:
             clean = res.clean_accuracy
-            out["n_clean"] = res.n_clean
-            out["clean_seconds"] = res.timing["clean_seconds"]
+            out.update(n_clean=res.n_clean, clean_seconds=res.timing["clean_seconds"])
         out["adversarial_accuracy"][name] = res.adversarial_accuracy[name]
         out["sensitivity"][name] = _finite(res.sensitivity[name])
         out["attack_seconds"][name] = res.timing["attack_seconds"][name]
         out["n_attacked"][name] = res.n_attacked
-        out.setdefault("eps_unit", {})[name] = args.eps_unit if unit == "arg" else "pixel"
+        out.setdefault("eps_unit", {})[name] = eps_unit
     out["clean_accuracy"] = clean
     return out
 
@@ -261,21 +211,13 @@ def kappa_stats(model: torch.nn.Module) -> dict[str, Any]:
     summary = lib.layer_summary(model)
     ks = [d["condition_number"] if d["condition_number"] is not None else math.inf for d in summary.values()]
     finite = [k for k in ks if math.isfinite(k)]
-    return {
-        "median": statistics.median(ks) if ks else None,
-        "mean": (statistics.fmean(ks) if len(finite) == len(ks) else math.inf) if ks else None,
-        "max": max(ks) if ks else None,
-        "n_layers": len(ks),
-        "n_infinite": len(ks) - len(finite),
-        "layers": summary,
-    }
+    out = {"median": statistics.median(ks) if ks else None}
+    out.update(mean=(statistics.fmean(ks) if len(finite) == len(ks) else math.inf) if ks else None)
+    return out | dict(max=max(ks) if ks else None, n_layers=len(ks), n_infinite=len(ks) - len(finite), layers=summary)
 
 
 def _rounded(values: list[float], digits: int = 6) -> list[float]:
     return [float(f"{v:.{digits}g}") for v in values]
-
-
-# ----------------------------------------------------------------------------- one seed
 
 
 def run_seed(args: argparse.Namespace, seed: int, state: EntryStore) -> None:
@@ -396,9 +338,6 @@ def _num(v: Any) -> float:
     return float(v)
 
 
-# ----------------------------------------------------------------------------- aggregation and tables
-
-
 def metric_rows(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
     """(key, header, getter(entry) → number) of every aggregated figure."""
     rows: list[tuple[str, str, Any]] = [
@@ -408,7 +347,7 @@ def metric_rows(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
     for name, eps, _, _unit in ATTACKS:
         for x in eps:
             head = f"{ATTACK_LABELS[name]} {'8/255 px' if name == 'pgd' else f'ε={x:g}'}"
-            get = lambda e, n=name, k=str(float(x)): 100 * e["adversarial_accuracy"][n][k]  # noqa: E731
+            get = lambda e, n=name, k=str(float(x)): 100 * e["adversarial_accuracy"][n][k]
             rows.append((f"{name}@{float(x)}", head, get))
     for key in ("median", "mean", "max"):
         rows.append((f"kappa_{key}", f"κ {key}", lambda e, k=key: _num(e["kappa"][k]) if e["kappa"] else None))
@@ -458,11 +397,14 @@ def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") 
     rows = metric_rows(args)
     seeds = ", ".join(map(str, args.seeds))
     d0 = next((e["data"] for e in doc["entries"]), {})
-    eval_what = (
-        "a random subset of the official test images"
-        if args.eval_split == "test"
-        else "held out of the official training images by compressor.data's stratified split"
-    )
+    eval_what = "held out of the official training images by compressor.data's stratified split"
+    eval_what = "a random subset of the official test images" if args.eval_split == "test" else eval_what
+    restored = doc["run"].get("from_checkpoint")
+    restored = f"; {restored} entries came from --checkpoint-dir" if restored else ""
+    per_row = ", ".join(f"{config_label(c)} {', '.join(map(str, a_['seeds']))}" for c, a_ in agg.items())
+    per_row = "" if len({a_["n_seeds"] for a_ in agg.values()}) <= 1 else f" (seeds per row: {per_row})"
+    pixels = f"{statistics.fmean(d0.get('std', [1.0])):.3f}·ε in [0, 1] pixels"
+    pixels = f" (the reference code's unit: a perturbation of ε in the normalized input is ε·std ≈ {pixels})"
     when = sorted({e.get("measured_at", run["date"]) for e in doc["entries"]})
     loads = [str(e.get("load_avg", "?")).split(" / ")[0] for e in doc["entries"]]
     threads = sorted({e.get("torch_threads", m["torch_threads"]) for e in doc["entries"]})
@@ -472,13 +414,7 @@ def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") 
         + f" on {m['cpu']} ({m['cores']} cores, {'/'.join(map(str, threads))} torch thread(s), CPU only; 1-min "
         f"load average when each entry finished: {', '.join(loads)} — the machine was shared, so the seconds are "
         f"upper bounds), torch {m['torch']}, torchvision {m['torchvision']}.",
-        f"Command: `{run['command']}` (this invocation: {run['wall_seconds'] / 60:.1f} min"
-        + (
-            f"; {doc['run']['from_checkpoint']} entries came from --checkpoint-dir"
-            if doc["run"].get("from_checkpoint")
-            else ""
-        )
-        + ").",
+        f"Command: `{run['command']}` (this invocation: {run['wall_seconds'] / 60:.1f} min{restored}).",
         "",
         f"Model `{args.model}` (random init) at {args.input_size}×{args.input_size} RGB on `{args.data}`: "
         f"{d0.get('n_train', args.train_subset)} training images (random subset, by seed), "
@@ -489,24 +425,11 @@ def render(args: argparse.Namespace, doc: dict[str, Any], figure_dir: str = "") 
         f"r_max {args.r_max}) and {args.epochs} rank-adaptive epoch(s) "
         f"({args.optimizer} {args.lr:g}, cosine{f', grad clip {args.grad_clip:g}' if args.grad_clip else ''}, "
         f"τ = {args.tau:g}, s* = {args.coefficient_steps}). Seeds {seeds}: a seed draws the subsets, the "
-        f"initialization, the batch order and the attacks' randomness; figures are mean ± std over seeds"
-        + (
-            ""
-            if len({a_["n_seeds"] for a_ in agg.values()}) <= 1
-            else " (seeds per row: "
-            + ", ".join(f"{config_label(c)} {', '.join(map(str, a_['seeds']))}" for c, a_ in agg.items())
-            + ")"
-        )
-        + ".",
+        f"initialization, the batch order and the attacks' randomness; figures are mean ± std over seeds{per_row}.",
         "",
         f"Accuracies in %. ℓ2-FGSM, Jitter and Mixup ε in **{args.eps_unit}** units"
-        + (
-            f" (the reference code's unit: a perturbation of ε in the normalized input is ε·std ≈ "
-            f"{statistics.fmean(d0.get('std', [1.0])):.3f}·ε in [0, 1] pixels)"
-            if args.eps_unit == "normalized"
-            else ""
-        )
-        + f"; PGD ℓ∞ ε = 8/255 in pixel units, {args.attack_steps or 10} step(s). ℓ2-FGSM on "
+        f"{pixels if args.eps_unit == 'normalized' else ''}"
+        f"; PGD ℓ∞ ε = 8/255 in pixel units, {args.attack_steps or 10} step(s). ℓ2-FGSM on "
         f"{_n_attacked(doc, 'l2_fgsm')} images, the other attacks on the first {_n_attacked(doc, 'pgd')}; same "
         "images and attack seeds for every model. c.r. = (1 − params/dense params) × 100. κ = condition number "
         "of each factorized layer's core S (conv: Tucker core unfolded) at the end, median/mean/max over "
@@ -576,7 +499,9 @@ def render_peers(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
     d0 = next((e["data"] for e in doc["entries"]), {})
     ours_setup = (d0.get("n_train"), d0.get("n_eval"), args.eval_split, args.dense_epochs, args.epochs)
     ours_setup += (args.batch_size, args.dense_lr, args.eps_unit)
-    same = ours_setup == (5000, 2000, "test", 3, 3, 64, 1e-4, "normalized")
+    same = "**not the docs/peers.md sizes/schedule: these rows are not comparable to the reference's.** "
+    if ours_setup == (5000, 2000, "test", 3, 3, 64, 1e-4, "normalized"):
+        same = "the docs/peers.md sizes and schedule. "
     lines = [
         "### docs/peers.md setup: compressor beside the reference implementation",
         "",
@@ -586,13 +511,8 @@ def render_peers(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
         f"The compressor rows are this run ({len(args.seeds)} seed(s), mean ± std): "
         f"{d0.get('n_train')} train / {d0.get('n_eval')} {args.eval_split} images, dense {args.dense_epochs} "
         f"epoch(s), DLRT {args.epochs} epoch(s) with {args.optimizer} {args.lr:g}, ε in {args.eps_unit} units, "
-        "the paper's ℓ2-FGSM; "
-        + (
-            "the docs/peers.md sizes and schedule. "
-            if same
-            else "**not the docs/peers.md sizes/schedule: these rows are not comparable to the reference's.** "
-        )
-        + "The random subsets are not the same images and the dense baselines are trained separately. "
+        f"the paper's ℓ2-FGSM; {same}"
+        "The random subsets are not the same images and the dense baselines are trained separately. "
         "Accuracies in %.",
         "",
     ]
@@ -614,9 +534,6 @@ def render_peers(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
     lines += table(head, "lrrrrrrr", cells)
     lines.append("")
     return lines
-
-
-# ----------------------------------------------------------------------------- figures
 
 
 def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Path, stem: str) -> dict[str, Any]:
@@ -653,9 +570,6 @@ def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Pa
     return figs
 
 
-# ----------------------------------------------------------------------------- main
-
-
 def main(argv: list[str] | None = None) -> int:
     lib.enable_huge_pages()  # as the compress command does, before the first tensor
     args = parse_args(argv)
@@ -669,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     state = EntryStore.of(args, _FINGERPRINT_KEYS, keys=("seed", "config"))
     configs = set(config_names(args))
-    selected = lambda: [e for e in state.entries if e["seed"] in args.seeds and e["config"] in configs]  # noqa: E731
+    selected = lambda: [e for e in state.entries if e["seed"] in args.seeds and e["config"] in configs]
     n_restored = len(selected())
     for seed in [] if args.report_only else args.seeds:
         run_seed(args, seed, state)
