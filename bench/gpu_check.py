@@ -1,28 +1,16 @@
 """The first GPU's check: one command that proves the CUDA path and records its figures in one JSON
 and the ``gpu`` section of BENCHMARKS.md, within a time budget (default 540 s: one device call).
 
-Steps, in order; each one's failure is recorded and the next one still runs; the JSON is written
-after every step, and a rerun skips the steps that finished (``--fresh``: start over):
-
-1. ``tests``: the CUDA tests (``-m gpu``: tests/test_cuda.py's DLRT cycle, regularizer, attacks,
-   export from a CUDA model, bf16 autocast, and any other test marked ``gpu``), device named;
-2. ``main_bf16``, ``main_fp32``: the main job (``compress --model vgg16 --recipe recipes/robust.yaml``,
-   dense baseline included) on the device with bf16 autocast and in float32: its report, wall time
-   per stage and peak GPU memory (report.json's ``device.peak_memory_bytes``);
-3. ``torchrun``: the float32 job under ``torchrun --nproc_per_node 1`` (NCCL on CUDA, gloo on the
-   CPU), compared with ``main_fp32`` within tests/test_distributed.py's tolerances;
-4. ``regime``: ``bench/bench_regime.py --preset paper`` sized to the time left (one seed, DLRT and
-   RobustDLRT β=0.075; epochs and images from the bench's own probe of its step times), resumable
-   through its --checkpoint-dir; ``decision``: ``bench/bench_decision.py --preset gpu`` once that
-   script exists (else recorded as skipped, not built).
+Steps, in order (each one's failure recorded, the next one still run; the JSON written after every
+step, a rerun skipping the finished ones unless ``--fresh``): ``tests`` (the tests marked ``gpu``),
+``main_bf16`` and ``main_fp32`` (the main job on the device: report, stage seconds, peak memory),
+``torchrun`` (the float32 job under ``torchrun --nproc_per_node 1``, compared with ``main_fp32``),
+``regime`` (``bench_regime.py --preset paper`` sized to the time left) and ``decision``
+(``bench_decision.py --preset gpu`` once it exists). See docs/gpu.md.
 
     python bench/gpu_check.py --out $OUT/gpu              # on the device machine: bench/gpu_run.sh
     python bench/gpu_check.py --dry-run --out /tmp/gc     # the same sequence on the CPU at smoke sizes
     python bench/gpu_check.py --render gpu_check.json     # the section from a fetched JSON, here
-
-The work (run folders, checkpoints, logs) goes to ``--work`` (default bench/results/gpu-check/, kept
-on a warm machine); ``--out`` receives at most 8 files: gpu_check.json, BENCHMARKS.md (the page
-with the section), the reports of the two main runs, the regime's JSON. See docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -67,9 +55,7 @@ PAPER = dict(n_train=48000, batch=128, dense_epochs=30, epochs=20, arms=2, val_s
 # tests/test_distributed.py's tolerances for a torchrun run against the one-process run
 TOL = dict(train_loss_rel=1e-5, sensitivity_rel=2e-3, weights_rel=1e-4, train_images=1)
 OUT_FILES = ("gpu_check.json", "BENCHMARKS.md", "report-bf16.json", "report-fp32.json", "regime.json")
-
-
-# ----------------------------------------------------------------------------- arguments
+SECTION = re.compile(r"<!-- bench:gpu -->.*?<!-- /bench:gpu -->", re.S)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,9 +85,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------- the state
-
-
 class State:
     """The JSON: one entry per step, written (and copied to --out) after every step."""
 
@@ -109,14 +92,9 @@ class State:
         self.args, self.path = args, args.work / "gpu_check.json"
         old = json.loads(self.path.read_text()) if self.path.is_file() and not args.fresh else {}
         same = old.get("dry_run") == args.dry_run and old.get("device", {}).get("name") == device["name"]
-        self.doc: dict[str, Any] = {
-            "what": "the first GPU's check: CUDA tests, the main job in bf16 and float32, torchrun, regime slice",
-            "dry_run": args.dry_run,
-            "device": device,
-            "budget_seconds": args.budget,
-            "argv": sys.argv[1:],
-            "steps": old.get("steps", {}) if same else {},
-        }
+        what = "the first GPU's check: CUDA tests, the main job in bf16 and float32, torchrun, regime slice"
+        self.doc = dict(what=what, dry_run=args.dry_run, device=device, budget_seconds=args.budget, argv=sys.argv[1:])
+        self.doc["steps"] = old.get("steps", {}) if same else {}
 
     def done(self, step: str) -> bool:
         return self.doc["steps"].get(step, {}).get("status") == "ok"
@@ -146,13 +124,9 @@ def device_record(spec: str) -> dict[str, Any]:
     if spec.startswith("cuda"):
         dev = torch.device(spec)
         props = torch.cuda.get_device_properties(dev)
-        out.update(
-            name=torch.cuda.get_device_name(dev),
-            cuda=torch.version.cuda,
-            capability=".".join(map(str, torch.cuda.get_device_capability(dev))),
-            memory_gib=round(props.total_memory / 2**30, 1),
-            bf16=torch.cuda.is_bf16_supported(),
-        )
+        capability = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+        out.update(name=torch.cuda.get_device_name(dev), cuda=torch.version.cuda, capability=capability)
+        out.update(memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported())
         try:  # a tuple in recent torch, an int in older ones
             v = torch.cuda.nccl.version()
             out["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
@@ -171,9 +145,6 @@ def cpu_bf16() -> bool:
             return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     except (RuntimeError, TypeError):
         return False
-
-
-# ----------------------------------------------------------------------------- subprocesses
 
 
 class Clock:
@@ -230,19 +201,14 @@ def record(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return entry
 
 
-# ----------------------------------------------------------------------------- 1. tests
-
-
 def step_tests(args: argparse.Namespace, timeout: float) -> dict[str, Any]:
     junit = args.work / "tests.xml"
     junit.unlink(missing_ok=True)
     if args.dry_run:  # the CPU halves of the same tests (the CUDA ones skip without a GPU)
         files, marks = ["tests/test_cuda.py"], "not gpu"
     else:
-        files = sorted(
-            str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text()
-        )
-        marks = "gpu"
+        tests = (ROOT / "tests").glob("test_*.py")
+        files, marks = sorted(str(p.relative_to(ROOT)) for p in tests if "mark.gpu" in p.read_text()), "gpu"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marks, f"--junitxml={junit}", *files]
     r = run(args, "tests", cmd, timeout)
     counts = junit_counts(junit)
@@ -260,9 +226,6 @@ def junit_counts(path: Path) -> dict[str, int]:
     c = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     c["passed"] = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
     return c
-
-
-# ----------------------------------------------------------------------------- 2. the main job
 
 
 def main_command(args: argparse.Namespace, run_name: str, amp: str) -> list[str]:
@@ -297,26 +260,17 @@ def summarize_report(rep: dict[str, Any]) -> dict[str, Any]:
 
     def side(s: str) -> dict[str, Any]:
         adv = rep.get(s, {}).get("adversarial_accuracy") or {}
-        return {
-            "params": rep.get(s, {}).get("params"),
-            "clean_accuracy": rep.get(s, {}).get("clean_accuracy"),
+        out = {k: rep.get(s, {}).get(k) for k in ("params", "clean_accuracy")}
+        return out | {
             "l2_fgsm_0.1": (adv.get("l2_fgsm") or {}).get("0.1"),
             "pgd": next(iter((adv.get("pgd") or {}).values()), None),
         }
 
-    comp = rep.get("compressed", {})
-    return {
-        "model": rep.get("model", {}).get("spec") or rep.get("model", {}).get("name"),
-        "dense": side("dense"),
-        "compressed": {**side("compressed"), "compression_rate": comp.get("compression_rate")},
-        "nonfinite_steps": comp.get("nonfinite_steps"),
-        "timings": rep.get("timings", {}),
-        "device": rep.get("device", {}),
-        "peak_memory_bytes": rep.get("device", {}).get("peak_memory_bytes"),
-    }
-
-
-# ----------------------------------------------------------------------------- 3. torchrun
+    comp, device = rep.get("compressed", {}), rep.get("device", {})
+    out = {"model": rep.get("model", {}).get("spec") or rep.get("model", {}).get("name"), "dense": side("dense")}
+    out["compressed"] = {**side("compressed"), "compression_rate": comp.get("compression_rate")}
+    out.update(nonfinite_steps=comp.get("nonfinite_steps"), timings=rep.get("timings", {}), device=device)
+    return out | {"peak_memory_bytes": device.get("peak_memory_bytes")}
 
 
 def step_torchrun(args: argparse.Namespace, state: State, timeout: float) -> dict[str, Any]:
@@ -411,13 +365,10 @@ def weights_rel(pa: Path, pb: Path) -> float | None:
     return math.sqrt(num) / max(math.sqrt(sum(float(wa[k].norm()) ** 2 for k in wa)), 1e-30)
 
 
-# ----------------------------------------------------------------------------- 4. regime and decision
-
-
 def supports(script: Path, option: str) -> bool:
     """Whether ``script`` (or the harness it builds its options with) takes ``option``."""
-    sources = [script, *(BENCH / "harness").glob("*.py"), BENCH / "common.py"]
-    return any(p.is_file() and f'"{option}"' in p.read_text(encoding="utf-8") for p in sources)
+    sources = [script, *(BENCH / "harness").glob("*.py")]
+    return any(f'"{option}"' in p.read_text(encoding="utf-8") for p in sources)
 
 
 def fashion_root(args: argparse.Namespace) -> str | None:
@@ -517,20 +468,12 @@ def step_regime(args: argparse.Namespace, state: State, timeout: float) -> dict[
 def summarize_regime(doc: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for e in doc.get("entries", []):
-        l2 = (e.get("acc") or {}).get("l2_fgsm", {})
-        pgd = (e.get("acc") or {}).get("pgd", {})
-        rows.append(
-            {
-                "seed": e.get("seed"),
-                "label": e.get("label"),
-                "clean": e.get("clean"),
-                "l2_fgsm_0.1": l2.get("0.1"),
-                "pgd": next(iter(pgd.values()), None),
-                "compression_rate": e.get("compression_rate"),
-                "kappa_median": e.get("kappa_median"),
-                "train_seconds": e.get("train_seconds"),
-            }
+        acc = e.get("acc") or {}
+        row = {k: e.get(k) for k in ("seed", "label", "clean")}
+        row.update(
+            {"l2_fgsm_0.1": acc.get("l2_fgsm", {}).get("0.1"), "pgd": next(iter(acc.get("pgd", {}).values()), None)}
         )
+        rows.append(row | {k: e.get(k) for k in ("compression_rate", "kappa_median", "train_seconds")})
     run_ = doc.get("run", {})
     keys = ("vgg", "width", "train_subset", "dense_epochs", "epochs", "attack_samples", "amp")
     settings = {k: doc.get("settings", {}).get(k) for k in keys}
@@ -550,9 +493,6 @@ def step_decision(args: argparse.Namespace, timeout: float) -> dict[str, Any]:
         cmd += ["--checkpoint-dir", str(folder / "ckpt")]
     cmd += ["--out", str(folder / "decision.json"), "--benchmarks-md", str(folder / "BENCHMARKS-decision.md")]
     return record(run(args, "decision", cmd, timeout))
-
-
-# ----------------------------------------------------------------------------- the section
 
 
 def fmt(v: Any, pct: bool = False, digits: int = 1) -> str:
@@ -652,10 +592,8 @@ def write_section(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     """Rewrite the ``gpu`` section of --benchmarks-md, keep its text in the JSON (for --render) and
     copy the page to --out."""
     sys.path.insert(0, str(BENCH))
-    try:
-        from harness.page import update_section
-    except ImportError:
-        from benchmarks_md import update_section
+    from harness.page import update_section
+
     page = update_section(
         "gpu",
         render(doc),
@@ -665,8 +603,7 @@ def write_section(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         "GPU memory), a 1-process torchrun run against the plain one, and a budget-sized regime slice.",
         path=args.benchmarks_md,
     )
-    text = Path(page).read_text(encoding="utf-8")
-    m = re.search(r"<!-- bench:gpu -->.*?<!-- /bench:gpu -->", text, re.S)
+    m = SECTION.search(Path(page).read_text(encoding="utf-8"))
     doc["section"] = m.group(0) if m else None
     if args.out.resolve() != Path(page).resolve().parent:
         shutil.copyfile(page, args.out / "BENCHMARKS.md")
@@ -675,14 +612,10 @@ def write_section(args: argparse.Namespace, doc: dict[str, Any]) -> None:
 def splice(page: Path, section: str) -> None:
     """Put a section written on the device into ``page`` (its machine line stays the device's)."""
     text = page.read_text(encoding="utf-8") if page.is_file() else "# Benchmarks\n"
-    pattern = re.compile(r"<!-- bench:gpu -->.*?<!-- /bench:gpu -->", re.S)
-    text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else text.rstrip() + f"\n\n{section}\n"
+    text = SECTION.sub(lambda _: section, text, count=1) if SECTION.search(text) else text.rstrip() + f"\n\n{section}\n"
     tmp = page.with_name(f".{page.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, page)
-
-
-# ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -722,10 +655,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry = step_tests(args, allowed)
             elif step.startswith("main_"):
                 entry = step_main(args, step.split("_")[1], allowed)
-            elif step == "torchrun":
-                entry = step_torchrun(args, state, allowed)
-            elif step == "regime":
-                entry = step_regime(args, state, allowed)
+            elif step in ("torchrun", "regime"):
+                entry = (step_torchrun if step == "torchrun" else step_regime)(args, state, allowed)
             else:
                 entry = step_decision(args, max(allowed, 1.0))
         except Exception as err:  # a step's own bug is recorded; the next step still runs
