@@ -3,7 +3,7 @@
 The manifest that :func:`compressor.export.save_compressed` writes names the model
 create_model built (source, name, classes, channels, input size, normalization).
 :func:`load_compressed` builds that dense skeleton here, above export/, so that export/ imports
-no model-building code; :func:`compressor.export.load_compressed` then factorizes the listed
+no model-building code; :func:`compressor.export.load_into` then factorizes the listed
 layers at their recorded ranks and loads every tensor strictly.
 """
 
@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, WeightsError
-from .export.safetensors_io import CUSTOM_SOURCE, model_spec, read_compressed
-from .export.safetensors_io import load_compressed as load_into_skeleton
+from .export.safetensors_io import CUSTOM_SOURCE, load_into, model_spec, read_compressed
 
 
 def rebuild_model(path: str | Path, manifest: dict[str, Any]) -> nn.Module:
@@ -56,4 +55,4 @@ def load_compressed(
     if model is None:
         _, manifest = read_compressed(p)  # the file is checked before any model is built
         model = rebuild_model(p, manifest)
-    return load_into_skeleton(p, model=model, map_location=map_location)
+    return load_into(p, model, map_location=map_location)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compressor.check import check_export
-from compressor.export import export_model, load_compressed
+from compressor.export import export_model, load_into
 from compressor.factorize import factorize_
 from compressor.layers import LowRankLinear, ProjectedMultiheadAttention, low_rank_layers
 
@@ -67,7 +67,7 @@ def test_vit_with_factorized_attention_exports_and_reloads(tmp_path):
     assert result.parity["passed"] and result.parity["rel_diff"] <= 1e-4, result.parity
     skeleton = tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
                                      mlp_dim=128, num_classes=5)  # fmt: skip
-    reloaded, _ = load_compressed(tmp_path / "model.safetensors", model=skeleton)
+    reloaded, _ = load_into(tmp_path / "model.safetensors", model=skeleton)
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(reloaded(x), vit(x))

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from compressor.attacks import create_attack
-from compressor.export import export_model, load_compressed
+from compressor.export import export_model, load_into
 from compressor.factorize import factorize_
 from compressor.functional import spectral_regularizer
 from compressor.layers import LowRankLayer, low_rank_layers
@@ -192,7 +192,7 @@ def test_export_from_a_device_model_reloads_and_matches_onnx(device, tmp_path, t
     model = copy.deepcopy(trained).to(device)
     expected = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     export_model(model, tmp_path, input_size=8, onnx=True, int8=False, latency=False)
-    loaded, _ = load_compressed(tmp_path / "model.safetensors", model=dense_cnn())
+    loaded, _ = load_into(tmp_path / "model.safetensors", model=dense_cnn())
     got = loaded.state_dict()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k].cpu(), expected[k]) for k in expected)

@@ -24,6 +24,7 @@ from compressor.errors import ConfigError, WeightsError
 from compressor.export import (
     build_low_rank_like,
     export_onnx,
+    load_into,
     onnx_latencies,
     onnx_latency,
     parity_check,
@@ -33,7 +34,6 @@ from compressor.export import (
     save_compressed,
     structure_check,
 )
-from compressor.export import load_compressed as fill_skeleton
 from compressor.export import onnx_export as OE
 from compressor.factorize import factorize_
 from compressor.layers import LowRankLinear, TuckerConv2d, low_rank_layers
@@ -233,9 +233,9 @@ def test_missing_file_raises_weights_error(tmp_path):
 
 def test_export_fills_a_skeleton_and_builds_no_model(saved_file):
     with pytest.raises(ConfigError, match=r"compressor\.load_compressed\(path\)"):
-        fill_skeleton(saved_file)  # rebuilding by name is compressor.load's part
+        load_into(saved_file, None)  # rebuilding by name is compressor.load's part
     skeleton, _ = _tiny_create_model("tiny", 10)
-    filled, _ = fill_skeleton(saved_file, model=skeleton)
+    filled, _ = load_into(saved_file, skeleton)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(M, "create_model", _tiny_create_model)
         rebuilt, _ = load_compressed(saved_file)

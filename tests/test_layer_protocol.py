@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import compressor
-from compressor.export import export_onnx, load_compressed, parity_check, plan_export, save_compressed
+from compressor.export import export_onnx, load_into, parity_check, plan_export, save_compressed
 from compressor.factorize import break_even_rank, factorize_
 from compressor.functional import top_singular
 from compressor.layers import (
@@ -397,7 +397,7 @@ def test_a_registered_toy_type_needs_no_edit_elsewhere(toy_type, tmp_path) -> No
     path = tmp_path / "toy.safetensors"
     manifest = save_compressed(model, path)
     assert manifest["layers"]["seq"]["kind"] == toy_type.kind
-    loaded, _ = load_compressed(path, model=_Sequence())
+    loaded, _ = load_into(path, model=_Sequence())
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 

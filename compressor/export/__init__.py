@@ -1,12 +1,12 @@
 """Export: compressed safetensors with a manifest, plain-op ONNX, INT8 QDQ ONNX, metadata.
 
     result = export_model(model, "out/", input_size=32, model_info=info.to_dict())  # the files
-    model, manifest = load_compressed("out/model.safetensors", model=skeleton)      # filled from the file
+    model, manifest = load_into("out/model.safetensors", skeleton)                  # filled from the file
 
 export/ writes artifacts; what they are worth (parity, accuracy, INT8 against FP32, latency)
 is measured by :mod:`compressor.check` afterwards, and a model is rebuilt by name from its file
 alone by :func:`compressor.load_compressed` (export/ builds no model). The pieces:
-save_compressed / read_compressed / load_compressed (safetensors), export_onnx / parity_check /
+save_compressed / read_compressed / load_into (safetensors), export_onnx / parity_check /
 structure_check (ONNX), quantize_int8, onnx_latencies (the timing tool the latency check uses).
 """
 
@@ -28,7 +28,7 @@ from .safetensors_io import (
     FORMAT_VERSION,
     build_low_rank_like,
     build_manifest,
-    load_compressed,
+    load_into,
     read_compressed,
     read_header,
     save_compressed,
@@ -51,7 +51,7 @@ __all__ = [
     "deployment_metadata",
     "export_model",
     "export_onnx",
-    "load_compressed",
+    "load_into",
     "onnx_latencies",
     "onnx_latency",
     "parity_check",

@@ -126,7 +126,7 @@ def export_model(
     calibration=images)``), validated as recipe keys are. Works for any module:
     ``model_info`` (:meth:`compressor.models.ModelInfo.to_dict`, for a model from
     ``create_model``) lets the safetensors file rebuild the model by name; without it
-    :func:`~compressor.export.load_compressed` needs a skeleton. ``class_names`` (index order)
+    :func:`~compressor.export.load_into` needs a skeleton. ``class_names`` (index order)
     and ``preprocess`` (how an image becomes an input; default: RGB, bilinear, [0, 1]) go into
     every artifact's deployment metadata. ``calibration``: images (N, C, H, W in [0, 1]) for
     INT8, required with ``int8``; ``calibration_source`` says where they came from.

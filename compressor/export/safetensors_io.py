@@ -3,7 +3,7 @@
 The file holds the NormalizedClassifier's state dict at the layers' current ranks (no r_max
 padding) and, in the safetensors ``__metadata__``, a manifest: the model name and shape
 (enough for :func:`compressor.models.create_model`), the normalization, and for every
-factorized layer its kind, ranks and rank bounds. :func:`load_compressed` takes a dense
+factorized layer its kind, ranks and rank bounds. :func:`load_into` takes a dense
 skeleton of the architecture, swaps the listed layers for empty factorized ones of the recorded
 ranks and loads the tensors strictly: the loaded model computes bit for bit what the saved one
 did. Building that skeleton by name is :func:`compressor.load.load_compressed`'s part: export/
@@ -87,7 +87,7 @@ def build_manifest(
 
     ``model_info``: :meth:`compressor.models.ModelInfo.to_dict` for a model built by
     ``create_model`` (then the file alone rebuilds it); for any other module the manifest
-    records its class, and :func:`load_compressed` needs a skeleton of it.
+    records its class, and :func:`load_into` needs a skeleton of it.
     """
     if model_info is None:
         model_info = {
@@ -318,8 +318,8 @@ def read_compressed(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[s
     return header, manifest
 
 
-def load_compressed(
-    path: str | Path, *, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+def load_into(
+    path: str | Path, model: nn.Module, *, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fill ``model`` with the file :func:`save_compressed` wrote; return (model in eval mode, manifest).
 
@@ -334,13 +334,11 @@ def load_compressed(
     header, manifest = read_compressed(p)
     m = manifest["model"]
     spec = model_spec(m)
-    if model is None:
-        raise ConfigError(
-            f"compressor.export.load_compressed fills a skeleton: pass model=<a new {spec}>, or call "
-            "compressor.load_compressed(path), which rebuilds a model made by create_model from its name"
-        )
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module (a skeleton of {spec}), got {type(model).__name__}")
+        raise ConfigError(
+            f"model must be a torch.nn.Module (a new {spec}), got {type(model).__name__}; "
+            "compressor.load_compressed(path) rebuilds a model made by create_model from its name"
+        )
 
     project_attention_(model, names=list(manifest.get("attention") or []))
     factorized = low_rank_layers(model)  # a skeleton may be factorized already
