@@ -264,6 +264,7 @@ def budget_preview(model: nn.Module, recipe: Recipe, in_chans: int) -> dict[str,
         in_chans=in_chans,
         multiple=target.multiple,
         latency=recipe.latency_settings(in_chans),
+        tau=recipe.train.tau,
     )
     initial = {n: tuple(layer.ranks) for n, layer in budget.layers.items()}
     ranks = budget.preview()

@@ -16,6 +16,10 @@ to the first lower rank that saves time, so that the saving beyond the flat stre
 It stops when the whole model fits the budget. With a budget the budget
 chooses the ranks and the tolerance τ is not used: every nonzero singular value is on offer, so
 the model ends at the budget (within one singular value's cost), not wherever τ would have cut.
+One exception: a direction that costs nothing (a measured cost flat in a mode, e.g. the output
+rank of a conv the export folds into its outer factor) is kept only where τ would keep it. Kept
+for free, the weakest directions of such a mode make its core's spectrum ill-conditioned (κ in
+the thousands and more) while adding nothing the runtime pays for or the tolerance asks for.
 
 The budget is reached gradually: :class:`Budget` interpolates from the model's cost when
 training starts to the target over the first ``ramp`` share of the rank-adaptive truncations,
@@ -65,7 +69,7 @@ def _step_down(r: int, lo: int, multiple: int) -> int | None:
 
 
 def allocate_ranks(
-    offers: Mapping[str, LayerOffer], budget: float, fixed_cost: float = 0.0, multiple: int = 1
+    offers: Mapping[str, LayerOffer], budget: float, fixed_cost: float = 0.0, multiple: int = 1, tau: float = 0.0
 ) -> dict[str, tuple[int, ...]]:
     """Ranks for every layer so that ``fixed_cost + Σ cost(ranks) <= budget`` while keeping as much
     normalized spectral energy as possible (greedy by energy per unit of cost; see the module
@@ -73,9 +77,34 @@ def allocate_ranks(
 
     ``multiple``: ranks move in steps of this many singular values and end on its multiples
     (runtimes' GEMM kernels work in blocks); a mode's minimum rank, a τ rank below one block,
-    and a layer whose rounded ranks would cost no less, stay as they are."""
+    and a layer whose rounded ranks would cost no less, stay as they are.
+
+    ``tau``: afterwards, a mode keeps no more directions than τ would where dropping them costs
+    nothing (see the module docstring); 0 leaves the ranks as allocated."""
     if multiple < 1:
         raise ValueError(f"multiple must be at least 1, got {multiple}")
+    ranks = _allocate(offers, budget, fixed_cost, multiple)
+    return {name: _drop_free_directions(offers[name], r, tau, multiple) for name, r in ranks.items()} if tau else ranks
+
+
+def _drop_free_directions(offer: LayerOffer, ranks: tuple[int, ...], tau: float, multiple: int) -> tuple[int, ...]:
+    """Each mode stepped down towards the rank τ keeps while the layer's cost stays the same."""
+    out = list(ranks)
+    for mode, sigma in enumerate(offer.sigmas):
+        floor = max(offer.min_ranks[mode], truncation_rank(sigma, tau, offer.min_ranks[mode], out[mode]))
+        cost = offer.cost(tuple(out))
+        while (lower := _step_down(out[mode], floor, multiple)) is not None:
+            trial = [*out[:mode], lower, *out[mode + 1 :]]
+            if offer.cost(tuple(trial)) != cost:
+                break
+            out = trial
+    return tuple(out)
+
+
+def _allocate(
+    offers: Mapping[str, LayerOffer], budget: float, fixed_cost: float, multiple: int
+) -> dict[str, tuple[int, ...]]:
+    """The greedy allocation of :func:`allocate_ranks`, before free directions are dropped."""
 
     def start(r: int, lo: int) -> int:
         down = r // multiple * multiple
@@ -139,7 +168,8 @@ class Budget:
     MACs at ``input_size`` (per image). ``ramp_truncations``: how many truncations the target is
     reached over; ``start``: the cost the ramp starts from, or ``start_ranks``: the ranks that
     cost is computed at (default: the model's ranks now); ``multiple``: round ranks to it
-    (see :func:`allocate_ranks`; with ``latency``, 1 means 8, the step of the measured grid).
+    (see :func:`allocate_ranks`; with ``latency``, 1 means 8, the step of the measured grid);
+    ``tau``: the tolerance that still bounds directions kept at no cost (see the module docstring).
 
     ``latency``: how a latency target is measured (:class:`compressor.latency.LatencySettings`;
     default: batch 32, 2 threads, fp32 at ``input_size``); ``latency_model``: a latency model
@@ -165,10 +195,11 @@ class Budget:
         multiple: int = 1,
         latency: LatencySettings | None = None,
         latency_model: LatencyModel | None = None,
+        tau: float = 0.0,
     ) -> None:
         if kind not in ("params", "macs", "latency"):
             raise ValueError(f"budget kind must be 'params', 'macs' or 'latency', got {kind!r}")
-        self.kind, self.fraction, self.multiple = kind, float(fraction), int(multiple)
+        self.kind, self.fraction, self.multiple, self.tau = kind, float(fraction), int(multiple), float(tau)
         self.ramp = max(1, int(ramp_truncations))
         self.layers = low_rank_layers(model)
         self._cost_fns: dict[str, CostFn] = {}
@@ -244,7 +275,7 @@ class Budget:
         if self.latency_model is not None:  # the network's milliseconds → the sum of the layers' tables
             target = self.latency_model.tables_budget(target)
         self.truncations += 1
-        return allocate_ranks(offers, target, self.fixed, self.multiple)
+        return allocate_ranks(offers, target, self.fixed, self.multiple, tau=self.tau)
 
     def summary(self) -> dict[str, float]:
         return {

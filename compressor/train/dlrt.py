@@ -377,6 +377,7 @@ class Trainer:
                 start_ranks=self._initial_ranks,
                 multiple=target.multiple,
                 latency=target.latency_settings(in_chans=input_shape[0], input_size=input_shape[-1]),
+                tau=self.cfg.tau,
             )
             self._budget_start = self.budget.start
         self.budget.ramp = ramp
