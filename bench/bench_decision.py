@@ -524,7 +524,7 @@ def verdict(args, dense: dict[str, Any], by_t: dict[float, list[dict[str, Any]]]
             what += f"; budget-RobustDLRT measured {d['fracs'][at]:.2f} of dense where it aimed at {t:g}"
         lines.append(f"- At {what}.")
     if said := [f"{k} wins at {', '.join(v)}" for k, v in wins.items() if k != "none"]:
-        lines.insert(0, f"- {'; '.join(said).capitalize()} of dense latency.")
+        lines.insert(0, f"- {(text := '; '.join(said))[0].upper()}{text[1:]} of dense latency.")
     p = dense.get("profile", {})
     why = ", ".join(f"{100 * p[k]:.0f} % in {w}" for k, w in KINDS.items() if p.get(k, 0) >= 0.005)
     lines.append(f"- Why: the dense MACs at {args.deploy_size} px sit {why}.")

@@ -211,6 +211,9 @@ def run(
     report["certificate"] = certificate(model, fact, dense_spectra, dense_eval, report["compressed"])
     if (budget := budget_report(model, recipe, in_chans=data.in_chans, dense_params=dense_params)) is not None:
         report["budget"] = budget
+        built = [e["budget"]["latency_model"] for e in history.epochs if "latency_model" in e.get("budget", {})]
+        if built and "latency" in budget:  # the trainer's build, not the report's reload from the cache
+            budget["latency"]["model"].update(max(built, key=lambda b: b["measured_graphs"]))
     if not dist.is_main:
         # Rank 0 alone exports and writes; no barrier after it, so that a long export cannot
         # run into the process group's timeout. The other processes are done.

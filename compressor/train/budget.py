@@ -33,7 +33,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -277,8 +277,8 @@ class Budget:
         self.truncations += 1
         return allocate_ranks(offers, target, self.fixed, self.multiple, tau=self.tau)
 
-    def summary(self) -> dict[str, float]:
-        return {
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "kind": self.kind,
             "fraction": self.fraction,
             "target": self.target,
@@ -286,6 +286,10 @@ class Budget:
             "reached": self.cost(),
             "reached_fraction": self.cost() / self.dense if self.dense else 0.0,
         }
+        if self.latency_model is not None:  # what building it cost (nothing when the cache held it)
+            lm = self.latency_model
+            out["latency_model"] = {"measured_graphs": lm.measured_graphs, "seconds": lm.seconds}
+        return out
 
     def preview(self) -> dict[str, tuple[int, ...]]:
         """The ranks the allocation chooses at the target (the ramp's end) from the layers'
