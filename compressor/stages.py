@@ -305,8 +305,13 @@ def budget_preview_lines(preview: dict[str, Any]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     what = f"train.target.{kind} = {preview['fraction']}"
+    tau = (
+        "τ (train.tau) only bounds them from above (directions it drops cost next to nothing in time)"
+        if kind == "latency"
+        else "τ (train.tau) is not used"
+    )
     lines = [
-        f"With {what} the budget chooses every layer's ranks at each truncation; τ (train.tau) is not used.",
+        f"With {what} the budget chooses every layer's ranks at each truncation; {tau}.",
         f"The allocation at the target from the initial spectra (ranks in steps of {preview['multiple']}):",
         "",
         *table,

@@ -12,7 +12,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from compressor.factorize import factorize_
-from compressor.functional import truncation_rank
 from compressor.layers import low_rank_layers
 from compressor.recipe import TargetSection
 from compressor.runtime import compression_stats, count_macs
@@ -51,25 +50,6 @@ def test_allocation_prefers_cheap_singular_values():
     assert ranks["cheap"][0] > ranks["dear"][0]
     # at the optimum of energy per cost, a cheap direction kept is worth at most 10 dear ones' ratio
     assert 1 * ranks["cheap"][0] + 10 * ranks["dear"][0] <= 200
-
-
-def test_directions_that_cost_nothing_are_kept_only_where_tau_keeps_them():
-    # mode 0 of "folded" costs nothing (the export folds it away); mode 1 costs per direction
-    flat, costly = _decaying(64, 0.8), _decaying(64, 0.95)
-    offers = {"folded": LayerOffer([flat, costly], (64, 64), (1, 1), lambda r: 5 * r[1]),
-              "plain": LayerOffer([_decaying(64, 0.9)], (64,), (1,), _linear_cost(5))}  # fmt: skip
-    kept = allocate_ranks(offers, budget=300.0, multiple=8)
-    assert kept["folded"][0] == 64  # τ 0: every free direction stays
-    tau = 0.1
-    pruned = allocate_ranks(offers, budget=300.0, multiple=8, tau=tau)
-    tau_rank = truncation_rank(flat, tau)
-    assert pruned["folded"][0] == tau_rank < 64  # stepped down to the τ rank (its last step below 8)
-    # the costly mode and the other layer are the allocation's, and so is the cost
-    assert pruned["folded"][1] == kept["folded"][1] and pruned["plain"] == kept["plain"]
-    assert sum(o.cost(pruned[n]) for n, o in offers.items()) == sum(o.cost(kept[n]) for n, o in offers.items())
-    # a mode whose every direction costs is never cut below what the budget allows
-    costly_only = {"plain": offers["plain"]}
-    assert allocate_ranks(costly_only, 300.0, multiple=8, tau=0.5) == allocate_ranks(costly_only, 300.0, multiple=8)
 
 
 def test_allocation_is_tau_truncation_when_the_budget_is_loose():

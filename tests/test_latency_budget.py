@@ -16,6 +16,7 @@ import compressor.latency.settings as latency_settings
 from compressor.errors import ConfigError
 from compressor.export.forms import plan_export
 from compressor.factorize import factorize_
+from compressor.functional import truncation_rank
 from compressor.latency import (
     Calibration,
     FormTable,
@@ -120,6 +121,29 @@ def test_allocation_meets_a_latency_target_on_given_tables():
             for m in range(len(rk))
         ]
         assert reached + max(back) > fraction * 16.0
+
+
+def test_a_latency_budget_keeps_no_direction_tau_drops_while_macs_offer_every_one():
+    # at a loose target, nearly flat tables would keep every nonzero direction, those carrying no
+    # energy included (ill-conditioned cores); τ bounds a latency budget's ranks from above
+    net = _model()
+    layers = low_rank_layers(net)
+    tables = {
+        "2": _tucker_table(layers["2"].rank_caps, 1e-6, 5.0),
+        "4": _tucker_table(layers["4"].rank_caps, 1e-6, 8.0),
+        "8": _linear_table(layers["8"].rank_caps[0], 1e-6, 2.0),
+    }
+    fake, tau = _fake_latency(net, tables, rest=1.0), 0.3
+    tau_ranks = {
+        n: [truncation_rank(s, tau, layer.r_min, c) for s, c in zip(layer.spectra(), layer.rank_caps)]
+        for n, layer in layers.items()
+    }
+    loose = Budget(net, "latency", 0.99, input_size=8, latency_model=fake, tau=tau).preview()
+    assert all(r <= t for n, rk in loose.items() for r, t in zip(rk, tau_ranks[n]))
+    untied = Budget(net, "latency", 0.99, input_size=8, latency_model=fake).preview()  # τ 0: every direction
+    assert any(r > t for n, rk in untied.items() for r, t in zip(rk, tau_ranks[n]))
+    macs = Budget(net, "macs", 0.99, input_size=8, tau=tau).preview()  # τ never bounds a MAC budget
+    assert macs == Budget(net, "macs", 0.99, input_size=8).preview()
 
 
 def test_a_layer_whose_dense_form_is_faster_stays_dense_and_is_exported_dense():
@@ -306,7 +330,7 @@ def test_recipe_refuses_what_a_latency_target_cannot_measure(overrides, words):
 
 
 @pytest.mark.parametrize("kind", ["params", "macs", "latency"])
-def test_dry_run_with_a_budget_says_tau_is_not_used(kind):
+def test_dry_run_with_a_budget_says_what_tau_does(kind):
     preview = {
         "kind": kind,
         "fraction": 0.2,
@@ -319,7 +343,8 @@ def test_dry_run_with_a_budget_says_tau_is_not_used(kind):
         "latency": {"settings": LatencySettings().to_dict()},
     }
     text = "\n".join(budget_preview_lines(preview))
-    assert "τ (train.tau) is not used" in text and "16,8" in text
+    said = "τ (train.tau) only bounds them from above" if kind == "latency" else "τ (train.tau) is not used"
+    assert said in text and "16,8" in text
     assert "RobustDLRT then adapts them (tolerance train.tau)" not in text
     assert ("tucker3" in text) == (kind == "latency")
 

@@ -16,10 +16,13 @@ to the first lower rank that saves time, so that the saving beyond the flat stre
 It stops when the whole model fits the budget. With a budget the budget
 chooses the ranks and the tolerance τ is not used: every nonzero singular value is on offer, so
 the model ends at the budget (within one singular value's cost), not wherever τ would have cut.
-One exception: a direction that costs nothing (a measured cost flat in a mode, e.g. the output
-rank of a conv the export folds into its outer factor) is kept only where τ would keep it. Kept
-for free, the weakest directions of such a mode make its core's spectrum ill-conditioned (κ in
-the thousands and more) while adding nothing the runtime pays for or the tolerance asks for.
+A latency budget is the exception: τ still bounds every rank from above, and the budget cuts
+below that. Measured time is flat or nearly so over many ranks (layers at small feature maps, the
+output rank of a conv folded at export), so the greedy would keep directions that carry no energy
+because they cost next to nothing; kept, they make the cores' spectra ill-conditioned (κ in the
+hundreds to millions) for nothing the runtime pays for. A latency target is an upper bound
+("at most 0.2 of dense"), so a model that ends faster than asked because τ dropped negligible
+directions meets it.
 
 The budget is reached gradually: :class:`Budget` interpolates from the model's cost when
 training starts to the target over the first ``ramp`` share of the rank-adaptive truncations,
@@ -69,7 +72,7 @@ def _step_down(r: int, lo: int, multiple: int) -> int | None:
 
 
 def allocate_ranks(
-    offers: Mapping[str, LayerOffer], budget: float, fixed_cost: float = 0.0, multiple: int = 1, tau: float = 0.0
+    offers: Mapping[str, LayerOffer], budget: float, fixed_cost: float = 0.0, multiple: int = 1
 ) -> dict[str, tuple[int, ...]]:
     """Ranks for every layer so that ``fixed_cost + Σ cost(ranks) <= budget`` while keeping as much
     normalized spectral energy as possible (greedy by energy per unit of cost; see the module
@@ -77,34 +80,9 @@ def allocate_ranks(
 
     ``multiple``: ranks move in steps of this many singular values and end on its multiples
     (runtimes' GEMM kernels work in blocks); a mode's minimum rank, a τ rank below one block,
-    and a layer whose rounded ranks would cost no less, stay as they are.
-
-    ``tau``: afterwards, a mode keeps no more directions than τ would where dropping them costs
-    nothing (see the module docstring); 0 leaves the ranks as allocated."""
+    and a layer whose rounded ranks would cost no less, stay as they are."""
     if multiple < 1:
         raise ValueError(f"multiple must be at least 1, got {multiple}")
-    ranks = _allocate(offers, budget, fixed_cost, multiple)
-    return {name: _drop_free_directions(offers[name], r, tau, multiple) for name, r in ranks.items()} if tau else ranks
-
-
-def _drop_free_directions(offer: LayerOffer, ranks: tuple[int, ...], tau: float, multiple: int) -> tuple[int, ...]:
-    """Each mode stepped down towards the rank τ keeps while the layer's cost stays the same."""
-    out = list(ranks)
-    for mode, sigma in enumerate(offer.sigmas):
-        floor = max(offer.min_ranks[mode], truncation_rank(sigma, tau, offer.min_ranks[mode], out[mode]))
-        cost = offer.cost(tuple(out))
-        while (lower := _step_down(out[mode], floor, multiple)) is not None:
-            trial = [*out[:mode], lower, *out[mode + 1 :]]
-            if offer.cost(tuple(trial)) != cost:
-                break
-            out = trial
-    return tuple(out)
-
-
-def _allocate(
-    offers: Mapping[str, LayerOffer], budget: float, fixed_cost: float, multiple: int
-) -> dict[str, tuple[int, ...]]:
-    """The greedy allocation of :func:`allocate_ranks`, before free directions are dropped."""
 
     def start(r: int, lo: int) -> int:
         down = r // multiple * multiple
@@ -169,7 +147,8 @@ class Budget:
     reached over; ``start``: the cost the ramp starts from, or ``start_ranks``: the ranks that
     cost is computed at (default: the model's ranks now); ``multiple``: round ranks to it
     (see :func:`allocate_ranks`; with ``latency``, 1 means 8, the step of the measured grid);
-    ``tau``: the tolerance that still bounds directions kept at no cost (see the module docstring).
+    ``tau``: with ``latency``, the tolerance that bounds every rank from above (see the module
+    docstring); the other kinds offer every nonzero singular value.
 
     ``latency``: how a latency target is measured (:class:`compressor.latency.LatencySettings`;
     default: batch 32, 2 threads, fp32 at ``input_size``); ``latency_model``: a latency model
@@ -265,17 +244,18 @@ class Budget:
         """The ranks for the truncation about to happen (every layer is in its augmented state):
         every nonzero singular value is on offer, so the model ends at the budget, not below."""
         offers = {}
+        tol = self.tau if self.kind == "latency" else 0.0
         for name, layer in self.layers.items():
             sigmas = layer.spectra()
             max_ranks = tuple(
-                truncation_rank(s, 0.0, layer.r_min, cap) for s, cap in zip(sigmas, layer.rank_caps, strict=True)
+                truncation_rank(s, tol, layer.r_min, cap) for s, cap in zip(sigmas, layer.rank_caps, strict=True)
             )
             offers[name] = LayerOffer(sigmas, max_ranks, tuple(layer.r_min for _ in sigmas), self._cost_fns[name])
         target = self.current_target()
         if self.latency_model is not None:  # the network's milliseconds → the sum of the layers' tables
             target = self.latency_model.tables_budget(target)
         self.truncations += 1
-        return allocate_ranks(offers, target, self.fixed, self.multiple, tau=self.tau)
+        return allocate_ranks(offers, target, self.fixed, self.multiple)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -348,7 +348,8 @@ class Trainer:
         caps = self._budget_caps(index, ramp, input_shape)
         for name, layer in self.layers.items():
             old_shape = layer.core.shape
-            # with a budget its ranks are the truncation (τ = 0 keeps every nonzero direction up to them)
+            # with a budget its ranks are the truncation (τ = 0 keeps every nonzero direction up to
+            # them; a latency budget's ranks already stay within τ's)
             tau = 0.0 if caps else self.cfg.tau
             change = layer.truncate_(tau, reorthonormalize_bases=exact, rank_cap=caps.get(name))
             remap_optimizer_state(self.optimizer, layer.core, change, old_shape)
