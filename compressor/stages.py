@@ -306,7 +306,7 @@ def budget_preview_lines(preview: dict[str, Any]) -> list[str]:
     table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     what = f"train.target.{kind} = {preview['fraction']}"
     tau = (
-        "τ (train.tau) only bounds them from above (directions it drops cost next to nothing in time)"
+        "τ (train.tau) only bounds them at the last truncation (directions it drops cost next to nothing in time)"
         if kind == "latency"
         else "τ (train.tau) is not used"
     )

@@ -123,9 +123,9 @@ def test_allocation_meets_a_latency_target_on_given_tables():
         assert reached + max(back) > fraction * 16.0
 
 
-def test_a_latency_budget_keeps_no_direction_tau_drops_while_macs_offer_every_one():
-    # at a loose target, nearly flat tables would keep every nonzero direction, those carrying no
-    # energy included (ill-conditioned cores); τ bounds a latency budget's ranks from above
+def test_a_latency_budget_ends_with_no_direction_tau_drops_while_macs_offer_every_one():
+    # at a loose target, nearly flat tables keep every nonzero direction, those carrying no energy
+    # included (ill-conditioned cores); τ bounds a latency budget's ranks at the last truncation
     net = _model()
     layers = low_rank_layers(net)
     tables = {
@@ -138,12 +138,13 @@ def test_a_latency_budget_keeps_no_direction_tau_drops_while_macs_offer_every_on
         n: [truncation_rank(s, tau, layer.r_min, c) for s, c in zip(layer.spectra(), layer.rank_caps)]
         for n, layer in layers.items()
     }
-    loose = Budget(net, "latency", 0.99, input_size=8, latency_model=fake, tau=tau).preview()
-    assert all(r <= t for n, rk in loose.items() for r, t in zip(rk, tau_ranks[n]))
-    untied = Budget(net, "latency", 0.99, input_size=8, latency_model=fake).preview()  # τ 0: every direction
-    assert any(r > t for n, rk in untied.items() for r, t in zip(rk, tau_ranks[n]))
-    macs = Budget(net, "macs", 0.99, input_size=8, tau=tau).preview()  # τ never bounds a MAC budget
-    assert macs == Budget(net, "macs", 0.99, input_size=8).preview()
+    budget = Budget(net, "latency", 0.99, input_size=8, latency_model=fake, tau=tau)
+    last = budget.caps(last=True)
+    assert all(r <= t for n, rk in last.items() for r, t in zip(rk, tau_ranks[n]))
+    during = budget.caps()  # before the last truncation every direction is on offer (it may grow back)
+    assert any(r > t for n, rk in during.items() for r, t in zip(rk, tau_ranks[n]))
+    macs = Budget(net, "macs", 0.99, input_size=8, tau=tau)  # τ never bounds a MAC budget
+    assert macs.caps(last=True) == Budget(net, "macs", 0.99, input_size=8).caps(last=True)
 
 
 def test_a_layer_whose_dense_form_is_faster_stays_dense_and_is_exported_dense():
@@ -343,7 +344,7 @@ def test_dry_run_with_a_budget_says_what_tau_does(kind):
         "latency": {"settings": LatencySettings().to_dict()},
     }
     text = "\n".join(budget_preview_lines(preview))
-    said = "τ (train.tau) only bounds them from above" if kind == "latency" else "τ (train.tau) is not used"
+    said = "τ (train.tau) only bounds them at the last truncation" if kind == "latency" else "τ (train.tau) is not used"
     assert said in text and "16,8" in text
     assert "RobustDLRT then adapts them (tolerance train.tau)" not in text
     assert ("tucker3" in text) == (kind == "latency")

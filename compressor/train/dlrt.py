@@ -244,6 +244,7 @@ class Trainer:
                         index=index,
                         ramp=max(1, round(self._target_ramp() * self.adaptive_epochs * truncations_per_epoch)),
                         input_shape=tuple(x.shape[1:]),
+                        last=epoch == self.adaptive_epochs - 1 and i == n_batches - 1,
                     )
                     tally["t_trunc"] += time.perf_counter() - t
                     self._trace_kappa()
@@ -343,13 +344,20 @@ class Trainer:
         target = getattr(self.cfg, "target", None)
         return target.ramp if target is not None and target.kind is not None else 1.0
 
-    def _truncate(self, exact: bool = True, index: int = 0, ramp: int = 1, input_shape: tuple[int, ...] = ()) -> None:
+    def _truncate(
+        self,
+        exact: bool = True,
+        index: int = 0,
+        ramp: int = 1,
+        input_shape: tuple[int, ...] = (),
+        last: bool = False,
+    ) -> None:
         self._live = {}
-        caps = self._budget_caps(index, ramp, input_shape)
+        caps = self._budget_caps(index, ramp, input_shape, last)
         for name, layer in self.layers.items():
             old_shape = layer.core.shape
             # with a budget its ranks are the truncation (τ = 0 keeps every nonzero direction up to
-            # them; a latency budget's ranks already stay within τ's)
+            # them; a latency budget's last ranks already stay within τ's)
             tau = 0.0 if caps else self.cfg.tau
             change = layer.truncate_(tau, reorthonormalize_bases=exact, rank_cap=caps.get(name))
             remap_optimizer_state(self.optimizer, layer.core, change, old_shape)
@@ -357,7 +365,9 @@ class Trainer:
         if self.kappa_max is not None:  # a conv's truncated input mode can spread its C₍₀₎ spectrum again
             self._clamp_conditioning()
 
-    def _budget_caps(self, index: int, ramp: int, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    def _budget_caps(
+        self, index: int, ramp: int, input_shape: tuple[int, ...], last: bool = False
+    ) -> dict[str, tuple[int, ...]]:
         """Every layer's rank cap from the budget (``train.target``), none without one. The
         budget is built at the first truncation (it needs the input size) from the cost the
         model had when training started, which a checkpoint keeps for a resumed run."""
@@ -383,7 +393,7 @@ class Trainer:
             self._budget_start = self.budget.start
         self.budget.ramp = ramp
         self.budget.truncations = index
-        return self.budget.caps()
+        return self.budget.caps(last=last)
 
     def _trace_kappa(self) -> None:
         self.history.kappa_trace.append(
