@@ -245,7 +245,8 @@ class Budget:
     @torch.no_grad()
     def caps(self, last: bool = False) -> dict[str, tuple[int, ...]]:
         """The ranks for the truncation about to happen (every layer is in its augmented state):
-        every nonzero singular value is on offer, so the model ends at the budget, not below."""
+        every nonzero singular value is on offer, so the model ends at the budget, not below;
+        ``last``: a latency budget's last truncation, where τ bounds the ranks too."""
         offers = {}
         tol = self.tau if last and self.kind == "latency" else 0.0
         for name, layer in self.layers.items():
