@@ -258,11 +258,12 @@ class TuckerConv2d(LowRankLayer):
         of its energy (sequential truncation, as ST-HOSVD); a bound below r_min is left alone.
         """
         area = self.kernel_size[0] * self.kernel_size[1]
-        if self.r_min <= r1 * area < r0:
-            p0, _ = left_singular(unfold(mode_product(core, torch.eye(core.shape[0]).to(core), p1[:, :r1]), 0), tol=tau)
+        if self.r_min <= r1 * area < r0:  # core ×₁ P1ᵀ, then its mode-0 basis
+            projected = torch.tensordot(p1[:, :r1], core, dims=([0], [1])).transpose(0, 1)
+            p0, _ = left_singular(unfold(projected, 0), tol=tau)
             r0 = r1 * area
-        elif self.r_min <= r0 * area < r1:
-            p1, _ = left_singular(unfold(mode_product(core, p0[:, :r0], torch.eye(core.shape[1]).to(core)), 1), tol=tau)
+        elif self.r_min <= r0 * area < r1:  # core ×₀ P0ᵀ, then its mode-1 basis
+            p1, _ = left_singular(unfold(torch.tensordot(p0[:, :r0], core, dims=([0], [0])), 1), tol=tau)
             r1 = r0 * area
         return p0, p1, r0, r1
 
