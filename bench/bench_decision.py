@@ -295,9 +295,10 @@ def pruned(model: nn.Module, ratio: float, size: int) -> nn.Module:
     return out
 
 
-def prune(args, ctx: Ctx, seed: int, group: Path) -> tuple[nn.Module, dict[str, Any]]:
+def prune(args, ctx: Ctx, seed: int, group: Path, target: float) -> tuple[nn.Module, dict[str, Any]]:
     """The ratio bisected until pruned / dense latency (batch 32, the target's size) is within
-    ``--tolerance`` of dlrt / dense, each graph timed alone, minutes apart at most."""
+    ``--tolerance`` of dlrt / dense (of ``target`` where dlrt could not reach it), each graph timed
+    alone, minutes apart at most."""
     s, threads = ctx.target_size, args.latency_threads
 
     def ms(path: Path) -> float:
@@ -309,7 +310,7 @@ def prune(args, ctx: Ctx, seed: int, group: Path) -> tuple[nn.Module, dict[str, 
         return ms(group / "probe.onnx") / dense_ms
 
     dense_ms = ms(ctx.work / f"dense@{s}.onnx")
-    goal = ms(group / f"dlrt@{s}.onnx") / dense_ms
+    goal = ms(group / f"dlrt@{s}.onnx") / dense_ms if (group / f"dlrt@{s}.onnx").is_file() else target
     ratio, got, trace = bisect(measure, goal, tol=args.tolerance, steps=args.bisect_steps)
     model, info = pruned(ctx.dense, ratio, ctx.size), {"ratio": ratio, "goal": goal, "probe": got, "bisection": trace}
     return model, {**info, "train_seconds": finetune(args, ctx, model, seed)}
@@ -447,12 +448,20 @@ def run_model(args, name: str, state: EntryStore, tier_dir: Path, work: Path, cl
             deadline()
             t0 = time.perf_counter()
             log.info("%s target %g seed %d: %s", *key, ARMS[arm])
+            row = {"model": name, "target": t, "seed": seed, "arm": arm}
             if arm == "dlrt":
-                model, extra = dlrt(args, ctx, t, seed)
+                try:
+                    model, extra = dlrt(args, ctx, t, seed)
+                except lib.UnreachableTargetError as err:  # a row saying so; pruning aims at the target itself
+                    log.warning("%s target %g: %s", name, t, err)
+                    state.add({**row, "unreachable": err.floor, "reason": str(err)})
+                    continue
             elif arm == "prune":
-                model, extra = prune(args, ctx, seed, group)
+                model, extra = prune(args, ctx, seed, group, t)
+            elif "unreachable" in (d := state.get(*key, "dlrt")):
+                state.add({**row, "skipped": "budget-RobustDLRT chose no ranks to start from"})
+                continue
             else:
-                d = state.get(*key, "dlrt")
                 init = "activations" if arm == "oneshot" else "svd"
                 model, extra = one_shot(args, ctx, seed, init, d["ranks"], d["forms"])
             for e in measured(args, ctx, model, group, arm, state.get(name, None, None, "dense")):
@@ -478,6 +487,11 @@ def rows_of(args, entries: list[dict[str, Any]], name: str) -> dict[float, list[
         for arm in GRAPHS[1:]:
             es = [e for e in mine if e["arm"] == arm and (arm == "int8" or e["target"] == t)]
             if not es:
+                continue
+            if not all("clean" in e for e in es):  # out of dlrt's reach: a row that says so, never chosen
+                floor = [e["unreachable"] for e in es if "unreachable" in e]
+                note = f"out of reach: ≥ {mean(floor):.2f} of dense predicted" if floor else es[0].get("skipped", "")
+                rows.append({"arm": arm, "entries": es, "note": note, "clean": None, "fracs": {}, "fraction": None})
                 continue
             fr = {
                 f"{s}/{b}": mean(m[s][arm][b] / m[s]["dense"][b] for m in lats if arm in m[s])
@@ -515,6 +529,10 @@ def verdict(args, dense: dict[str, Any], by_t: dict[float, list[dict[str, Any]]]
             else "low rank"
         )
         wins.setdefault(kind, []).append(f"{t:g}")
+        if (d := arms.get("dlrt")) and d.get("note"):
+            what_d = f"budget-RobustDLRT cannot reach it ({d['note'][len('out of reach: ') :]} at its smallest ranks)"
+        else:
+            what_d = None
         what = f"{t:g} of dense latency: " + (f"**{ARMS[best['arm']]}** wins" if best else "no arm meets it")
         if (q := arms.get("int8")) and q["fraction"] is not None:
             enough = "is enough" if meets(q, t, tol) and q["clean"] >= dense["clean"] - 0.01 else "is not enough"
@@ -522,6 +540,8 @@ def verdict(args, dense: dict[str, Any], by_t: dict[float, list[dict[str, Any]]]
         d, at = arms.get("dlrt"), f"{dense['tier']['target_size']}/32"
         if d and d["fracs"].get(at) and d["fracs"][at] > t * (1 + tol):
             what += f"; budget-RobustDLRT measured {d['fracs'][at]:.2f} of dense where it aimed at {t:g}"
+        if what_d:
+            what += f"; {what_d}"
         lines.append(f"- At {what}.")
     if said := [f"{k} wins at {', '.join(v)}" for k, v in wins.items() if k != "none"]:
         lines.insert(0, f"- {(text := '; '.join(said))[0].upper()}{text[1:]} of dense latency.")
@@ -532,7 +552,9 @@ def verdict(args, dense: dict[str, Any], by_t: dict[float, list[dict[str, Any]]]
         lines.append("- Depthwise convs have no channel-mixing rank to cut: low rank leaves them as they are.")
     if p.get("attention"):
         lines.append("- Attention's token products are neither factorized nor counted in MACs; pruning narrows them.")
-    forms = [e["forms"] for rows in by_t.values() for r in rows if r["arm"] == "dlrt" for e in r["entries"]]
+    forms = [
+        e["forms"] for rows in by_t.values() for r in rows if r["arm"] == "dlrt" for e in r["entries"] if "forms" in e
+    ]
     if forms and (n := mean(sum(f == "dense" for f in fm.values()) for fm in forms)) >= 0.5:
         lines.append(
             f"- budget-RobustDLRT left {n:.0f} of {len(forms[0])} layers dense: low rank measured no faster there."
@@ -545,13 +567,13 @@ def target_check(args, by_t: dict[float, list[dict[str, Any]]]) -> str:
     parts, ok = [], True
     for t, rows in by_t.items():
         arms = {r["arm"]: r for r in rows}
-        if "dlrt" not in arms or "oneshot" not in arms:
-            return "not measured (an arm is missing)"
+        if any(arms.get(a, {}).get("clean") is None for a in ("dlrt", "oneshot")):
+            return "not measured (an arm is missing or out of reach)"
         dom = dominators(arms["dlrt"], rows, t, args.tolerance)
         gap = 100 * (arms["dlrt"]["clean"] - arms["oneshot"]["clean"])
         ok &= not dom and gap >= TARGET_POINTS
         parts.append(f"at {t:g} dominated by {', '.join(dom) or 'none'}, clean {gap:+.1f} points over one-shot")
-        tuned = [100 * r["clean"] for r in rows if r["arm"] in TUNED]
+        tuned = [100 * r["clean"] for r in rows if r["arm"] in TUNED and r["clean"] is not None]
         if gap < TARGET_POINTS and max(tuned) - min(tuned) < TARGET_POINTS:
             parts[-1] += (
                 f" (every fine-tuned arm within {max(tuned) - min(tuned):.1f} points of the others: fine-tuning "
@@ -572,6 +594,9 @@ def model_table(
     for t, rs in by_t.items():
         for r in rs:
             es, fr = r["entries"], r["fracs"]
+            if r.get("note"):
+                rows.append([f"{t:g}", ARMS[r["arm"]], *(["—"] * (len(EPS_L2) + 5 + len(cols))), r["note"]])
+                continue
             lat = [f"{fr[f'{s}/{b}']:.2f}" if fr.get(f"{s}/{b}") else "—" for s, b in cols]
             size = [mean_std([e[k] for e in es], 3) for k in ("params_fraction", "macs_fraction")]
             status = f"failed: {r['failed']}" if r.get("failed") else "ok"
@@ -637,7 +662,7 @@ def plot(args, entries: list[dict[str, Any]], name: str, path: Path) -> bool:
         dict(x=r["ms"], y=100 * r["clean"], marker="os^vDPXp"[j], color=f"C{i}", label=f"{ARMS[r['arm']]}, t {t:g}")
         for i, (t, rows) in enumerate(rows_of(args, entries, name).items())
         for j, r in enumerate(rows)
-        if r["ms"] and (i == 0 or r["arm"] != "int8")  # the dense INT8 once
+        if r.get("ms") and (i == 0 or r["arm"] != "int8")  # the dense INT8 once
     ]
     if not points or dense is None:
         return False

@@ -18,6 +18,14 @@ class ConfigError(CompressorError, ValueError):
     """A recipe, option or argument is invalid (unknown key, wrong type, out of range)."""
 
 
+class UnreachableTargetError(ConfigError):
+    """``train.target`` is below what the model can reach; ``floor``: the reachable fraction of dense."""
+
+    def __init__(self, message: str, floor: float) -> None:
+        super().__init__(message)
+        self.floor = floor
+
+
 class UnknownNameError(ConfigError, KeyError):
     """An unknown model, data set or attack name."""
 

@@ -34,6 +34,7 @@ from .stages import (
     budget_report,
     build_model,
     certificate,
+    check_budget,
     compression_report,
     factorize_and_train,
     layer_spectrum,
@@ -101,6 +102,7 @@ def run(
     with _stage(timings, "model"):
         model, info = build_model(recipe, data)
         model.to(device)
+        check_budget(model, recipe, data.in_chans)
     # data and model are built from checked inputs: only now is anything written
     paths = prepare_output(recipe, resume=resume, force=force, dist=dist)
     log.info(

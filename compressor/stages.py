@@ -5,6 +5,7 @@ and the report's common part. Neither entry point imports the other.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -249,14 +250,13 @@ def dry_run(recipe: Recipe) -> DryRun:
     )
 
 
-def budget_preview(model: nn.Module, recipe: Recipe, in_chans: int) -> dict[str, Any]:
-    """The ranks the budget's allocation (``train.target``) would choose at the target from the
-    factorized model's initial spectra, every layer's cost there (for a latency target: its
-    predicted milliseconds and fastest form) and the model's."""
+def _budget(model: nn.Module, recipe: Recipe, in_chans: int) -> Any:
+    """``train.target``'s :class:`~compressor.train.budget.Budget` on the factorized ``model``
+    (raises ConfigError when the model cannot reach the target)."""
     from .train.budget import Budget
 
     target = recipe.train.target
-    budget = Budget(
+    return Budget(
         model,
         target.kind,
         target.fraction,
@@ -266,6 +266,27 @@ def budget_preview(model: nn.Module, recipe: Recipe, in_chans: int) -> dict[str,
         latency=recipe.latency_settings(in_chans),
         tau=recipe.train.tau,
     )
+
+
+def check_budget(model: nn.Module, recipe: Recipe, in_chans: int) -> None:
+    """Refuse a ``train.target`` the model cannot reach before anything runs or is written
+    (ConfigError naming the reachable floor). The floor depends on which layers factorize and
+    their smallest ranks, not on the weights, so a copy factorized from its weights' SVD (no
+    calibration) tells; a latency target builds the latency model here, which the training's
+    budget then finds in the cache."""
+    if recipe.train.target.kind is None:
+        return
+    probe = copy.deepcopy(model).cpu()
+    factorize_(probe, recipe.factorize.model_copy(update={"init": "svd"}), seed=recipe.seed)
+    _budget(probe, recipe, in_chans)
+
+
+def budget_preview(model: nn.Module, recipe: Recipe, in_chans: int) -> dict[str, Any]:
+    """The ranks the budget's allocation (``train.target``) would choose at the target from the
+    factorized model's initial spectra, every layer's cost there (for a latency target: its
+    predicted milliseconds and fastest form) and the model's."""
+    target = recipe.train.target
+    budget = _budget(model, recipe, in_chans)
     initial = {n: tuple(layer.ranks) for n, layer in budget.layers.items()}
     ranks = budget.preview()
     layers = {

@@ -169,6 +169,7 @@ CASES = [
     ("set empty key", ["--set", "train..beta=1"], "empty key", None),
     ("set bad yaml value", ["--set", "train.beta=[0.1"], "not valid YAML", None),
     ("set into a value", ["--set", "train.beta=0.1", "--set", "train.beta.x=1"], "not a section", None),
+    ("unreachable budget", ["--set", "train.target.params=0.001"], "train.target.params = 0.001 is out of reach", None),
     ("bad device", ["--device", "gpu0"], "train.device 'gpu0'", None),
     ("meta device", ["--device", "meta"], "train.device 'meta'", None),
     ("missing cuda device", ["--device", "cuda:99"], "train.device 'cuda:99'", None),

@@ -60,3 +60,28 @@ def test_dominance_needs_both_figures_and_the_latency() -> None:
     ]
     assert bd.dominators(dlrt, rows, 0.25, TOL) == ["prune"]
     assert bd.dominators(dlrt, rows[:1] + rows[2:], 0.25, TOL) == []
+
+
+def test_a_target_out_of_low_ranks_reach_is_a_row_that_says_so(tmp_path: Path) -> None:
+    """dlrt refused (its floor above the target), the one-shot arms skipped, pruning measured: the
+    table names the floor, never picks the refused arm, and the verdict says why."""
+    args = bd.parse_args(["--models", "m", "--targets", "0.5", "--seeds", "0", "--report-only"]
+                         + ["--checkpoint-dir", str(tmp_path)])  # fmt: skip
+    acc = {"l2_fgsm": {"0.05": 0.5, "0.1": 0.4, "0.3": 0.1}, "pgd": 0.2, "params_fraction": 1.0, "macs_fraction": 1.0}
+    tier = {"data": "fashion-mnist", "n_train": 8000, "epochs": 9, "plateau": True, "target_size": 224}
+    head, at = {"model": "m", "target": None, "seed": None}, {"model": "m", "target": 0.5, "seed": 0}
+    entries = [
+        {**head, **acc, "arm": "dense", "clean": 0.85, "parity": 1e-6, "tier": tier, "profile": {"depthwise": 0.13}},
+        {**head, **acc, "arm": "int8", "clean": 0.84, "parity": 1e-2},
+        {**at, "arm": "dlrt", "unreachable": 0.78, "reason": "out of reach"},
+        {**at, "arm": "oneshot", "skipped": "budget-RobustDLRT chose no ranks to start from"},
+        {**at, **acc, "arm": "prune", "clean": 0.84, "parity": 1e-6},
+        {**at, "arm": "latency", "ms": {"224": {a: {"1": v, "32": v} for a, v in
+                                                 {"dense": 10.0, "int8": 9.0, "prune": 5.1}.items()}}},
+    ]  # fmt: skip
+    rows = bd.rows_of(args, entries, "m")[0.5]
+    assert bd.choose(rows, 0.5, TOL)["arm"] == "prune"
+    md = bd.render(args, {"entries": entries}, {})
+    assert "| 0.5 | budget-RobustDLRT |" in md and "out of reach: ≥ 0.78 of dense predicted" in md
+    assert "budget-RobustDLRT cannot reach it (≥ 0.78 of dense predicted at its smallest ranks)" in md
+    assert "channel pruning (84.0 %)" in md

@@ -162,3 +162,21 @@ def test_target_section_takes_one_budget():
     with pytest.raises(ValidationError):
         TargetSection(params=0.1, macs=0.2)
     assert TargetSection(macs=0.2).kind == "macs" and TargetSection().kind is None
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_an_unreachable_target_is_refused_with_the_floor(kind):
+    """Below the cost of every layer at its smallest rank the allocation can only wreck the model
+    and still miss: the budget refuses it up front and names what is reachable."""
+    from compressor.errors import ConfigError
+    from compressor.train.budget import Budget
+
+    model = _model()
+    factorize_(model, init_rank=24, r_min=2, r_max=64, keep_classifier=True)
+    lowest = {n: tuple(2 for _ in layer.rank_caps) for n, layer in low_rank_layers(model).items()}
+    floor = Budget(model, kind, 0.99, input_size=12)
+    reachable = floor.cost(lowest) / floor.dense
+    assert 0 < reachable < 0.99
+    Budget(model, kind, reachable * 1.01, input_size=12)  # just above the floor: accepted
+    with pytest.raises(ConfigError, match=rf"out of reach.* {reachable:.2f} of the dense model"):
+        Budget(model, kind, reachable * 0.95, input_size=12)

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnreachableTargetError
 from ..functional import truncation_rank
 from ..layers import CostFn, LowRankLayer, low_rank_layers
 
@@ -161,6 +162,10 @@ class Budget:
     (``LatencyModel.network_ms``; a target in milliseconds is a budget on the sum through its
     inverse); the layers the forward does not call are not offered (they keep their ranks and
     are exported dense).
+
+    A target below the model's floor (its cost with every offered layer at its smallest rank)
+    raises :class:`~compressor.errors.UnreachableTargetError` (a ConfigError) naming the floor:
+    the allocation could only put every layer at its smallest rank and still miss it.
     """
 
     def __init__(
@@ -222,6 +227,28 @@ class Budget:
         self.start = float(start)
         self.target = self.fraction * self.dense
         self.truncations = 0
+        self.floor = self.cost(
+            {n: tuple(min(layer.r_min, c) for c in layer.rank_caps) for n, layer in self.layers.items()}
+        )
+        if self.target < self.floor:
+            raise UnreachableTargetError(self._unreachable(), self.floor / self.dense)
+
+    def _unreachable(self) -> str:
+        """Why the target cannot be met and what to ask for instead (the allocation would put
+        every layer at its smallest rank and still miss it: a wrecked model for nothing)."""
+        floor = self.floor / self.dense
+        what = {"params": "parameters", "macs": "multiply-adds", "latency": "latency"}[self.kind]
+        why = (
+            "the layers it does not factorize (depthwise convs, normalization, activations, pooling) keep their time"
+            if self.kind == "latency"
+            else f"the layers it does not factorize hold {self.fixed / self.dense:.2f} of them"
+        )
+        return (
+            f"train.target.{self.kind} = {self.fraction:g} is out of reach for this model: with every factorized "
+            f"layer at its smallest rank it still has {floor:.2f} of the dense model's {what} ({why}). "
+            f"Ask for more than {floor:.2f} (near it every layer sits at its smallest rank and accuracy suffers), "
+            "or reach lower with channel pruning or INT8 (BENCHMARKS.md's decision table compares them)."
+        )
 
     def cost(self, ranks: Mapping[str, tuple[int, ...]] | None = None) -> float:
         """The model's cost (parameters, multiply-adds per image, or milliseconds) at ``ranks``
