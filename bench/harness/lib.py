@@ -16,7 +16,7 @@ from compressor.data import (
     read_idx_labels,
     set_epoch,
 )
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, UnreachableTargetError
 from compressor.evaluate import evaluate, evaluate_onnx
 from compressor.export import export_onnx, onnx_latencies, parity_check, quantize_int8
 from compressor.export.forms import EXPORT_FORM_ATTR
