@@ -53,8 +53,13 @@ from harness.run import RESULTS, Run, add_run_options, at_least, check_run_optio
 from torch import nn
 
 log = logging.getLogger("bench_decision")
-ALIASES = {"vgg16": "tv:vgg16", "resnet18": "tv:resnet18", "deit_tiny": "timm:deit_tiny_patch16_224"}
-MODELS = ["vgg16", "tv:resnet18", "tv:mobilenet_v3_small", "tv:resnet50", "deit_tiny"]
+ALIASES = {
+    "vgg16": "tv:vgg16",
+    "resnet18": "tv:resnet18",
+    "deit_tiny": "timm:deit_tiny_patch16_224",
+    "convnext_atto": "timm:convnext_atto",
+}
+MODELS = ["vgg16", "tv:resnet18", "tv:mobilenet_v3_small", "timm:convnext_atto", "deit_tiny"]
 DIGITS, TARGET_MODELS = ("tv:vgg16",), ("tv:vgg16", "tv:resnet18")
 ARMS = {"dense": "dense", "int8": "INT8 of dense", "dlrt": "budget-RobustDLRT", "oneshot": "one-shot low-rank"}
 ARMS |= {"oneshot-svd": "one-shot weight-SVD", "prune": "channel pruning"}

@@ -239,7 +239,7 @@ class Budget:
         floor = self.floor / self.dense
         what = {"params": "parameters", "macs": "multiply-adds", "latency": "latency"}[self.kind]
         why = (
-            "the layers it does not factorize (depthwise convs, normalization, activations, pooling) keep their time"
+            "what it does not factorize keeps its time: depthwise convs, normalization, activations, pooling"
             if self.kind == "latency"
             else f"the layers it does not factorize hold {self.fixed / self.dense:.2f} of them"
         )
