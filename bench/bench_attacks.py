@@ -19,7 +19,7 @@ import torch.nn as nn
 from harness import lib
 from harness.measure import sync
 from harness.report import table
-from harness.run import Run, add_run_options, check_run_options, parser
+from harness.run import Run, add_run_options, check_run_options, options, parser
 
 
 def build_model(name: str) -> nn.Module:
@@ -46,13 +46,8 @@ def timed(attack, batches, device: torch.device) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
-    ap.add_argument("--model", choices=["small", "vgg16"], default="small")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--eps", type=float, default=8 / 255)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    options(ap, model=("small", None, ("small", "vgg16")), batch_size=32, batches=2, repeats=5, steps=10, eps=8 / 255)
+    options(ap, device="cuda" if torch.cuda.is_available() else "cpu")
     add_run_options(ap, "attacks", smoke="tiny run: a few seconds", threads=1)
     args = ap.parse_args(argv)
     check_run_options(ap, args, "attacks")

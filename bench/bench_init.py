@@ -19,7 +19,7 @@ import torch
 from harness import lib
 from harness.measure import dense_weights
 from harness.report import table
-from harness.run import Run, add_run_options, check_run_options, parser
+from harness.run import Run, add_run_options, check_run_options, options, parser
 from torch import nn
 
 
@@ -31,11 +31,8 @@ def _tiny_cnn(classes: int) -> nn.Module:
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
-    ap.add_argument("--model", default="tv:vgg16")
-    ap.add_argument("--dense-epochs", type=int, default=4)
-    ap.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 150])
-    ap.add_argument("--r-max", type=int, default=200)
-    ap.add_argument("--dense-cache", type=Path, default=None, help="reuse the dense weights saved here (or save them)")
+    options(ap, model="tv:vgg16", dense_epochs=4, ranks=[32, 64, 150], r_max=200)
+    options(ap, dense_cache=(None, "reuse the dense weights saved here (or save them)", Path))
     add_run_options(ap, "init", smoke="tiny CNN, 96 images, 1 epoch (CI)", threads=2)
     args = ap.parse_args(argv)
     check_run_options(ap, args, "init")

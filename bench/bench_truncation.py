@@ -22,7 +22,7 @@ import torch
 from bench_dlrt import build_model, digits_batches
 from harness import lib
 from harness.report import table
-from harness.run import Run, add_run_options, check_run_options, parser
+from harness.run import Run, add_run_options, check_run_options, options, parser
 
 
 def _orthonormality_error(trainer: lib.Trainer) -> float:
@@ -96,13 +96,7 @@ def markdown(res: dict, args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__, raw=True)
-    ap.add_argument("--model", default="vgg16")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--init-rank", type=int, default=150)
-    ap.add_argument("--r-max", type=int, default=200)
-    ap.add_argument("--tau", type=float, default=0.1)
-    ap.add_argument("--s-star", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=7)
+    options(ap, model="vgg16", batch_size=32, init_rank=150, r_max=200, tau=0.1, s_star=10, repeats=7)
     add_run_options(ap, "truncation", smoke="ResNet-18, ranks ≤ 16, 2 repeats (seconds; CI)", threads=2)
     args = ap.parse_args(argv)
     check_run_options(ap, args, "truncation")

@@ -56,13 +56,19 @@ def add_run_options(
 
 
 def options(ap: argparse.ArgumentParser, **defaults: Any) -> None:
-    """``--name`` options from keyword defaults, ``name=default`` or ``name=(default, help)``: typed as
-    the default (a list: one or more values of its items' type)."""
+    """``--name`` options from keyword defaults, ``name=default``, ``(default, help)`` or ``(default, help,
+    kind)``: typed as the default (a list: one or more values of its items' type; None: a string) or by
+    ``kind``: a type or a tuple of choices, in a list for one or more values."""
     for name, value in defaults.items():
-        default, help_ = value if isinstance(value, tuple) else (value, None)
-        many = {"nargs": "+"} if isinstance(default, list) else {}
-        kind = type(default[0] if many else default)
-        ap.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=help_, **many)
+        default, help_, kind = (*value, None)[:3] if isinstance(value, tuple) else (value, None, None)
+        many = isinstance(default, list) or isinstance(kind, list)
+        extra: dict[str, Any] = {"nargs": "+"} if many else {}
+        kind = kind[0] if isinstance(kind, list) else kind
+        if isinstance(kind, tuple):
+            extra["choices"] = kind
+        elif kind is not None or default is not None:
+            extra["type"] = kind or type(default[0] if many else default)
+        ap.add_argument(f"--{name.replace('_', '-')}", default=default, help=help_, **extra)
 
 
 def check_run_options(ap: argparse.ArgumentParser, args: argparse.Namespace, section: str) -> None:
