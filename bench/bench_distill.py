@@ -129,8 +129,7 @@ def report(state: EntryStore) -> None:
     )
 
 
-def cells(entries: list[dict[str, Any]], key: str, sub: str | None = None) -> list[float]:
-    return [e[key][sub] if sub else e[key] for e in entries]
+cells = lambda entries, key, sub=None: [e[key][sub] if sub else e[key] for e in entries]
 
 
 def targets(args: argparse.Namespace, by_arm: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -211,17 +210,12 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
             es = by_arm[arm]
             if not es:
                 continue
-            rows.append(
-                [
-                    label + (f" ({len(es)} seed{'s' * (len(es) > 1)})" if arm != "dense" else ""),
-                    mean_std(cells(es, "clean"), scale=100),
-                    *(mean_std(cells(es, "l2_fgsm", f"{x:g}"), scale=100) for x in EPS_L2),
-                    mean_std(cells(es, "pgd"), scale=100),
-                    mean_std(cells(es, "macs_fraction"), digits=3),
-                    "—" if arm == "dense" else mean_std(cells(es, "compression_rate")),
-                    mean_std(cells(es, "train_seconds"), digits=0),
-                ]
-            )
+            row = [label + (f" ({len(es)} seed{'s' * (len(es) > 1)})" if arm != "dense" else "")]
+            row += [mean_std(cells(es, "clean"), scale=100)]
+            row += [*(mean_std(cells(es, "l2_fgsm", f"{x:g}"), scale=100) for x in EPS_L2)]
+            row += [mean_std(cells(es, "pgd"), scale=100), mean_std(cells(es, "macs_fraction"), digits=3)]
+            row += ["—" if arm == "dense" else mean_std(cells(es, "compression_rate"))]
+            rows.append(row + [mean_std(cells(es, "train_seconds"), digits=0)])
         out += table(head, "l" + "r" * (len(head) - 1), rows)
         out += ["", *targets(args, by_arm)]
     return "\n".join(out)

@@ -73,15 +73,14 @@ _FINGERPRINT = ("smoke", "seed", "latency_threads", "latency_repeats", "baseline
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = parser(__doc__)
-    ap.add_argument("--models", nargs="+", default=None, help=f"subset of {', '.join(MODELS)}")
-    options(ap, seed=0)
-    ap.add_argument("--baseline-epochs", type=int, default=None, help="baseline.epochs (default: the recipe's)")
+    options(ap, models=(None, f"subset of {', '.join(MODELS)}", [str]), seed=0)
+    options(ap, baseline_epochs=(None, "baseline.epochs (default: the recipe's)", int))
     options(ap, latency_repeats=(50, "timed runs per graph and batch size"))
     options(ap, latency_threads=(1, "onnxruntime intra-op threads"))
     help_ = (
         "lite0's safetensors (default <checkpoint-dir>/lite0.safetensors, else bench/results/; written when missing)"
     )
-    ap.add_argument("--lite0-weights", default=None, help=help_)
+    options(ap, lite0_weights=(None, help_))
     add_run_options(ap, "int8", smoke="< 2 min: timm test_efficientnet on tiny digit subsets (CI)", resumable=True)
     args = ap.parse_args(argv)
     check_run_options(ap, args, "int8")
@@ -213,29 +212,15 @@ def render(args: argparse.Namespace, entries: list[dict[str, Any]]) -> str:
     cells = []
     for e in entries:
         ms, sp = e["latency_ms"], e["speedup"]
-        cells.append(
-            [
-                f"{e['model']} ({e['spec']})",
-                str(e["input_size"]),
-                WEIGHTS[e["weights"]],
-                f"{e['baseline_epochs']} + {e['train_epochs']}",
-                f"{100 * e['dense_clean']:.1f}",
-                f"{e['compression_rate']:.1f}",
-                f"{100 * e['fp32_onnx']:.1f}",
-                f"{100 * e['int8_onnx']:.1f}",
-                f"{-e['drop_points']:+.1f}",
-                _calibration(e),
-                str(len(e.get("int8_float_layers") or [])),
-                str(e.get("int8_activations") or "—"),
-                *(
-                    f"{ms['fp32'][str(b)]:.2f} / {ms['int8'][str(b)]:.2f} ({sp[str(b)]:.2f}×; "
-                    f"min {e['speedup_min'][str(b)]:.2f}×)"
-                    for b in BATCHES
-                ),
-                met(e["drop_points"] <= MAX_DROP),
-                met(all(v > 1.0 for v in (*sp.values(), *e["speedup_min"].values()))),
-            ]
-        )
+        row = [f"{e['model']} ({e['spec']})", str(e["input_size"]), WEIGHTS[e["weights"]]]
+        row += [f"{e['baseline_epochs']} + {e['train_epochs']}", f"{100 * e['dense_clean']:.1f}"]
+        row += [f"{e['compression_rate']:.1f}", f"{100 * e['fp32_onnx']:.1f}", f"{100 * e['int8_onnx']:.1f}"]
+        row += [f"{-e['drop_points']:+.1f}", _calibration(e), str(len(e.get("int8_float_layers") or []))]
+        row += [str(e.get("int8_activations") or "—")]
+        for b in map(str, BATCHES):
+            row += [f"{ms['fp32'][b]:.2f} / {ms['int8'][b]:.2f} ({sp[b]:.2f}×; min {e['speedup_min'][b]:.2f}×)"]
+        row += [met(e["drop_points"] <= MAX_DROP)]
+        cells.append(row + [met(all(v > 1.0 for v in (*sp.values(), *e["speedup_min"].values())))])
     head = ["model", "px", "weights", "epochs", "dense", "c.r. %", "FP32 ONNX", "INT8 ONNX", "Δ points"]
     head += ["calibration", "float", "act."] + [f"b{b} ms FP32 / INT8 (speedup)" for b in BATCHES]
     out += table(head + ["≤ 1 point", "faster"], "llllrrrrrlrl" + "r" * len(BATCHES) + "ll", cells)

@@ -29,21 +29,15 @@ from typing import Any
 import torch
 from harness import lib, page
 from harness.entries import EntryStore
-from harness.measure import dense_weights, sizes, slim
-from harness.report import table
+from harness.measure import ATTACK_LABELS, PAPER_EPS, dense_weights, sizes, slim
+from harness.report import mean, table
 from harness.run import RESULTS, Run, add_run_options, check_run_options, options, parser, recipe
 from torch.utils.data import DataLoader, Subset
 
 log = logging.getLogger("bench_quality")
 
 # (attack, [ε], options, unit): unit "arg" = --eps-unit, "pixel" = always pixel units
-ATTACKS: list[tuple[str, list[float], dict[str, Any], str]] = [
-    ("l2_fgsm", [0.05, 0.1, 0.3], {}, "arg"),
-    ("jitter", [0.035, 0.045], {}, "arg"),
-    ("mixup", [0.025, 0.1, 0.75], {}, "arg"),
-    ("pgd", [8 / 255], {"steps": 10}, "pixel"),
-]
-ATTACK_LABELS = {"l2_fgsm": "ℓ2-FGSM", "jitter": "Jitter", "mixup": "Mixup", "pgd": "PGD-ℓ∞"}
+ATTACKS = [(n, e, {"steps": 10} if n == "pgd" else {}, "pixel" if n == "pgd" else "arg") for n, e in PAPER_EPS.items()]
 
 # The reference implementation's figures, measured by a peer on this kind of machine and
 # published in docs/peers.md ("Fashion-MNIST subset (real data), one seed": ScSteffen/
@@ -119,12 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def config_names(args: argparse.Namespace) -> list[str]:
-    return ["dense"] + [beta_key(b) for b in args.betas]
-
-
-def beta_key(beta: float) -> str:
-    return f"beta={beta:g}"
+config_names = lambda args: ["dense"] + [beta_key(b) for b in args.betas]
+beta_key = lambda beta: f"beta={beta:g}"
 
 
 def config_label(config: str) -> str:
@@ -164,14 +154,6 @@ def test_loader(args: argparse.Namespace, seed: int, batch_size: int) -> tuple[D
     return DataLoader(ds, batch_size=batch_size, shuffle=False), len(ds)
 
 
-def head_loader(loader: DataLoader, n: int | None, batch_size: int) -> DataLoader:
-    """The first ``n`` samples of an unshuffled loader (so clean passes cover only them)."""
-    ds = loader.dataset
-    if n is None or n >= len(ds):
-        return loader
-    return DataLoader(Subset(ds, range(n)), batch_size=batch_size, shuffle=False)
-
-
 def run_attacks(
     model: torch.nn.Module, eval_loader: DataLoader, args: argparse.Namespace, std: list[float], seed: int
 ) -> dict[str, Any]:
@@ -185,7 +167,9 @@ def run_attacks(
         n = args.fgsm_samples if name == "l2_fgsm" else args.max_samples
         eps_unit = args.eps_unit if unit == "arg" else "pixel"
         full = clean is None  # the first call scores every image (clean accuracy); the others only theirs
-        loader = eval_loader if full else head_loader(eval_loader, n, args.eval_batch_size)
+        ds = eval_loader.dataset  # theirs: the first n images (so their clean passes cover only them)
+        head = not full and n is not None and n < len(ds)
+        loader = DataLoader(Subset(ds, range(n)), batch_size=args.eval_batch_size) if head else eval_loader
         attack = [{"name": name, "eps": eps, "options": opts}]
         res = lib.evaluate(
             model, loader, attacks=attack, max_samples=n, eps_unit=eps_unit, std=std, seed=seed, device="cpu"
@@ -202,8 +186,7 @@ def run_attacks(
     return out
 
 
-def _finite(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in d.items()}
+_finite = lambda d: {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in d.items()}
 
 
 def kappa_stats(model: torch.nn.Module) -> dict[str, Any]:
@@ -216,8 +199,7 @@ def kappa_stats(model: torch.nn.Module) -> dict[str, Any]:
     return out | dict(max=max(ks) if ks else None, n_layers=len(ks), n_infinite=len(ks) - len(finite), layers=summary)
 
 
-def _rounded(values: list[float], digits: int = 6) -> list[float]:
-    return [float(f"{v:.{digits}g}") for v in values]
+_rounded = lambda values: [float(f"{v:.6g}") for v in values]
 
 
 def run_seed(args: argparse.Namespace, seed: int, state: EntryStore) -> None:
@@ -227,10 +209,8 @@ def run_seed(args: argparse.Namespace, seed: int, state: EntryStore) -> None:
     rec0 = recipe_for(args, seed, 0.0)
     torch.manual_seed(seed)
     data = lib.build_data(rec0.data, input_size=args.input_size, seed=seed)
-    if args.eval_split == "test":
-        eval_loader, n_eval = test_loader(args, seed, args.eval_batch_size)
-    else:
-        eval_loader, n_eval = data.val_loader, data.n_val
+    test = args.eval_split == "test"
+    eval_loader, n_eval = test_loader(args, seed, args.eval_batch_size) if test else (data.val_loader, data.n_val)
     data_info = dict(name=data.name, n_train=data.n_train, n_eval=n_eval, eval_split=args.eval_split)
     data_info.update(mean=data.mean, std=data.std, train_batches_per_epoch=len(data.train_loader))
     model, info = lib.create_model(
@@ -323,19 +303,10 @@ def _initial_kappa_probe(model: torch.nn.Module, sink: dict[str, float]):
     return factory
 
 
-def _per_epoch(history: dict[str, Any]) -> float | None:
-    secs = [e["seconds"] for e in history.get("epochs", [])]
-    return statistics.fmean(secs) if secs else None
-
-
+_per_epoch = lambda history: mean(e["seconds"] for e in history.get("epochs", []))
 HISTORY = ("epoch", "phase", "train_loss", "train_accuracy", "regularizer", "val_accuracy", "compression_rate")
 HISTORY += ("seconds", "seconds_augment", "seconds_truncate", "nonfinite_steps_total")
-
-
-def _num(v: Any) -> float:
-    if v in ("inf", None):
-        return math.inf if v == "inf" else math.nan
-    return float(v)
+_num = lambda v: math.inf if v == "inf" else math.nan if v is None else float(v)
 
 
 def metric_rows(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
@@ -544,15 +515,12 @@ def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Pa
         return {}
     layer = comp[0]["figure_layer"]
     figs: dict[str, Any] = {"layer": layer, "seed": seed}
-    spectra: dict[str, list[float]] = {}
-    if comp[0].get("spectrum_dense"):
-        spectra["dense"] = comp[0]["spectrum_dense"]
+    spectra = {"dense": comp[0]["spectrum_dense"]} if comp[0].get("spectrum_dense") else {}
     for e in comp:
         if e.get("spectrum") and e.get("figure_layer") == layer:
             spectra[config_label(e["config"])] = e["spectrum"]
-    if lib.plot_spectra(
-        spectra, out_dir / f"{stem}_spectra.png", f"Singular values of {layer} ({args.model}, {args.data}, seed {seed})"
-    ):
+    title = f"Singular values of {layer} ({args.model}, {args.data}, seed {seed})"
+    if lib.plot_spectra(spectra, out_dir / f"{stem}_spectra.png", title):
         figs["spectra"] = f"{stem}_spectra.png"
     steps: dict[int, dict[str, float]] = {}
     for e in comp:
@@ -563,9 +531,8 @@ def figures(args: argparse.Namespace, entries: list[dict[str, Any]], out_dir: Pa
     if trace:
         labels = [config_label(e["config"]) for e in comp]
         trace[-1]["kappa"] = {lab: trace[-1]["kappa"].get(lab, math.nan) for lab in labels}  # legend order
-        if lib.plot_kappa(
-            trace, out_dir / f"{stem}_kappa.png", f"κ of {layer}'s core over training, per β (seed {seed})"
-        ):
+        title = f"κ of {layer}'s core over training, per β (seed {seed})"
+        if lib.plot_kappa(trace, out_dir / f"{stem}_kappa.png", title):
             figs["kappa"] = f"{stem}_kappa.png"
     return figs
 

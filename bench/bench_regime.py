@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from harness import lib
 from harness.entries import EntryStore
-from harness.measure import dense_weights, ranks, sizes, slim, sync
+from harness.measure import ATTACK_LABELS, EPS_L2, PAPER_EPS, dense_weights, ranks, sizes, slim, sync
 from harness.report import figure, mean, mean_std, met, table
 from harness.run import Run, add_run_options, at_least, check_run_options, options, parse_device, parser, refuse
 from torch import nn
@@ -44,15 +44,9 @@ from torchvision.models.vgg import cfgs, make_layers
 log = logging.getLogger("bench_regime")
 
 # the paper's attacks and budgets (Table 5 / Appendix B); PGD-ℓ∞ is the usual 8/255 in pixel units
-L2_EPS = [0.05, 0.1, 0.3]
-ATTACKS: list[dict[str, Any]] = [
-    {"name": "l2_fgsm", "eps": L2_EPS},
-    {"name": "jitter", "eps": [0.035, 0.045]},
-    {"name": "mixup", "eps": [0.025, 0.1, 0.75]},
-    {"name": "pgd", "eps": [8 / 255], "options": {"steps": 10, "norm": "linf", "eps_unit": "pixel"}},
-]
-SHOWN = {"l2_fgsm": "ℓ2-FGSM", "jitter": "Jitter", "mixup": "Mixup", "pgd": "PGD-ℓ∞"}
-MID = L2_EPS[len(L2_EPS) // 2]  # the verdicts' ε
+PGD = {"steps": 10, "norm": "linf", "eps_unit": "pixel"}
+ATTACKS = [{"name": n, "eps": e} | ({"options": PGD} if n == "pgd" else {}) for n, e in PAPER_EPS.items()]
+MID = EPS_L2[len(EPS_L2) // 2]  # the verdicts' ε
 
 VGG_CFGS = {name: cfgs[key] for name, key in (("vgg11", "A"), ("vgg13", "B"), ("vgg16", "D"), ("vgg19", "E"))}
 ARM_KINDS = ("dlrt", "robust", "clamp", "nuclear", "fgsm", "fgsm-robust")
@@ -85,55 +79,39 @@ _FINGERPRINT += ("r_max", "params", "ramp", "adv_eps", "attack_samples", "eps_un
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = parser(__doc__)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes; explicit flags override")
-    p = "(default: from --preset)"
-    ap.add_argument("--vgg", choices=sorted(VGG_CFGS), default=None, help=f"depth {p}")
-    ap.add_argument("--width", type=float, default=None, help=f"channel multiplier of torchvision's VGG {p}")
-    ap.add_argument("--hidden", type=int, default=None, help="classifier width (default: the last conv's)")
-    ap.add_argument("--data", default=None, help=f"data set {p}")
-    ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: the Debian package's files)")
-    ap.add_argument("--input-size", type=int, default=32)
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help=p)
-    ap.add_argument("--train-subset", type=int, default=None, help=f"training images, 0 = all {p}")
-    ap.add_argument("--val-subset", type=int, default=None, help=f"held-out images scored clean, 0 = all {p}")
-    ap.add_argument("--batch-size", type=int, default=None, help=p)
-    ap.add_argument("--dense-epochs", type=int, default=None, help=p)
+    P = lambda kind, what="": (None, f"{what} (default: from --preset)".lstrip(), kind)
+    options(ap, vgg=P(tuple(sorted(VGG_CFGS)), "depth"), width=P(float, "channel multiplier of torchvision's VGG"))
+    options(ap, hidden=(None, "classifier width (default: the last conv's)", int), data=P(str, "data set"))
+    options(ap, data_root=(None, "data.root (fashion-mnist: the Debian package's files)"), input_size=32)
+    options(ap, seeds=P([int]), train_subset=P(int, "training images, 0 = all"))
+    options(ap, val_subset=P(int, "held-out images scored clean, 0 = all"), batch_size=P(int), dense_epochs=P(int))
     options(ap, dense_lr=(1e-3, "Adam, cosine"), dense_target=(0.90, "'well trained': held-out clean accuracy"))
-    ap.add_argument("--epochs", type=int, default=None, help=f"rank-adaptive fine-tuning epochs of every arm {p}")
-    options(ap, lr=(1e-3, "fine-tuning: Adam, cosine, no clipping (Table 3)"), tau=0.1)
-    ap.add_argument("--coefficient-steps", type=int, default=None, help=f"s* {p}")
-    ap.add_argument("--init-rank", type=int, default=None, help="SVD init rank (default: 150 × width)")
-    ap.add_argument("--r-max", type=int, default=None, help="largest rank (default: 200 × width)")
+    options(ap, epochs=P(int, "rank-adaptive fine-tuning epochs of every arm"))
+    options(ap, lr=(1e-3, "fine-tuning: Adam, cosine, no clipping (Table 3)"), tau=0.1, coefficient_steps=P(int, "s*"))
+    options(ap, init_rank=(None, "SVD init rank (default: 150 × width)", int))
+    options(ap, r_max=(None, "largest rank (default: 200 × width)", int))
     options(ap, params=(0.06, "train.target.params: c.r. ≈ 1 − this"), ramp=(0.5, "train.target.ramp"))
-    ap.add_argument("--arms", nargs="+", choices=ARM_KINDS, default=None, help=p)
-    ap.add_argument("--betas", type=float, nargs="+", default=None, help=f"RobustDLRT β grid {p}")
+    options(ap, arms=P([ARM_KINDS]), betas=P([float], "RobustDLRT β grid"))
     options(ap, kappa_max=(10.0, "clamp arm: train.kappa_max"), nuclear_beta=(0.01, "nuclear arm: β of ‖S‖_*"))
     options(ap, adv_eps=(8 / 255, "FGSM fine-tuning: ℓ∞ ε in pixel units"), adv_beta=(0.075, "fgsm-robust arm's β"))
-    ap.add_argument("--attack-samples", type=int, default=None, help=f"attacked held-out images, 0 = all {p}")
-    ap.add_argument("--eps-unit", choices=("pixel", "normalized"), default="pixel", help="ℓ2-FGSM, Jitter, Mixup")
+    options(ap, attack_samples=P(int, "attacked held-out images, 0 = all"))
+    options(ap, eps_unit=("pixel", "ℓ2-FGSM, Jitter, Mixup", ("pixel", "normalized")))
     options(ap, target_cr=(94.0, "the issue's target: c.r. at least (%%)"))
     options(ap, target_gain=(3.0, "… ℓ2-FGSM points above DLRT at the middle ε"))
     options(ap, target_slack=(1.0, "… points below dense allowed (ℓ2-FGSM, clean)"))
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--amp", choices=("off", "bf16"), default=None, help="autocast: off on the CPU, bf16 on CUDA")
+    options(ap, device=("cpu", "cpu or cuda[:N]"), amp=(None, "autocast: off on CPU, bf16 on CUDA", ("off", "bf16")))
     add_run_options(ap, "regime", smoke="< 1 min: --preset smoke (CI)", resumable=True)
     ap.add_argument("--estimate-only", action="store_true", help="print the wall-time estimate, run nothing")
     args = ap.parse_args(argv)
-    if args.smoke:
-        args.preset = "smoke"
+    args.preset = "smoke" if args.smoke else args.preset
     args.smoke = args.preset == "smoke"
     preset = dict(PRESETS[args.preset])
     if args.smoke and args.data is None and args.data_root is None:
         if not Path(lib.FASHION_MNIST_DEFAULT_ROOT).is_dir():
             preset["data"] = "digits"  # CI without the Debian package: the embedded set
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
-    device = parse_device(ap, args.device)
-    args.device_type = device.type
-    if args.amp is None:
-        args.amp = "bf16" if device.type == "cuda" else "off"
-
+    vars(args).update({key: value for key, value in preset.items() if getattr(args, key) is None})
+    args.device_type = parse_device(ap, args.device).type
+    args.amp = ("bf16" if args.device_type == "cuda" else "off") if args.amp is None else args.amp
     at_least(ap, args, 1, "batch_size", "epochs", "coefficient_steps", "input_size")
     negative = [k for k in ("train_subset", "val_subset", "attack_samples", "dense_epochs") if getattr(args, k) < 0]
     refuse(
@@ -155,10 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check_run_options(ap, args, "regime")
     widest = max(c for c in VGG_CFGS[args.vgg] if c != "M")
     args.widest = max(1, round(widest * args.width))
-    if args.init_rank is None:
-        args.init_rank = max(2, round(150 * args.widest / 512))
-    if args.r_max is None:
-        args.r_max = max(args.init_rank, round(200 * args.widest / 512))
+    args.init_rank = max(2, round(150 * args.widest / 512)) if args.init_rank is None else args.init_rank
+    args.r_max = max(args.init_rank, round(200 * args.widest / 512)) if args.r_max is None else args.r_max
     if args.init_rank < 2 or args.r_max < args.init_rank:
         ap.error("--init-rank must be at least 2 and at most --r-max")
     args.seeds, args.betas = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.betas))
@@ -185,16 +161,9 @@ def build_vgg(args: argparse.Namespace, num_classes: int, mean: list[float], std
     """torchvision's VGG features (no batch norm) at ``--width``, a small classifier, VGG's init."""
     cfg = [c if c == "M" else max(1, round(c * args.width)) for c in VGG_CFGS[args.vgg]]
     last, hidden = cfg[-2], args.hidden or cfg[-2]
-    net = nn.Sequential(
-        make_layers(cfg, batch_norm=False),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(last, hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, num_classes),
-    )
+    classifier = [nn.Linear(last, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True)]
+    net = nn.Sequential(make_layers(cfg, batch_norm=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), *classifier)
+    net.append(nn.Linear(hidden, num_classes))
     for m in net.modules():  # torchvision's VGG initialization
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -398,20 +367,13 @@ def done(clock: dict[str, Any], key: tuple[int, str], t0: float, state: EntrySto
         "seed %d %s: clean %.1f%%, ℓ2-FGSM ε=%g %.1f%%, c.r. %.1f%%, κ median %s max %s, %.0f s; "
         "%d entries left, ≈ %.0f min (the estimate × %.2f, the pace so far)",
         *(e["seed"], e["label"], 100 * e["clean"], MID, 100 * acc(e, "l2_fgsm", MID), e["compression_rate"]),
-        *(fmt_kappa(e["kappa_median"]), fmt_kappa(e["kappa_top"]), secs, len(clock["predicted"]), left / 60, ratio),
+        *(mean_std([e[k]], g=True) for k in ("kappa_median", "kappa_top")),
+        *(secs, len(clock["predicted"]), left / 60, ratio),
     )
 
 
-def acc(e: dict[str, Any], attack: str, eps: float) -> float | None:
-    return e["acc"].get(attack, {}).get(str(float(eps)))
-
-
-def sens(e: dict[str, Any], attack: str = "l2_fgsm", eps: float = MID) -> float | None:
-    return e["sensitivity"].get(attack, {}).get(str(float(eps)))
-
-
-def fmt_kappa(k: float | None) -> str:
-    return "—" if k is None else f"{k:.3g}"
+acc = lambda e, attack, eps: e["acc"].get(attack, {}).get(str(float(eps)))
+sens = lambda e, attack="l2_fgsm", eps=MID: e["sensitivity"].get(attack, {}).get(str(float(eps)))
 
 
 def groups(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -536,7 +498,7 @@ def render(args: argparse.Namespace, doc: dict[str, Any], plot: str | None = Non
     for i, (name, e) in enumerate(cols):
         first = i == 0 or cols[i - 1][0] != name
         shown = "8/255" if name == "pgd" else f"{e:g}"
-        head.append(f"{SHOWN[name]} ε={shown}" if first else f"ε={shown}")
+        head.append(f"{ATTACK_LABELS[name]} ε={shown}" if first else f"ε={shown}")
     unit = "pixel" if args.eps_unit == "pixel" else "normalized"
     out = [
         f"## The regime: DLRT vs conditioning at equal compression ({args.vgg} ×{args.width:g}, no BN, on {args.data})",

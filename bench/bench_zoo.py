@@ -29,7 +29,7 @@ from harness import lib
 from harness.entries import EntryStore
 from harness.measure import EPS_L2 as EPS
 from harness.measure import dense_weights, latency_vs_dense, parity, ranks, robustness, sizes
-from harness.report import met, table
+from harness.report import mean_std, met, table
 from harness.run import Run, add_run_options, at_least, check_run_options, options, parser, pick, recipe
 
 log = logging.getLogger("bench_zoo")
@@ -185,16 +185,7 @@ def report(state: EntryStore) -> None:
     )
 
 
-def pct(x: float | None, digits: int = 1) -> str:
-    return "—" if x is None else f"{100 * x:.{digits}f}"
-
-
-def kfmt(k: float | None) -> str:
-    return "—" if k is None else f"{k:.3g}"
-
-
-def short(name: str) -> str:
-    return name.removeprefix("net.").removeprefix("features.")
+short = lambda name: name.removeprefix("net.").removeprefix("features.")
 
 
 def why(e: dict[str, Any]) -> str:
@@ -282,7 +273,7 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
         f"of {args.latency_repeats}. Parity: max |ONNX − PyTorch| / max |logit|. Accuracies in %.",
         "",
     ]
-    cells = []
+    cells, pct, kfmt = [], (lambda x: mean_std([x], scale=100)), (lambda k: mean_std([k], g=True))
     for name in args.models:
         for arm, label in ARMS.items():
             e = next((x for x in entries if x["model"] == name and x["arm"] == arm), None)
@@ -290,23 +281,14 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
                 continue
             ratio = e["macs_dense"] / e["macs"]
             sp = e.get("speedup")
-            row = [
-                name if arm == "dense" else "",
-                str(e["input_size"]) if arm == "dense" else "",
-                label,
-                f"{e['params'] / 1e6:.2f} M",
-                "—" if arm == "dense" else f"{e['compression_rate']:.1f}",
-                f"{e['macs'] / 1e6:.1f} M" + ("" if arm == "dense" else f" ({ratio:.2f}×)"),
-                pct(e["clean"]),
-                *(pct(e["l2_fgsm"].get(f"{x:g}", e["l2_fgsm"].get(str(x)))) for x in EPS),
-                pct(e["pgd"]),
-                "—" if arm == "dense" else f"{kfmt(e['kappa_median'])} / {kfmt(e['kappa_max'])}",
-                f"{e['parity_rel']:.1e}",
-                "—" if sp is None else f"{sp['1']:.2f}×",
-                "—" if sp is None else f"{sp['32']:.2f}×",
-                "—" if e["seconds_per_epoch"] is None else f"{e['seconds_per_epoch']:.3g}",
-            ]
-            cells.append(row)
+            dense = arm == "dense"
+            row = [name if dense else "", str(e["input_size"]) if dense else "", label, f"{e['params'] / 1e6:.2f} M"]
+            row += ["—" if dense else f"{e['compression_rate']:.1f}"]
+            row += [f"{e['macs'] / 1e6:.1f} M" + ("" if dense else f" ({ratio:.2f}×)"), pct(e["clean"])]
+            row += [*(pct(e["l2_fgsm"].get(f"{x:g}", e["l2_fgsm"].get(str(x)))) for x in EPS), pct(e["pgd"])]
+            row += ["—" if dense else f"{kfmt(e['kappa_median'])} / {kfmt(e['kappa_max'])}", f"{e['parity_rel']:.1e}"]
+            row += ["—" if sp is None else f"{sp[b]:.2f}×" for b in ("1", "32")]
+            cells.append(row + ["—" if e["seconds_per_epoch"] is None else f"{e['seconds_per_epoch']:.3g}"])
     head = ["model", "px", "arm", "params", "c.r. %", "MACs (ratio)", "clean", *(f"ℓ2-FGSM {x:g}" for x in EPS)]
     out += table([*head, "PGD", "κ med / max", "parity", "ORT b1", "ORT b32", "s/epoch"], "l" * 16, cells)
     rows = verdicts(args, entries)

@@ -16,6 +16,9 @@ from . import lib
 log = logging.getLogger(__name__)
 EPS_L2 = [0.05, 0.1, 0.3]  # ℓ2-FGSM, pixel units (the paper's Table 5)
 PGD_EPS = 8 / 255  # ℓ∞, pixel units
+# the paper's attacks (Table 5): their ε, and their names in a table
+PAPER_EPS = {"l2_fgsm": EPS_L2, "jitter": [0.035, 0.045], "mixup": [0.025, 0.1, 0.75], "pgd": [PGD_EPS]}
+ATTACK_LABELS = {"l2_fgsm": "ℓ2-FGSM", "jitter": "Jitter", "mixup": "Mixup", "pgd": "PGD-ℓ∞"}
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
