@@ -334,17 +334,11 @@ def aggregate(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[s
             continue
         agg: dict[str, Any] = {"n_seeds": len(es), "seeds": [e["seed"] for e in es]}
         for key, _, get in metric_rows(args):
-            vals = [get(e) for e in es]
-            vals = [float(v) for v in vals if v is not None]
-            if not vals:
-                agg[key] = None
-                continue
+            vals = [float(v) for v in map(get, es) if v is not None]
             finite = all(math.isfinite(v) for v in vals)
-            agg[key] = {
-                "mean": statistics.fmean(vals) if finite else math.inf,
-                "std": (statistics.stdev(vals) if len(vals) > 1 else 0.0) if finite else None,
-                "values": vals,
-            }
+            mean_ = statistics.fmean(vals) if finite and vals else math.inf
+            std = (statistics.stdev(vals) if len(vals) > 1 else 0.0) if finite else None
+            agg[key] = {"mean": mean_, "std": std, "values": vals} if vals else None
         out[config] = agg
     return out
 

@@ -379,12 +379,8 @@ sens = lambda e, attack="l2_fgsm", eps=MID: e["sensitivity"].get(attack, {}).get
 def groups(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per arm in table order (dense first): label and its entries over seeds."""
     order = [("dense", "dense")] + [(a["key"], a["label"]) for a in arms(args)]
-    out = []
-    for key, label in order:
-        es = [e for e in entries if e["arm"] == key and e["seed"] in args.seeds]
-        if es:
-            out.append({"key": key, "label": label, "entries": es})
-    return out
+    by = {key: [e for e in entries if e["arm"] == key and e["seed"] in args.seeds] for key, _ in order}
+    return [{"key": key, "label": label, "entries": by[key]} for key, label in order if by[key]]
 
 
 def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], fn) -> list[float]:
@@ -422,12 +418,8 @@ def verdicts(args: argparse.Namespace, table: list[dict[str, Any]]) -> list[str]
         dc = paired(dlrt["entries"], dense["entries"], clean)
         if d:
             gap = statistics.fmean(d)
-            if gap <= -1.0:
-                words = f"**loses {-gap:.1f} points**"
-            elif gap < 1.0:
-                words = f"**does not lose** more than a point ({gap:+.1f} points)"
-            else:
-                words = f"**does not lose**, it gains {gap:.1f} points"
+            words = f"**loses {-gap:.1f} points**" if gap <= -1.0 else f"**does not lose**, it gains {gap:.1f} points"
+            words = f"**does not lose** more than a point ({gap:+.1f} points)" if -1.0 < gap < 1.0 else words
             lines.append(
                 f"- (1) At ε={MID:g}, DLRT {words} of ℓ2-FGSM accuracy against dense: "
                 f"{mean_std([mid(e) for e in dlrt['entries']], scale=100)} vs "
