@@ -85,3 +85,23 @@ def test_a_target_out_of_low_ranks_reach_is_a_row_that_says_so(tmp_path: Path) -
     assert "| 0.5 | budget-RobustDLRT |" in md and "out of reach: ≥ 0.78 of dense predicted" in md
     assert "budget-RobustDLRT cannot reach it (≥ 0.78 of dense predicted at its smallest ranks)" in md
     assert "channel pruning (84.0 %)" in md
+
+
+def test_an_arm_failed_at_the_mildest_target_is_failed_at_every_target_with_its_int8(tmp_path: Path) -> None:
+    args = bd.parse_args(["--models", "m", "--targets", "0.5", "0.25", "--seeds", "0", "--report-only"]
+                         + ["--checkpoint-dir", str(tmp_path)])  # fmt: skip
+    acc = {"l2_fgsm": {"0.05": 0.5, "0.1": 0.4, "0.3": 0.1}, "pgd": 0.2, "parity": 1e-6}
+    dense = {"model": "m", "target": None, "seed": None, "arm": "dense", "clean": 0.85, **acc}
+    entries = [dense]
+    for t, prune in ((0.5, 0.80), (0.25, 0.84)):  # 5 points below dense at 0.5: broken, whatever it does at 0.25
+        at = {"model": "m", "target": t, "seed": 0}
+        entries += [{**at, **acc, "arm": "prune", "clean": prune}, {**at, **acc, "arm": "prune+int8", "clean": prune}]
+        entries += [{**at, **acc, "arm": "dlrt", "clean": 0.845}]
+        ms = {"dense": 10.0, "prune": 10 * t, "prune+int8": 10 * t, "dlrt": 10 * t}
+        entries.append({**at, "arm": "latency", "ms": {"224": {a: {"1": v, "32": v} for a, v in ms.items()}}})
+    by_t = bd.rows_of(args, entries, "m")
+    for t in (0.5, 0.25):
+        arms = {r["arm"]: r for r in by_t[t]}
+        assert arms["prune"].get("failed") and arms["prune+int8"].get("failed") and not arms["dlrt"].get("failed")
+        assert bd.choose(by_t[t], t, TOL)["arm"] == "dlrt"
+    assert "failed at 0.5: clean 80.0 %" in {r["arm"]: r for r in by_t[0.25]}["prune"]["failed"]
