@@ -15,6 +15,10 @@ model (weight 0.5, T 4):
 - ``int8``: the dense model in static QDQ INT8 as ``compress`` exports it (MinMax, per channel, the
   first 256 training images of epoch 0); ``dlrt+int8``, ``prune+int8``: the same on those arms.
 
+A target below what low rank can reach (the budget refuses it: every factorized layer at its smallest
+rank is still slower) is a dlrt row that says so; the one-shot arms, which take dlrt's ranks, are
+skipped, and pruning is bisected to the target itself.
+
 Per arm: clean, ℓ2-FGSM (ε 0.05/0.1/0.3, pixels) and PGD-ℓ∞ 8/255 accuracy (INT8: the examples made
 on its float model), parameters and MACs as deployed, ONNX parity, and per (target, seed) every
 graph's onnxruntime latency, dense included, interleaved in one process at batch 1 and 32, at the
