@@ -102,7 +102,7 @@ def run(
     with _stage(timings, "model"):
         model, info = build_model(recipe, data)
         model.to(device)
-        check_budget(model, recipe, data.in_chans)
+        latency_built = check_budget(model, recipe, data.in_chans)
     # data and model are built from checked inputs: only now is anything written
     paths = prepare_output(recipe, resume=resume, force=force, dist=dist)
     log.info(
@@ -214,7 +214,8 @@ def run(
     if (budget := budget_report(model, recipe, in_chans=data.in_chans, dense_params=dense_params)) is not None:
         report["budget"] = budget
         built = [e["budget"]["latency_model"] for e in history.epochs if "latency_model" in e.get("budget", {})]
-        if built and "latency" in budget:  # the trainer's build, not the report's reload from the cache
+        built += [latency_built] if latency_built else []
+        if built and "latency" in budget:  # the run's builds (the check's, the trainer's), not the report's reload
             budget["latency"]["model"].update(max(built, key=lambda b: b["measured_graphs"]))
     if not dist.is_main:
         # Rank 0 alone exports and writes; no barrier after it, so that a long export cannot

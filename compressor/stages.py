@@ -268,17 +268,18 @@ def _budget(model: nn.Module, recipe: Recipe, in_chans: int) -> Any:
     )
 
 
-def check_budget(model: nn.Module, recipe: Recipe, in_chans: int) -> None:
+def check_budget(model: nn.Module, recipe: Recipe, in_chans: int) -> dict[str, Any] | None:
     """Refuse a ``train.target`` the model cannot reach before anything runs or is written
     (ConfigError naming the reachable floor). The floor depends on which layers factorize and
     their smallest ranks, not on the weights, so a copy factorized from its weights' SVD (no
-    calibration) tells; a latency target builds the latency model here, which the training's
-    budget then finds in the cache."""
+    calibration) tells. A latency target builds the latency model here (the training's budget
+    then finds it in the cache): what that build timed is returned, for the report."""
     if recipe.train.target.kind is None:
-        return
+        return None
     probe = copy.deepcopy(model).cpu()
     factorize_(probe, recipe.factorize.model_copy(update={"init": "svd"}), seed=recipe.seed)
-    _budget(probe, recipe, in_chans)
+    lm = _budget(probe, recipe, in_chans).latency_model
+    return None if lm is None else {"measured_graphs": lm.measured_graphs, "seconds": lm.seconds}
 
 
 def budget_preview(model: nn.Module, recipe: Recipe, in_chans: int) -> dict[str, Any]:

@@ -378,3 +378,39 @@ def test_dry_run_preview_allocates_at_the_target(target):
     preview = budget_preview(net, recipe, in_chans=3)
     assert preview["reached"] <= preview["target"] <= preview["initial"]
     assert all(r <= i for d in preview["layers"].values() for r, i in zip(d["ranks"], d["initial"]))
+
+
+def test_check_budget_refuses_an_unreachable_latency_and_reports_what_its_build_timed(monkeypatch):
+    """The pipeline's check before anything is written: a latency target below the floor (every
+    layer at its smallest rank, plus what is not factorized) is refused; a reachable one passes
+    and returns how many graphs its build timed, which the report counts as this run's."""
+    import compressor.latency as latency_pkg
+    from compressor.errors import UnreachableTargetError
+    from compressor.stages import check_budget
+
+    torch.manual_seed(0)  # _model's layers, not factorized
+    dense = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 48, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 10),
+    )  # fmt: skip
+
+    def fake_build(model, settings):  # per_rank 0.01 ms per rank and mode, 5 ms the layers not factorized
+        layers = low_rank_layers(model)
+        tables = {n: _tucker_table(tuple(l.rank_caps), 0.01, 2.0) for n, l in layers.items() if len(l.rank_caps) == 2}
+        tables |= {n: _linear_table(l.rank_caps[0], 0.01, 1.0) for n, l in layers.items() if len(l.rank_caps) == 1}
+        built = _fake_latency(model, tables, rest=5.0)
+        built.measured_graphs, built.seconds = 42, 1.5
+        return built
+
+    monkeypatch.setattr(latency_pkg, "build_latency_model", fake_build)
+    fixed = ["model.input_size=8", "factorize.r_min=1", "factorize.init_rank=null"]
+    assert check_budget(dense, load_recipe(None, fixed), 3) is None  # no target: nothing to check
+    assert check_budget(dense, load_recipe(None, [*fixed, "train.target.latency=0.9"]), 3) == {
+        "measured_graphs": 42,
+        "seconds": 1.5,
+    }
+    with pytest.raises(UnreachableTargetError, match="out of reach") as err:
+        check_budget(dense, load_recipe(None, [*fixed, "train.target.latency=0.3"]), 3)
+    assert 0.3 < err.value.floor < 1
+    assert low_rank_layers(dense) == {}  # the check factorized a copy
