@@ -236,17 +236,21 @@ class Budget:
     def _unreachable(self) -> str:
         """Why the target cannot be met and what to ask for instead (the allocation would put
         every layer at its smallest rank and still miss it: a wrecked model for nothing)."""
-        floor = self.floor / self.dense
+
+        def share(x: float) -> str:  # two decimals, or two significant digits below 0.1
+            return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+        floor = share(self.floor / self.dense)
         what = {"params": "parameters", "macs": "multiply-adds", "latency": "latency"}[self.kind]
         why = (
             "what it does not factorize keeps its time: depthwise convs, normalization, activations, pooling"
             if self.kind == "latency"
-            else f"the layers it does not factorize hold {self.fixed / self.dense:.2f} of them"
+            else f"the layers it does not factorize hold {share(self.fixed / self.dense)} of them"
         )
         return (
             f"train.target.{self.kind} = {self.fraction:g} is out of reach for this model: with every factorized "
-            f"layer at its smallest rank it still has {floor:.2f} of the dense model's {what} ({why}). "
-            f"Ask for more than {floor:.2f} (near it every layer sits at its smallest rank and accuracy suffers), "
+            f"layer at its smallest rank it still has {floor} of the dense model's {what} ({why}). "
+            f"Ask for more than {floor} (near it every layer sits at its smallest rank and accuracy suffers), "
             "or reach lower with channel pruning or INT8 (BENCHMARKS.md's decision table compares them)."
         )
 
