@@ -178,5 +178,6 @@ def test_an_unreachable_target_is_refused_with_the_floor(kind):
     reachable = floor.cost(lowest) / floor.dense
     assert 0 < reachable < 0.99
     Budget(model, kind, reachable * 1.01, input_size=12)  # just above the floor: accepted
-    with pytest.raises(ConfigError, match=rf"out of reach.* {reachable:.2f} of the dense model"):
+    with pytest.raises(ConfigError, match=rf"out of reach.* {reachable:.2g} of the dense model") as err:
         Budget(model, kind, reachable * 0.95, input_size=12)
+    assert err.value.floor == pytest.approx(reachable)
