@@ -561,6 +561,13 @@ def verdict(args, dense: dict[str, Any], by_t: dict[float, list[dict[str, Any]]]
         lines.append("- Depthwise convs have no channel-mixing rank to cut: low rank leaves them as they are.")
     if p.get("attention"):
         lines.append("- Attention's token products are neither factorized nor counted in MACs; pruning narrows them.")
+    if any(r.get("note", "").startswith("out of reach") for rows in by_t.values() for r in rows):
+        lines.append(
+            "- Low rank cuts the rank of each layer's weights but keeps every activation at full width: what runs "
+            "on the activations (depthwise convs, normalization, nonlinearities, reading and writing each layer's "
+            "input and output) keeps its time, which is the floor it cannot go below; pruning narrows the "
+            "activations themselves."
+        )
     forms = [
         e["forms"] for rows in by_t.values() for r in rows if r["arm"] == "dlrt" for e in r["entries"] if "forms" in e
     ]
