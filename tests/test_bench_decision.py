@@ -105,3 +105,20 @@ def test_an_arm_failed_at_the_mildest_target_is_failed_at_every_target_with_its_
         assert arms["prune"].get("failed") and arms["prune+int8"].get("failed") and not arms["dlrt"].get("failed")
         assert bd.choose(by_t[t], t, TOL)["arm"] == "dlrt"
     assert "failed at 0.5: clean 80.0 %" in {r["arm"]: r for r in by_t[0.25]}["prune"]["failed"]
+
+
+def test_a_vit_is_judged_at_the_size_its_targets_were_set_at(tmp_path: Path) -> None:
+    args = bd.parse_args(["--models", "vit", "--targets", "0.25", "--seeds", "0", "--report-only"]
+                         + ["--checkpoint-dir", str(tmp_path)])  # fmt: skip
+    acc = {"l2_fgsm": {"0.05": 0.5, "0.1": 0.4, "0.3": 0.1}, "pgd": 0.2, "parity": 1e-6}
+    dense = {"model": "vit", "target": None, "seed": None, "arm": "dense", "clean": 0.8, **acc}
+    at = {"model": "vit", "target": 0.25, "seed": 0}
+    ms = {"64": {"dense": 4.0, "prune": 1.0}, "224": {"dense": 40.0, "prune": 10.8}}  # 0.25 at 64 px, 0.27 at 224
+    entries = [
+        {**dense, "tier": {"target_size": 64}},
+        {**at, **acc, "arm": "prune", "clean": 0.79},
+        {**at, "arm": "latency", "ms": {s: {a: {"1": v, "32": v} for a, v in d.items()} for s, d in ms.items()}},
+    ]
+    row = bd.rows_of(args, entries, "vit")[0.25][0]
+    assert row["fraction"] == pytest.approx(0.25) and row["fracs"]["224/32"] == pytest.approx(0.27)
+    assert bd.choose([row], 0.25, TOL)["arm"] == "prune"
