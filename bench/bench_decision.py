@@ -304,10 +304,10 @@ def pruned(model: nn.Module, ratio: float, size: int) -> nn.Module:
     return out
 
 
-def prune(args, ctx: Ctx, seed: int, group: Path, target: float) -> tuple[nn.Module, dict[str, Any]]:
+def prune(args, ctx: Ctx, seed: int, group: Path, goal: float | None) -> tuple[nn.Module, dict[str, Any]]:
     """The ratio bisected until pruned / dense latency (batch 32, the target's size) is within
-    ``--tolerance`` of dlrt / dense (of ``target`` where dlrt could not reach it), each graph timed
-    alone, minutes apart at most."""
+    ``--tolerance`` of dlrt / dense (of ``goal`` where dlrt could not reach its target), each graph
+    timed alone, minutes apart at most."""
     s, threads = ctx.target_size, args.latency_threads
 
     def ms(path: Path) -> float:
@@ -319,7 +319,7 @@ def prune(args, ctx: Ctx, seed: int, group: Path, target: float) -> tuple[nn.Mod
         return ms(group / "probe.onnx") / dense_ms
 
     dense_ms = ms(ctx.work / f"dense@{s}.onnx")
-    goal = ms(group / f"dlrt@{s}.onnx") / dense_ms if (group / f"dlrt@{s}.onnx").is_file() else target
+    goal = goal or ms(group / f"dlrt@{s}.onnx") / dense_ms
     ratio, got, trace = bisect(measure, goal, tol=args.tolerance, steps=args.bisect_steps)
     model, info = pruned(ctx.dense, ratio, ctx.size), {"ratio": ratio, "goal": goal, "probe": got, "bisection": trace}
     return model, {**info, "train_seconds": finetune(args, ctx, model, seed)}
@@ -457,7 +457,7 @@ def run_model(args, name: str, state: EntryStore, tier_dir: Path, work: Path, cl
             deadline()
             t0 = time.perf_counter()
             log.info("%s target %g seed %d: %s", *key, ARMS[arm])
-            row = {"model": name, "target": t, "seed": seed, "arm": arm}
+            row, d = {"model": name, "target": t, "seed": seed, "arm": arm}, state.get(*key, "dlrt")
             if arm == "dlrt":
                 try:
                     model, extra = dlrt(args, ctx, t, seed)
@@ -466,8 +466,8 @@ def run_model(args, name: str, state: EntryStore, tier_dir: Path, work: Path, cl
                     state.add({**row, "unreachable": err.floor, "reason": str(err)})
                     continue
             elif arm == "prune":
-                model, extra = prune(args, ctx, seed, group, t)
-            elif "unreachable" in (d := state.get(*key, "dlrt")):
+                model, extra = prune(args, ctx, seed, group, t if "unreachable" in d else None)
+            elif "unreachable" in d:
                 state.add({**row, "skipped": "budget-RobustDLRT chose no ranks to start from"})
                 continue
             else:
@@ -503,9 +503,11 @@ def rows_of(args, entries: list[dict[str, Any]], name: str) -> dict[float, list[
             if not es:
                 continue
             if not all("clean" in e for e in es):  # out of dlrt's reach: a row that says so, never chosen
-                floor = [e["unreachable"] for e in es if "unreachable" in e]
-                note = f"out of reach: ≥ {mean(floor):.2f} of dense predicted" if floor else es[0].get("skipped", "")
-                rows.append({"arm": arm, "entries": es, "note": note, "clean": None, "fracs": {}, "fraction": None})
+                floors = [e["unreachable"] for e in es if "unreachable" in e]
+                floor = mean(floors) if floors else None
+                note = f"out of reach: ≥ {floor:.2f} of dense predicted" if floor else es[0].get("skipped", "")
+                empty = {"clean": None, "fracs": {}, "fraction": None}
+                rows.append({"arm": arm, "entries": es, "note": note, "floor": floor, **empty})
                 continue
             fr = {
                 f"{s}/{b}": mean(m[s][arm][b] / m[s]["dense"][b] for m in lats if arm in m[s])
@@ -540,10 +542,6 @@ def verdict(args, dense: dict[str, Any], by_t: dict[float, list[dict[str, Any]]]
             else "low rank"
         )
         wins.setdefault(kind, []).append(f"{t:g}")
-        if (d := arms.get("dlrt")) and d.get("note"):
-            what_d = f"budget-RobustDLRT cannot reach it ({d['note'][len('out of reach: ') :]} at its smallest ranks)"
-        else:
-            what_d = None
         what = f"{t:g} of dense latency: " + (f"**{ARMS[best['arm']]}** wins" if best else "no arm meets it")
         if (q := arms.get("int8")) and q["fraction"] is not None:
             enough = "is enough" if meets(q, t, tol) and q["clean"] >= dense["clean"] - 0.01 else "is not enough"
@@ -551,8 +549,8 @@ def verdict(args, dense: dict[str, Any], by_t: dict[float, list[dict[str, Any]]]
         d, at = arms.get("dlrt"), f"{dense['tier']['target_size']}/32"
         if d and d["fracs"].get(at) and d["fracs"][at] > t * (1 + tol):
             what += f"; budget-RobustDLRT measured {d['fracs'][at]:.2f} of dense where it aimed at {t:g}"
-        if what_d:
-            what += f"; {what_d}"
+        if d and d.get("floor"):
+            what += f"; budget-RobustDLRT cannot reach it (≥ {d['floor']:.2f} of dense predicted at its smallest ranks)"
         lines.append(f"- At {what}.")
     if said := [f"{k} wins at {', '.join(v)}" for k, v in wins.items() if k != "none"]:
         lines.insert(0, f"- {(text := '; '.join(said))[0].upper()}{text[1:]} of dense latency.")
@@ -563,7 +561,7 @@ def verdict(args, dense: dict[str, Any], by_t: dict[float, list[dict[str, Any]]]
         lines.append("- Depthwise convs have no channel-mixing rank to cut: low rank leaves them as they are.")
     if p.get("attention"):
         lines.append("- Attention's token products are neither factorized nor counted in MACs; pruning narrows them.")
-    if any(r.get("note", "").startswith("out of reach") for rows in by_t.values() for r in rows):
+    if any(r.get("floor") for rows in by_t.values() for r in rows):
         lines.append(
             "- Low rank cuts the rank of each layer's weights but keeps every activation at full width: what runs "
             "on the activations (depthwise convs, normalization, nonlinearities, reading and writing each layer's "
