@@ -28,6 +28,11 @@ size and are timed at 224 with resampled position embeddings.
 
     python bench/bench_decision.py --smoke      # < 1 min: digits, timm:test_resnet, 1 seed, 1 target (CI)
     python bench/bench_decision.py --threads 1 --checkpoint-dir bench/results/decision-ckpt
+    python bench/bench_decision.py --threads 1 --jobs 2 --checkpoint-dir bench/results/decision-ckpt  # 2 cores
+
+``--jobs N`` runs N models at once, each in its own process (one thread each with ``--threads 1``),
+in the order given; they share the checkpoint folder, and a model's latency passes interleave its own
+graphs, so the other process loads dense and arms alike.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import multiprocessing
 import shutil
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds; no arm starts after them")
     ap.add_argument("--tier-dir", default=None, help="the dense tier's cache (default bench/results/dense-tier)")
+    ap.add_argument("--jobs", type=int, default=1, help="models run at once, each in its own process")
     add_run_options(ap, "decision", smoke="< 1 min: digits, timm:test_resnet, 1 seed, 1 target (CI)", resumable=True)
     args = ap.parse_args(argv)
     check_run_options(ap, args, "decision")
@@ -114,7 +122,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     models = args.models or (["timm:test_resnet"] if args.smoke else MODELS)
     args.models = list(dict.fromkeys(ALIASES.get(m, m) for m in models))
     args.targets, args.seeds = sorted(set(args.targets), reverse=True), list(dict.fromkeys(args.seeds))
-    at_least(ap, args, 1, "epochs", "attack_samples", "pgd_steps", "deploy_size", "latency_threads", "latency_repeats")
+    if args.jobs > 1 and args.dev.type == "cuda":
+        ap.error("--jobs runs models side by side on the CPU cores; on a GPU give --jobs 1")
+    at_least(
+        ap,
+        args,
+        1,
+        "jobs",
+        "epochs",
+        "attack_samples",
+        "pgd_steps",
+        "deploy_size",
+        "latency_threads",
+        "latency_repeats",
+    )
     if not all(0 < t < 1 for t in args.targets) or min(args.seeds) < 0 or not 0 < args.tolerance < 1:
         ap.error("--targets and --tolerance must be fractions in (0, 1), --seeds not negative")
     args.train_subset = args.val_subset = None  # the entries carry their data sizes
@@ -691,22 +712,55 @@ def plot(args, entries: list[dict[str, Any]], name: str, path: Path) -> bool:
     return True
 
 
+KEYS = ("model", "target", "seed", "arm")
+
+
+def model_job(args: argparse.Namespace, name: str, tier_dir: Path, work: Path, t_start: float) -> Exception | None:
+    """One model's arms in its own process (``--jobs``): its logging, threads, store and clock; the
+    error that stopped it early (out of time, or a compressor error, as a plain one), else None."""
+    Run(__file__, args, [], cpu=args.dev.type == "cpu")
+    state = EntryStore.of(args, _FINGERPRINT, keys=KEYS)
+    keys = [(name, t, s, a) for t in args.targets for s in args.seeds for a in TUNED]
+    clock = Clock({a: sum(1 for k in state.missing(*keys) if k[3] == a) for a in TUNED})
+    try:
+        run_model(args, name, state, tier_dir, work, clock, t_start)
+    except (OutOfTime, lib.CompressorError) as err:
+        return (OutOfTime if isinstance(err, OutOfTime) else lib.CompressorError)(f"{name}: {err}")
+    return None
+
+
+def run_models(args: argparse.Namespace, state: EntryStore, tier_dir: Path, work: Path, t_start: float) -> None:
+    """Every model's arms into ``state``: one after the other, or ``--jobs`` processes at a time
+    (perf_counter is the system's monotonic clock, so ``t_start`` holds in them too)."""
+    if args.jobs == 1 or len(args.models) == 1:
+        keys = [(m, t, s) for m in args.models for t in args.targets for s in args.seeds]
+        clock = Clock({a: len(state.missing(*(k + (a,) for k in keys))) for a in TUNED})
+        for name in args.models:
+            run_model(args, name, state, tier_dir, work, clock, t_start)
+        return
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+        jobs = [pool.submit(model_job, args, name, tier_dir, work, t_start) for name in args.models]
+        stops = [err for err in (job.result() for job in jobs) if err]
+    state.entries = EntryStore.of(args, _FINGERPRINT, keys=KEYS).entries  # every process's
+    for kind in (lib.CompressorError, OutOfTime):
+        if same := [str(err) for err in stops if type(err) is kind]:
+            raise kind("; ".join(same))
+
+
 def main(argv: list[str] | None = None) -> int:
     lib.enable_huge_pages()
     args = parse_args(argv)
     run = Run(__file__, args, argv, cpu=args.dev.type == "cpu")
-    state = EntryStore.of(args, _FINGERPRINT, keys=("model", "target", "seed", "arm"))
+    state, t_start = EntryStore.of(args, _FINGERPRINT, keys=KEYS), time.perf_counter()
     keys = [(m, t, s) for m in args.models for t in args.targets for s in args.seeds]
-    clock, t_start = Clock({a: len(state.missing(*(k + (a,) for k in keys))) for a in TUNED}), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-decision-") as tmp:
         root = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(tmp)
         # the smoke's and the gpu preset's dense models live with their checkpoint, never in the tier's cache
         own = root / "tier" if args.smoke or args.preset == "gpu" else RESULTS / "dense-tier"
         try:
-            for name in [] if args.report_only else args.models:
-                run_model(
-                    args, name, state, Path(args.tier_dir) if args.tier_dir else own, root / "graphs", clock, t_start
-                )
+            if not args.report_only:
+                run_models(args, state, Path(args.tier_dir) if args.tier_dir else own, root / "graphs", t_start)
         except OutOfTime as stop:
             log.warning("%s: the page shows the finished arms; rerun with the same --checkpoint-dir to go on", stop)
         except lib.CompressorError as err:

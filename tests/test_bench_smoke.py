@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -35,6 +36,9 @@ RESUMABLE = {
 }
 """Scripts with --checkpoint-dir and --report-only → the plot they publish beside the page (None: no plot)."""
 
+EXTRA = {"bench_decision.py": ["--models", "timm:test_resnet", "timm:test_vit", "--jobs", "2"]}
+"""Options beyond --smoke: the decision table's two models each in its own process, in one folder."""
+
 
 def _section(page: Path, section: str) -> str:
     return page.read_text().split(f"<!-- bench:{section} -->")[1].split(f"<!-- /bench:{section} -->")[0]
@@ -46,7 +50,7 @@ def test_smoke_run_writes_results_and_its_section(script: str, tmp_path: Path, c
     page = tmp_path / "BENCHMARKS.md"
     page.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
     target = tmp_path / result if flag == "--out" else tmp_path
-    argv = ["--smoke", flag, str(target), "--benchmarks-md", str(page)]
+    argv = ["--smoke", flag, str(target), "--benchmarks-md", str(page), *EXTRA.get(script, [])]
     if script in RESUMABLE:
         argv += ["--checkpoint-dir", str(tmp_path / "ckpt")]
     assert run_bench(script, argv) == 0, capsys.readouterr().err[-3000:]
@@ -100,6 +104,30 @@ def test_entry_store_resumes_its_entries_and_refuses_other_settings(tmp_path: Pa
     assert again.missing((0, "dense"), (0, "dlrt")) == [(0, "dlrt")]
     with pytest.raises(SystemExit, match="epochs"):  # mixing entries of other settings is refused
         store(tmp_path, {"epochs": 3}, keys=("seed", "arm"))
+
+
+def _add_entries(folder: str, worker: int, n: int) -> None:
+    store = _harness().entries.EntryStore(folder, {"epochs": 2}, keys=("seed", "arm"))
+    for i in range(n):
+        store.add({"seed": worker, "arm": f"a{i}"})
+
+
+def test_entry_store_keeps_what_other_processes_added_to_its_folder(tmp_path: Path) -> None:
+    store = _harness().entries.EntryStore
+    a, b = (store(tmp_path, {"epochs": 2}, keys=("seed", "arm")) for _ in range(2))
+    a.add({"seed": 0, "arm": "dense"})
+    b.add({"seed": 1, "arm": "dense"})  # b read the folder before a's entry: a's is kept
+    a.add({"seed": 0, "arm": "dlrt"})
+    again = store(tmp_path, {"epochs": 2}, keys=("seed", "arm"))
+    assert again.missing((0, "dense"), (1, "dense"), (0, "dlrt")) == [] and len(again.entries) == 3
+    spawn = multiprocessing.get_context("spawn")
+    workers = [spawn.Process(target=_add_entries, args=(str(tmp_path / "p"), w, 25)) for w in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert len(store(tmp_path / "p", {"epochs": 2}, keys=("seed", "arm")).entries) == 50  # none overwritten
 
 
 def test_mean_std_cells_and_tables() -> None:

@@ -2,12 +2,15 @@
 
 The file records the settings that shape the results (the fingerprint); a rerun with other
 settings is refused rather than mixing entries, and a rerun with the same ones skips what is done.
+Processes may share a folder (``bench_decision.py --jobs``): each addition is merged into the
+file's current entries under a lock, so no process overwrites another's.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
@@ -58,8 +61,18 @@ class EntryStore:
         entry["measured_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         entry["load_avg"] = round(os.getloadavg()[0], 2)
         self.entries.append(entry)
-        if self.dir is not None:
-            write_text(self.dir / "entries.json", dumps({"fingerprint": self.fp, "entries": self.entries}))
+        if self.dir is None:
+            return
+        path = self.dir / "entries.json"
+        with open(self.dir / "entries.lock", "w") as lock:  # released when it closes
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            saved = json.loads(path.read_text())["entries"] if path.is_file() else []
+            mine = {self._key(e) for e in self.entries}  # another process's entries, added since, are kept
+            self.entries = [e for e in saved if self._key(e) not in mine] + self.entries
+            write_text(path, dumps({"fingerprint": self.fp, "entries": self.entries}))
+
+    def _key(self, entry: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(entry.get(k) for k in self.keys)
 
     def weights(self, tag: Any) -> Path | None:
         """Where a group's dense weights are cached (``tag`` a seed or a name; None without a folder)."""
