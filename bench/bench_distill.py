@@ -1,7 +1,7 @@
 """Distillation from the dense model (issue 31): what logit and adversarial KD recover of a MAC budget's cost.
 
 Per model, from the dense tier's plateau-trained weights (bench/dense_tier.py; BatchNorm statistics
-re-estimated as after every arm), the zoo's budget arm (``train.target.macs = --macs``) once per seed
+re-estimated as after every arm), the budget arm (``train.target.macs = --macs``) once per seed
 without KD, with logit KD (the frozen dense model the teacher) and with adversarial KD (FGSM-RS examples
 against the student, the teacher's clean soft label the target). Targets: KD clean ≥ dense − 1 point;
 adversarial KD ℓ2-FGSM (ε 0.1) and PGD ≥ dense's at clean ≥ dense − 2; each verdict says by how much a
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = parser(__doc__)
     ap.add_argument("--models", nargs="+", default=None, help=f"subset of {', '.join(MODELS)}")
     options(ap, seeds=[0, 1], epochs=(3, "rank-adaptive epochs of every arm"), macs=(0.25, "train.target.macs"))
-    options(ap, beta=(0.075, "β of every arm (the zoo's budget arm)"), kd_weight=(0.5, "train.distill.weight"))
+    options(ap, beta=(0.075, "β of every arm (the budget arm)"), kd_weight=(0.5, "train.distill.weight"))
     options(ap, temperature=(4.0, "train.distill.temperature"), adv_eps=(8 / 255, "FGSM training: ℓ∞ ε in pixels"))
     options(ap, attack_samples=(1000, "held-out images attacked"), pgd_steps=10)
     ap.add_argument("--tier-dir", default=None, help="the dense tier's cache (default bench/results/dense-tier)")
@@ -182,7 +182,7 @@ def render(args: argparse.Namespace, doc: dict[str, Any]) -> str:
         f"{doc['n_attacked']} held-out ones attacked (ℓ2-FGSM ε in pixel units; PGD-ℓ∞ ε 8/255, {args.pgd_steps} "
         "steps; the same images and draws for every row). Dense: the dense tier's plateau-trained weights "
         "(bench/dense_tier.py), BatchNorm statistics re-estimated over 16 training batches as after every arm. "
-        f"Every arm from those weights, the zoo's budget arm (recipes/robust.yaml's settings, β {args.beta:g}, "
+        f"Every arm from those weights, the budget arm (recipes/robust.yaml's settings, β {args.beta:g}, "
         f"train.target.macs {args.macs:g}) for {args.epochs} rank-adaptive epoch(s), seeds "
         f"{', '.join(map(str, args.seeds))}: no KD; logit KD (train.distill weight {args.kd_weight:g}, T "
         f"{args.temperature:g}; teacher: the dense row, frozen); adversarial KD (the same KD with FGSM-RS "

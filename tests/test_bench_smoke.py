@@ -24,7 +24,6 @@ SCRIPTS = {  # script → (section, output flag, output file name)
     "bench_truncation.py": ("truncation", "--out", "truncation.json"),
     "bench_decision.py": ("decision", "--out", "decision.json"),
     "bench_regime.py": ("regime", "--out", "regime.json"),
-    "bench_zoo.py": ("zoo", "--out", "zoo.json"),
     "bench_forms.py": ("forms", "--out", "forms.json"),
 }
 
@@ -32,7 +31,6 @@ SCRIPTS = {  # script → (section, output flag, output file name)
 RESUMABLE = {
     "bench_decision.py": "decision_timm-test_resnet_pareto.png",
     "bench_regime.py": "regime_kappa.png",
-    "bench_zoo.py": None,
 }
 """Scripts with --checkpoint-dir and --report-only → the plot they publish beside the page (None: no plot)."""
 
