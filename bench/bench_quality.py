@@ -73,30 +73,29 @@ _FINGERPRINT_KEYS += ("coefficient_steps", "eps_unit", "max_samples", "fgsm_samp
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = parser(__doc__)
-    ap.add_argument("--data", default="fashion-mnist", help="compressor data set name")
-    ap.add_argument("--data-root", default=None, help="data.root (fashion-mnist: default Debian package files)")
+    options(ap, data=("fashion-mnist", "compressor data set name"))
+    options(ap, data_root=(None, "data.root (fashion-mnist: default Debian package files)"))
     options(ap, model="tv:vgg16", input_size=32, seeds=[0, 1, 2], betas=[0.0, 0.05, 0.075, 0.15], train_subset=5000)
     options(ap, val_subset=(2000, "images in the evaluation set"))
-    help_ = "test: the official test file (fashion-mnist/mnist); val: held out of the training file; auto: test if any"
-    ap.add_argument("--eval-split", choices=["auto", "test", "val"], default="auto", help=help_)
+    split = "test: the official test file (fashion-mnist/mnist); val: held out of the training file; auto: test if any"
+    options(ap, eval_split=("auto", split, ("auto", "test", "val")))
     options(ap, dense_epochs=3, epochs=(3, "rank-adaptive (Robust)DLRT epochs"), batch_size=64, eval_batch_size=128)
     options(ap, dense_lr=(1e-4, "dense baseline: Adam, cosine"))
-    help_ = "DLRT optimizer (default: the reference code's AdamW 5e-4, clip 1.0)"
-    ap.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adamw", help=help_)
+    opt = "DLRT optimizer (default: the reference code's AdamW 5e-4, clip 1.0)"
+    options(ap, optimizer=("adamw", opt, ("adam", "adamw", "sgd")))
     options(ap, lr=(5e-4, "DLRT learning rate (cosine schedule)"), grad_clip=(1.0, "DLRT gradient-norm clip (0: none)"))
-    help_ = "initial bases: activation-aware (the recipes' default) or SVD/HOSVD of the weights"
-    ap.add_argument("--init", choices=["activations", "svd"], default="activations", help=help_)
+    init = "initial bases: activation-aware (the recipes' default) or SVD/HOSVD of the weights"
+    options(ap, init=("activations", init, ("activations", "svd")))
     options(ap, init_rank=150, r_max=200, tau=0.1, coefficient_steps=10)
-    help_ = "unit of the ℓ2-FGSM/Jitter/Mixup ε (PGD is always 8/255 pixel)"
-    ap.add_argument("--eps-unit", choices=["normalized", "pixel"], default="normalized", help=help_)
+    unit = "unit of the ℓ2-FGSM/Jitter/Mixup ε (PGD is always 8/255 pixel)"
+    options(ap, eps_unit=("normalized", unit, ("normalized", "pixel")))
     options(ap, max_samples=(250, "images attacked by Jitter, Mixup and PGD"))
-    ap.add_argument("--fgsm-samples", type=int, default=None, help="images attacked by ℓ2-FGSM (default: all)")
-    help_ = "override the iterations of Jitter/Mixup/PGD (smoke runs); default: the attacks' own"
-    ap.add_argument("--attack-steps", type=int, default=None, help=help_)
-    help_ = "layer of Fig. 1/2 (module name, e.g. net.features.14); default: the middle factorized one"
-    ap.add_argument("--spectrum-layer", default=None, help=help_)
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    ap.add_argument("--tag", default=None, help="output names quality-<tag>.* (--smoke: tag smoke)")
+    options(ap, fgsm_samples=(None, "images attacked by ℓ2-FGSM (default: all)", int))
+    steps = "override the iterations of Jitter/Mixup/PGD (smoke runs); default: the attacks' own"
+    options(ap, attack_steps=(None, steps, int))
+    layer = "layer of Fig. 1/2 (module name, e.g. net.features.14); default: the middle factorized one"
+    options(ap, spectrum_layer=(None, layer), out_dir=str(RESULTS))
+    options(ap, tag=(None, "output names quality-<tag>.* (--smoke: tag smoke)"))
     smoke = "< 1 min: digits, tv:resnet18, tiny subsets, 1 epoch each, 1 seed, β ∈ {0, 0.075}, 16 attacked images"
     add_run_options(ap, "quality[-tag]", smoke=smoke + "; writes quality-smoke.*", resumable=True, out=False)
     args = ap.parse_args(argv)
@@ -108,8 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.coefficient_steps, args.max_samples, args.fgsm_samples, args.attack_steps = 2, 8, 32, 1
     if args.eval_split == "auto":
         args.eval_split = "test" if args.data in ("fashion-mnist", "mnist") else "val"
-    args.betas = list(dict.fromkeys(args.betas))
-    args.seeds = list(dict.fromkeys(args.seeds))
+    args.seeds, args.betas = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.betas))
     return args
 
 
@@ -228,14 +226,20 @@ def run_seed(args: argparse.Namespace, seed: int, state: EntryStore) -> None:
         model, data.train_loader, rec0.baseline, seed=seed, cache=dense_file, reuse=has_dense,
         val_loader=eval_loader, name="dense baseline",
     )  # fmt: skip
-    if train_s is not None and not has_dense:
-        hist = history.to_dict() if history else {}
+
+    def score(entry: dict[str, Any], net: torch.nn.Module, hist: dict, epochs: int, kappa: bool, **seconds) -> None:
+        """``entry`` (up to its sizes) completed: accuracy under every attack, κ (``kappa``: of the
+        cores, else None), the training's ``seconds``, the evaluation's (κ included) and the history."""
         t0 = time.perf_counter()
+        entry.update(run_attacks(net, eval_loader, args, std, seed))
+        entry.update(kappa=kappa_stats(net) if kappa else None, **seconds)
+        entry.update(eval_seconds=time.perf_counter() - t0, train_seconds_per_epoch=_per_epoch(hist))
+        entry.update(history=slim(hist, *HISTORY), train_steps=epochs * len(data.train_loader))
+
+    if train_s is not None and not has_dense:
         entry = dict(seed=seed, config="dense", data=data_info, model=info.to_dict())
         entry.update(params=sum(p.numel() for p in model.parameters()), compression_rate=0.0)
-        entry.update(run_attacks(model, eval_loader, args, std, seed), kappa=None, train_seconds=train_s)
-        entry.update(eval_seconds=time.perf_counter() - t0, train_seconds_per_epoch=_per_epoch(hist))
-        entry.update(history=slim(hist, *HISTORY), train_steps=args.dense_epochs * len(data.train_loader))
+        score(entry, model, history.to_dict() if history else {}, args.dense_epochs, False, train_seconds=train_s)
         add(state, entry)
 
     for beta in args.betas:
@@ -246,20 +250,16 @@ def run_seed(args: argparse.Namespace, seed: int, state: EntryStore) -> None:
         work = copy.deepcopy(model)
         log.info("seed %d: %s: factorize + %d epochs", seed, config_label(config), args.epochs)
         kappa0: dict[str, float] = {}
-        fact, history, timings = lib.factorize_and_train(
+        fact, history, secs = lib.factorize_and_train(
             work, data.train_loader, rec, val_loader=eval_loader, device=torch.device("cpu"), set_epoch=lib.set_epoch,
             progress=_initial_kappa_probe(work, kappa0),
         )  # fmt: skip
         factorized = [d.name for d in fact.factorized]
         layer = args.spectrum_layer or (factorized[len(factorized) // 2] if factorized else None)
-        t0 = time.perf_counter()
-        ev = run_attacks(work, eval_loader, args, std, seed)
         hist, size = history.to_dict(), sizes(work)
         entry = dict(seed=seed, config=config, beta=beta, data=data_info, params=size["params"])
-        entry.update(params_dense=size["params_dense"], compression_rate=size["compression_rate"], **ev)
-        entry.update(kappa=kappa_stats(work), train_seconds=timings["train"], factorize_seconds=timings["factorize"])
-        entry.update(eval_seconds=time.perf_counter() - t0, train_seconds_per_epoch=_per_epoch(hist))
-        entry.update(history=slim(hist, *HISTORY), train_steps=args.epochs * len(data.train_loader))
+        entry.update(params_dense=size["params_dense"], compression_rate=size["compression_rate"])
+        score(entry, work, hist, args.epochs, True, train_seconds=secs["train"], factorize_seconds=secs["factorize"])
         entry.update(n_factorized=len(factorized), figure_layer=layer)
         if layer is not None:
             trace = [[0, kappa0.get(layer)]] if layer in kappa0 else []

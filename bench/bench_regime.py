@@ -311,6 +311,13 @@ def run_seed(args: argparse.Namespace, seed: int, state: EntryStore, clock: dict
         val_loader=data.val_loader, name="dense",
     )  # fmt: skip
     dense.eval()
+    modules, spectra = dict(dense.named_modules()), {}  # the dense layers' singular values, each computed once
+
+    def dense_spectra(names) -> dict[str, list[float]]:
+        with torch.no_grad():
+            spectra.update({n: lib.layer_spectrum(modules[n]) for n in names if n not in spectra})
+        return spectra
+
     if not state.get(seed, "dense"):
         m = measure(dense, data.val_loader, args, seed, data.std)
         if m["clean"] < args.dense_target:
@@ -319,14 +326,12 @@ def run_seed(args: argparse.Namespace, seed: int, state: EntryStore, clock: dict
                 "raise --dense-epochs (and use another --checkpoint-dir)",
                 *(seed, 100 * m["clean"], 100 * args.dense_target),
             )
-        with torch.no_grad():
-            modules = dict(dense.named_modules())
-            spectra = {n: lib.layer_spectrum(modules[n]) for n in eligible_layers(dense, args)}
-        kappas = {n: s[0] / s[-1] if s[-1] > 0 else math.inf for n, s in spectra.items()}
+        names = eligible_layers(dense, args)
+        s = dense_spectra(names)
+        kappas = {n: s[n][0] / s[n][-1] if s[n][-1] > 0 else math.inf for n in names}
         entry = {"seed": seed, "arm": "dense", "label": "dense", **m, **kappa_stats(kappas), "n_train": data.n_train}
         state.add(entry | {"train_seconds": train_s, "history": slim(history, *HISTORY) if history else []})
         done(clock, (seed, "dense"), t_dense, state)
-    spectra_cache: dict[str, list[float]] = {}
     for arm in todo:
         t0 = time.perf_counter()
         rec = arm_recipe(args, seed, arm)
@@ -338,12 +343,7 @@ def run_seed(args: argparse.Namespace, seed: int, state: EntryStore, clock: dict
         )
         model.eval()
         m = measure(model, data.val_loader, args, seed, data.std)
-        modules = dict(dense.named_modules())
-        with torch.no_grad():
-            for d in fact.factorized:
-                if d.name not in spectra_cache:
-                    spectra_cache[d.name] = lib.layer_spectrum(modules[d.name])
-        cert = lib.certificate(model, fact, spectra_cache, {}, {})
+        cert = lib.certificate(model, fact, dense_spectra(d.name for d in fact.factorized), {}, {})
         kappas = kappa_stats({n: layer.condition_number() for n, layer in lib.low_rank_layers(model).items()})
         entry = {"seed": seed, "arm": arm["key"], "label": arm["label"], "train_config": arm["train"], **m, **kappas}
         entry.update(dense_log_prod_kappa=cert["dense_log_prod_kappa"], certificate_layers=cert["layers"])

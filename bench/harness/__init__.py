@@ -8,8 +8,7 @@ table columns and verdicts.
 - ``page``: BENCHMARKS.md sections, the machine line, plots published to docs/figures/;
 - ``entries``: the resumable entry store (fingerprinted settings) and the time-left clock;
 - ``measure``: the dense start of every arm (trained once, weights cached), accuracy under
-  attack (clean, ℓ2-FGSM, PGD), sizes (parameters, MACs, c.r.), ONNX parity and onnxruntime
-  latency against dense, a CUDA time stamp's sync;
+  attack (clean, ℓ2-FGSM, PGD), sizes (parameters, MACs, c.r.), a CUDA time stamp's sync;
 - ``report``: mean ± std cells, Markdown tables, verdict words, a Pareto plot.
 
 A sweep script: ``parser`` + ``add_run_options`` + its own options; ``Run(__file__, args, argv)``;

@@ -1,5 +1,5 @@
 """Measurements several scripts make the same way: the dense start of every arm (trained once,
-its weights cached), accuracy under attack, sizes and onnxruntime latency against dense."""
+its weights cached), accuracy under attack and sizes."""
 
 from __future__ import annotations
 
@@ -71,22 +71,6 @@ def sizes(model: nn.Module, input_size: int | None = None) -> dict[str, Any]:
         macs, dense = lib.count_macs(model, input_size), lib.count_macs(model, input_size, dense_equivalent=True)
         out.update(macs=macs, macs_dense=dense, macs_fraction=macs / dense)
     return out
-
-
-def latency_vs_dense(onnx: dict[str, Path], input_size: int, *, threads: int, repeats: int, seed: int) -> dict:
-    """The ``compressed`` graph timed interleaved with the ``dense`` one (onnxruntime, batch 1 and
-    32, 2 warm-up runs): median ms per graph and batch, and speedup = dense / compressed."""
-    lat = lib.onnx_latencies(onnx, input_size=input_size, threads=threads, repeats=repeats, warmup=2, seed=seed)
-    ms = {m: {str(b): s["median_ms"] for b, s in lat[m].items()} for m in lat}
-    return {"latency_ms": ms, "speedup": {b: ms["dense"][b] / v for b, v in ms["compressed"].items()}}
-
-
-def parity(model: nn.Module, path: Path, input_size: int) -> dict[str, Any]:
-    """``model`` exported to ``path`` (checked) and run on the same random images by onnxruntime:
-    the largest |ONNX − PyTorch| logit difference relative to the largest logit (batches 1 and 8)."""
-    lib.export_onnx(model, path, input_size=input_size)
-    res = lib.parity_check(path, model, input_size=input_size, batches=(1, 8))
-    return {"parity_rel": max(b["rel_diff"] for b in res["batches"].values()), "parity_passed": bool(res["passed"])}
 
 
 def sync(device: torch.device) -> None:
