@@ -62,6 +62,23 @@ def test_dominance_needs_both_figures_and_the_latency() -> None:
     assert bd.dominators(dlrt, rows[:1] + rows[2:], 0.25, TOL) == []
 
 
+def test_the_target_check_says_when_a_harsher_target_widens_one_shots_lead() -> None:
+    args = bd.parse_args(["--smoke"])
+
+    def at(dlrt: float, oneshot: float, t: float) -> list[dict]:  # every arm at the target's latency
+        return [row("dlrt", dlrt, 0.5, t), row("oneshot", oneshot, 0.5, t), row("prune", 0.5, 0.1, t)]
+
+    met = bd.target_check(args, {0.5: at(0.93, 0.90, 0.5), 0.25: at(0.90, 0.87, 0.25)})
+    assert met.startswith(bd.met(True)) and "harsher" not in met
+    missed = bd.target_check(args, {0.5: at(0.90, 0.90, 0.5), 0.1: at(0.80, 0.875, 0.1)})
+    assert missed.startswith(bd.met(False)) and "at 0.1 dominated by oneshot, clean -7.5 points" in missed
+    assert "goes from +0.0 points at 0.5 to -7.5 at 0.1" in missed and "what would change it" in missed
+    closer = bd.target_check(
+        args, {0.5: at(0.88, 0.90, 0.5), 0.1: at(0.89, 0.90, 0.1)}
+    )  # the gap narrows: no such claim
+    assert "harsher" not in closer
+
+
 def test_a_target_out_of_low_ranks_reach_is_a_row_that_says_so(tmp_path: Path) -> None:
     """dlrt refused (its floor above the target), the one-shot arms skipped, pruning measured: the
     table names the floor, never picks the refused arm, and the verdict says why."""
@@ -122,3 +139,23 @@ def test_a_vit_is_judged_at_the_size_its_targets_were_set_at(tmp_path: Path) -> 
     row = bd.rows_of(args, entries, "vit")[0.25][0]
     assert row["fraction"] == pytest.approx(0.25) and row["fracs"]["224/32"] == pytest.approx(0.27)
     assert bd.choose([row], 0.25, TOL)["arm"] == "prune"
+
+
+def test_a_harsher_target_asked_of_some_models_only_is_in_their_sections_not_the_table(tmp_path: Path) -> None:
+    args = bd.parse_args(["--models", "a", "b", "--targets", "0.5", "0.1", "--seeds", "0", "--report-only"]
+                         + ["--checkpoint-dir", str(tmp_path)])  # fmt: skip
+    acc = {"l2_fgsm": {"0.05": 0.5, "0.1": 0.4, "0.3": 0.1}, "pgd": 0.2, "parity": 1e-6}
+    acc |= {"params_fraction": 0.5, "macs_fraction": 0.5}
+    entries = []
+    for m, targets in (("a", (0.5, 0.1)), ("b", (0.5,))):
+        tier = {"data": "digits", "n_train": 100, "epochs": 3, "plateau": True, "target_size": 224}
+        entries.append({"model": m, "target": None, "seed": None, "arm": "dense", "clean": 0.9, "tier": tier, **acc})
+        for t in targets:
+            at = {"model": m, "target": t, "seed": 0}
+            entries.append({**at, **acc, "arm": "prune", "clean": 0.89})
+            ms = {"dense": 10.0, "prune": 10 * t}
+            entries.append({**at, "arm": "latency", "ms": {"224": {a: {"1": v, "32": v} for a, v in ms.items()}}})
+    assert list(bd.rows_of(args, entries, "a")) == [0.5, 0.1] and list(bd.rows_of(args, entries, "b")) == [0.5]
+    md = bd.render(args, {"entries": entries}, {})
+    assert "| architecture | latency ≤ 0.5 of dense |" in md and "latency ≤ 0.1 of dense" not in md
+    assert "Also measured at a harsher target: a at 0.1" in md and "| 0.1 | channel pruning |" in md
