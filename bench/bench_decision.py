@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25], help="latency fractions at batch 32")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=2, help="training epochs of every arm")
+    ap.add_argument("--dlrt-epochs", type=int, default=None, help="budget-RobustDLRT's epochs (default --epochs)")
+    ap.add_argument("--arms", nargs="+", choices=TUNED, default=list(TUNED), help="the fine-tuned arms to run")
     ap.add_argument("--beta", type=float, default=0.075)
     ap.add_argument("--kd-weight", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=4.0)
@@ -124,18 +126,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.targets, args.seeds = sorted(set(args.targets), reverse=True), list(dict.fromkeys(args.seeds))
     if args.jobs > 1 and args.dev.type == "cuda":
         ap.error("--jobs runs models side by side on the CPU cores; on a GPU give --jobs 1")
-    at_least(
-        ap,
-        args,
-        1,
-        "jobs",
-        "epochs",
-        "attack_samples",
-        "pgd_steps",
-        "deploy_size",
-        "latency_threads",
-        "latency_repeats",
-    )
+    args.dlrt_epochs = args.dlrt_epochs or args.epochs
+    args.arms = [a for a in TUNED if a in args.arms]  # in training order
+    if "dlrt" not in args.arms:
+        ap.error("--arms: the other arms start from budget-RobustDLRT's ranks or latency: include dlrt")
+    sizes = ("jobs", "epochs", "dlrt_epochs", "attack_samples", "pgd_steps", "deploy_size")
+    at_least(ap, args, 1, *sizes, "latency_threads", "latency_repeats")
     if not all(0 < t < 1 for t in args.targets) or min(args.seeds) < 0 or not 0 < args.tolerance < 1:
         ap.error("--targets and --tolerance must be fractions in (0, 1), --seeds not negative")
     args.train_subset = args.val_subset = None  # the entries carry their data sizes
@@ -252,7 +248,7 @@ def recipe_for(args: argparse.Namespace, ctx: Ctx, seed: int, target: float | No
         train.update(epochs=0, finetune_epochs=args.epochs, beta=0.0)
     else:
         goal = {"latency": target, "batch": 32, "input_size": ctx.target_size, "threads": args.latency_threads}
-        train.update(epochs=args.epochs, beta=args.beta, target=goal)
+        train.update(epochs=args.dlrt_epochs, beta=args.beta, target=goal)
     doc = {"seed": seed, "model": {"name": ctx.name, "input_size": ctx.size}, "factorize": FACTORIZE, "train": train}
     return lib.recipe_from_dict(doc, source="bench_decision")
 
@@ -474,7 +470,7 @@ def run_model(args, name: str, state: EntryStore, tier_dir: Path, work: Path, cl
         group, key = ctx.work / f"t{t:g}-s{seed}", (name, t, seed)
         group.mkdir(exist_ok=True)
         reshuffle(ctx, seed)
-        for arm in (a for a in TUNED if not state.get(*key, a)):
+        for arm in (a for a in args.arms if not state.get(*key, a)):
             deadline()
             t0 = time.perf_counter()
             log.info("%s target %g seed %d: %s", *key, ARMS[arm])
@@ -653,6 +649,7 @@ def model_table(
 
 def render(args, doc: dict[str, Any], figures: dict[str, str | None]) -> str:
     entries, tol, size = doc["entries"], args.tolerance, f"{args.deploy_size}×{args.deploy_size}"
+    dlrt_epochs = f" (budget-RobustDLRT {args.dlrt_epochs})" if args.dlrt_epochs != args.epochs else ""
     models = [m for m in args.models if any(e["model"] == m and e["arm"] == "dense" for e in entries)]
     by_model = {m: rows_of(args, entries, m) for m in models}
     common = [t for t in args.targets if all(t in by_model[m] for m in models)]  # the table's columns
@@ -673,7 +670,7 @@ def render(args, doc: dict[str, Any], figures: dict[str, str | None]) -> str:
         f"targets were set at, its training size) is within {100 * tol:g} % of the target, ties to ℓ2-FGSM ε 0.1; "
         f"a fine-tuned arm more than {SANITY_POINTS:g} points below dense at the "
         "mildest target is failed (at every target, its INT8 too) and never chosen. Every arm from the same dense "
-        f"weights, {args.epochs} epoch(s), "
+        f"weights, {args.epochs} epoch(s){dlrt_epochs}, "
         f"AdamW 5e-4 cosine, logit KD from the dense model (weight {args.kd_weight:g}, T {args.temperature:g}). "
         "Accuracies in % (ℓ2-FGSM ε in pixels, PGD-ℓ∞ 8/255; INT8 under attack: the examples made on its float model). "
         "Latency: the arm's median over dense's in one interleaved run per target and seed (b = batch, @ = input px). "
@@ -724,13 +721,19 @@ def plot(args, entries: list[dict[str, Any]], name: str, path: Path) -> bool:
 KEYS = ("model", "target", "seed", "arm")
 
 
+def fingerprint(args: argparse.Namespace) -> tuple[str, ...]:
+    """The settings a checkpoint's entries were made with; --dlrt-epochs only where it differs from
+    --epochs, so that checkpoints made before the option stay valid."""
+    return _FINGERPRINT + (("dlrt_epochs",) if args.dlrt_epochs != args.epochs else ())
+
+
 def model_job(args: argparse.Namespace, name: str, tier_dir: Path, work: Path, t_start: float) -> Exception | None:
     """One model's arms in its own process (``--jobs``): its logging, threads, store and clock; the
     error that stopped it early (out of time, or a compressor error, as a plain one), else None."""
     Run(__file__, args, [], cpu=args.dev.type == "cpu")
-    state = EntryStore.of(args, _FINGERPRINT, keys=KEYS)
-    keys = [(name, t, s, a) for t in args.targets for s in args.seeds for a in TUNED]
-    clock = Clock({a: sum(1 for k in state.missing(*keys) if k[3] == a) for a in TUNED})
+    state = EntryStore.of(args, fingerprint(args), keys=KEYS)
+    keys = [(name, t, s, a) for t in args.targets for s in args.seeds for a in args.arms]
+    clock = Clock({a: sum(1 for k in state.missing(*keys) if k[3] == a) for a in args.arms})
     try:
         run_model(args, name, state, tier_dir, work, clock, t_start)
     except (OutOfTime, lib.CompressorError) as err:
@@ -743,7 +746,7 @@ def run_models(args: argparse.Namespace, state: EntryStore, tier_dir: Path, work
     (perf_counter is the system's monotonic clock, so ``t_start`` holds in them too)."""
     if args.jobs == 1 or len(args.models) == 1:
         keys = [(m, t, s) for m in args.models for t in args.targets for s in args.seeds]
-        clock = Clock({a: len(state.missing(*(k + (a,) for k in keys))) for a in TUNED})
+        clock = Clock({a: len(state.missing(*(k + (a,) for k in keys))) for a in args.arms})
         for name in args.models:
             run_model(args, name, state, tier_dir, work, clock, t_start)
         return
@@ -751,7 +754,7 @@ def run_models(args: argparse.Namespace, state: EntryStore, tier_dir: Path, work
     with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
         jobs = [pool.submit(model_job, args, name, tier_dir, work, t_start) for name in args.models]
         stops = [err for err in (job.result() for job in jobs) if err]
-    state.entries = EntryStore.of(args, _FINGERPRINT, keys=KEYS).entries  # every process's
+    state.entries = EntryStore.of(args, fingerprint(args), keys=KEYS).entries  # every process's
     for kind in (lib.CompressorError, OutOfTime):
         if same := [str(err) for err in stops if type(err) is kind]:
             raise kind("; ".join(same))
@@ -761,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     lib.enable_huge_pages()
     args = parse_args(argv)
     run = Run(__file__, args, argv, cpu=args.dev.type == "cpu")
-    state, t_start = EntryStore.of(args, _FINGERPRINT, keys=KEYS), time.perf_counter()
+    state, t_start = EntryStore.of(args, fingerprint(args), keys=KEYS), time.perf_counter()
     keys = [(m, t, s) for m in args.models for t in args.targets for s in args.seeds]
     with tempfile.TemporaryDirectory(prefix="bench-decision-") as tmp:
         root = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(tmp)
