@@ -40,7 +40,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DataError
-from .functional import augment_basis, fix_signs, gram64, principal_subspace, top_left_singular, truncation_rank, unfold
+from .functional import (
+    augment_basis,
+    fix_signs,
+    gram64,
+    principal_subspace,
+    svd,
+    top_left_singular,
+    truncation_rank,
+    unfold,
+)
 from .layers.conv import tucker_rank_caps
 from .layers.rank import resolve_rank
 from .runtime import DistContext
@@ -136,7 +145,7 @@ class SecondMoment:
         if self.gram is not None:
             basis, lam = principal_subspace(self.gram, rank)
         else:
-            _, sigma, vh = torch.linalg.svd(torch.cat(self.rows), full_matrices=False)
+            _, sigma, vh = svd(torch.cat(self.rows))
             basis, lam = fix_signs(vh.mT[:, :rank]), sigma.square()
         lam = torch.cat([lam, lam.new_zeros(max(0, self.d - lam.numel()))])
         carrying = int((lam[:rank] > 1e-10 * lam[0].clamp_min(1e-300)).sum()) if lam.numel() else 0

@@ -424,3 +424,30 @@ def test_regularizing_noise_is_well_conditioned_and_seeded(n, k):
     perp = noise.double() - basis @ (basis.mT @ noise.double())
     s = torch.linalg.svdvals(perp)
     assert float(s[0] / s[-1]) < 2.0 * gaussian_kappa
+
+
+def test_svd_retries_in_float64_where_lapack_does_not_converge_in_float32(monkeypatch) -> None:
+    """LAPACK's divide-and-conquer SVD can fail on an ill-conditioned float32 core (a truncation
+    under a harsh budget met one): the float64 retry's factors come back in float32, exact."""
+    a = torch.randn(12, 30, generator=torch.Generator().manual_seed(0))
+    real_svd, real_svdvals = torch.linalg.svd, torch.linalg.svdvals
+
+    def failing(fn):
+        def call(x, **kwargs):
+            if x.dtype == torch.float32:
+                raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 1).")
+            return fn(x, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(torch.linalg, "svd", failing(real_svd))
+    monkeypatch.setattr(torch.linalg, "svdvals", failing(real_svdvals))
+    u, s, vh = Fn.svd(a)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(Fn.svdvals(a), real_svdvals(a.double()).float())
+    p, sigma = Fn.left_singular(a)  # the truncation's path (QR, then the SVD of the small factor)
+    torch.testing.assert_close(sigma, s)
+    torch.testing.assert_close(p.mT @ p, torch.eye(12), atol=1e-5, rtol=0)
+    with pytest.raises(torch.linalg.LinAlgError):  # a non-finite input is not retried
+        Fn.svd(torch.full((3, 3), float("nan")))

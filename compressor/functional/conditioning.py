@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .svd import gram64
+from .svd import gram64, svdvals
 
 # condition_number(precise=False): the Gram's eigenvalues resolve κ where λ_min ≥ this·k·ε·λ_max
 _GRAM_KAPPA_FACTOR = 1000.0
@@ -32,7 +32,7 @@ def condition_number(a: Tensor, *, precise: bool = True) -> float:
     a = a.double() if precise or a.dtype == torch.float64 else a.float()
     if a.shape[0] != a.shape[1] and min(a.shape) > 0:
         a = torch.linalg.qr(a if a.shape[0] > a.shape[1] else a.mT, mode="r")[1]
-    s = torch.linalg.svdvals(a)
+    s = svdvals(a)
     if s.numel() == 0:
         return float("nan")
     smin = float(s[-1])

@@ -55,6 +55,30 @@ def uses_randomized_svd(m: int, n: int, rank: int) -> bool:
     return m * n >= _RANDOMIZED_MIN_ENTRIES and 2 * _krylov_block(rank) * _KRYLOV_DEPTH <= min(m, n)
 
 
+def svd(a: Tensor, *, full_matrices: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd`` that does not fail where float64 succeeds (see :func:`_retried`)."""
+    return _retried(torch.linalg.svd, a, full_matrices=full_matrices)
+
+
+def svdvals(a: Tensor) -> Tensor:
+    """``torch.linalg.svdvals`` that does not fail where float64 succeeds (see :func:`_retried`)."""
+    return _retried(torch.linalg.svdvals, a)
+
+
+def _retried(fn, a: Tensor, **kwargs):
+    """``fn(a)``, retried in float64 where LAPACK's divide-and-conquer SVD does not converge on a
+    float32 input (it can on an ill-conditioned core with clustered singular values: a truncation
+    under a harsh latency budget met one); the results in ``a``'s dtype. A non-finite input is not
+    retried: its error stands."""
+    try:
+        return fn(a, **kwargs)
+    except torch.linalg.LinAlgError:
+        if a.dtype == torch.float64 or not bool(torch.isfinite(a).all()):
+            raise
+        out = fn(a.double(), **kwargs)
+        return out.to(a.dtype) if isinstance(out, Tensor) else tuple(t.to(a.dtype) for t in out)
+
+
 def top_singular(matrix: Tensor, rank: int, *, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Leading ``rank`` singular triplets (U, σ, V) of a 2-D matrix, reduced (never n×n).
 
@@ -67,7 +91,7 @@ def top_singular(matrix: Tensor, rank: int, *, seed: int = 0) -> tuple[Tensor, T
     a = matrix.detach()
     if uses_randomized_svd(m, n, rank):
         return _randomized_svd(a, rank, seed=seed, right=True)
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = svd(a)
     return u[:, :rank], s[:rank], vh[:rank].mT
 
 
@@ -182,7 +206,7 @@ def fix_signs(vecs: Tensor) -> Tensor:
 
 
 def singular_values(matrix: Tensor) -> Tensor:
-    return torch.linalg.svdvals(matrix.detach())
+    return svdvals(matrix.detach())
 
 
 def rank_spectrum(matrix: Tensor, r_cap: int, *, seed: int = 0) -> Tensor:
@@ -238,7 +262,7 @@ def left_singular(a: Tensor, *, tol: float | None = None) -> tuple[Tensor, Tenso
         return (vecs if wide else _orthonormalize_keep_span(a @ vecs)), s
     if n > m:
         r = torch.linalg.qr(a.mT, mode="r")[1]
-        p, s, _ = torch.linalg.svd(r.mT)
+        p, s, _ = svd(r.mT)
         return p, s
-    p, s, _ = torch.linalg.svd(a, full_matrices=False)
+    p, s, _ = svd(a)
     return p, s

@@ -17,6 +17,7 @@ from ..functional import (
     left_singular,
     qr_positive,
     rank_spectrum,
+    svd,
     top_singular,
     truncation_rank,
 )
@@ -179,7 +180,7 @@ class LowRankLinear(LowRankLayer):
             if gram_suffices(tau, s_work.shape[0], work):
                 (p, sigma), (q, _) = left_singular(s_work, tol=tau), left_singular(s_work.mT, tol=tau)
             else:
-                p, sigma, qh = torch.linalg.svd(s_work)
+                p, sigma, qh = svd(s_work)
                 q = qh.mT
             r1 = truncation_rank(sigma, tau, self.r_min, self.r_max)
             if rank_cap is not None:
