@@ -616,9 +616,10 @@ def target_check(args, by_t: dict[float, list[dict[str, Any]]]) -> str:
     if not ok and gaps[hard] < gaps[mild]:
         parts.append(
             f"a harsher target does not change it: dlrt's lead over one-shot goes from {gaps[mild]:+.1f} points "
-            f"at {mild:g} to {gaps[hard]:+.1f} at {hard:g}. One-shot is dlrt's own final ranks with bases "
-            "refitted to the activations: the ranks are what dlrt's budget contributes, and shipping them "
-            "refitted (the one-shot arm) is what would change it"
+            f"at {mild:g} to {gaps[hard]:+.1f} at {hard:g}. One-shot starts at dlrt's final ranks, its bases "
+            "refitted to the activations, and trains every epoch at them, where dlrt spends half of its epochs "
+            "reaching the target: the ranks are what dlrt contributes. Giving dlrt the one-shot arm's total "
+            "epochs is the fair test (*Where a target is missed*)"
         )
     return f"{met(ok)}: {'; '.join(parts)}"
 
