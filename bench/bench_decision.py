@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.targets, args.seeds = sorted(set(args.targets), reverse=True), list(dict.fromkeys(args.seeds))
     if args.jobs > 1 and args.dev.type == "cuda":
         ap.error("--jobs runs models side by side on the CPU cores; on a GPU give --jobs 1")
-    args.dlrt_epochs = args.dlrt_epochs or args.epochs
+    args.dlrt_epochs = args.epochs if args.dlrt_epochs is None else args.dlrt_epochs
     args.arms = [a for a in TUNED if a in args.arms]  # in training order
     if "dlrt" not in args.arms:
         ap.error("--arms: the other arms start from budget-RobustDLRT's ranks or latency: include dlrt")

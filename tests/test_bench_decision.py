@@ -159,3 +159,23 @@ def test_a_harsher_target_asked_of_some_models_only_is_in_their_sections_not_the
     md = bd.render(args, {"entries": entries}, {})
     assert "| architecture | latency ≤ 0.5 of dense |" in md and "latency ≤ 0.1 of dense" not in md
     assert "Also measured at a harsher target: a at 0.1" in md and "| 0.1 | channel pruning |" in md
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--jobs", "0"], "--jobs must be at least 1"),
+        (["--dlrt-epochs", "0"], "--dlrt-epochs must be at least 1"),
+        (["--arms", "oneshot", "prune"], "include dlrt"),
+    ],
+)
+def test_bad_run_options_are_usage_errors(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bd.parse_args(["--smoke", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_dlrt_epochs_enter_the_fingerprint_only_where_they_differ() -> None:
+    same, more = bd.parse_args(["--smoke"]), bd.parse_args(["--smoke", "--dlrt-epochs", "4"])
+    assert "dlrt_epochs" not in bd.fingerprint(same) and "dlrt_epochs" in bd.fingerprint(more)
+    assert more.arms == list(bd.TUNED) and bd.parse_args(["--arms", "prune", "dlrt"]).arms == ["dlrt", "prune"]
