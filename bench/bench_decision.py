@@ -728,15 +728,19 @@ def fingerprint(args: argparse.Namespace) -> tuple[str, ...]:
     return _FINGERPRINT + (("dlrt_epochs",) if args.dlrt_epochs != args.epochs else ())
 
 
+def clock_for(args: argparse.Namespace, state: EntryStore, models: list[str]) -> Clock:
+    """The time-left clock of ``models``' arms not yet in ``state``."""
+    keys = [(m, t, s, a) for m in models for t in args.targets for s in args.seeds for a in args.arms]
+    return Clock({a: sum(1 for k in state.missing(*keys) if k[3] == a) for a in args.arms})
+
+
 def model_job(args: argparse.Namespace, name: str, tier_dir: Path, work: Path, t_start: float) -> Exception | None:
     """One model's arms in its own process (``--jobs``): its logging, threads, store and clock; the
     error that stopped it early (out of time, or a compressor error, as a plain one), else None."""
     Run(__file__, args, [], cpu=args.dev.type == "cpu")
     state = EntryStore.of(args, fingerprint(args), keys=KEYS)
-    keys = [(name, t, s, a) for t in args.targets for s in args.seeds for a in args.arms]
-    clock = Clock({a: sum(1 for k in state.missing(*keys) if k[3] == a) for a in args.arms})
     try:
-        run_model(args, name, state, tier_dir, work, clock, t_start)
+        run_model(args, name, state, tier_dir, work, clock_for(args, state, [name]), t_start)
     except (OutOfTime, lib.CompressorError) as err:
         return (OutOfTime if isinstance(err, OutOfTime) else lib.CompressorError)(f"{name}: {err}")
     return None
@@ -746,8 +750,7 @@ def run_models(args: argparse.Namespace, state: EntryStore, tier_dir: Path, work
     """Every model's arms into ``state``: one after the other, or ``--jobs`` processes at a time
     (perf_counter is the system's monotonic clock, so ``t_start`` holds in them too)."""
     if args.jobs == 1 or len(args.models) == 1:
-        keys = [(m, t, s) for m in args.models for t in args.targets for s in args.seeds]
-        clock = Clock({a: len(state.missing(*(k + (a,) for k in keys))) for a in args.arms})
+        clock = clock_for(args, state, args.models)
         for name in args.models:
             run_model(args, name, state, tier_dir, work, clock, t_start)
         return
