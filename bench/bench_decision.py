@@ -60,7 +60,16 @@ from harness import lib
 from harness.entries import Clock, EntryStore
 from harness.measure import EPS_L2, PGD_EPS, dense_weights, ranks
 from harness.report import mean, mean_std, met, pareto_plot, table
-from harness.run import RESULTS, Run, add_run_options, at_least, check_run_options, parse_device, parser
+from harness.run import (
+    RESULTS,
+    Run,
+    add_run_options,
+    at_least,
+    check_run_options,
+    exit_with_parent,
+    parse_device,
+    parser,
+)
 from torch import nn
 
 log = logging.getLogger("bench_decision")
@@ -755,7 +764,7 @@ def run_models(args: argparse.Namespace, state: EntryStore, tier_dir: Path, work
             run_model(args, name, state, tier_dir, work, clock, t_start)
         return
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+    with ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=exit_with_parent) as pool:
         jobs = [pool.submit(model_job, args, name, tier_dir, work, t_start) for name in args.models]
         stops = [err for err in (job.result() for job in jobs) if err]
     state.entries = EntryStore.of(args, fingerprint(args), keys=KEYS).entries  # every process's

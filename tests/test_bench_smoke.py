@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,46 @@ def test_entry_store_keeps_what_other_processes_added_to_its_folder(tmp_path: Pa
         w.join(120)
     assert [w.exitcode for w in workers] == [0, 0]
     assert len(store(tmp_path / "p", {"epochs": 2}, keys=("seed", "arm")).entries) == 50  # none overwritten
+
+
+def _orphan(pidfile: str) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from harness.run import exit_with_parent
+
+    exit_with_parent(poll=0.05)
+    Path(pidfile).write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def _parent(pidfile: str) -> None:
+    multiprocessing.get_context("spawn").Process(target=_orphan, args=(pidfile,)).start()
+    time.sleep(120)
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_a_jobs_worker_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    pidfile = tmp_path / "worker.pid"
+    parent = multiprocessing.get_context("spawn").Process(target=_parent, args=(str(pidfile),))
+    parent.start()
+    deadline = time.monotonic() + 60
+    while not pidfile.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker = int(pidfile.read_text())
+    assert _alive(worker)
+    parent.kill()  # SIGKILL: the parent runs no clean-up of its own
+    parent.join(10)
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
 
 
 def test_mean_std_cells_and_tables() -> None:

@@ -4,7 +4,8 @@ table columns and verdicts.
 - ``lib``: every name bench takes from compressor (the one file to edit when that API moves);
 - ``run``: options (--smoke, --threads, --out, --benchmarks-md, --checkpoint-dir, --report-only;
   ``options(ap, name=default)`` for a script's own, ``pick`` for --models), logging, threads and
-  device, a sweep's recipe, errors that end a run, the results document and its publication;
+  device, a sweep's recipe, errors that end a run, the results document and its publication,
+  workers that end with their parent (``exit_with_parent``);
 - ``page``: BENCHMARKS.md sections, the machine line, plots published to docs/figures/;
 - ``entries``: the resumable entry store (fingerprinted settings) and the time-left clock;
 - ``measure``: the dense start of every arm (trained once, weights cached), accuracy under

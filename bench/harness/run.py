@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,23 @@ from . import page
 from .lib import Recipe, dumps, recipe_from_dict, write_text
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def exit_with_parent(poll: float = 1.0) -> None:
+    """End this process soon after the one that started it ends, however that ended.
+
+    A worker of ``--jobs`` runs a model for hours; if its parent is killed (``kill``, a scheduler's
+    time limit) it would go on training into the shared checkpoint, and a rerun would time its
+    graphs beside it on cores it does not know are taken. Entries are written whole, under a lock,
+    so leaving between two of them or within one loses at most the entry in progress."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is re-parented to init or a subreaper
+            time.sleep(poll)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def parser(doc: str, *, raw: bool = False) -> argparse.ArgumentParser:
