@@ -3,6 +3,7 @@ choice and the dominance check behind the issue's target."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -179,3 +180,18 @@ def test_dlrt_epochs_enter_the_fingerprint_only_where_they_differ() -> None:
     same, more = bd.parse_args(["--smoke"]), bd.parse_args(["--smoke", "--dlrt-epochs", "4"])
     assert "dlrt_epochs" not in bd.fingerprint(same) and "dlrt_epochs" in bd.fingerprint(more)
     assert more.arms == list(bd.TUNED) and bd.parse_args(["--arms", "prune", "dlrt"]).arms == ["dlrt", "prune"]
+
+
+def test_the_gpu_preset_runs_at_smoke_sizes_on_the_cpu(tmp_path: Path) -> None:
+    """The device's preset (its own dense training, cached with its checkpoint) end to end on the CPU."""
+    from conftest import run_bench
+
+    page, out, ckpt = tmp_path / "BENCHMARKS.md", tmp_path / "decision.json", tmp_path / "ckpt"
+    argv = ["--smoke", "--preset", "gpu", "--dense-epochs", "1", "--out", str(out), "--benchmarks-md", str(page)]
+    assert run_bench("bench_decision.py", [*argv, "--checkpoint-dir", str(ckpt)]) == 0
+    doc = json.loads(out.read_text())
+    dense = next(e for e in doc["entries"] if e["arm"] == "dense")
+    assert dense["tier"]["epochs"] == 1 and dense["tier"]["plateau"] is None  # --dense-epochs, not the tier's plateau
+    assert (ckpt / "tier" / "dense-timm-test_resnet.pt").is_file()
+    assert {e["arm"] for e in doc["entries"]} >= {"dense", "int8", *bd.TUNED, "latency"}
+    assert "--preset gpu" in page.read_text()  # the reproduce line names the preset
