@@ -135,7 +135,8 @@ def _orphan(pidfile: str) -> None:
     from harness.run import exit_with_parent
 
     exit_with_parent(poll=0.05)
-    Path(pidfile).write_text(str(os.getpid()))
+    Path(f"{pidfile}.tmp").write_text(str(os.getpid()))
+    os.replace(f"{pidfile}.tmp", pidfile)  # whole, for the test that polls for it
     time.sleep(120)
 
 
