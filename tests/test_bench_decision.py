@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_decision as bd  # noqa: E402
@@ -184,8 +185,6 @@ def test_dlrt_epochs_enter_the_fingerprint_only_where_they_differ() -> None:
 
 def test_the_gpu_preset_runs_at_smoke_sizes_on_the_cpu(tmp_path: Path) -> None:
     """The device's preset (its own dense training, cached with its checkpoint) end to end on the CPU."""
-    from conftest import run_bench
-
     page, out, ckpt = tmp_path / "BENCHMARKS.md", tmp_path / "decision.json", tmp_path / "ckpt"
     argv = ["--smoke", "--preset", "gpu", "--dense-epochs", "1", "--out", str(out), "--benchmarks-md", str(page)]
     assert run_bench("bench_decision.py", [*argv, "--checkpoint-dir", str(ckpt)]) == 0
